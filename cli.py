@@ -1,0 +1,283 @@
+"""The `rcnn` command: parse arguments, load the pipeline, call a stage, print the result."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from rcnn.config import PipelineFile, default_pipelines_file
+from rcnn.errors import ConfigError, UserError
+
+RUNS_DIR_HELP = "Folder holding one sub-folder per pipeline [default: $RCNN_RUNS_DIR or ./runs]."
+
+
+def _runs_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("RCNN_RUNS_DIR", "runs"))
+
+
+def pipeline_options(f):
+    """Options shared by every command that runs or inspects a pipeline's stages."""
+    f = click.option(
+        "--pipelines-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="The pipelines YAML [default: $RCNN_PIPELINES, ./pipelines.yaml, or the one shipped].",
+    )(f)
+    f = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one configuration value, e.g. --set proposals.max_proposals=2000 (repeatable).",
+    )(f)
+    f = click.option("--runs-dir", default=None, help=RUNS_DIR_HELP)(f)
+    return f
+
+
+def stage_options(f):
+    f = click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")(f)
+    f = click.option(
+        "--wait", is_flag=True, help="If another process is writing the same stage, wait for it instead of refusing."
+    )(f)
+    f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+    return pipeline_options(f)
+
+
+def make_context(pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False):
+    from stages.common import Context
+
+    pfile = PipelineFile(pipelines_file or default_pipelines_file())
+    cfg = pfile.load(pipeline, overrides)
+    return Context(cfg=cfg, runs_dir=_runs_dir(runs_dir), force=force, wait=wait, progress=not quiet)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="rcnn")
+def cli():
+    """R-CNN and SPP-net object detection as staged, cached jobs.
+
+    Each stage reads its inputs from and writes its outputs to an artifact store
+    (./runs/<pipeline>/<stage>/<split>/ by default). A stage whose inputs,
+    parameters and code are unchanged is skipped; `rcnn status` tells which
+    stages are done, stale (and why) or missing.
+
+    \b
+    Quick start:
+      rcnn pipelines                  # the named configurations in pipelines.yaml
+      rcnn run                        # the demo pipeline on generated data
+      rcnn status demo                # what is done, stale or missing
+      rcnn evaluate --data VOC --split test --detections results/
+    """
+
+
+@cli.command("pipelines")
+@click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help="The pipelines YAML.")
+def pipelines_cmd(pipelines_file):
+    """List the pipelines defined in pipelines.yaml."""
+    pfile = PipelineFile(pipelines_file or default_pipelines_file())
+    width = max(len(n) for n in pfile.names)
+    click.echo(f"pipelines in {pfile.path}:")
+    for name in pfile.names:
+        cfg = pfile.load(name)
+        click.echo(f"  {name:<{width}}  {cfg.description}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@cli.group("data")
+def data_group():
+    """Create or inspect datasets in PASCAL VOC layout."""
+
+
+@data_group.command("synth")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--images", default=60, show_default=True, help="Number of images.")
+@click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives identical files.")
+@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_synth(directory, images, seed, size, quiet):
+    """Write a synthetic shapes dataset (5 classes) in VOC layout to DIRECTORY.
+
+    Circles, squares, triangles, stars and crosses of random colours on cluttered,
+    textured backgrounds, 1-6 per image, some overlapping or cut by the border.
+    The result has JPEGImages/, Annotations/ and ImageSets/Main/{trainval,test}.txt.
+    """
+    from rcnn.synth import generate_dataset
+
+    summary = generate_dataset(Path(directory), n_images=images, seed=seed, size=size, progress=not quiet)
+    click.echo(f"wrote {directory}: {summary}")
+
+
+@data_group.command("stats")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--split", default="trainval", show_default=True, help="Split file name in ImageSets/Main.")
+def data_stats(directory, split):
+    """Print images, objects per class, difficult counts and box sizes of a VOC split."""
+    from rcnn.datasets import VOCDataset
+    from rcnn.stats import dataset_stats, format_stats
+
+    click.echo(format_stats(dataset_stats(VOCDataset(directory, split))))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _run_one(stage_name: str, ctx) -> None:
+    from stages import STAGES
+    from stages.common import run_stage
+
+    stage = STAGES[stage_name]
+    for split, manifest in run_stage(ctx, stage).items():
+        click.echo(f"{stage_name}/{split}: {stage.describe(manifest)}")
+
+
+@cli.command("proposals")
+@click.argument("pipeline")
+@stage_options
+def proposals_cmd(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet):
+    """Selective search proposals for both splits of PIPELINE.
+
+    Parallel over images (proposals.n_jobs worker processes, all cores by default),
+    resumable after a kill, and shared with any other pipeline whose data and
+    proposal settings are identical. Prints recall at IoU 0.5/0.7 and MABO.
+    """
+    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet)
+    _run_one("proposals", ctx)
+
+
+@cli.command("run")
+@click.argument("pipeline", default="demo")
+@click.option("--until", "until", default=None, help="Stop after this stage.")
+@stage_options
+def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, quiet):
+    """Run every stage of PIPELINE (default: demo) in order, skipping those up to date."""
+    from stages import STAGES
+
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
+    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet)
+    for name in STAGES:
+        _run_one(name, ctx)
+        if name == until:
+            break
+
+
+@cli.command("status")
+@click.argument("pipeline", required=False)
+@pipeline_options
+def status_cmd(pipeline, runs_dir, overrides, pipelines_file):
+    """Show each stage of PIPELINE (default: every pipeline with a runs folder): done, stale and why, or missing."""
+    from stages import STAGES
+    from stages.common import unit_status
+
+    pfile = PipelineFile(pipelines_file or default_pipelines_file())
+    runs = _runs_dir(runs_dir)
+    names = [pipeline] if pipeline else [n for n in pfile.names if (runs / n).is_dir()]
+    if not names:
+        click.echo(f"no runs in {runs} yet; start one with `rcnn run`")
+    for name in names:
+        ctx = make_context(name, runs_dir, overrides, pipelines_file, quiet=True)
+        click.echo(f"{name}  ({ctx.root})")
+        for stage_name, stage in STAGES.items():
+            for split in stage.splits(ctx):
+                st = unit_status(ctx, stage, split)
+                line = f"  {stage_name + '/' + split:<24} {st.state:<8}"
+                if st.manifest is not None:
+                    size = sum(o["bytes"] for o in st.manifest["outputs"].values())
+                    line += f" {_human(size):>9}  {st.manifest['timings']['wall_s']:8.1f} s"
+                if st.reasons:
+                    line += "  " + "; ".join(st.reasons)
+                click.echo(line)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+@cli.command("evaluate")
+@click.argument("pipeline", required=False)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="VOC-layout dataset root.")
+@click.option("--split", default="test", show_default=True, help="Split whose annotations are the ground truth.")
+@click.option("--detections", type=click.Path(), help="Folder of comp4_det_<split>_<class>.txt files, or one such file.")
+@click.option(
+    "--metric",
+    type=click.Choice(["voc07", "voc10"]),
+    default="voc07",
+    show_default=True,
+    help="voc07: 11-point interpolated AP (VOC2007 devkit); voc10: all-point AP (VOC2010+).",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
+def evaluate_cmd(pipeline, data_dir, split, detections, metric, json_out):
+    """Score detections exactly as the PASCAL VOC devkit does.
+
+    \b
+    Detection files are the devkit's result format, one line per detection:
+      <image_id> <score> <xmin> <ymin> <xmax> <ymax>
+    in 1-based inclusive pixel coordinates, as in the VOC XML. IoU >= 0.5 is a hit;
+    each object is matched once (duplicates are false positives); `difficult`
+    objects count neither way. Example:
+      rcnn evaluate --data ../VOC2007 --split test --detections results/ --json ap.json
+    """
+    if pipeline is not None:
+        raise ConfigError(
+            "scoring a pipeline's own detections comes with the learning stages; use --data/--detections to score devkit files"
+        )
+    if data_dir is None or detections is None:
+        raise ConfigError("give --data VOCDIR and --detections PATH")
+    from rcnn.scoring import format_ap_table, score_devkit_detections
+
+    result = score_devkit_detections(Path(data_dir), split, Path(detections), metric)
+    click.echo(format_ap_table(result, f"{data_dir} [{split}], detections from {detections}"))
+    if json_out:
+        from rcnn.store import write_json_atomic
+
+        write_json_atomic(Path(json_out), result.to_json())
+        click.echo(f"wrote {json_out}")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv=None) -> None:
+    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    try:
+        code = cli.main(args=argv, prog_name="rcnn", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "rcnn"
+        click.echo(f"{command}: error: {e.format_message()} (see '{command} --help')", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except UserError as e:
+        click.echo(f"rcnn: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("rcnn: interrupted; completed work is kept and a rerun resumes it", err=True)
+        sys.exit(130)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"rcnn: error: {e.strerror}{where}; completed work is kept", err=True)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

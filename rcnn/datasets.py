@@ -1,0 +1,179 @@
+"""PASCAL VOC-layout datasets: a root folder plus a split name.
+
+This is the one place where VOC's 1-based inclusive pixel boxes become the
+project's float32 ``(x1, y1, x2, y2)`` continuous boxes (see :mod:`rcnn.boxes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from rcnn.boxes import from_voc_pixels
+from rcnn.errors import UserError
+
+
+@dataclass(frozen=True)
+class ImageAnnotation:
+    """Ground truth of one image.
+
+    ``boxes`` is float32 ``[N, 4]`` in (x1, y1, x2, y2) continuous pixels;
+    ``labels`` holds the N class names and ``difficult`` is bool ``[N]``.
+    """
+
+    image_id: str
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: tuple[str, ...]
+    difficult: np.ndarray
+
+    def label_indices(self, classes: tuple[str, ...]) -> np.ndarray:
+        """Class indices ``[N]`` (int64) into ``classes``."""
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[c] for c in self.labels], dtype=np.int64)
+
+
+def _text(node: ET.Element, tag: str, xml_path: Path) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        raise UserError(f"{xml_path}: missing <{tag}>")
+    return child.text.strip()
+
+
+def _number(node: ET.Element, tag: str, xml_path: Path) -> float:
+    text = _text(node, tag, xml_path)
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"{xml_path}: <{tag}> is not a number: {text!r}") from None
+
+
+def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnotation:
+    """Read one VOC annotation file; raise :class:`UserError` naming the file on any defect."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        raise UserError(f"annotation '{xml_path}' is missing (listed in the split file)") from None
+    except ET.ParseError as e:
+        raise UserError(f"{xml_path}: malformed XML ({e})") from None
+    size = root.find("size")
+    if size is None:
+        raise UserError(f"{xml_path}: missing <size>")
+    width, height = int(_number(size, "width", xml_path)), int(_number(size, "height", xml_path))
+    if width <= 0 or height <= 0:
+        raise UserError(f"{xml_path}: image size {width}x{height} is not positive")
+    voc, labels, difficult = [], [], []
+    for k, obj in enumerate(root.findall("object")):
+        name = _text(obj, "name", xml_path)
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise UserError(f"{xml_path}: object {k} ({name}) has no <bndbox>")
+        box = [_number(bb, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax")]
+        if box[2] < box[0] or box[3] < box[1]:
+            raise UserError(f"{xml_path}: object {k} ({name}) has an inverted box {box}")
+        diff = obj.find("difficult")
+        voc.append(box)
+        labels.append(name)
+        difficult.append(diff is not None and (diff.text or "0").strip() == "1")
+    return ImageAnnotation(
+        image_id=image_id,
+        path=image_path,
+        width=width,
+        height=height,
+        boxes=from_voc_pixels(np.array(voc, dtype=np.float64).reshape(-1, 4)),
+        labels=tuple(labels),
+        difficult=np.array(difficult, dtype=bool),
+    )
+
+
+class VOCDataset:
+    """Images and annotations of one split of a VOC-layout folder.
+
+    ``root/ImageSets/Main/<split>.txt`` lists the ids; ``root/Annotations/<id>.xml``
+    and ``root/JPEGImages/<id>.jpg`` hold the data. Annotations are parsed lazily
+    and cached.
+    """
+
+    def __init__(self, root: str | Path, split: str):
+        self.root = Path(root)
+        self.split = split
+        if not self.root.is_dir():
+            raise UserError(f"dataset root '{self.root}' does not exist (set data.root, e.g. --set data.root=PATH)")
+        split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        if not split_file.is_file():
+            raise UserError(f"split file '{split_file}' does not exist (is '{split}' the right split name?)")
+        self.split_file = split_file
+        ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        for image_id in ids:
+            if "/" in image_id or "\\" in image_id or image_id.startswith("."):
+                raise UserError(f"{split_file}: image id {image_id!r} is not a plain file name")
+        self.ids: list[str] = ids
+        self._cache: dict[str, ImageAnnotation] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def annotation(self, image_id: str) -> ImageAnnotation:
+        if image_id not in self._cache:
+            xml_path = self.root / "Annotations" / f"{image_id}.xml"
+            self._cache[image_id] = parse_voc_xml(xml_path, self.image_path(image_id), image_id)
+        return self._cache[image_id]
+
+    def annotations(self) -> list[ImageAnnotation]:
+        return [self.annotation(i) for i in self.ids]
+
+    def classes(self) -> tuple[str, ...]:
+        """Sorted object class names found in this split."""
+        return tuple(sorted({name for a in self.annotations() for name in a.labels}))
+
+    def check(self, classes: tuple[str, ...] | None = None) -> None:
+        """Parse every annotation and confirm every image exists, before long work starts."""
+        known = set(classes) if classes is not None else None
+        for image_id in self.ids:
+            ann = self.annotation(image_id)
+            if not ann.path.is_file():
+                raise UserError(f"image '{ann.path}' is listed in {self.split_file} but missing")
+            if known is not None:
+                for name in ann.labels:
+                    if name not in known:
+                        raise UserError(
+                            f"{self.root / 'Annotations' / (image_id + '.xml')}: class '{name}' is not in the "
+                            f"pipeline's class list ({', '.join(classes)}); add it to data.classes"
+                        )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Content hash of the split file, every annotation and every image of the split."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.split_file.read_bytes())
+        for image_id in self.ids:
+            for path in (self.root / "Annotations" / f"{image_id}.xml", self.image_path(image_id)):
+                try:
+                    h.update(path.read_bytes())
+                except FileNotFoundError:
+                    raise UserError(f"'{path}' is listed in {self.split_file} but missing") from None
+        return h.hexdigest()
+
+
+def load_image(ann: ImageAnnotation) -> np.ndarray:
+    """Decode the image of ``ann`` as a BGR uint8 ``[H, W, 3]`` array, checking its size."""
+    image = cv2.imread(str(ann.path), cv2.IMREAD_COLOR)
+    if image is None:
+        if not ann.path.is_file():
+            raise UserError(f"image '{ann.path}' is missing")
+        raise UserError(f"image '{ann.path}' cannot be decoded (corrupt or not an image)")
+    h, w = image.shape[:2]
+    if (w, h) != (ann.width, ann.height):
+        raise UserError(f"image '{ann.path}' is {w}x{h} but its annotation says {ann.width}x{ann.height}")
+    return image

@@ -1,0 +1,199 @@
+"""Per-image records in HDF5: written in small complete part files, read through one index.
+
+A long stage appends records to part files; each part is written under a
+temporary name and renamed into place when closed, so a killed run leaves only
+whole parts, and a rerun skips the images they hold. Several writers can fill one
+folder at once (one ``shard`` name each). :func:`consolidate` joins the parts into
+one file; :class:`RecordFile` reads a joined file and checks its schema first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from rcnn.errors import UserError
+
+SCHEMA = "rcnn.records"
+SCHEMA_VERSION = 1
+
+
+def _write_groups(h5: h5py.File, records: Iterable[tuple[str, Mapping[str, np.ndarray], Mapping]]) -> None:
+    images = h5.require_group("images")
+    for image_id, arrays, attrs in records:
+        g = images.create_group(image_id)
+        for name, arr in arrays.items():
+            g.create_dataset(name, data=np.asarray(arr), track_times=False)
+        for k, v in attrs.items():
+            g.attrs[k] = v
+
+
+def _stamp(h5: h5py.File, kind: str) -> None:
+    h5.attrs["schema"] = SCHEMA
+    h5.attrs["schema_version"] = SCHEMA_VERSION
+    h5.attrs["kind"] = kind
+
+
+class RecordWriter:
+    """Buffers per-image records and writes them as complete part files.
+
+    A part is flushed when it holds ``chunk_size`` images or ``max_seconds``
+    have passed since the last flush, bounding the work a kill can lose.
+    """
+
+    def __init__(self, parts_dir: Path, kind: str, shard: str = "0", chunk_size: int = 64, max_seconds: float = 30.0):
+        self.parts_dir = Path(parts_dir)
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.kind = kind
+        self.shard = shard
+        self.chunk_size = chunk_size
+        self.max_seconds = max_seconds
+        self._buffer: list[tuple[str, dict, dict]] = []
+        self._last_flush = time.monotonic()
+        self._seq = len(list(self.parts_dir.glob(f"part-{shard}-*.h5")))
+
+    def add(self, image_id: str, arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> None:
+        self._buffer.append((image_id, dict(arrays), dict(attrs or {})))
+        if len(self._buffer) >= self.chunk_size or time.monotonic() - self._last_flush >= self.max_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return
+        final = self.parts_dir / f"part-{self.shard}-{self._seq:06d}.h5"
+        tmp = final.with_suffix(".h5.tmp")
+        with h5py.File(tmp, "w") as h5:
+            _stamp(h5, self.kind)
+            _write_groups(h5, self._buffer)
+        _fsync(tmp)
+        os.replace(tmp, final)
+        self._seq += 1
+        self._buffer.clear()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Whatever was computed before an exception is still worth keeping.
+        self.flush()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def completed_parts(parts_dir: Path) -> dict[str, Path]:
+    """Map image id -> part file for every record in the complete parts of ``parts_dir``.
+
+    Temporary files of an interrupted flush are ignored (and removed); a part
+    that cannot be read is removed so its images are computed again.
+    """
+    parts_dir = Path(parts_dir)
+    index: dict[str, Path] = {}
+    if not parts_dir.is_dir():
+        return index
+    for tmp in parts_dir.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for part in sorted(parts_dir.glob("part-*.h5")):
+        try:
+            with h5py.File(part, "r") as h5:
+                ids = list(h5["images"].keys())
+        except (OSError, KeyError):
+            part.unlink(missing_ok=True)
+            continue
+        for image_id in ids:
+            index.setdefault(image_id, part)
+    return index
+
+
+def consolidate(parts_dir: Path, out_path: Path, order: list[str], kind: str, attrs: Mapping | None = None) -> None:
+    """Join the records of ``order`` from the parts into one HDF5 file, atomically."""
+    index = completed_parts(parts_dir)
+    missing = [i for i in order if i not in index]
+    if missing:
+        raise RuntimeError(f"{len(missing)} records missing from {parts_dir}, e.g. {missing[0]}")
+    tmp = Path(str(out_path) + ".tmp")
+    open_parts: dict[Path, h5py.File] = {}
+    try:
+        with h5py.File(tmp, "w") as out:
+            _stamp(out, kind)
+            for k, v in (attrs or {}).items():
+                out.attrs[k] = v
+            images = out.create_group("images")
+            for image_id in order:
+                part = index[image_id]
+                if part not in open_parts:
+                    open_parts[part] = h5py.File(part, "r")
+                open_parts[part].copy(open_parts[part]["images"][image_id], images, name=image_id)
+            out.create_dataset("order", data=np.array(order, dtype=h5py.string_dtype()), track_times=False)
+    finally:
+        for h5 in open_parts.values():
+            h5.close()
+    _fsync(tmp)
+    os.replace(tmp, out_path)
+
+
+class RecordFile:
+    """Read-only access to a consolidated record file, validated on open."""
+
+    def __init__(self, path: Path, kind: str):
+        self.path = Path(path)
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except (OSError, FileNotFoundError) as e:
+            raise UserError(f"'{self.path}' is not a readable HDF5 file ({e}); rerun the stage with --force") from None
+        attrs = dict(self._h5.attrs)
+        if attrs.get("schema") != SCHEMA or attrs.get("kind") != kind:
+            self._h5.close()
+            raise UserError(f"'{self.path}' is not an rcnn '{kind}' record file")
+        if int(attrs.get("schema_version", -1)) != SCHEMA_VERSION:
+            self._h5.close()
+            raise UserError(
+                f"'{self.path}' has schema version {attrs.get('schema_version')}, expected {SCHEMA_VERSION}; "
+                "rerun the stage with --force"
+            )
+        self.ids = [s.decode() if isinstance(s, bytes) else s for s in self._h5["order"][()]]
+
+    @property
+    def attrs(self) -> Mapping:
+        return self._h5.attrs
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._h5["images"]
+
+    def array(self, image_id: str, name: str, dtype=None, ndim: int | None = None) -> np.ndarray:
+        """One array of one image's record, with its dtype and rank checked."""
+        try:
+            arr = self._h5["images"][image_id][name][()]
+        except KeyError:
+            raise UserError(f"'{self.path}': no '{name}' for image {image_id}") from None
+        if dtype is not None and arr.dtype != np.dtype(dtype):
+            raise UserError(f"'{self.path}': '{image_id}/{name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        if ndim is not None and arr.ndim != ndim:
+            raise UserError(f"'{self.path}': '{image_id}/{name}' has {arr.ndim} dimensions, expected {ndim}")
+        return arr
+
+    def record_attrs(self, image_id: str) -> Mapping:
+        return self._h5["images"][image_id].attrs
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> RecordFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,7 @@
+"""Pipeline stages, in the order a run executes them."""
+
+from . import proposals
+
+STAGES = {
+    "proposals": proposals,
+}

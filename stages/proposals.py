@@ -1,0 +1,125 @@
+"""Stage `proposals`: selective search boxes for every image of both splits.
+
+Output per split: ``proposals.h5`` with one record per image (``boxes`` float32
+``[N, 4]`` in (x1, y1, x2, y2) pixels, in the search's ranking) and the recall /
+MABO of the ground truth in the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from rcnn import records
+from rcnn.config import fingerprint_params
+from rcnn.datasets import ImageAnnotation, load_image
+from rcnn.recall import recall_summary
+from rcnn.selective_search import image_seed, selective_search
+
+from .common import Context
+
+NAME = "proposals"
+SCHEMA_VERSION = 1
+CODE = ("rcnn.selective_search", "rcnn.records", "rcnn.datasets", "stages.proposals")
+OUTPUT = "proposals.h5"
+KIND = "proposals"
+
+
+def splits(ctx: Context) -> tuple[str, ...]:
+    return ctx.splits
+
+
+def params(ctx: Context) -> dict:
+    return fingerprint_params(ctx.cfg.proposals)
+
+
+def inputs(ctx: Context, split: str) -> dict[str, str]:
+    return {f"data/{split}": ctx.dataset(split).fingerprint}
+
+
+def _propose(ann: ImageAnnotation, mode: str, resize_width, min_size, max_proposals, seed) -> tuple[str, np.ndarray, float]:
+    # One OpenCV thread per worker: the processes already use every core.
+    cv2.setNumThreads(1)
+    start = time.perf_counter()
+    image = load_image(ann)
+    boxes = selective_search(image, mode, resize_width, min_size, max_proposals, image_seed(seed, ann.image_id))
+    return ann.image_id, boxes, time.perf_counter() - start
+
+
+def n_workers(n_jobs: int) -> int:
+    return max(1, os.cpu_count() or 1) if n_jobs in (-1, 0) else max(1, n_jobs)
+
+
+def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+    dataset = ctx.dataset(split)
+    dataset.check()
+    p = ctx.cfg.proposals
+    parts = work / "parts"
+    done = records.completed_parts(parts)
+    todo = [dataset.annotation(i) for i in dataset.ids if i not in done]
+    if done:
+        ctx.log(f"{NAME}/{split}: resuming, {len(done)} of {len(dataset)} images already done")
+    start = time.perf_counter()
+    seconds = []
+    if todo:
+        jobs = n_workers(p.n_jobs)
+        tasks = (delayed(_propose)(a, p.mode, p.resize_width, p.min_size, p.max_proposals, p.seed) for a in todo)
+        runner = Parallel(n_jobs=jobs, return_as="generator_unordered", batch_size=1) if jobs > 1 else None
+        results = runner(tasks) if runner is not None else (f(*a, **k) for f, a, k in tasks)
+        bar = tqdm(total=len(todo), desc=f"proposals {split}", unit="img", disable=None if ctx.progress else True, leave=False)
+        with records.RecordWriter(parts, KIND, chunk_size=16, max_seconds=15.0) as writer:
+            for image_id, boxes, took in results:
+                # Timings stay out of the records so that outputs are byte-identical across runs.
+                writer.add(image_id, {"boxes": boxes})
+                seconds.append(took)
+                bar.update(1)
+                bar.set_postfix(boxes=len(boxes))
+        bar.close()
+    wall = time.perf_counter() - start
+    out = work / OUTPUT
+    records.consolidate(parts, out, dataset.ids, KIND)
+    metrics = _quality(ctx, split, out)
+    metrics["images_computed"] = len(todo)
+    metrics["images_per_s"] = len(todo) / wall if todo and wall > 0 else None
+    metrics["seconds_per_image_worker"] = float(np.mean(seconds)) if seconds else None
+    return {OUTPUT: out}, metrics
+
+
+def _quality(ctx: Context, split: str, path: Path) -> dict:
+    dataset = ctx.dataset(split)
+    counts = []
+
+    def items():
+        with records.RecordFile(path, KIND) as f:
+            for image_id in dataset.ids:
+                ann = dataset.annotation(image_id)
+                boxes = f.array(image_id, "boxes", np.float32, 2)
+                counts.append(len(boxes))
+                yield ann.boxes, ann.labels, ann.difficult, boxes
+
+    summary = recall_summary(items())
+    return {"images": len(dataset), "boxes_per_image": float(np.mean(counts)) if counts else 0.0, **summary}
+
+
+def load(ctx: Context, split: str) -> records.RecordFile:
+    """Open the proposals of ``split`` for reading by later stages."""
+    return records.RecordFile(ctx.unit_dir(NAME, split) / OUTPUT, KIND)
+
+
+def describe(manifest: dict) -> str:
+    """One line of the stage's results for the terminal."""
+    m = manifest.get("metrics", {})
+    o = m.get("overall", {})
+    rate = m.get("images_per_s")
+    rate_text = f", {rate:.2f} img/s" if rate else ""
+    return (
+        f"{m.get('images', 0)} images, {m.get('boxes_per_image', 0):.0f} boxes/image, "
+        f"recall {o.get('recall@0.5', float('nan')):.3f} @0.5 / {o.get('recall@0.7', float('nan')):.3f} @0.7, "
+        f"MABO {o.get('mabo', float('nan')):.3f}{rate_text}"
+    )

@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny synthetic VOC dataset and a pipelines file pointing at it."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rcnn.synth import generate_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_voc(tmp_path_factory) -> Path:
+    """Six 96 px synthetic images in VOC layout (generated once per test session)."""
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    generate_dataset(root, n_images=6, seed=3, size=96, progress=False)
+    return root
+
+
+@pytest.fixture
+def voc_copy(tiny_voc, tmp_path) -> Path:
+    """A private, writable copy of the tiny dataset for tests that damage it."""
+    dst = tmp_path / "voc"
+    shutil.copytree(tiny_voc, dst)
+    return dst
+
+
+def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            pipelines:
+              tiny:
+                description: six tiny synthetic images
+                data:
+                  root: {data_root}
+                proposals:
+                  mode: single
+                  min_size: 4
+                  max_proposals: 50
+                  n_jobs: 1
+              tiny-twin:
+                extends: tiny
+                description: same proposals as tiny
+            """
+        )
+        + extra
+    )
+    return path
+
+
+@pytest.fixture
+def pipelines_file(tmp_path, tiny_voc) -> Path:
+    return write_pipelines(tmp_path / "pipelines.yaml", tiny_voc)

@@ -1,0 +1,95 @@
+"""VOC reader: coordinate conversion, difficult flags and clear errors for bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rcnn.datasets import VOCDataset, load_image, parse_voc_xml
+from rcnn.errors import UserError
+
+XML = """<annotation><size><width>50</width><height>40</height><depth>3</depth></size>
+<object><name>cat</name><difficult>0</difficult>
+<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>20</ymax></bndbox></object>
+<object><name>dog</name><difficult>1</difficult>
+<bndbox><xmin>5</xmin><ymin>6</ymin><xmax>50</xmax><ymax>40</ymax></bndbox></object>
+</annotation>"""
+
+
+def test_voc_pixels_become_continuous_boxes(tmp_path):
+    p = tmp_path / "a.xml"
+    p.write_text(XML)
+    ann = parse_voc_xml(p, tmp_path / "a.jpg", "a")
+    # xmin=1..xmax=10 covers pixels 0..9, i.e. the continuous span [0, 10].
+    np.testing.assert_array_equal(ann.boxes, np.array([[0, 0, 10, 20], [4, 5, 50, 40]], np.float32))
+    assert ann.boxes.dtype == np.float32
+    assert ann.labels == ("cat", "dog")
+    assert ann.difficult.tolist() == [False, True]
+    assert (ann.width, ann.height) == (50, 40)
+    assert ann.label_indices(("dog", "cat")).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("<annotation><size>", "malformed XML"),
+        ("<annotation></annotation>", "missing <size>"),
+        ("<annotation><size><width>a</width><height>3</height></size></annotation>", "<width> is not a number"),
+        (XML.replace("<xmax>10</xmax>", "<xmax>0</xmax>"), "inverted box"),
+        (XML.replace("<name>cat</name>", ""), "missing <name>"),
+    ],
+)
+def test_bad_xml_is_a_user_error_naming_the_file(tmp_path, text, needle):
+    p = tmp_path / "bad.xml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=needle) as e:
+        parse_voc_xml(p, tmp_path / "bad.jpg", "bad")
+    assert "bad.xml" in str(e.value)
+
+
+def test_dataset_reads_split_and_checks(tiny_voc):
+    ds = VOCDataset(tiny_voc, "trainval")
+    assert len(ds) > 0
+    ds.check()
+    ann = ds.annotation(ds.ids[0])
+    image = load_image(ann)
+    assert image.shape == (ann.height, ann.width, 3)
+    assert set(ds.classes()) <= {"circle", "square", "triangle", "star", "cross"}
+    assert len(ds.fingerprint) == 32
+
+
+def test_missing_root_split_and_image(voc_copy, tmp_path):
+    with pytest.raises(UserError, match="dataset root .* does not exist"):
+        VOCDataset(tmp_path / "nowhere", "trainval")
+    with pytest.raises(UserError, match="split file .*nosplit.txt"):
+        VOCDataset(voc_copy, "nosplit")
+    ds = VOCDataset(voc_copy, "test")
+    (voc_copy / "JPEGImages" / f"{ds.ids[0]}.jpg").unlink()
+    with pytest.raises(UserError, match="listed in .* but missing"):
+        ds.check()
+
+
+def test_unknown_class_and_size_mismatch(voc_copy):
+    ds = VOCDataset(voc_copy, "trainval")
+    with pytest.raises(UserError, match="not in the pipeline's class list"):
+        ds.check(classes=("nothing",))
+    image_id = ds.ids[0]
+    xml = voc_copy / "Annotations" / f"{image_id}.xml"
+    xml.write_text(xml.read_text().replace("<width>96</width>", "<width>97</width>"))
+    fresh = VOCDataset(voc_copy, "trainval")
+    with pytest.raises(UserError, match="is 96x96 but its annotation says 97x96"):
+        load_image(fresh.annotation(image_id))
+
+
+def test_ids_escaping_the_root_are_refused(voc_copy):
+    (voc_copy / "ImageSets" / "Main" / "evil.txt").write_text("../../etc/passwd\n")
+    with pytest.raises(UserError, match="not a plain file name"):
+        VOCDataset(voc_copy, "evil")
+
+
+def test_fingerprint_changes_with_content(voc_copy):
+    before = VOCDataset(voc_copy, "test").fingerprint
+    image_id = VOCDataset(voc_copy, "test").ids[0]
+    xml = voc_copy / "Annotations" / f"{image_id}.xml"
+    xml.write_text(xml.read_text() + " ")
+    assert VOCDataset(voc_copy, "test").fingerprint != before

@@ -1,0 +1,62 @@
+"""Selective search wrapper: the Uijlings configuration, ranking, filtering and seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rcnn.datasets import VOCDataset, load_image
+from rcnn.selective_search import image_seed, rank_filter, selective_search
+
+
+@pytest.fixture(scope="module")
+def image(tiny_voc):
+    ds = VOCDataset(tiny_voc, "trainval")
+    return load_image(ds.annotation(ds.ids[0]))
+
+
+def test_rank_filter_keeps_first_copy_in_order():
+    boxes = np.array([[0, 0, 30, 30], [5, 5, 8, 40], [0, 0, 30, 30], [1, 1, 40, 40], [2, 2, 50, 50]], np.float32)
+    out = rank_filter(boxes, min_size=10, max_proposals=None)
+    np.testing.assert_array_equal(out, boxes[[0, 3, 4]])
+    np.testing.assert_array_equal(rank_filter(boxes, 10, 2), boxes[[0, 3]])
+
+
+@pytest.mark.parametrize("mode", ["fast", "single", "opencv-fast"])
+def test_same_seed_same_boxes_in_the_same_order(image, mode):
+    a = selective_search(image, mode, seed=11)
+    b = selective_search(image, mode, seed=11)
+    assert a.dtype == np.float32 and a.shape[1] == 4 and len(a) > 10
+    np.testing.assert_array_equal(a, b)
+    h, w = image.shape[:2]
+    assert (a[:, 0] >= 0).all() and (a[:, 2] <= w).all() and (a[:, 3] <= h).all()
+    assert ((a[:, 2] - a[:, 0]) >= 20).all()
+
+
+def test_seed_changes_only_the_ranking(image):
+    a = selective_search(image, "fast", seed=1)
+    b = selective_search(image, "fast", seed=2)
+    assert not np.array_equal(a, b)
+    assert {tuple(r) for r in a} == {tuple(r) for r in b}
+
+
+def test_fast_finds_more_boxes_than_single(image):
+    assert len(selective_search(image, "fast", min_size=1)) > len(selective_search(image, "single", min_size=1))
+
+
+def test_resize_maps_boxes_back(image):
+    h, w = image.shape[:2]
+    boxes = selective_search(image, "single", resize_width=2 * w, min_size=1)
+    assert boxes[:, 2].max() <= w and boxes[:, 3].max() <= h
+    assert boxes[:, 2].max() > 0.9 * w  # the whole-image region is still there, in original pixels
+
+
+def test_image_seed_is_order_independent():
+    assert image_seed(0, "000001") == image_seed(0, "000001")
+    assert image_seed(0, "000001") != image_seed(0, "000002")
+    assert image_seed(1, "000001") != image_seed(0, "000001")
+
+
+def test_unknown_mode(image):
+    with pytest.raises(ValueError, match="unknown selective search mode"):
+        selective_search(image, "slow")
