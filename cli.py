@@ -132,22 +132,61 @@ def _run_one(stage_name: str, ctx) -> None:
     from stages.common import run_stage
 
     stage = STAGES[stage_name]
-    for split, manifest in run_stage(ctx, stage).items():
+    manifests = run_stage(ctx, stage)
+    for split, manifest in manifests.items():
         click.echo(f"{stage_name}/{split}: {stage.describe(manifest)}")
+    return manifests
 
 
-@cli.command("proposals")
-@click.argument("pipeline")
-@stage_options
-def proposals_cmd(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet):
-    """Selective search proposals for both splits of PIPELINE.
+STAGE_HELP = {
+    "proposals": """Selective search proposals for both splits of PIPELINE.
 
     Parallel over images (proposals.n_jobs worker processes, all cores by default),
     resumable after a kill, and shared with any other pipeline whose data and
     proposal settings are identical. Prints recall at IoU 0.5/0.7 and MABO.
-    """
-    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet)
-    _run_one("proposals", ctx)
+    """,
+    "finetune": """Fine-tune the CNN on warped regions of the trainval split of PIPELINE.
+
+    Regions are proposals plus ground-truth boxes, warped with finetune.context_pad
+    pixels of context (R-CNN: 16); IoU >= 0.5 with an object is that class, the rest
+    background; 128-region mini-batches with 32 foreground; SGD (lr 0.001, momentum
+    0.9, weight decay 5e-4). Validation accuracy on held-out images every
+    finetune.eval_every iterations, when a checkpoint is written; a rerun after a kill
+    resumes from it. Uses CUDA with bfloat16 autocast when a GPU is present.
+    """,
+    "features": """Cache the fine-tuned CNN's features of every box of both splits (HDF5, float16).
+
+    pool5 (for box regression) and fc7 (for the SVMs) by default (features.layers),
+    with each box's class overlaps; resumable per image.
+    """,
+    "train-svm": """Train one linear SVM per class on cached features, mining hard negatives.
+
+    As R-CNN: ground-truth boxes are positives, proposals under IoU 0.3 negatives,
+    features scaled to mean norm 20, C = 0.001, positive weight 2, bias multiplier 10;
+    one pass of hard-negative mining (keep > -1.0001, evict < -1.2).
+    """,
+    "train-bbox": """Train class-specific ridge box regressors from cached pool5 features.
+
+    As R-CNN (appendix C): proposals with IoU >= 0.6 to an object, targets (tx, ty,
+    tw, th) centred and whitened, ridge lambda 1000.
+    """,
+}
+
+
+def _stage_command(stage_name: str):
+    @stage_options
+    @click.argument("pipeline")
+    def command(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet):
+        ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet)
+        ctx.ensure_data()
+        _run_one(stage_name, ctx)
+
+    command.__doc__ = STAGE_HELP[stage_name]
+    return cli.command(stage_name)(command)
+
+
+for _name in STAGE_HELP:
+    _stage_command(_name)
 
 
 @cli.command("run")
@@ -161,10 +200,80 @@ def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, q
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet)
+    ctx.ensure_data()
     for name in STAGES:
-        _run_one(name, ctx)
+        manifest = _run_one(name, ctx)
         if name == until:
             break
+    else:
+        from stages import evaluate
+
+        click.echo(evaluate.table(ctx, manifest["test"] if "test" in manifest else next(iter(manifest.values()))))
+
+
+@cli.command("detect")
+@click.argument("pipeline")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the drawn images and JSON.")
+@click.option(
+    "--threshold",
+    default=0.0,
+    show_default=True,
+    help="Draw and list detections with an SVM score at least this (0 is the SVM margin).",
+)
+@click.option("--no-bbox-reg", is_flag=True, help="Skip box regression.")
+@pipeline_options
+def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, overrides, pipelines_file):
+    """Run PIPELINE's trained detector on any IMAGES.
+
+    Proposals are computed on the fly with the pipeline's settings; each image is
+    written to --out with its labelled boxes drawn (<name>.det.jpg) beside a JSON of
+    its detections (<name>.json: class, score, box as x1 y1 x2 y2 pixels). Images
+    are only read, never executed or trusted beyond decoding. Example:
+
+    \b
+      rcnn detect demo runs/_data/synth-n60-s0-px256/JPEGImages/000003.jpg --out det/
+    """
+    import cv2
+
+    from rcnn.detector import Detector, draw_detections
+    from rcnn.store import write_json_atomic
+    from stages import finetune, train_bbox, train_svm
+
+    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
+    model, meta = finetune.load(ctx)
+    cfg = ctx.cfg
+    detector = Detector(
+        model=model,
+        svm=train_svm.load(ctx),
+        bbox=None if no_bbox_reg else train_bbox.load(ctx),
+        classes=tuple(meta["classes"]),
+        context_pad=cfg.finetune.context_pad,
+        svm_layer=cfg.svm.layer,
+        bbox_layer=cfg.bbox.layer,
+        proposal_mode=cfg.proposals.mode,
+        resize_width=cfg.proposals.resize_width,
+        min_size=cfg.proposals.min_size,
+        max_proposals=cfg.proposals.max_proposals,
+        nms_threshold=cfg.evaluate.nms_threshold,
+        max_per_image=cfg.evaluate.max_per_image,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise UserError(f"cannot read image '{path}' (missing, corrupt or not an image)")
+        canvas, found = draw_detections(image, detector(image, seed=cfg.proposals.seed), detector.classes, threshold)
+        stem = Path(path).stem
+        cv2.imwrite(str(out / f"{stem}.det.jpg"), canvas)
+        write_json_atomic(
+            out / f"{stem}.json",
+            {"image": str(path), "width": image.shape[1], "height": image.shape[0], "threshold": threshold, "detections": found},
+        )
+        best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
+        click.echo(f"{path}: {len(found)} detections{(' (' + best + (', ...' if len(found) > 5 else '') + ')') if found else ''}")
+    click.echo(f"wrote {out}")
 
 
 @cli.command("status")
@@ -211,12 +320,14 @@ def _human(n: float) -> str:
 @click.option(
     "--metric",
     type=click.Choice(["voc07", "voc10"]),
-    default="voc07",
-    show_default=True,
-    help="voc07: 11-point interpolated AP (VOC2007 devkit); voc10: all-point AP (VOC2010+).",
+    default=None,
+    help="voc07: 11-point interpolated AP (VOC2007 devkit; the default); voc10: all-point AP (VOC2010+).",
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
-def evaluate_cmd(pipeline, data_dir, split, detections, metric, json_out):
+@stage_options
+def evaluate_cmd(
+    pipeline, data_dir, split, detections, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet
+):
     """Score detections exactly as the PASCAL VOC devkit does.
 
     \b
@@ -235,7 +346,7 @@ def evaluate_cmd(pipeline, data_dir, split, detections, metric, json_out):
         raise ConfigError("give --data VOCDIR and --detections PATH")
     from rcnn.scoring import format_ap_table, score_devkit_detections
 
-    result = score_devkit_detections(Path(data_dir), split, Path(detections), metric)
+    result = score_devkit_detections(Path(data_dir), split, Path(detections), metric or "voc07")
     click.echo(format_ap_table(result, f"{data_dir} [{split}], detections from {detections}"))
     if json_out:
         from rcnn.store import write_json_atomic

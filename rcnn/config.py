@@ -47,6 +47,9 @@ class DataConfig:
     classes: tuple[str, ...] | None = None
     # Used when ``root`` is None: the data is generated under the runs folder.
     synthetic: SyntheticConfig | None = None
+    # Train on objects marked difficult too (py-faster-rcnn's default: no). Scoring
+    # always follows the VOC devkit, where difficult objects count neither way.
+    use_difficult: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,87 @@ class ProposalsConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The CNN: backbone, its initialisation and where it runs."""
+
+    backbone: Literal["alexnet", "vgg16", "squeezenet1_0", "tiny"] = "alexnet"
+    # imagenet (torchvision's weights API), scratch, or a path to a state dict file.
+    weights: str = field(default="imagenet", metadata={"path": True, "keywords": ("imagenet", "scratch")})
+    # Side of the warped region; None: the backbone's own (227 AlexNet as in R-CNN, 224 VGG16).
+    input_size: int | None = None
+    # Width of fc6/fc7 for backbones whose head is new (squeezenet1_0, tiny); None: default.
+    fc_dim: int | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=NO_FINGERPRINT)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning on warped regions (R-CNN section 2.3)."""
+
+    context_pad: int = 16  # R-CNN appendix A: warp with p = 16 pixels of context
+    fg_threshold: float = 0.5  # R-CNN: IoU >= 0.5 with a ground truth is that class
+    bg_low: float = 0.0  # R-CNN: every other proposal is background (SPP-net: 0.1)
+    batch_size: int = 128  # R-CNN: 128 regions per mini-batch ...
+    fg_fraction: float = 0.25  # ... of which 32 foreground
+    mirror: bool = True  # random horizontal flips (R-CNN's fine-tuning data layer mirrored crops)
+    # R-CNN: SGD. Adam is offered for small networks trained from scratch (the demo).
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.001  # R-CNN: 1/10 of the pre-training rate
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    max_iter: int = 40000
+    step_size: int = 20000  # multiply lr by gamma every step_size iterations
+    gamma: float = 0.1
+    eval_every: int = 1000  # an "epoch": validate and checkpoint this often
+    val_fraction: float = 0.1  # trainval images held out for validation accuracy
+    seed: int = 0
+    loader_workers: int = field(default=0, metadata=NO_FINGERPRINT)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Cached CNN features of every proposal and ground-truth box."""
+
+    layers: tuple[str, ...] = ("pool5", "fc7")  # R-CNN: fc7 for SVMs, pool5 for box regression
+    batch_size: int = field(default=256, metadata=NO_FINGERPRINT)
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    """Per-class linear SVMs with hard-negative mining (R-CNN's released rcnn_train.m)."""
+
+    layer: str = "fc7"
+    C: float = 0.001
+    pos_loss_weight: float = 2.0
+    bias_mult: float = 10.0
+    neg_overlap: float = 0.3  # R-CNN section 2.3: negatives below IoU 0.3
+    hard_threshold: float = -1.0001
+    evict_threshold: float = -1.2
+    retrain_limit: int = 2000
+    target_norm: float = 20.0  # features scaled to mean norm 20
+    n_jobs: int = field(default=-1, metadata=NO_FINGERPRINT)
+
+
+@dataclass(frozen=True)
+class BBoxConfig:
+    """Class-specific ridge box regression from pool5 (R-CNN appendix C)."""
+
+    layer: str = "pool5"
+    min_overlap: float = 0.6
+    ridge_lambda: float = 1000.0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Test-time detection and scoring."""
+
+    nms_threshold: float = 0.3  # R-CNN: greedy NMS at IoU 0.3 per class
+    max_per_image: int = 100  # detections kept per class and image
+    metric: Literal["voc07", "voc10"] = "voc07"
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """One named pipeline: everything a run needs, resolved."""
 
@@ -74,6 +158,12 @@ class PipelineConfig:
     description: str = ""
     data: DataConfig = DataConfig()
     proposals: ProposalsConfig = ProposalsConfig()
+    model: ModelConfig = ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    svm: SVMConfig = SVMConfig()
+    bbox: BBoxConfig = BBoxConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -166,7 +256,8 @@ def _build(cls: type, raw: dict, prefix: str, where: str, base: Path | None) -> 
             known = ", ".join(fields)
             raise ConfigError(f"{where}: unknown key '{full}' (known keys here: {known})")
         value = _coerce(hints[key], value, full, where, base)
-        if fields[key].metadata.get("path") and isinstance(value, str) and base is not None:
+        keywords = fields[key].metadata.get("keywords", ())
+        if fields[key].metadata.get("path") and isinstance(value, str) and base is not None and value not in keywords:
             value = str((base / value).resolve()) if not os.path.isabs(value) else value
         kwargs[key] = value
     try:

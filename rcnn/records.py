@@ -9,6 +9,7 @@ one file; :class:`RecordFile` reads a joined file and checks its schema first.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -23,12 +24,17 @@ SCHEMA = "rcnn.records"
 SCHEMA_VERSION = 1
 
 
-def _write_groups(h5: h5py.File, records: Iterable[tuple[str, Mapping[str, np.ndarray], Mapping]]) -> None:
+def _write_groups(
+    h5: h5py.File, records: Iterable[tuple[str, Mapping[str, np.ndarray], Mapping]], compress: frozenset[str] = frozenset()
+) -> None:
     images = h5.require_group("images")
     for image_id, arrays, attrs in records:
         g = images.create_group(image_id)
         for name, arr in arrays.items():
-            g.create_dataset(name, data=np.asarray(arr), track_times=False)
+            arr = np.asarray(arr)
+            # LZF: fast, and ReLU features are full of zeros; track_times off keeps bytes reproducible.
+            lzf = "lzf" if name in compress and arr.size else None
+            g.create_dataset(name, data=arr, track_times=False, compression=lzf)
         for k, v in attrs.items():
             g.attrs[k] = v
 
@@ -42,12 +48,23 @@ def _stamp(h5: h5py.File, kind: str) -> None:
 class RecordWriter:
     """Buffers per-image records and writes them as complete part files.
 
-    A part is flushed when it holds ``chunk_size`` images or ``max_seconds``
-    have passed since the last flush, bounding the work a kill can lose.
+    A part is flushed when it holds ``chunk_size`` images, or (if ``max_seconds``
+    is set) when that long has passed since the last flush, bounding the work a
+    kill can lose. Without ``max_seconds``, images written in a fixed order always
+    fall into the same parts, so a resumed run writes byte-identical files.
     """
 
-    def __init__(self, parts_dir: Path, kind: str, shard: str = "0", chunk_size: int = 64, max_seconds: float = 30.0):
+    def __init__(
+        self,
+        parts_dir: Path,
+        kind: str,
+        shard: str = "0",
+        chunk_size: int = 64,
+        max_seconds: float | None = None,
+        compress: Iterable[str] = (),
+    ):
         self.parts_dir = Path(parts_dir)
+        self.compress = frozenset(compress)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         self.kind = kind
         self.shard = shard
@@ -59,7 +76,8 @@ class RecordWriter:
 
     def add(self, image_id: str, arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> None:
         self._buffer.append((image_id, dict(arrays), dict(attrs or {})))
-        if len(self._buffer) >= self.chunk_size or time.monotonic() - self._last_flush >= self.max_seconds:
+        overdue = self.max_seconds is not None and time.monotonic() - self._last_flush >= self.max_seconds
+        if len(self._buffer) >= self.chunk_size or overdue:
             self.flush()
 
     def flush(self) -> None:
@@ -70,7 +88,7 @@ class RecordWriter:
         tmp = final.with_suffix(".h5.tmp")
         with h5py.File(tmp, "w") as h5:
             _stamp(h5, self.kind)
-            _write_groups(h5, self._buffer)
+            _write_groups(h5, self._buffer, self.compress)
         _fsync(tmp)
         os.replace(tmp, final)
         self._seq += 1
@@ -143,43 +161,71 @@ def consolidate(parts_dir: Path, out_path: Path, order: list[str], kind: str, at
     os.replace(tmp, out_path)
 
 
-class RecordFile:
-    """Read-only access to a consolidated record file, validated on open."""
+def write_index(parts_dir: Path, out_path: Path, order: list[str], kind: str) -> dict[str, Path]:
+    """Index the parts (without joining them): ``{"order": ids, "parts": {id: part name}}`` as JSON.
 
-    def __init__(self, path: Path, kind: str):
-        self.path = Path(path)
-        try:
-            self._h5 = h5py.File(self.path, "r")
-        except (OSError, FileNotFoundError) as e:
-            raise UserError(f"'{self.path}' is not a readable HDF5 file ({e}); rerun the stage with --force") from None
-        attrs = dict(self._h5.attrs)
-        if attrs.get("schema") != SCHEMA or attrs.get("kind") != kind:
-            self._h5.close()
-            raise UserError(f"'{self.path}' is not an rcnn '{kind}' record file")
-        if int(attrs.get("schema_version", -1)) != SCHEMA_VERSION:
-            self._h5.close()
-            raise UserError(
-                f"'{self.path}' has schema version {attrs.get('schema_version')}, expected {SCHEMA_VERSION}; "
-                "rerun the stage with --force"
-            )
-        self.ids = [s.decode() if isinstance(s, bytes) else s for s in self._h5["order"][()]]
+    Returns the part files the index refers to, so the caller can commit them.
+    """
+    index = completed_parts(parts_dir)
+    missing = [i for i in order if i not in index]
+    if missing:
+        raise RuntimeError(f"{len(missing)} records missing from {parts_dir}, e.g. {missing[0]}")
+    used = {index[i] for i in order}
+    doc = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "order": order,
+        "parts": {i: f"parts/{index[i].name}" for i in order},
+    }
+    tmp = Path(str(out_path) + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, out_path)
+    return {f"parts/{p.name}": p for p in sorted(used)}
 
-    @property
-    def attrs(self) -> Mapping:
-        return self._h5.attrs
+
+def _check_schema(path: Path, attrs: Mapping, kind: str) -> None:
+    if attrs.get("schema") != SCHEMA or attrs.get("kind") != kind:
+        raise UserError(f"'{path}' is not an rcnn '{kind}' record file")
+    if int(attrs.get("schema_version", -1)) != SCHEMA_VERSION:
+        raise UserError(
+            f"'{path}' has schema version {attrs.get('schema_version')}, expected {SCHEMA_VERSION}; rerun the stage with --force"
+        )
+
+
+def _open_h5(path: Path, kind: str) -> h5py.File:
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"'{path}' is not a readable HDF5 file ({e}); rerun the stage with --force") from None
+    try:
+        _check_schema(path, dict(h5.attrs), kind)
+    except UserError:
+        h5.close()
+        raise
+    return h5
+
+
+class _Reader:
+    """What both readers share: ids in split order and checked access to one image's arrays."""
+
+    path: Path
+    ids: list[str]
+
+    def _group(self, image_id: str) -> h5py.Group:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self._h5["images"]
-
     def array(self, image_id: str, name: str, dtype=None, ndim: int | None = None) -> np.ndarray:
         """One array of one image's record, with its dtype and rank checked."""
         try:
-            arr = self._h5["images"][image_id][name][()]
+            arr = self._group(image_id)[name][()]
         except KeyError:
             raise UserError(f"'{self.path}': no '{name}' for image {image_id}") from None
+        except OSError as e:
+            raise UserError(f"'{self.path}': record of image {image_id} is damaged ({e}); rerun with --force") from None
         if dtype is not None and arr.dtype != np.dtype(dtype):
             raise UserError(f"'{self.path}': '{image_id}/{name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
         if ndim is not None and arr.ndim != ndim:
@@ -187,13 +233,77 @@ class RecordFile:
         return arr
 
     def record_attrs(self, image_id: str) -> Mapping:
-        return self._h5["images"][image_id].attrs
+        return self._group(image_id).attrs
 
-    def close(self) -> None:
-        self._h5.close()
-
-    def __enter__(self) -> RecordFile:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class RecordFile(_Reader):
+    """Read-only access to a consolidated record file, validated on open."""
+
+    def __init__(self, path: Path, kind: str):
+        self.path = Path(path)
+        self._h5 = _open_h5(self.path, kind)
+        try:
+            self.ids = [s.decode() if isinstance(s, bytes) else s for s in self._h5["order"][()]]
+        except KeyError:
+            self._h5.close()
+            raise UserError(f"'{self.path}' has no index of its records; rerun the stage with --force") from None
+
+    @property
+    def attrs(self) -> Mapping:
+        return self._h5.attrs
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._h5["images"]
+
+    def _group(self, image_id: str) -> h5py.Group:
+        return self._h5["images"][image_id]
+
+    def close(self) -> None:
+        self._h5.close()
+
+
+class RecordSet(_Reader):
+    """Read-only access to records left in their parts and joined by an index (see :func:`write_index`)."""
+
+    def __init__(self, index_path: Path, kind: str):
+        self.path = Path(index_path)
+        self.kind = kind
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"record index '{self.path}' is missing or damaged ({e}); rerun the stage with --force") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("parts"), dict) or not isinstance(doc.get("order"), list):
+            raise UserError(f"'{self.path}' is not an rcnn record index")
+        _check_schema(self.path, doc, kind)
+        self.ids = [str(i) for i in doc["order"]]
+        root = self.path.parent.resolve()
+        self._parts: dict[str, Path] = {}
+        for image_id, rel in doc["parts"].items():
+            part = (root / str(rel)).resolve()
+            if root not in part.parents:
+                raise UserError(f"'{self.path}' points outside its folder ({rel})")
+            self._parts[str(image_id)] = part
+        self._open: dict[Path, h5py.File] = {}
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self._parts
+
+    def _group(self, image_id: str) -> h5py.Group:
+        part = self._parts[image_id]
+        if part not in self._open:
+            self._open[part] = _open_h5(part, self.kind)
+        return self._open[part]["images"][image_id]
+
+    def close(self) -> None:
+        for h5 in self._open.values():
+            h5.close()
+        self._open.clear()

@@ -188,7 +188,17 @@ def commit(unit_dir: Path, staged: dict[str, Path], manifest: dict) -> dict:
     leaves the unit incomplete rather than wrongly complete.
     """
     unit_dir = Path(unit_dir)
+    try:
+        previous = read_manifest(unit_dir)
+    except UserError:
+        previous = None
     (unit_dir / MANIFEST).unlink(missing_ok=True)
+    # Outputs of the previous run that this one does not rewrite would only waste disk.
+    root = unit_dir.resolve()
+    for name in (previous or {}).get("outputs", {}):
+        old = (unit_dir / name).resolve()
+        if name not in staged and root in old.parents:  # a tampered manifest must not delete elsewhere
+            old.unlink(missing_ok=True)
     outputs = {}
     for name, src in staged.items():
         dst = unit_dir / name

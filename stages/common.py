@@ -44,19 +44,22 @@ class Context:
 
     @cached_property
     def data_root(self) -> Path:
-        """The dataset folder; synthetic data is generated on first use."""
+        """The dataset folder (synthetic data lives under the runs folder)."""
         if self.cfg.data.root is not None:
             return Path(self.cfg.data.root)
         synth = self.cfg.data.synthetic
         if synth is None:
             raise UserError(f"pipeline '{self.cfg.name}': set data.root or data.synthetic")
-        root = self.runs_dir / "_data" / f"synth-n{synth.images}-s{synth.seed}-px{synth.size}"
-        if not (root / "ImageSets").is_dir():
+        return self.runs_dir / "_data" / f"synth-n{synth.images}-s{synth.seed}-px{synth.size}"
+
+    def ensure_data(self) -> None:
+        """Generate the pipeline's synthetic data if it is synthetic and not there yet."""
+        synth = self.cfg.data.synthetic
+        if self.cfg.data.root is None and synth is not None and not (self.data_root / "ImageSets").is_dir():
             from rcnn.synth import generate_dataset
 
-            self.log(f"generating {synth.images} synthetic images in {root}")
-            generate_dataset(root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=self.progress)
-        return root
+            self.log(f"generating {synth.images} synthetic images in {self.data_root}")
+            generate_dataset(self.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=self.progress)
 
     def dataset(self, split: str) -> VOCDataset:
         cache = self.__dict__.setdefault("_datasets", {})

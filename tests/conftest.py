@@ -41,6 +41,24 @@ def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
                   min_size: 4
                   max_proposals: 50
                   n_jobs: 1
+                model:
+                  backbone: tiny
+                  weights: scratch
+                  input_size: 32
+                  device: cpu
+                finetune:
+                  context_pad: 3
+                  optimizer: adam
+                  lr: 0.001
+                  batch_size: 32
+                  max_iter: 24
+                  step_size: 20
+                  eval_every: 8
+                  val_fraction: 0.25
+                features:
+                  batch_size: 64
+                svm:
+                  n_jobs: 1
               tiny-twin:
                 extends: tiny
                 description: same proposals as tiny

@@ -1,0 +1,134 @@
+"""The trained R-CNN detector at test time: proposals -> CNN features -> SVM scores -> box regression -> NMS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from rcnn.bbox_regression import BBoxRegressor
+from rcnn.boxes import clip_boxes
+from rcnn.models import DetectorNet, normalise_crops
+from rcnn.nms import nms
+from rcnn.selective_search import selective_search
+from rcnn.svm import SVMModel
+from rcnn.warp import warp_regions
+
+
+@torch.no_grad()
+def region_features(
+    model: DetectorNet, image_rgb: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...], context_pad: int, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """Layer outputs (float16 ``[N, D]``) of the warped ``boxes [N, 4]`` (x1, y1, x2, y2) of one RGB image."""
+    spec = model.spec
+    device = next(model.parameters()).device
+    out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+    for start in range(0, len(boxes), batch_size):
+        crops = warp_regions(image_rgb, boxes[start : start + batch_size], spec.input_size, context_pad, spec.mean_pixel)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = model.extract(normalise_crops(crops, spec, device), layers)
+        for layer in layers:
+            out[layer].append(feats[layer].float().cpu().numpy().astype(np.float16))
+    dims = {"pool5": spec.pool5_dim, "fc6": spec.fc_dim, "fc7": spec.fc_dim}
+    return {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float16) for k, v in out.items()}
+
+
+@dataclass
+class ClassDetections:
+    """Detections of one image, per class: ``boxes[c]`` float32 ``[K, 4]`` (x1, y1, x2, y2), ``scores[c]`` ``[K]``."""
+
+    boxes: list[np.ndarray]
+    scores: list[np.ndarray]
+
+
+def per_class_nms(
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    width: int,
+    height: int,
+    nms_threshold: float,
+    max_per_image: int,
+    refine: Callable[[int], np.ndarray] | None = None,
+) -> ClassDetections:
+    """Greedy NMS per class over scored boxes, keeping the ``max_per_image`` best of each class.
+
+    Args:
+        scores: ``[N, C]`` class scores of ``boxes [N, 4]`` (x1, y1, x2, y2).
+        refine: optional ``refine(c) -> [N, 4]``, the boxes regressed for class ``c``
+            (clipped to the image before NMS).
+    """
+    out = ClassDetections([], [])
+    for c in range(scores.shape[1]):
+        b = boxes if refine is None else clip_boxes(refine(c), width, height)
+        keep = nms(b, scores[:, c], nms_threshold)[:max_per_image]
+        out.boxes.append(b[keep])
+        out.scores.append(scores[keep, c].astype(np.float32))
+    return out
+
+
+@dataclass
+class Detector:
+    """Everything a trained pipeline needs to detect objects in a new image."""
+
+    model: DetectorNet
+    svm: SVMModel
+    bbox: BBoxRegressor | None
+    classes: tuple[str, ...]
+    context_pad: int
+    svm_layer: str = "fc7"
+    bbox_layer: str = "pool5"
+    proposal_mode: str = "fast"
+    resize_width: int | None = None
+    min_size: float = 20.0
+    max_proposals: int | None = None
+    nms_threshold: float = 0.3
+    max_per_image: int = 100
+
+    def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
+        """Detections of one BGR image ``[H, W, 3]``."""
+        h, w = image_bgr.shape[:2]
+        proposals = selective_search(image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed)
+        layers = tuple(dict.fromkeys([self.svm_layer] + ([self.bbox_layer] if self.bbox else [])))
+        self.model.eval()
+        feats = region_features(self.model, cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), proposals, layers, self.context_pad)
+        scores = self.svm.scores(feats[self.svm_layer])
+        refine = None
+        if self.bbox is not None:
+            pool5 = feats[self.bbox_layer].astype(np.float32)
+            refine = lambda c: self.bbox.predict(pool5, proposals, c)  # noqa: E731
+        return per_class_nms(scores, proposals, w, h, self.nms_threshold, self.max_per_image, refine)
+
+
+def draw_detections(
+    image_bgr: np.ndarray, dets: ClassDetections, classes: tuple[str, ...], threshold: float
+) -> tuple[np.ndarray, list[dict]]:
+    """The image with every detection scoring at least ``threshold`` drawn and labelled, and those detections."""
+    canvas = image_bgr.copy()
+    found = []
+    palette = _palette(len(classes))
+    for c, name in enumerate(classes):
+        for box, score in zip(dets.boxes[c], dets.scores[c]):
+            if score < threshold:
+                continue
+            found.append({"class": name, "score": float(score), "box": [round(float(v), 1) for v in box]})
+    thickness = max(1, round(max(image_bgr.shape[:2]) / 300))
+    for det in sorted(found, key=lambda d: d["score"]):
+        x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
+        colour = palette[classes.index(det["class"])]
+        cv2.rectangle(canvas, (x1, y1), (x2 - 1, y2 - 1), colour, thickness)
+        label = f"{det['class']} {det['score']:.2f}"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        ty = max(y1, th + base + 2)
+        cv2.rectangle(canvas, (x1, ty - th - base - 2), (x1 + tw + 2, ty), colour, -1)
+        cv2.putText(canvas, label, (x1 + 1, ty - base - 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    found.sort(key=lambda d: -d["score"])
+    return canvas, found
+
+
+def _palette(n: int) -> list[tuple[int, int, int]]:
+    hsv = np.stack([np.linspace(0, 179, n, endpoint=False), np.full(n, 200), np.full(n, 200)], 1).astype(np.uint8)
+    bgr = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2BGR)[0]
+    return [tuple(int(v) for v in c) for c in bgr]

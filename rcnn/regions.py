@@ -1,0 +1,71 @@
+"""The regions of one image that later stages learn from: ground-truth boxes plus proposals.
+
+As in R-CNN's feature cache, ground-truth rows come first and every row carries
+its overlap with the best ground truth of each class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rcnn.boxes import box_iou
+from rcnn.datasets import ImageAnnotation
+
+
+@dataclass(frozen=True)
+class ImageRegions:
+    """Rows of one image.
+
+    boxes: float32 ``[N, 4]`` (x1, y1, x2, y2); the first ``G`` rows are ground truth.
+    gt_classes: int64 ``[N]``, the class index (0-based) of ground-truth rows, -1 for proposals.
+    overlaps: float32 ``[N, C]``, IoU of each row with the best ground truth of each class.
+    best_gt: int64 ``[N]``, index into the image's annotation of the best-overlapping
+        ground truth (any class), -1 when the image has none.
+    """
+
+    boxes: np.ndarray
+    gt_classes: np.ndarray
+    overlaps: np.ndarray
+    best_gt: np.ndarray
+
+    @property
+    def max_overlap(self) -> np.ndarray:
+        """float32 ``[N]``: the best IoU of each row with any ground truth."""
+        if self.overlaps.shape[1] == 0:
+            return np.zeros(len(self.boxes), np.float32)
+        return self.overlaps.max(axis=1)
+
+
+def image_regions(
+    ann: ImageAnnotation, proposals: np.ndarray, classes: tuple[str, ...], use_difficult: bool = False
+) -> ImageRegions:
+    """Ground-truth rows (difficult ones only if ``use_difficult``) followed by the proposals.
+
+    Overlaps are measured against every ground truth, difficult ones included, so that a
+    proposal on a difficult object is never taken as clean background.
+    """
+    labels = ann.label_indices(classes)
+    keep_gt = np.ones(len(labels), bool) if use_difficult else ~ann.difficult
+    gt_rows = ann.boxes[keep_gt]
+    boxes = np.concatenate([gt_rows, np.asarray(proposals, np.float32).reshape(-1, 4)]).astype(np.float32)
+    gt_classes = np.concatenate([labels[keep_gt], np.full(len(boxes) - len(gt_rows), -1, np.int64)])
+    overlaps = np.zeros((len(boxes), len(classes)), np.float32)
+    best_gt = np.full(len(boxes), -1, np.int64)
+    if len(ann.boxes) and len(boxes):
+        iou = box_iou(boxes, ann.boxes).astype(np.float32)  # [N, G]
+        best_gt = iou.argmax(axis=1).astype(np.int64)
+        for c in np.unique(labels):
+            overlaps[:, c] = iou[:, labels == c].max(axis=1)
+    return ImageRegions(boxes, gt_classes, overlaps, best_gt)
+
+
+def finetune_labels(regions: ImageRegions, fg_threshold: float = 0.5, bg_low: float = 0.0) -> np.ndarray:
+    """Fine-tuning labels ``[N]``: 1 + class of the best ground truth when IoU >= ``fg_threshold``,
+    0 (background) when IoU is in ``[bg_low, fg_threshold)``, -1 (unused) below ``bg_low``."""
+    best = regions.max_overlap
+    cls = regions.overlaps.argmax(axis=1) if regions.overlaps.shape[1] else np.zeros(len(best), np.int64)
+    labels = np.where(best >= fg_threshold, cls + 1, 0).astype(np.int64)
+    labels[best < bg_low] = -1
+    return labels

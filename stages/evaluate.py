@@ -1,0 +1,170 @@
+"""Stage `evaluate`: detect on the test split and score it as the VOC devkit does.
+
+Test proposals are scored by the class SVMs; for each class, boxes go through
+greedy NMS at IoU 0.3 and the best ``max_per_image`` are kept, once as proposed
+and once after box regression. Both sets are written as devkit result files and
+scored (per-class AP and mAP); precision-recall curves are drawn per class.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rcnn.bbox_regression import BBoxRegressor
+from rcnn.detector import ClassDetections, per_class_nms
+from rcnn.detfiles import devkit_filename, write_devkit_file
+from rcnn.evaluation import Detections, EvalResult, evaluate
+from rcnn.scoring import ground_truth_by_class
+from rcnn.store import write_json_atomic
+from rcnn.svm import SVMModel
+
+from . import features, train_bbox, train_svm
+from .common import Context, upstream_digest
+
+NAME = "evaluate"
+SCHEMA_VERSION = 1
+CODE = ("rcnn.evaluation", "rcnn.nms", "rcnn.detfiles", "rcnn.scoring", "stages.evaluate")
+VARIANTS = {"plain": "detections", "bbox": "detections-bbox"}
+RESULTS = "results.json"
+
+
+def splits(ctx: Context) -> tuple[str, ...]:
+    return (ctx.cfg.data.test,)
+
+
+def params(ctx: Context) -> dict:
+    e = ctx.cfg.evaluate
+    return {
+        "nms_threshold": e.nms_threshold,
+        "max_per_image": e.max_per_image,
+        "metric": e.metric,
+        "svm_layer": ctx.cfg.svm.layer,
+        "bbox_layer": ctx.cfg.bbox.layer,
+        "classes": list(ctx.classes),
+    }
+
+
+def inputs(ctx: Context, split: str) -> dict[str, str]:
+    trainval = ctx.cfg.data.trainval
+    return {
+        f"data/{split}": ctx.dataset(split).fingerprint,
+        f"features/{split}": upstream_digest(ctx, "features", split),
+        "train-svm": upstream_digest(ctx, "train-svm", trainval),
+        "train-bbox": upstream_digest(ctx, "train-bbox", trainval),
+    }
+
+
+def detections_by_class(per_image: dict[str, ClassDetections], classes: tuple[str, ...]) -> dict[str, Detections]:
+    return {
+        name: Detections.from_dict({i: (d.boxes[c], d.scores[c]) for i, d in per_image.items()}) for c, name in enumerate(classes)
+    }
+
+
+def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+    e = ctx.cfg.evaluate
+    dataset = ctx.dataset(split)
+    svm: SVMModel = train_svm.load(ctx)
+    reg: BBoxRegressor = train_bbox.load(ctx)
+    results: dict[str, dict[str, ClassDetections]] = {v: {} for v in VARIANTS}
+    seconds = []
+    with features.load(ctx, split) as rs:
+        for image_id in dataset.ids:
+            ann = dataset.annotation(image_id)
+            start = time.perf_counter()
+            proposal = rs.array(image_id, "gt_classes", np.int64, 1) < 0
+            boxes = rs.array(image_id, "boxes", np.float32, 2)[proposal]
+            scores = svm.scores(rs.array(image_id, ctx.cfg.svm.layer, np.float16, 2)[proposal])
+            pool5 = rs.array(image_id, ctx.cfg.bbox.layer, np.float16, 2)[proposal].astype(np.float32)
+            results["plain"][image_id] = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image)
+            results["bbox"][image_id] = per_class_nms(
+                scores,
+                boxes,
+                ann.width,
+                ann.height,
+                e.nms_threshold,
+                e.max_per_image,
+                refine=lambda c, f=pool5, b=boxes: reg.predict(f, b, c),
+            )
+            seconds.append(time.perf_counter() - start)
+    gt = ground_truth_by_class(dataset.annotations(), ctx.classes)
+    outputs: dict[str, Path] = {}
+    evals: dict[str, EvalResult] = {}
+    for variant, folder in VARIANTS.items():
+        dets = detections_by_class(results[variant], ctx.classes)
+        for name, d in dets.items():
+            path = work / folder / devkit_filename(split, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_devkit_file(path, d.image_ids, d.scores, d.boxes)
+            outputs[f"{folder}/{path.name}"] = path
+        evals[variant] = evaluate(dets, gt, metric=e.metric)
+    summary = {
+        "metric": e.metric,
+        "mAP": evals["plain"].mAP,
+        "mAP_bbox": evals["bbox"].mAP,
+        "per_class": evals["plain"].to_json()["per_class"],
+        "per_class_bbox": evals["bbox"].to_json()["per_class"],
+        "seconds_per_image_classify": float(np.mean(seconds)) if seconds else None,
+    }
+    write_json_atomic(work / RESULTS, summary)
+    outputs[RESULTS] = work / RESULTS
+    outputs.update(plot_pr_curves(evals, work / "pr"))
+    return outputs, summary
+
+
+def plot_pr_curves(evals: dict[str, EvalResult], folder: Path) -> dict[str, Path]:
+    """One PNG per class with the precision-recall curves of both variants, plus an AP bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    labels = {"plain": "SVM scores", "bbox": "SVM + box regression"}
+    for name in evals["plain"].per_class:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for variant, ev in evals.items():
+            r = ev.per_class[name]
+            if r.npos and len(r.recall):
+                ax.plot(r.recall, np.nan_to_num(r.precision), label=f"{labels[variant]} (AP {r.ap:.3f})")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=f"{name}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        out[f"pr/{name}.png"] = path
+    names = list(evals["plain"].per_class)
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(names) + 2), 3.5))
+    x = np.arange(len(names))
+    for k, (variant, ev) in enumerate(evals.items()):
+        aps = [np.nan_to_num(ev.per_class[n].ap) for n in names]
+        ax.bar(x + (k - 0.5) * 0.4, aps, 0.4, label=f"{labels[variant]} (mAP {ev.mAP:.3f})")
+    ax.set_xticks(x, names, rotation=60, ha="right")
+    ax.set(ylim=(0, 1), ylabel=f"AP ({evals['plain'].metric})")
+    ax.legend(fontsize=8)
+    path = folder / "ap.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    out["pr/ap.png"] = path
+    return out
+
+
+def describe(manifest: dict) -> str:
+    m = manifest.get("metrics", {})
+    return f"mAP {m.get('mAP', float('nan')):.4f} ({m.get('metric')}), with box regression {m.get('mAP_bbox', float('nan')):.4f}"
+
+
+def table(ctx: Context, manifest: dict) -> str:
+    """The per-class AP table of both variants."""
+    m = manifest["metrics"]
+    lines = [f"  {'class':<16}{'AP':>8}{'AP bbox':>9}"]
+    for name in ctx.classes:
+        a, b = m["per_class"].get(name), m["per_class_bbox"].get(name)
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"  {name:<16}{fmt(a):>8}{fmt(b):>9}")
+    lines.append(f"  {'mAP':<16}{m['mAP']:>8.4f}{m['mAP_bbox']:>9.4f}   ({m['metric']})")
+    return "\n".join(lines)

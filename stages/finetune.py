@@ -1,0 +1,292 @@
+"""Stage `finetune`: train the CNN as an N+1-way classifier of warped regions (R-CNN section 2.3).
+
+Regions are the trainval proposals plus ground-truth boxes; a region is its best
+ground truth's class at IoU >= ``fg_threshold``, else background. Mini-batches of
+128 hold 32 foreground regions. A share of the trainval images is held out to
+report validation accuracy every ``eval_every`` iterations, when a checkpoint is
+also written: a killed run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rcnn.config import fingerprint_params
+from rcnn.datasets import ImageAnnotation, load_image
+from rcnn.errors import UserError
+from rcnn.models import DetectorNet, build_model, device_for, initialise, normalise_crops, save_checkpoint
+from rcnn.regions import finetune_labels, image_regions
+from rcnn.sampling import FgBgSampler
+from rcnn.store import write_json_atomic
+from rcnn.warp import warp_regions
+
+from . import proposals
+from .common import Context, upstream_digest
+
+NAME = "finetune"
+SCHEMA_VERSION = 1
+CODE = ("rcnn.models", "rcnn.regions", "rcnn.sampling", "rcnn.warp", "stages.finetune")
+MODEL = "model.pt"
+VAL_REGIONS = 2048  # fixed validation set size: enough for +-1 % accuracy
+
+
+def splits(ctx: Context) -> tuple[str, ...]:
+    return (ctx.cfg.data.trainval,)
+
+
+def params(ctx: Context) -> dict:
+    return {
+        "model": fingerprint_params(ctx.cfg.model),
+        "finetune": fingerprint_params(ctx.cfg.finetune),
+        "classes": list(ctx.classes),
+        "use_difficult": ctx.cfg.data.use_difficult,
+    }
+
+
+def inputs(ctx: Context, split: str) -> dict[str, str]:
+    out = {f"data/{split}": ctx.dataset(split).fingerprint, f"proposals/{split}": upstream_digest(ctx, "proposals", split)}
+    weights = ctx.cfg.model.weights
+    if weights not in ("imagenet", "scratch"):
+        from rcnn.store import file_digest
+
+        if not Path(weights).is_file():
+            raise UserError(f"model.weights: file '{weights}' does not exist")
+        out["weights"] = file_digest(Path(weights))
+    return out
+
+
+class RegionImages:
+    """Decoded RGB images, most recently used kept (fine-tuning revisits images constantly)."""
+
+    def __init__(self, annotations: list[ImageAnnotation], capacity: int = 2000):
+        self.annotations = annotations
+        self.capacity = capacity
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        image = cv2.cvtColor(load_image(self.annotations[index]), cv2.COLOR_BGR2RGB)
+        self._cache[index] = image
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return image
+
+
+def warp_batch(
+    images: RegionImages, boxes: list[np.ndarray], batch_img: np.ndarray, batch_reg: np.ndarray, spec, context_pad: int
+) -> np.ndarray:
+    """Warped crops ``[B, S, S, 3]`` for the regions ``(batch_img[k], batch_reg[k])``, in batch order."""
+    crops = np.empty((len(batch_img), spec.input_size, spec.input_size, 3), np.uint8)
+    for i in np.unique(batch_img):
+        sel = np.flatnonzero(batch_img == i)
+        crops[sel] = warp_regions(images[i], boxes[i][batch_reg[sel]], spec.input_size, context_pad, spec.mean_pixel)
+    return crops
+
+
+def _split_validation(ids: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ids))
+    n_val = int(round(fraction * len(ids))) if len(ids) > 1 else 0
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+    cfg, ft = ctx.cfg, ctx.cfg.finetune
+    dataset = ctx.dataset(split)
+    dataset.check(ctx.classes)
+    device = device_for(cfg.model.device)
+    anns = dataset.annotations()
+    boxes, labels = [], []
+    with proposals.load(ctx, split) as props:
+        for ann in anns:
+            regions = image_regions(ann, props.array(ann.image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
+            boxes.append(regions.boxes)
+            labels.append(finetune_labels(regions, ft.fg_threshold, ft.bg_low))
+    train_idx, val_idx = _split_validation(dataset.ids, ft.val_fraction, ft.seed)
+    train_set = set(train_idx)
+    masked = [lab if i in train_set else np.full_like(lab, -1) for i, lab in enumerate(labels)]
+    sampler = FgBgSampler.from_image_labels(masked, batch_size=ft.batch_size, fg_fraction=ft.fg_fraction)
+    if len(sampler.fg_indices) == 0:
+        raise UserError(f"no foreground regions in '{split}': no proposal reaches IoU {ft.fg_threshold} with an object")
+    val = _validation_set(labels, val_idx, ft.seed)
+
+    model = build_model(cfg.model.backbone, len(ctx.classes) + 1, cfg.model.input_size, cfg.model.fc_dim, cfg.model.seed)
+    if ft.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
+    state_path = work / "train_state.pt"
+    history_path = work / "history.json"
+    start_iter, history = 0, []
+    if state_path.is_file() and history_path.is_file():
+        state = load_train_state(state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        history = json.loads(history_path.read_text())
+        start_iter = int(history[-1]["iteration"]) if history else 0
+        ctx.log(f"{NAME}/{split}: resuming from iteration {start_iter}")
+    else:
+        loaded = initialise(model, cfg.model.weights)
+        ctx.log(
+            f"{NAME}/{split}: {cfg.model.backbone}, {len(loaded)} pretrained tensors ({cfg.model.weights}), "
+            f"{len(sampler.fg_indices)} fg / {len(sampler.bg_indices)} bg training regions, device {device}"
+        )
+    model.to(device)
+    spec = model.spec
+    images = RegionImages(anns)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=ft.step_size, gamma=ft.gamma, last_epoch=-1)
+    for _ in range(start_iter):
+        schedule.step()
+    loss_fn = nn.CrossEntropyLoss()
+    amp = device.type == "cuda"
+    batches = sampler.epoch_batches(ft.seed, n_batches=ft.max_iter)
+    for _ in range(start_iter):
+        next(batches)
+    # Flips are drawn from a generator keyed by the iteration, so a resumed run flips the same crops.
+    flip_rng = np.random.default_rng([ft.seed, start_iter])
+
+    bar = tqdm(
+        total=ft.max_iter,
+        initial=start_iter,
+        desc=f"finetune {split}",
+        unit="it",
+        disable=None if ctx.progress else True,
+        leave=False,
+    )
+    started = time.perf_counter()
+    run_loss, run_acc, run_n = 0.0, 0.0, 0
+    for it in range(start_iter, ft.max_iter):
+        model.train()
+        batch = next(batches)
+        img_idx, reg_idx = sampler.locate(batch)
+        crops = warp_batch(images, boxes, img_idx, reg_idx, spec, ft.context_pad)
+        if ft.mirror:
+            flip = flip_rng.random(len(crops)) < 0.5
+            crops[flip] = crops[flip, :, ::-1]
+        target = torch.from_numpy(sampler.labels[batch]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(normalise_crops(crops, spec, device))
+            loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        run_loss += float(loss.detach())
+        run_acc += float((logits.argmax(1) == target).float().mean())
+        run_n += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
+        if (it + 1) % ft.eval_every == 0 or it + 1 == ft.max_iter:
+            val_acc = _accuracy(model, images, boxes, labels, val, spec, ft.context_pad, device)
+            history.append(
+                {
+                    "iteration": it + 1,
+                    "loss": run_loss / run_n,
+                    "train_acc": run_acc / run_n,
+                    "val_acc": val_acc,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            ctx.log(
+                f"{NAME}/{split}: iteration {it + 1}/{ft.max_iter}  loss {run_loss / run_n:.3f}  "
+                f"train acc {run_acc / run_n:.3f}  val acc {val_acc:.3f}"
+            )
+            run_loss, run_acc, run_n = 0.0, 0.0, 0
+            _save_state(state_path, model, optimizer)
+            write_json_atomic(history_path, history)
+    bar.close()
+
+    model.cpu()
+    out = work / MODEL
+    save_checkpoint(
+        out,
+        model,
+        {"classes": list(ctx.classes), "history": history, "context_pad": ft.context_pad, "weights": cfg.model.weights},
+    )
+    last = history[-1] if history else {}
+    metrics = {
+        "iterations": ft.max_iter,
+        "val_acc": last.get("val_acc"),
+        "train_acc": last.get("train_acc"),
+        "loss": last.get("loss"),
+        "history": history,
+        "device": str(device),
+        "fg_regions": int(len(sampler.fg_indices)),
+        "bg_regions": int(len(sampler.bg_indices)),
+        "val_images": len(val_idx),
+    }
+    return {MODEL: out, MODEL + ".json": out.with_name(MODEL + ".json")}, metrics
+
+
+def _validation_set(labels: list[np.ndarray], val_idx: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to VAL_REGIONS held-out regions, a quarter foreground when possible: (image, region) arrays."""
+    pairs = [(i, r, int(labels[i][r] > 0)) for i in val_idx for r in np.flatnonzero(labels[i] >= 0)]
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    arr = np.array(pairs, np.int64)
+    rng = np.random.default_rng(seed + 1)
+    fg, bg = arr[arr[:, 2] == 1], arr[arr[:, 2] == 0]
+    fg = fg[rng.permutation(len(fg))[: VAL_REGIONS // 4]]
+    bg = bg[rng.permutation(len(bg))[: VAL_REGIONS - len(fg)]]
+    both = np.concatenate([fg, bg])
+    return both[:, 0], both[:, 1]
+
+
+@torch.no_grad()
+def _accuracy(model: DetectorNet, images, boxes, labels, val, spec, context_pad, device) -> float | None:
+    img_idx, reg_idx = val
+    if len(img_idx) == 0:
+        return None
+    model.eval()
+    correct = 0
+    for start in range(0, len(img_idx), 256):
+        bi, br = img_idx[start : start + 256], reg_idx[start : start + 256]
+        crops = warp_batch(images, boxes, bi, br, spec, context_pad)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(normalise_crops(crops, spec, device)).argmax(1).cpu().numpy()
+        correct += int((pred == np.array([labels[i][r] for i, r in zip(bi, br)])).sum())
+    return correct / len(img_idx)
+
+
+def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)
+
+
+def load_train_state(path: Path) -> dict:
+    """The training state written by :func:`_save_state` (tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged state is recomputed rather than trusted
+        raise UserError(f"training state '{path}' is damaged ({e}); rerun with --force") from None
+
+
+def load(ctx: Context):
+    """The fine-tuned model and its description."""
+    from rcnn.models import load_checkpoint
+
+    return load_checkpoint(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL, device_for(ctx.cfg.model.device))
+
+
+def describe(manifest: dict) -> str:
+    m = manifest.get("metrics", {})
+    val = m.get("val_acc")
+    val_text = f"{val:.3f}" if isinstance(val, float) else "n/a"
+    return (
+        f"{m.get('iterations')} iterations on {m.get('device')}, final loss {m.get('loss', float('nan')):.3f}, "
+        f"validation accuracy {val_text} ({m.get('val_images')} held-out images)"
+    )

@@ -1,0 +1,97 @@
+"""Stage `train-bbox`: class-specific ridge box regressors from cached pool5 features (R-CNN appendix C)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rcnn.bbox_regression import BBoxRegParams, BBoxRegressor, mean_norm_scale, train_bbox_regressors
+from rcnn.config import fingerprint_params
+
+from . import features
+from .common import Context, upstream_digest
+
+NAME = "train-bbox"
+SCHEMA_VERSION = 1
+CODE = ("rcnn.bbox_regression", "rcnn.box_coding", "stages.train_bbox")
+MODEL = "bbox.npz"
+
+
+def splits(ctx: Context) -> tuple[str, ...]:
+    return (ctx.cfg.data.trainval,)
+
+
+def params(ctx: Context) -> dict:
+    return {**fingerprint_params(ctx.cfg.bbox), "classes": list(ctx.classes), "target_norm": ctx.cfg.svm.target_norm}
+
+
+def inputs(ctx: Context, split: str) -> dict[str, str]:
+    return {f"data/{split}": ctx.dataset(split).fingerprint, f"features/{split}": upstream_digest(ctx, "features", split)}
+
+
+def training_rows(ctx: Context, split: str) -> dict[str, np.ndarray]:
+    """Rows overlapping a usable ground truth by at least ``min_overlap``, ground-truth rows included."""
+    b = ctx.cfg.bbox
+    dataset = ctx.dataset(split)
+    feats, props, gts, classes, overlaps = [], [], [], [], []
+    with features.load(ctx, split) as rs:
+        for image_id in rs.ids:
+            ann = dataset.annotation(image_id)
+            labels = ann.label_indices(ctx.classes)
+            best_gt = rs.array(image_id, "best_gt", np.int64, 1)
+            ov = rs.array(image_id, "overlaps", np.float32, 2)
+            usable = best_gt >= 0
+            if not ctx.cfg.data.use_difficult:
+                usable &= ~ann.difficult[np.maximum(best_gt, 0)] if len(ann.difficult) else False
+            cls = np.where(usable, labels[np.maximum(best_gt, 0)] if len(labels) else -1, -1)
+            iou = np.where(cls >= 0, ov[np.arange(len(ov)), np.maximum(cls, 0)], 0.0)
+            rows = np.flatnonzero((cls >= 0) & (iou >= b.min_overlap))
+            if len(rows) == 0:
+                continue
+            feats.append(rs.array(image_id, b.layer, np.float16, 2)[rows])
+            props.append(rs.array(image_id, "boxes", np.float32, 2)[rows])
+            gts.append(ann.boxes[best_gt[rows]])
+            classes.append(cls[rows])
+            overlaps.append(iou[rows])
+    if not feats:
+        return {}
+    return {
+        "features": np.concatenate(feats).astype(np.float32),
+        "proposals": np.concatenate(props),
+        "gt_boxes": np.concatenate(gts),
+        "classes": np.concatenate(classes).astype(np.int64),
+        "overlaps": np.concatenate(overlaps),
+    }
+
+
+def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+    b = ctx.cfg.bbox
+    rows = training_rows(ctx, split)
+    bp = BBoxRegParams(min_overlap=b.min_overlap, ridge_lambda=b.ridge_lambda)
+    if rows:
+        scale = mean_norm_scale(rows["features"], ctx.cfg.svm.target_norm)
+        model = train_bbox_regressors(**rows, num_classes=len(ctx.classes), params=bp, feature_scale=scale)
+    else:
+        with features.load(ctx, split) as rs:
+            dim = rs.array(rs.ids[0], b.layer).shape[1]
+        model = BBoxRegressor.identity(len(ctx.classes), dim, 1.0, bp)
+    out = work / MODEL
+    model.save(out)
+    metrics = {
+        "layer": b.layer,
+        "examples": dict(zip(ctx.classes, model.num_examples.tolist())),
+        "trained": dict(zip(ctx.classes, model.trained.tolist())),
+    }
+    return {MODEL: out}, metrics
+
+
+def load(ctx: Context) -> BBoxRegressor:
+    return BBoxRegressor.load(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL)
+
+
+def describe(manifest: dict) -> str:
+    m = manifest.get("metrics", {})
+    n = sum(m.get("examples", {}).values())
+    trained = sum(m.get("trained", {}).values())
+    return f"{trained}/{len(m.get('trained', {}))} classes regressed from {m.get('layer')}, {n} training boxes"

@@ -1,0 +1,84 @@
+"""Stage `train-svm`: one linear SVM per class on cached features, with R-CNN's hard-negative mining."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from rcnn import records
+from rcnn.config import fingerprint_params
+from rcnn.svm import ImageFeatures, SVMModel, SVMParams, train_class_svms
+
+from . import features
+from .common import Context, upstream_digest
+
+NAME = "train-svm"
+SCHEMA_VERSION = 1
+CODE = ("rcnn.svm", "stages.train_svm")
+MODEL = "svm.npz"
+HISTORY = "svm.history.json"
+
+
+def splits(ctx: Context) -> tuple[str, ...]:
+    return (ctx.cfg.data.trainval,)
+
+
+def params(ctx: Context) -> dict:
+    return {**fingerprint_params(ctx.cfg.svm), "classes": list(ctx.classes)}
+
+
+def inputs(ctx: Context, split: str) -> dict[str, str]:
+    return {f"features/{split}": upstream_digest(ctx, "features", split)}
+
+
+def svm_params(ctx: Context) -> SVMParams:
+    s = ctx.cfg.svm
+    return SVMParams(
+        C=s.C,
+        pos_loss_weight=s.pos_loss_weight,
+        bias_mult=s.bias_mult,
+        neg_overlap=s.neg_overlap,
+        hard_threshold=s.hard_threshold,
+        evict_threshold=s.evict_threshold,
+        retrain_limit=s.retrain_limit,
+        target_norm=s.target_norm,
+    )
+
+
+def read_images(index: Path, layer: str) -> Iterator[ImageFeatures]:
+    """The SVM's view of a feature cache, one image at a time (picklable for worker processes)."""
+    with records.RecordSet(index, features.KIND) as rs:
+        for image_id in rs.ids:
+            yield ImageFeatures(
+                features=rs.array(image_id, layer, np.float16, 2).astype(np.float32),
+                gt_classes=rs.array(image_id, "gt_classes", np.int64, 1),
+                overlaps=rs.array(image_id, "overlaps", np.float32, 2),
+            )
+
+
+def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+    layer = ctx.cfg.svm.layer
+    index = ctx.unit_dir(features.NAME, split) / features.INDEX
+    source = functools.partial(read_images, index, layer)
+    model = train_class_svms(source, len(ctx.classes), svm_params(ctx), n_jobs=ctx.cfg.svm.n_jobs, progress=ctx.progress)
+    out = work / MODEL
+    model.save(out)
+    per_class = {}
+    for name, hist in zip(ctx.classes, model.history):
+        last = hist[-1] if hist else {}
+        per_class[name] = {"retrains": len(hist), **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
+    metrics = {"layer": layer, "feature_scale": model.feature_scale, "per_class": per_class}
+    return {MODEL: out, HISTORY: SVMModel.history_path(out)}, metrics
+
+
+def load(ctx: Context) -> SVMModel:
+    return SVMModel.load(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL)
+
+
+def describe(manifest: dict) -> str:
+    m = manifest.get("metrics", {})
+    retrains = sum(c.get("retrains", 0) for c in m.get("per_class", {}).values())
+    return f"{len(m.get('per_class', {}))} class SVMs on {m.get('layer')} ({retrains} retrains while mining hard negatives)"
