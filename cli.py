@@ -236,6 +236,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     """
     import cv2
 
+    from rcnn.datasets import decode_image
     from rcnn.detector import Detector, draw_detections
     from rcnn.store import write_json_atomic
     from stages import finetune, train_bbox, train_svm
@@ -261,9 +262,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise UserError(f"cannot read image '{path}' (missing, corrupt or not an image)")
+        image = decode_image(Path(path))
         canvas, found = draw_detections(image, detector(image, seed=cfg.proposals.seed), detector.classes, threshold)
         stem = Path(path).stem
         cv2.imwrite(str(out / f"{stem}.det.jpg"), canvas)

@@ -78,7 +78,12 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnot
             raise UserError(f"{xml_path}: object {k} ({name}) has no <bndbox>")
         box = [_number(bb, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax")]
         if box[2] < box[0] or box[3] < box[1]:
-            raise UserError(f"{xml_path}: object {k} ({name}) has an inverted box {box}")
+            raise UserError(f"{xml_path}: object {k} ({name}) has an inverted box {box} (xmax < xmin or ymax < ymin)")
+        if box[0] < 1 or box[1] < 1 or box[2] > width or box[3] > height:
+            raise UserError(
+                f"{xml_path}: object {k} ({name}) box {box} lies outside the {width}x{height} image "
+                "(VOC boxes are 1-based pixels inside the image); fix the box or the <size>"
+            )
         diff = obj.find("difficult")
         voc.append(box)
         labels.append(name)
@@ -112,9 +117,13 @@ class VOCDataset:
             raise UserError(f"split file '{split_file}' does not exist (is '{split}' the right split name?)")
         self.split_file = split_file
         ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        seen: set[str] = set()
         for image_id in ids:
             if "/" in image_id or "\\" in image_id or image_id.startswith("."):
                 raise UserError(f"{split_file}: image id {image_id!r} is not a plain file name")
+            if image_id in seen:
+                raise UserError(f"{split_file}: image id {image_id!r} is listed twice; remove the duplicate line")
+            seen.add(image_id)
         self.ids: list[str] = ids
         self._cache: dict[str, ImageAnnotation] = {}
 
@@ -166,13 +175,31 @@ class VOCDataset:
         return h.hexdigest()
 
 
-def load_image(ann: ImageAnnotation) -> np.ndarray:
-    """Decode the image of ``ann`` as a BGR uint8 ``[H, W, 3]`` array, checking its size."""
-    image = cv2.imread(str(ann.path), cv2.IMREAD_COLOR)
+def decode_image(path: Path) -> np.ndarray:
+    """Decode an image file as BGR uint8 ``[H, W, 3]``, in its stored pixel order.
+
+    EXIF orientation is ignored on purpose: VOC annotations, like the VOC tools,
+    refer to the stored pixels. Grayscale, CMYK and alpha images become 3-channel
+    BGR. A JPEG cut short (no end-of-image marker) is refused rather than silently
+    decoded with a grey lower part.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"image '{path}' is missing") from None
+    except OSError as e:
+        raise UserError(f"image '{path}' cannot be read ({e.strerror})") from None
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
+        raise UserError(f"image '{path}' is a truncated JPEG (no end-of-image marker); replace the file")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
-        if not ann.path.is_file():
-            raise UserError(f"image '{ann.path}' is missing")
-        raise UserError(f"image '{ann.path}' cannot be decoded (corrupt or not an image)")
+        raise UserError(f"image '{path}' cannot be decoded (corrupt or not an image)")
+    return image
+
+
+def load_image(ann: ImageAnnotation) -> np.ndarray:
+    """Decode the image of ``ann`` as a BGR uint8 ``[H, W, 3]`` array, checking its size against the XML."""
+    image = decode_image(ann.path)
     h, w = image.shape[:2]
     if (w, h) != (ann.width, ann.height):
         raise UserError(f"image '{ann.path}' is {w}x{h} but its annotation says {ann.width}x{ann.height}")

@@ -122,20 +122,15 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     val = _validation_set(labels, val_idx, ft.seed)
 
     model = build_model(cfg.model.backbone, len(ctx.classes) + 1, cfg.model.input_size, cfg.model.fc_dim, cfg.model.seed)
-    if ft.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
     state_path = work / "train_state.pt"
     history_path = work / "history.json"
-    start_iter, history = 0, []
+    start_iter, history, state = 0, [], None
     if state_path.is_file() and history_path.is_file():
         state = load_train_state(state_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        history = json.loads(history_path.read_text())
-        start_iter = int(history[-1]["iteration"]) if history else 0
+        start_iter = int(state["iteration"])
+        # The history may be one checkpoint ahead of the state if a kill fell between the two writes.
+        history = [h for h in json.loads(history_path.read_text()) if h["iteration"] <= start_iter]
         ctx.log(f"{NAME}/{split}: resuming from iteration {start_iter}")
     else:
         loaded = initialise(model, cfg.model.weights)
@@ -143,19 +138,22 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             f"{NAME}/{split}: {cfg.model.backbone}, {len(loaded)} pretrained tensors ({cfg.model.weights}), "
             f"{len(sampler.fg_indices)} fg / {len(sampler.bg_indices)} bg training regions, device {device}"
         )
+    # The model moves first: loading optimizer state then puts its buffers on the same device.
     model.to(device)
+    if ft.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
     spec = model.spec
     images = RegionImages(anns)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=ft.step_size, gamma=ft.gamma, last_epoch=-1)
-    for _ in range(start_iter):
-        schedule.step()
     loss_fn = nn.CrossEntropyLoss()
     amp = device.type == "cuda"
     batches = sampler.epoch_batches(ft.seed, n_batches=ft.max_iter)
     for _ in range(start_iter):
         next(batches)
-    # Flips are drawn from a generator keyed by the iteration, so a resumed run flips the same crops.
-    flip_rng = np.random.default_rng([ft.seed, start_iter])
 
     bar = tqdm(
         total=ft.max_iter,
@@ -169,11 +167,15 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     run_loss, run_acc, run_n = 0.0, 0.0, 0
     for it in range(start_iter, ft.max_iter):
         model.train()
+        # Step schedule computed from the iteration alone, so resuming needs no scheduler state.
+        for group in optimizer.param_groups:
+            group["lr"] = ft.lr * ft.gamma ** (it // ft.step_size)
         batch = next(batches)
         img_idx, reg_idx = sampler.locate(batch)
         crops = warp_batch(images, boxes, img_idx, reg_idx, spec, ft.context_pad)
         if ft.mirror:
-            flip = flip_rng.random(len(crops)) < 0.5
+            # Flips come from a generator keyed by the iteration, so a resumed run flips the same crops.
+            flip = np.random.default_rng([ft.seed, it]).random(len(crops)) < 0.5
             crops[flip] = crops[flip, :, ::-1]
         target = torch.from_numpy(sampler.labels[batch]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -182,7 +184,6 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         run_loss += float(loss.detach())
         run_acc += float((logits.argmax(1) == target).float().mean())
         run_n += 1
@@ -202,11 +203,11 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             )
             ctx.log(
                 f"{NAME}/{split}: iteration {it + 1}/{ft.max_iter}  loss {run_loss / run_n:.3f}  "
-                f"train acc {run_acc / run_n:.3f}  val acc {val_acc:.3f}"
+                f"train acc {run_acc / run_n:.3f}  val acc {'n/a' if val_acc is None else f'{val_acc:.3f}'}"
             )
             run_loss, run_acc, run_n = 0.0, 0.0, 0
-            _save_state(state_path, model, optimizer)
             write_json_atomic(history_path, history)
+            _save_state(state_path, model, optimizer, it + 1)
     bar.close()
 
     model.cpu()
@@ -214,7 +215,13 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     save_checkpoint(
         out,
         model,
-        {"classes": list(ctx.classes), "history": history, "context_pad": ft.context_pad, "weights": cfg.model.weights},
+        # Timings stay out of the checkpoint so that a resumed run writes the same bytes.
+        {
+            "classes": list(ctx.classes),
+            "history": [{k: v for k, v in h.items() if k != "seconds"} for h in history],
+            "context_pad": ft.context_pad,
+            "weights": cfg.model.weights,
+        },
     )
     last = history[-1] if history else {}
     metrics = {
@@ -261,9 +268,15 @@ def _accuracy(model: DetectorNet, images, boxes, labels, val, spec, context_pad,
     return correct / len(img_idx)
 
 
-def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "iteration": iteration,
+    }
+    torch.save(state, tmp)
     tmp.replace(path)
 
 

@@ -58,7 +58,8 @@ def n_workers(n_jobs: int) -> int:
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
     dataset = ctx.dataset(split)
-    dataset.check()
+    # Every later stage needs these checks; failing here saves the hours of search.
+    dataset.check(ctx.classes)
     p = ctx.cfg.proposals
     parts = work / "parts"
     done = records.completed_parts(parts)

@@ -69,6 +69,17 @@ def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
     return path
 
 
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the `rcnn` entry point in-process: (exit status, stdout, stderr)."""
+    from cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
 @pytest.fixture
 def pipelines_file(tmp_path, tiny_voc) -> Path:
     return write_pipelines(tmp_path / "pipelines.yaml", tiny_voc)

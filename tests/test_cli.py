@@ -5,18 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 
-from cli import main
 from rcnn.boxes import to_voc_pixels
 from rcnn.datasets import VOCDataset
 
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
+run = run_cli
 
 
 def assert_one_line_error(code, err, needle, expected_code):

@@ -5,18 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 
-from cli import main
 from rcnn.datasets import VOCDataset
 from rcnn.scoring import score_devkit_detections
 
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
+run = run_cli
 
 
 def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_path, capsys):

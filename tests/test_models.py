@@ -1,0 +1,104 @@
+"""Backbones, weight loading and checkpoints: shapes, pretrained mapping, and no code execution from files."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from rcnn.errors import UserError
+from rcnn.models import build_model, initialise, load_checkpoint, load_weights_file, normalise_crops, save_checkpoint
+
+
+@pytest.mark.parametrize(
+    "name, size, pool5, fc",
+    [("tiny", 64, 96 * 4 * 4, 256), ("squeezenet1_0", 128, 512 * 3 * 3, 1024), ("alexnet", None, 9216, 4096)],
+)
+def test_layer_shapes(name, size, pool5, fc):
+    model = build_model(name, 6, size).eval()
+    s = model.spec.input_size
+    out = model.extract(torch.zeros(2, 3, s, s), ("pool5", "fc6", "fc7"))
+    assert out["pool5"].shape == (2, pool5) and out["fc6"].shape == (2, fc) and out["fc7"].shape == (2, fc)
+    assert model(torch.zeros(2, 3, s, s)).shape == (2, 6)
+    assert model.spec.pool5_dim == pool5
+
+
+def test_alexnet_matches_the_paper_at_227():
+    spec = build_model("alexnet", 21).spec
+    assert (spec.input_size, spec.pool5_grid, spec.pool5_dim, spec.fc_dim, spec.stride) == (227, 6, 9216, 4096, 16)
+
+
+def test_torchvision_state_dict_loads_into_the_trunk(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.squeezenet1_0(weights=None)
+    path = tmp_path / "sq.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model("squeezenet1_0", 3, 128)
+    loaded = initialise(model, str(path))
+    assert len(loaded) == len([k for k in reference.state_dict() if k.startswith("features.")])
+    torch.testing.assert_close(model.trunk[0].weight, reference.features[0].weight)
+
+
+def test_wrong_or_missing_weights_are_user_errors(tmp_path):
+    path = tmp_path / "alex.pth"
+    torch.save({"features.0.weight": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match="have shape \\(3,\\), expected \\(96, 3, 7, 7\\)"):
+        initialise(build_model("squeezenet1_0", 3, 128), str(path))
+    torch.save({"other.weight": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match="lack 'features.0.weight'"):
+        initialise(build_model("squeezenet1_0", 3, 128), str(path))
+    with pytest.raises(UserError, match="does not exist"):
+        initialise(build_model("squeezenet1_0", 3, 128), str(tmp_path / "none.pth"))
+    with pytest.raises(UserError, match="no pretrained weights"):
+        initialise(build_model("tiny", 3), "imagenet")
+
+
+class Payload:
+    """Unpickling this would run code; weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (open, (str(MARKER), "w"))
+
+
+MARKER = None
+
+
+def test_checkpoint_with_pickle_payload_is_refused_and_runs_nothing(tmp_path):
+    global MARKER
+    MARKER = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"weight": Payload()}, f, protocol=2)
+    with pytest.raises(UserError, match="refused"):
+        load_weights_file(evil)
+    assert not MARKER.exists()
+    truncated = tmp_path / "trunc.pt"
+    torch.save({"w": torch.zeros(10)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    with pytest.raises(UserError):
+        load_weights_file(truncated)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build_model("tiny", 4, 32).eval()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, {"classes": ["a", "b", "c"]})
+    again, meta = load_checkpoint(path)
+    again.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), again(x))
+    assert meta["classes"] == ["a", "b", "c"] and meta["spec"]["name"] == "tiny"
+    (tmp_path / "model.pt.json").write_text("{broken")
+    with pytest.raises(UserError, match="missing or damaged"):
+        load_checkpoint(path)
+
+
+def test_normalise_crops_uses_the_backbone_mean():
+    spec = build_model("tiny", 2).spec
+    import numpy as np
+
+    crops = np.tile(np.array(spec.mean_pixel, np.float32).round().astype(np.uint8), (1, 4, 4, 1))
+    x = normalise_crops(crops, spec, torch.device("cpu"))
+    assert x.shape == (1, 3, 4, 4) and x.abs().max() < 0.02  # the mean pixel is (nearly) zero input
