@@ -74,7 +74,8 @@ class ModelConfig:
     """The CNN: backbone, its initialisation and where it runs."""
 
     backbone: Literal["alexnet", "vgg16", "squeezenet1_0", "tiny"] = "alexnet"
-    # imagenet (torchvision's weights API), scratch, or a path to a state dict file.
+    # imagenet (torchvision's weights API), scratch, a path to a state dict file, or
+    # pipeline:NAME for the fine-tuned model of another pipeline in the same runs folder.
     weights: str = field(default="imagenet", metadata={"path": True, "keywords": ("imagenet", "scratch")})
     # Side of the warped region; None: the backbone's own (227 AlexNet as in R-CNN, 224 VGG16).
     input_size: int | None = None
@@ -151,11 +152,23 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class SPPConfig:
+    """SPP-net (He et al., ECCV 2014): conv maps once per image, windows pooled from them."""
+
+    levels: tuple[int, ...] = (6, 3, 2, 1)  # SPP-net's 4-level pyramid for detection (50 bins)
+    scales: tuple[int, ...] = (688,)  # shorter image side; SPP-net multi-scale: [480, 576, 688, 864, 1200]
+    max_side: int | None = 2000  # cap on the longer side after resizing
+    target_size: int = 224  # each window is pooled at the scale where its area is closest to 224 x 224
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """One named pipeline: everything a run needs, resolved."""
 
     name: str
     description: str = ""
+    # rcnn: warp every region through the whole CNN; spp: conv maps once, pyramid-pool each window.
+    method: Literal["rcnn", "spp"] = "rcnn"
     data: DataConfig = DataConfig()
     proposals: ProposalsConfig = ProposalsConfig()
     model: ModelConfig = ModelConfig()
@@ -164,6 +177,7 @@ class PipelineConfig:
     svm: SVMConfig = SVMConfig()
     bbox: BBoxConfig = BBoxConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    spp: SPPConfig = SPPConfig()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -257,7 +271,8 @@ def _build(cls: type, raw: dict, prefix: str, where: str, base: Path | None) -> 
             raise ConfigError(f"{where}: unknown key '{full}' (known keys here: {known})")
         value = _coerce(hints[key], value, full, where, base)
         keywords = fields[key].metadata.get("keywords", ())
-        if fields[key].metadata.get("path") and isinstance(value, str) and base is not None and value not in keywords:
+        is_keyword = value in keywords or (isinstance(value, str) and value.startswith("pipeline:"))
+        if fields[key].metadata.get("path") and isinstance(value, str) and base is not None and not is_keyword:
             value = str((base / value).resolve()) if not os.path.isabs(value) else value
         kwargs[key] = value
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,9 +37,14 @@ class BackboneSpec:
     fc_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # SPP-net: fc6 reads a spatial pyramid of these levels instead of pool5.
+    spp_levels: tuple[int, ...] | None = None
 
     @property
     def pool5_dim(self) -> int:
+        """Width of the vector fc6 reads: pool5 flattened, or the pyramid-pooled window for SPP-net."""
+        if self.spp_levels:
+            return self.trunk_channels * sum(n * n for n in self.spp_levels)
         return self.trunk_channels * self.pool5_grid * self.pool5_grid
 
     @property
@@ -158,15 +163,31 @@ def _torchvision(name: str, num_classes: int, input_size: int | None, fc_dim: in
 
 
 def build_model(
-    backbone: str, num_classes: int, input_size: int | None = None, fc_dim: int | None = None, seed: int = 0
+    backbone: str,
+    num_classes: int,
+    input_size: int | None = None,
+    fc_dim: int | None = None,
+    seed: int = 0,
+    spp_levels: tuple[int, ...] | None = None,
 ) -> DetectorNet:
-    """An untrained ``backbone`` with a ``num_classes``-way classifier (C objects + background)."""
+    """An untrained ``backbone`` with a ``num_classes``-way classifier (C objects + background).
+
+    With ``spp_levels`` fc6 reads SPP-net's pyramid-pooled window vector instead of pool5,
+    so it is a new layer even for backbones whose fc6 is pretrained.
+    """
     if backbone not in BACKBONES:
         raise UserError(f"unknown backbone '{backbone}' (choose from {', '.join(BACKBONES)})")
     torch.manual_seed(seed)
     if backbone == "tiny":
-        return _tiny(num_classes, input_size or 64, fc_dim or 256)
-    return _torchvision(backbone, num_classes, input_size, fc_dim)
+        model = _tiny(num_classes, input_size or 64, fc_dim or 256)
+    else:
+        model = _torchvision(backbone, num_classes, input_size, fc_dim)
+    if spp_levels:
+        model.spec = replace(model.spec, spp_levels=tuple(spp_levels))
+        model.fc6 = nn.Linear(model.spec.pool5_dim, model.fc7.in_features)
+        nn.init.normal_(model.fc6.weight, std=0.005)
+        nn.init.constant_(model.fc6.bias, 0.1)
+    return model
 
 
 # ----------------------------------------------------------------------------- weights
@@ -216,10 +237,15 @@ def initialise(model: DetectorNet, weights: str) -> list[str]:
     if weights == "scratch":
         return []
     name = model.spec.name
+    state = None if weights == "imagenet" else load_weights_file(weights)
+    if state is not None and any(k.startswith("trunk.") for k in state):
+        return _load_matching(model, state, weights)
     if name == "tiny":
-        raise UserError("the tiny backbone has no pretrained weights; use model.weights: scratch")
-    state = imagenet_state_dict(name) if weights == "imagenet" else load_weights_file(weights)
+        raise UserError("the tiny backbone has no pretrained weights; use model.weights: scratch or a checkpoint")
+    state = imagenet_state_dict(name) if state is None else state
     mapping = _torchvision_names(name)
+    if model.spec.spp_levels:  # fc6 reads the pyramid now: it starts afresh
+        mapping = {k: v for k, v in mapping.items() if not k.startswith("fc6.")}
     loaded = []
     own = model.state_dict()
     for ours, theirs in mapping.items():
@@ -231,6 +257,19 @@ def initialise(model: DetectorNet, weights: str) -> list[str]:
             )
         own[ours] = state[theirs]
         loaded.append(ours)
+    model.load_state_dict(own)
+    return loaded
+
+
+def _load_matching(model: DetectorNet, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Copy the trunk (and fc6/fc7 where shapes agree) from one of this project's checkpoints."""
+    own = model.state_dict()
+    trunk = [k for k in own if k.startswith("trunk.")]
+    missing = [k for k in trunk if k not in state or state[k].shape != own[k].shape]
+    if missing:
+        raise UserError(f"checkpoint '{source}' has no matching '{missing[0]}' for a {model.spec.name} trunk")
+    loaded = [k for k in own if k in state and state[k].shape == own[k].shape and not k.startswith("classifier.")]
+    own.update({k: state[k] for k in loaded})
     model.load_state_dict(own)
     return loaded
 
@@ -274,11 +313,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Det
     meta_path = path.with_name(path.name + ".json")
     try:
         meta = json.loads(meta_path.read_text())
-        spec = BackboneSpec(**{**meta["spec"], "mean": tuple(meta["spec"]["mean"]), "std": tuple(meta["spec"]["std"])})
+        raw = meta["spec"]
+        levels = tuple(raw["spp_levels"]) if raw.get("spp_levels") else None
+        spec = BackboneSpec(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]), "spp_levels": levels})
         num_classes = int(meta["num_classes"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint description '{meta_path}' is missing or damaged ({e})") from None
-    model = build_model(spec.name, num_classes, spec.input_size, spec.fc_dim)
+    model = build_model(spec.name, num_classes, spec.input_size, spec.fc_dim, spp_levels=spec.spp_levels)
     state = load_weights_file(path)
     try:
         model.load_state_dict(state)

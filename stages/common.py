@@ -61,6 +61,24 @@ class Context:
             self.log(f"generating {synth.images} synthetic images in {self.data_root}")
             generate_dataset(self.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=self.progress)
 
+    def weights(self) -> tuple[str, dict[str, str]]:
+        """``model.weights`` as :func:`rcnn.models.initialise` takes it, and the input digest it adds."""
+        w = self.cfg.model.weights
+        if w in ("imagenet", "scratch"):
+            return w, {}
+        if w.startswith("pipeline:"):
+            other = w.split(":", 1)[1]
+            unit = self.runs_dir / other / "finetune" / self.cfg.data.trainval
+            manifest = store.read_manifest(unit)
+            if manifest is None:
+                raise UserError(
+                    f"model.weights is {w}, but pipeline '{other}' has no fine-tuned model yet; run `rcnn finetune {other}` first"
+                )
+            return str(unit / "model.pt"), {"weights": store.outputs_digest(manifest)}
+        if not Path(w).is_file():
+            raise UserError(f"model.weights: file '{w}' does not exist")
+        return w, {"weights": store.file_digest(Path(w))}
+
     def dataset(self, split: str) -> VOCDataset:
         cache = self.__dict__.setdefault("_datasets", {})
         if split not in cache:
@@ -150,6 +168,8 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
             "stage": stage.NAME,
             "split": split,
             "pipeline": ctx.cfg.name,
+            # Where the data was (not part of the fingerprint: moving a dataset keeps its results).
+            "data": {"root": str(ctx.data_root.resolve()), "split": split, "classes": list(ctx.classes)},
             "schema_version": stage.SCHEMA_VERSION,
             "fingerprint": expected.digest,
             "params": expected.params,

@@ -54,14 +54,7 @@ def params(ctx: Context) -> dict:
 
 def inputs(ctx: Context, split: str) -> dict[str, str]:
     out = {f"data/{split}": ctx.dataset(split).fingerprint, f"proposals/{split}": upstream_digest(ctx, "proposals", split)}
-    weights = ctx.cfg.model.weights
-    if weights not in ("imagenet", "scratch"):
-        from rcnn.store import file_digest
-
-        if not Path(weights).is_file():
-            raise UserError(f"model.weights: file '{weights}' does not exist")
-        out["weights"] = file_digest(Path(weights))
-    return out
+    return {**out, **ctx.weights()[1]}
 
 
 class RegionImages:
@@ -133,7 +126,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         history = [h for h in json.loads(history_path.read_text()) if h["iteration"] <= start_iter]
         ctx.log(f"{NAME}/{split}: resuming from iteration {start_iter}")
     else:
-        loaded = initialise(model, cfg.model.weights)
+        loaded = initialise(model, ctx.weights()[0])
         ctx.log(
             f"{NAME}/{split}: {cfg.model.backbone}, {len(loaded)} pretrained tensors ({cfg.model.weights}), "
             f"{len(sampler.fg_indices)} fg / {len(sampler.bg_indices)} bg training regions, device {device}"

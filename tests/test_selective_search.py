@@ -60,3 +60,12 @@ def test_image_seed_is_order_independent():
 def test_unknown_mode(image):
     with pytest.raises(ValueError, match="unknown selective search mode"):
         selective_search(image, "slow")
+
+
+def test_ranking_puts_regions_high_in_the_hierarchy_first(image):
+    # Large regions (merged late, near the top of the hierarchy) come first, as in Uijlings et al.;
+    # a cap must keep them rather than the tiny initial segments OpenCV lists first.
+    boxes = selective_search(image, "fast", min_size=1)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    tenth = max(1, len(areas) // 10)
+    assert areas[:tenth].mean() > 3 * areas[-tenth:].mean()

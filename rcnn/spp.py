@@ -1,0 +1,255 @@
+"""SPP-net's spatial pyramid pooling for detection: windows mapped onto a conv feature map, pooled into a pyramid.
+
+He, Zhang, Ren, Sun, "Spatial Pyramid Pooling in Deep Convolutional Networks for Visual Recognition", ECCV 2014.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import roi_pool
+
+from rcnn.boxes import as_boxes, box_area
+
+#: The paper's 4-level pyramid for detection, {6x6, 3x3, 2x2, 1x1}: 50 bins (12,800-d on 256 conv5 channels).
+PYRAMID_LEVELS: tuple[int, ...] = (6, 3, 2, 1)
+#: The paper's single-scale setting: shorter image side 688.
+SINGLE_SCALE: tuple[int, ...] = (688,)
+#: The paper's multi-scale setting: shorter image side s in {480, 576, 688, 864, 1200}.
+MULTI_SCALES: tuple[int, ...] = (480, 576, 688, 864, 1200)
+#: Each window is pooled at the scale where its area is closest to 224 x 224, the networks' training size.
+TARGET_SIZE = 224
+
+
+# ----------------------------------------------------------------------------- window mapping
+
+
+def map_windows(boxes, stride: int, feature_h: int, feature_w: int) -> np.ndarray:
+    """Map image windows to inclusive rectangles of feature-map cells (the paper's appendix A).
+
+    The paper pads every layer by ``floor(p/2)`` for a ``p x p`` filter, so that the response at
+    0-based cell ``x'`` has its receptive field centred on 0-based image *pixel index* ``S x'``
+    (``S`` = ``stride``, the product of all strides). A window's left corner pixel ``x`` maps to cell
+    ``floor(x / S) + 1`` and its right corner pixel to ``ceil(x / S) - 1``: the kept cells are those
+    whose centre lies strictly between the window's two corner pixels.
+
+    In this project's continuous convention pixel index ``i`` spans ``[i, i + 1]``, so cell ``j``'s
+    receptive-field centre is at ``S j + 1/2`` and a box ``(x1, x2)`` has corner pixels ``x1`` and
+    ``x2 - 1``. Hence, per axis::
+
+        left  = floor(x1 / S) + 1
+        right = ceil((x2 - 1) / S) - 1
+
+    i.e. the cells with ``x1 + 1/2 < S j + 1/2 < x2 - 1/2``. For example, with ``S = 16`` the
+    window ``x1 = 0, x2 = 224`` maps to cells 1..13 (cell 0's centre sits exactly on the corner pixel
+    0 and is excluded by the strict inequality; cell 14's centre is pixel 224, outside the window).
+    Non-integer coordinates (boxes scaled to a resized image) use the same formulas.
+
+    Degenerate windows: when no cell centre lies inside (``right < left``: windows narrower than
+    about ``S`` pixels, empty or inverted boxes), the window collapses to the single cell whose centre
+    is nearest the window's centre, ``floor((x1 + x2 - 1) / (2 S) + 1/2)`` (halves round up). Finally
+    both ends are clamped to ``[0, feature_w - 1]`` (``[0, feature_h - 1]`` for y), so windows partly
+    or wholly outside the map still give a rectangle of at least 1 x 1 cells inside it.
+
+    Args:
+        boxes: ``[N, 4]`` windows in ``(x1, y1, x2, y2)`` continuous pixel coordinates of the image
+            the feature map was computed from (numpy array or tensor).
+        stride: the trunk's total stride ``S`` (:attr:`rcnn.models.BackboneSpec.stride`).
+        feature_h, feature_w: size of the feature map, in cells.
+
+    Returns:
+        int64 ``[N, 4]`` inclusive cell rectangles ``(x1, y1, x2, y2)`` with
+        ``0 <= x1 <= x2 < feature_w`` and ``0 <= y1 <= y2 < feature_h``.
+    """
+    if stride < 1 or feature_h < 1 or feature_w < 1:
+        raise ValueError(f"stride and feature map size must be positive, got {stride}, {feature_h} x {feature_w}")
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.detach().cpu().numpy()
+    b = as_boxes(boxes).astype(np.float64)
+    if not np.all(np.isfinite(b)):
+        raise ValueError("boxes must be finite")
+    first_pixel, last_pixel = b[:, :2], b[:, 2:] - 1.0
+    lo = np.floor(first_pixel / stride) + 1
+    hi = np.ceil(last_pixel / stride) - 1
+    nearest = np.floor((first_pixel + last_pixel) / (2 * stride) + 0.5)
+    empty = hi < lo
+    lo = np.where(empty, nearest, lo)
+    hi = np.where(empty, nearest, hi)
+    limit = np.array([feature_w - 1, feature_h - 1], dtype=np.float64)
+    lo = np.clip(lo, 0, limit)
+    hi = np.clip(hi, 0, limit)
+    return np.concatenate([lo, hi], axis=1).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- pyramid pooling
+
+
+def spp_dim(channels: int, levels: Sequence[int] = PYRAMID_LEVELS) -> int:
+    """Length of a pooled window's feature: ``channels * sum(n * n for n in levels)``."""
+    return channels * sum(n * n for n in _check_levels(levels))
+
+
+def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
+    levels = tuple(int(n) for n in levels)
+    if not levels or min(levels) < 1:
+        raise ValueError(f"pyramid levels must be a non-empty sequence of positive ints, got {levels}")
+    return levels
+
+
+def _roi_pool_inexact(rects: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[N]`` bool: windows where ``roi_pool``'s floating-point bins differ from the integer ones.
+
+    ``roi_pool`` computes bin ``i`` of ``n`` over ``h`` cells as ``floor(i * (h / n))`` to
+    ``ceil((i + 1) * (h / n))`` in the input's dtype. Rounding in ``h / n`` can push the last bin one
+    cell past the window (e.g. n = 7, h = 57 in float32); this repeats that arithmetic to find where.
+    It never happens for n in 1..6, so the paper's levels always take the fast path.
+    """
+    sizes = (rects[:, 2:] - rects[:, :2] + 1).reshape(-1, 1)  # [2N, 1]: widths and heights
+    i = torch.arange(n, device=rects.device)
+    bin_size = sizes.to(dtype) / torch.tensor(float(n), dtype=dtype, device=rects.device)
+    start = torch.floor(i.to(dtype) * bin_size).long()
+    end = torch.ceil((i + 1).to(dtype) * bin_size).long()
+    exact_start = i * sizes // n
+    exact_end = -(-(i + 1) * sizes // n)
+    wrong = (start != exact_start) | (end != exact_end)
+    return wrong.reshape(-1, 2 * n).any(dim=1)
+
+
+def spp_pool(feature_map: torch.Tensor, rects, levels: Sequence[int] = PYRAMID_LEVELS) -> torch.Tensor:
+    """Max-pool each cell rectangle of one feature map into an ``n x n`` grid per pyramid level.
+
+    For a rectangle ``h`` cells tall, bin ``i`` of ``n`` spans rows ``[floor(i h / n), ceil((i+1) h / n))``
+    counted from its top (columns likewise), the SPP / RoI-pooling convention; bins overlap by a cell
+    where ``n`` does not divide ``h`` and repeat cells when ``h < n``. Computed with
+    :func:`torchvision.ops.roi_pool` (``spatial_scale=1``, which treats box corners as inclusive cell
+    indices); the rare windows where its floating-point bin edges are off by a cell (only for levels
+    above 6) are pooled exactly with :func:`torch.nn.functional.adaptive_max_pool2d` instead.
+
+    Args:
+        feature_map: ``[C, H, W]`` or ``[1, C, H, W]``. Half and bfloat16 maps are pooled in float32
+            (max is exact) and returned in their own dtype.
+        rects: int64 ``[N, 4]`` inclusive cell rectangles ``(x1, y1, x2, y2)`` inside the map, as
+            returned by :func:`map_windows` (numpy array or tensor).
+        levels: pyramid levels ``n``, each giving ``n x n`` bins; the paper's ``(6, 3, 2, 1)`` by default.
+
+    Returns:
+        ``[N, C * sum(n^2)]``: the levels in the given order, each flattened channel-major
+        ``(C, n, n)``, on the feature map's device and in its dtype.
+    """
+    levels = _check_levels(levels)
+    fmap = feature_map if feature_map.dim() == 4 else feature_map.unsqueeze(0)
+    if fmap.dim() != 4 or fmap.shape[0] != 1:
+        raise ValueError(f"feature_map must be [C, H, W] or [1, C, H, W], got {tuple(feature_map.shape)}")
+    out_dtype = fmap.dtype
+    if fmap.dtype not in (torch.float32, torch.float64):
+        fmap = fmap.float()
+    _, channels, height, width = fmap.shape
+    rects = torch.as_tensor(rects, device=fmap.device).reshape(-1, 4).long()
+    if len(rects) == 0:
+        return fmap.new_zeros((0, spp_dim(channels, levels)), dtype=out_dtype)
+    x1, y1, x2, y2 = rects.unbind(1)
+    if bool(((x1 < 0) | (y1 < 0) | (x2 >= width) | (y2 >= height) | (x2 < x1) | (y2 < y1)).any()):
+        raise ValueError(f"rects must be inclusive cell rectangles inside the {height} x {width} feature map")
+    rois = torch.cat([rects.new_zeros(len(rects), 1), rects], dim=1).to(fmap.dtype)
+    pooled = []
+    for n in levels:
+        out = roi_pool(fmap, rois, (n, n), spatial_scale=1.0)
+        inexact = torch.nonzero(_roi_pool_inexact(rects, n, fmap.dtype)).flatten()
+        if len(inexact):
+            exact = torch.stack(
+                [
+                    nn.functional.adaptive_max_pool2d(fmap[0, :, r[1] : r[3] + 1, r[0] : r[2] + 1], n)
+                    for r in rects[inexact].tolist()
+                ]
+            )
+            out = out.index_copy(0, inexact, exact)
+        pooled.append(out.flatten(1))
+    return torch.cat(pooled, dim=1).to(out_dtype)
+
+
+class SpatialPyramidPool(nn.Module):
+    """Module form of :func:`spp_pool`: ``forward(feature_map [C, H, W] or [1, C, H, W], rects [N, 4])``."""
+
+    def __init__(self, levels: Sequence[int] = PYRAMID_LEVELS):
+        super().__init__()
+        self.levels = _check_levels(levels)
+
+    def output_dim(self, channels: int) -> int:
+        return spp_dim(channels, self.levels)
+
+    def forward(self, feature_map: torch.Tensor, rects) -> torch.Tensor:
+        return spp_pool(feature_map, rects, self.levels)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"
+
+
+# ----------------------------------------------------------------------------- scales
+
+
+def image_scales(height: int, width: int, scales: Sequence[int] = SINGLE_SCALE, max_side: float | None = None) -> list[float]:
+    """Resize factor for each target shorter side: ``s / min(height, width)`` for ``s`` in ``scales``.
+
+    ``max_side`` (not in the paper; Fast R-CNN caps at 1000) lowers a factor so that the longer side
+    becomes at most ``max_side``: ``min(s / min(h, w), max_side / max(h, w))``. Scales are those of
+    the paper by default: :data:`SINGLE_SCALE` (688), or :data:`MULTI_SCALES`.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height} x {width}")
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be a non-empty sequence of positive sizes, got {scales}")
+    factors = [s / min(height, width) for s in scales]
+    if max_side is not None:
+        factors = [min(f, max_side / max(height, width)) for f in factors]
+    return factors
+
+
+def select_scale(boxes, factors: Sequence[float], target: float = TARGET_SIZE) -> np.ndarray:
+    """Index into ``factors`` of the scale at which each window's area is closest to ``target ** 2``.
+
+    The paper's multi-scale rule: minimise ``|area * f^2 - target^2|`` with ``area = (x2 - x1) * (y2 - y1)``
+    of ``boxes [N, 4]`` in the original image's ``(x1, y1, x2, y2)`` continuous pixel coordinates.
+    Ties go to the smaller factor (less computation, and the paper's scales are ordered that way), so
+    empty windows, which tie everywhere, take the smallest scale.
+
+    Returns:
+        int64 ``[N]`` indices into ``factors`` (not necessarily sorted).
+    """
+    f = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if len(f) == 0 or not np.all(f > 0):
+        raise ValueError(f"factors must be a non-empty sequence of positive numbers, got {factors}")
+    area = box_area(as_boxes(boxes).astype(np.float64))
+    order = np.argsort(f, kind="stable")
+    gap = np.abs(area[:, None] * f[order] ** 2 - float(target) ** 2)
+    return order[np.argmin(gap, axis=1)].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- convenience
+
+
+def spp_features(
+    trunk: nn.Module,
+    image: torch.Tensor,
+    boxes_scaled,
+    stride: int,
+    levels: Sequence[int] = PYRAMID_LEVELS,
+) -> torch.Tensor:
+    """Run ``trunk`` once on one image and pyramid-pool every window from its feature map.
+
+    Args:
+        trunk: image ``[1, 3, H, W]`` -> feature map ``[1, C, H', W']`` (:attr:`DetectorNet.trunk`).
+        image: normalised RGB ``[3, H, W]``, already resized to one scale.
+        boxes_scaled: ``[N, 4]`` windows in ``(x1, y1, x2, y2)`` continuous pixel coordinates of the
+            resized image.
+        stride: the trunk's total stride.
+        levels: pyramid levels (the paper's ``(6, 3, 2, 1)`` by default).
+
+    Returns:
+        ``[N, C * sum(n^2)]``. Gradients flow unless the caller wraps this in ``torch.no_grad()``.
+    """
+    fmap = trunk(image.unsqueeze(0))
+    rects = map_windows(boxes_scaled, stride, fmap.shape[-2], fmap.shape[-1])
+    return spp_pool(fmap, rects, levels)
