@@ -128,9 +128,11 @@ def data_stats(directory, split):
 
 
 def _run_one(stage_name: str, ctx) -> None:
-    from stages import STAGES
+    from stages import STAGES, pipeline_stages
     from stages.common import run_stage
 
+    if stage_name not in pipeline_stages(ctx.cfg.method):
+        raise ConfigError(f"stage '{stage_name}' belongs to SPP-net pipelines; '{ctx.cfg.name}' is an R-CNN pipeline")
     stage = STAGES[stage_name]
     manifests = run_stage(ctx, stage)
     for split, manifest in manifests.items():
@@ -145,7 +147,16 @@ STAGE_HELP = {
     resumable after a kill, and shared with any other pipeline whose data and
     proposal settings are identical. Prints recall at IoU 0.5/0.7 and MABO.
     """,
-    "finetune": """Fine-tune the CNN on warped regions of the trainval split of PIPELINE.
+    "convmaps": """SPP-net only: cache the conv trunk's feature maps of every image, once per scale.
+
+    The trunk (model.weights) stays fixed, as in SPP-net. Images are resized so the
+    shorter side is each of spp.scales (688, or 480/576/688/864/1200 for multi-scale);
+    every window is later pyramid-pooled from these maps. Resumable per image.
+    """,
+    "finetune": """Fine-tune the CNN on regions of the trainval split of PIPELINE.
+
+    SPP-net pipelines train only fc6, fc7 and the classifier on windows pooled from the
+    cached conv maps (background IoU in [0.1, 0.5), as in SPP-net).
 
     Regions are proposals plus ground-truth boxes, warped with finetune.context_pad
     pixels of context (R-CNN: 16); IoU >= 0.5 with an object is that class, the rest
@@ -195,13 +206,13 @@ for _name in STAGE_HELP:
 @stage_options
 def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, quiet):
     """Run every stage of PIPELINE (default: demo) in order, skipping those up to date."""
-    from stages import STAGES
+    from stages import STAGES, pipeline_stages
 
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet)
     ctx.ensure_data()
-    for name in STAGES:
+    for name in pipeline_stages(ctx.cfg.method):
         manifest = _run_one(name, ctx)
         if name == until:
             break
@@ -280,7 +291,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
 @pipeline_options
 def status_cmd(pipeline, runs_dir, overrides, pipelines_file):
     """Show each stage of PIPELINE (default: every pipeline with a runs folder): done, stale and why, or missing."""
-    from stages import STAGES
+    from stages import pipeline_stages
     from stages.common import unit_status
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
@@ -291,7 +302,7 @@ def status_cmd(pipeline, runs_dir, overrides, pipelines_file):
     for name in names:
         ctx = make_context(name, runs_dir, overrides, pipelines_file, quiet=True)
         click.echo(f"{name}  ({ctx.root})")
-        for stage_name, stage in STAGES.items():
+        for stage_name, stage in pipeline_stages(ctx.cfg.method).items():
             for split in stage.splits(ctx):
                 st = unit_status(ctx, stage, split)
                 line = f"  {stage_name + '/' + split:<24} {st.state:<8}"

@@ -21,13 +21,14 @@ from rcnn.datasets import load_image
 from rcnn.detector import region_features
 from rcnn.errors import UserError
 from rcnn.regions import image_regions
+from rcnn.spp_features import spp_region_features
 
-from . import finetune, proposals
+from . import convmaps, finetune, proposals
 from .common import Context, upstream_digest
 
 NAME = "features"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.models", "rcnn.regions", "rcnn.records", "rcnn.warp", "stages.features")
+CODE = ("rcnn.models", "rcnn.regions", "rcnn.records", "rcnn.warp", "rcnn.detector", "rcnn.spp_features", "stages.features")
 INDEX = "index.json"
 KIND = "features"
 LAYERS = ("pool5", "fc6", "fc7")
@@ -42,6 +43,7 @@ def params(ctx: Context) -> dict:
     if bad:
         raise UserError(f"features.layers: unknown layer '{bad[0]}' (choose from {', '.join(LAYERS)})")
     return {
+        "method": ctx.cfg.method,
         "layers": list(ctx.cfg.features.layers),
         "context_pad": ctx.cfg.finetune.context_pad,
         "classes": list(ctx.classes),
@@ -51,11 +53,14 @@ def params(ctx: Context) -> dict:
 
 def inputs(ctx: Context, split: str) -> dict[str, str]:
     trainval = ctx.cfg.data.trainval
-    return {
+    out = {
         f"data/{split}": ctx.dataset(split).fingerprint,
         f"proposals/{split}": upstream_digest(ctx, "proposals", split),
         "finetune": upstream_digest(ctx, "finetune", trainval),
     }
+    if ctx.cfg.method == "spp":
+        out[f"convmaps/{split}"] = upstream_digest(ctx, "convmaps", split)
+    return out
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
@@ -74,12 +79,18 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     bar = tqdm(total=len(todo), desc=f"features {split}", unit="img", disable=None if ctx.progress else True, leave=False)
     start = time.perf_counter()
     n_boxes = 0
+    maps = convmaps.load(ctx, split) if cfg.method == "spp" else None
     with proposals.load(ctx, split) as props, records.RecordWriter(parts, KIND, chunk_size=16, compress=layers) as writer:
         for image_id in todo:
             ann = dataset.annotation(image_id)
             regions = image_regions(ann, props.array(image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
-            image = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
-            feats = region_features(model, image, regions.boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size)
+            if maps is not None:
+                factors = maps.array(image_id, "factors", np.float32, 1)
+                conv = [maps.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))]
+                feats = spp_region_features(model, conv, factors, regions.boxes, layers, cfg.spp.target_size)
+            else:
+                image = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
+                feats = region_features(model, image, regions.boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size)
             writer.add(
                 image_id,
                 {

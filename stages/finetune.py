@@ -1,10 +1,13 @@
-"""Stage `finetune`: train the CNN as an N+1-way classifier of warped regions (R-CNN section 2.3).
+"""Stage `finetune`: train the CNN as an N+1-way classifier of regions (R-CNN section 2.3; SPP-net).
 
 Regions are the trainval proposals plus ground-truth boxes; a region is its best
-ground truth's class at IoU >= ``fg_threshold``, else background. Mini-batches of
-128 hold 32 foreground regions. A share of the trainval images is held out to
-report validation accuracy every ``eval_every`` iterations, when a checkpoint is
-also written: a killed run resumes from its last checkpoint.
+ground truth's class at IoU >= ``fg_threshold``, background at IoU in
+``[bg_low, fg_threshold)``. Mini-batches of 128 hold 32 foreground regions. R-CNN
+trains the whole network on warped crops; SPP-net trains only fc6, fc7 and the
+classifier, on windows pooled from the cached conv maps (the trunk stays fixed).
+A share of the trainval images is held out to report validation accuracy every
+``eval_every`` iterations, when a checkpoint is also written: a killed run resumes
+from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .common import Context, upstream_digest
 
 NAME = "finetune"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.models", "rcnn.regions", "rcnn.sampling", "rcnn.warp", "stages.finetune")
+CODE = ("rcnn.models", "rcnn.regions", "rcnn.sampling", "rcnn.warp", "rcnn.spp", "rcnn.spp_features", "stages.finetune")
 MODEL = "model.pt"
 VAL_REGIONS = 2048  # fixed validation set size: enough for +-1 % accuracy
 
@@ -44,16 +47,22 @@ def splits(ctx: Context) -> tuple[str, ...]:
 
 
 def params(ctx: Context) -> dict:
-    return {
+    out = {
+        "method": ctx.cfg.method,
         "model": fingerprint_params(ctx.cfg.model),
         "finetune": fingerprint_params(ctx.cfg.finetune),
         "classes": list(ctx.classes),
         "use_difficult": ctx.cfg.data.use_difficult,
     }
+    if ctx.cfg.method == "spp":
+        out["spp"] = fingerprint_params(ctx.cfg.spp)
+    return out
 
 
 def inputs(ctx: Context, split: str) -> dict[str, str]:
     out = {f"data/{split}": ctx.dataset(split).fingerprint, f"proposals/{split}": upstream_digest(ctx, "proposals", split)}
+    if ctx.cfg.method == "spp":
+        out[f"convmaps/{split}"] = upstream_digest(ctx, "convmaps", split)
     return {**out, **ctx.weights()[1]}
 
 
@@ -87,6 +96,72 @@ def warp_batch(
     return crops
 
 
+class WarpedRegions:
+    """R-CNN's training inputs: warped, optionally mirrored crops through the whole network."""
+
+    def __init__(self, ctx: Context, anns: list[ImageAnnotation], boxes: list[np.ndarray], model: DetectorNet):
+        self.images = RegionImages(anns)
+        self.boxes, self.model, self.ft = boxes, model, ctx.cfg.finetune
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+        spec = self.model.spec
+        crops = warp_batch(self.images, self.boxes, img_idx, reg_idx, spec, self.ft.context_pad)
+        if self.ft.mirror and iteration is not None:
+            # Flips come from a generator keyed by the iteration, so a resumed run flips the same crops.
+            flip = np.random.default_rng([self.ft.seed, iteration]).random(len(crops)) < 0.5
+            crops[flip] = crops[flip, :, ::-1]
+        device = next(self.model.parameters()).device
+        return self.model(normalise_crops(crops, spec, device))
+
+
+class PooledRegions:
+    """SPP-net's training inputs: windows pooled from the cached conv maps; only fc6, fc7, fc8 learn."""
+
+    def __init__(self, ctx: Context, anns: list[ImageAnnotation], boxes: list[np.ndarray], model: DetectorNet):
+        from . import convmaps
+
+        self.maps = convmaps.load(ctx, ctx.cfg.data.trainval)
+        self.ids = [a.image_id for a in anns]
+        self.boxes, self.model, self.target = boxes, model, ctx.cfg.spp.target_size
+        self._cache: OrderedDict[int, tuple[list[np.ndarray], np.ndarray]] = OrderedDict()
+        for p in model.trunk.parameters():
+            p.requires_grad_(False)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for name, p in self.model.named_parameters() if not name.startswith("trunk.")]
+
+    def _image(self, i: int) -> tuple[list[np.ndarray], np.ndarray]:
+        if i not in self._cache:
+            factors = self.maps.array(self.ids[i], "factors", np.float32, 1)
+            self._cache[i] = ([self.maps.array(self.ids[i], f"conv{k}", np.float16, 3) for k in range(len(factors))], factors)
+            if len(self._cache) > 4000:
+                self._cache.popitem(last=False)
+        return self._cache[i]
+
+    def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+        from rcnn.spp_features import pooled_windows
+
+        device = next(self.model.parameters()).device
+        pooled = torch.empty((len(img_idx), self.model.spec.pool5_dim), device=device)
+        for i in np.unique(img_idx):
+            sel = np.flatnonzero(img_idx == i)
+            maps, factors = self._image(int(i))
+            pooled[torch.from_numpy(sel).to(device)] = pooled_windows(
+                maps,
+                factors,
+                self.boxes[i][reg_idx[sel]],
+                self.model.spec.stride,
+                self.model.spec.spp_levels,
+                self.target,
+                device,
+            )
+        fc7 = self.model.head(pooled)["fc7"]
+        return self.model.classifier(self.model.dropout(fc7))
+
+
 def _split_validation(ids: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(ids))
@@ -114,7 +189,10 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         raise UserError(f"no foreground regions in '{split}': no proposal reaches IoU {ft.fg_threshold} with an object")
     val = _validation_set(labels, val_idx, ft.seed)
 
-    model = build_model(cfg.model.backbone, len(ctx.classes) + 1, cfg.model.input_size, cfg.model.fc_dim, cfg.model.seed)
+    spp_levels = cfg.spp.levels if cfg.method == "spp" else None
+    model = build_model(
+        cfg.model.backbone, len(ctx.classes) + 1, cfg.model.input_size, cfg.model.fc_dim, cfg.model.seed, spp_levels
+    )
     state_path = work / "train_state.pt"
     history_path = work / "history.json"
     start_iter, history, state = 0, [], None
@@ -133,15 +211,14 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         )
     # The model moves first: loading optimizer state then puts its buffers on the same device.
     model.to(device)
+    regions = (PooledRegions if cfg.method == "spp" else WarpedRegions)(ctx, anns, boxes, model)
     if ft.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+        optimizer = torch.optim.Adam(regions.trainable(), lr=ft.lr, weight_decay=ft.weight_decay)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
+        optimizer = torch.optim.SGD(regions.trainable(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-    spec = model.spec
-    images = RegionImages(anns)
     loss_fn = nn.CrossEntropyLoss()
     amp = device.type == "cuda"
     batches = sampler.epoch_batches(ft.seed, n_batches=ft.max_iter)
@@ -160,19 +237,16 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     run_loss, run_acc, run_n = 0.0, 0.0, 0
     for it in range(start_iter, ft.max_iter):
         model.train()
+        if cfg.method == "spp":
+            model.trunk.eval()  # fixed conv layers (and their batch-norm statistics, if any)
         # Step schedule computed from the iteration alone, so resuming needs no scheduler state.
         for group in optimizer.param_groups:
             group["lr"] = ft.lr * ft.gamma ** (it // ft.step_size)
         batch = next(batches)
         img_idx, reg_idx = sampler.locate(batch)
-        crops = warp_batch(images, boxes, img_idx, reg_idx, spec, ft.context_pad)
-        if ft.mirror:
-            # Flips come from a generator keyed by the iteration, so a resumed run flips the same crops.
-            flip = np.random.default_rng([ft.seed, it]).random(len(crops)) < 0.5
-            crops[flip] = crops[flip, :, ::-1]
         target = torch.from_numpy(sampler.labels[batch]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(normalise_crops(crops, spec, device))
+            logits = regions.logits(img_idx, reg_idx, it)
             loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,7 +257,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         bar.update(1)
         bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
         if (it + 1) % ft.eval_every == 0 or it + 1 == ft.max_iter:
-            val_acc = _accuracy(model, images, boxes, labels, val, spec, ft.context_pad, device)
+            val_acc = _accuracy(model, regions, labels, val, device)
             history.append(
                 {
                     "iteration": it + 1,
@@ -246,7 +320,7 @@ def _validation_set(labels: list[np.ndarray], val_idx: list[int], seed: int) -> 
 
 
 @torch.no_grad()
-def _accuracy(model: DetectorNet, images, boxes, labels, val, spec, context_pad, device) -> float | None:
+def _accuracy(model: DetectorNet, regions, labels, val, device) -> float | None:
     img_idx, reg_idx = val
     if len(img_idx) == 0:
         return None
@@ -254,9 +328,8 @@ def _accuracy(model: DetectorNet, images, boxes, labels, val, spec, context_pad,
     correct = 0
     for start in range(0, len(img_idx), 256):
         bi, br = img_idx[start : start + 256], reg_idx[start : start + 256]
-        crops = warp_batch(images, boxes, bi, br, spec, context_pad)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(normalise_crops(crops, spec, device)).argmax(1).cpu().numpy()
+            pred = regions.logits(bi, br, None).argmax(1).cpu().numpy()
         correct += int((pred == np.array([labels[i][r] for i, r in zip(bi, br)])).sum())
     return correct / len(img_idx)
 

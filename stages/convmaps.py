@@ -1,0 +1,106 @@
+"""Stage `convmaps` (SPP-net): the conv trunk's feature maps of every image, once per scale, cached in HDF5.
+
+SPP-net runs the convolutional layers once per image (per scale) instead of once
+per region; these maps are the cached artifact from which every window's pyramid
+is pooled. Per image: ``factors`` float32 ``[K]`` (resize factor of each scale) and
+``conv<k>`` float16 ``[C, H_k, W_k]``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from rcnn import records
+from rcnn.datasets import load_image
+from rcnn.models import DetectorNet, build_model, device_for, initialise
+from rcnn.spp import image_scales
+from rcnn.spp_features import image_maps
+
+from .common import Context
+
+NAME = "convmaps"
+SCHEMA_VERSION = 1
+CODE = ("rcnn.models", "rcnn.spp", "rcnn.records", "stages.convmaps")
+INDEX = "index.json"
+KIND = "convmaps"
+
+
+def splits(ctx: Context) -> tuple[str, ...]:
+    return ctx.splits
+
+
+def params(ctx: Context) -> dict:
+    m = ctx.cfg.model
+    return {"backbone": m.backbone, "weights": m.weights, "scales": list(ctx.cfg.spp.scales), "max_side": ctx.cfg.spp.max_side}
+
+
+def inputs(ctx: Context, split: str) -> dict[str, str]:
+    return {f"data/{split}": ctx.dataset(split).fingerprint, **ctx.weights()[1]}
+
+
+def trunk_model(ctx: Context) -> DetectorNet:
+    """The backbone with its pretrained trunk; SPP-net keeps these conv layers fixed."""
+    cfg = ctx.cfg
+    model = build_model(
+        cfg.model.backbone,
+        len(ctx.classes) + 1,
+        cfg.model.input_size,
+        cfg.model.fc_dim,
+        cfg.model.seed,
+        spp_levels=cfg.spp.levels,
+    )
+    initialise(model, ctx.weights()[0])
+    return model.to(device_for(cfg.model.device)).eval()
+
+
+def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+    dataset = ctx.dataset(split)
+    dataset.check(ctx.classes)
+    model = trunk_model(ctx)
+    device = next(model.parameters()).device
+    parts = work / "parts"
+    done = records.completed_parts(parts)
+    todo = [i for i in dataset.ids if i not in done]
+    if done:
+        ctx.log(f"{NAME}/{split}: resuming, {len(done)} of {len(dataset)} images already done")
+    bar = tqdm(total=len(todo), desc=f"convmaps {split}", unit="img", disable=None if ctx.progress else True, leave=False)
+    n_scales = len(ctx.cfg.spp.scales)
+    start = time.perf_counter()
+    with records.RecordWriter(parts, KIND, chunk_size=16, compress=[f"conv{k}" for k in range(n_scales)]) as writer:
+        for image_id in todo:
+            ann = dataset.annotation(image_id)
+            factors = image_scales(ann.height, ann.width, ctx.cfg.spp.scales, ctx.cfg.spp.max_side)
+            maps = image_maps(model, load_image(ann), factors)
+            writer.add(image_id, {"factors": np.asarray(factors, np.float32), **{f"conv{k}": m for k, m in enumerate(maps)}})
+            bar.update(1)
+    bar.close()
+    wall = time.perf_counter() - start
+    index = work / INDEX
+    outputs = records.write_index(parts, index, dataset.ids, KIND)
+    outputs[INDEX] = index
+    metrics = {
+        "images": len(dataset),
+        "images_computed": len(todo),
+        "scales": list(ctx.cfg.spp.scales),
+        "device": str(device),
+        "seconds_per_image": wall / len(todo) if todo else None,
+        "stride": model.spec.stride,
+        "channels": model.spec.trunk_channels,
+    }
+    return outputs, metrics
+
+
+def load(ctx: Context, split: str) -> records.RecordSet:
+    return records.RecordSet(ctx.unit_dir(NAME, split) / INDEX, KIND)
+
+
+def describe(manifest: dict) -> str:
+    m = manifest.get("metrics", {})
+    size = sum(o["bytes"] for o in manifest["outputs"].values()) / 2**20
+    rate = m.get("seconds_per_image")
+    rate_text = f", {rate:.3f} s/image on {m.get('device')}" if rate else ""
+    return f"{m.get('images')} images at scales {m.get('scales')}, {size:.1f} MB cached{rate_text}"
