@@ -269,6 +269,9 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
         max_proposals=cfg.proposals.max_proposals,
         nms_threshold=cfg.evaluate.nms_threshold,
         max_per_image=cfg.evaluate.max_per_image,
+        spp_scales=cfg.spp.scales,
+        spp_max_side=cfg.spp.max_side,
+        spp_target=cfg.spp.target_size,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +287,45 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
         best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
         click.echo(f"{path}: {len(found)} detections{(' (' + best + (', ...' if len(found) > 5 else '') + ')') if found else ''}")
     click.echo(f"wrote {out}")
+
+
+@cli.command("compare")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
+@click.option("--label", "labels", multiple=True, help="Display name per run, in order (e.g. --label R-CNN --label SPP-net).")
+@click.option("--images", "grid_images", default=6, show_default=True, help="Test images in the detection grid.")
+@click.option("--runs-dir", default=None, help=RUNS_DIR_HELP)
+def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
+    """Write a side-by-side report of two or more finished runs (the first is the baseline).
+
+    Each RUN is a pipeline name (looked up in the runs folder) or a path to a run folder.
+    Reads only the artifact store and recomputes nothing: mAP with and without box
+    regression, per-class AP, precision-recall curves, per-stage wall time and
+    throughput, test time per image split into proposals / features / classification,
+    feature cache size, speed-up ratios and a grid of detections on the same test
+    images. Writes report.md, a self-contained report.html and figures/*.png. Example:
+
+    \b
+      rcnn compare demo demo-spp --label R-CNN --label SPP-net --out report/
+    """
+    import dataclasses
+
+    from rcnn.report import write_report
+    from rcnn.report_data import load_run
+
+    if labels and len(labels) != len(runs):
+        raise ConfigError(f"--label given {len(labels)} times for {len(runs)} runs")
+    summaries = []
+    for k, run in enumerate(runs):
+        path = Path(run) if Path(run).is_dir() and not (_runs_dir(runs_dir) / run).is_dir() else _runs_dir(runs_dir) / run
+        summary = load_run(path)
+        if labels:
+            summary = dataclasses.replace(summary, label=labels[k])
+        summaries.append(summary)
+        for sentence in summary.missing:
+            click.echo(f"{summary.label}: {sentence}", err=True)
+    written = write_report(summaries, Path(out_dir), grid_images=grid_images)
+    click.echo(f"wrote {written.get('html', out_dir)} and {written.get('markdown', '')}")
 
 
 @cli.command("status")

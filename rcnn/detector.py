@@ -86,6 +86,10 @@ class Detector:
     max_proposals: int | None = None
     nms_threshold: float = 0.3
     max_per_image: int = 100
+    # SPP-net models (``model.spec.spp_levels`` set): scales of the conv maps and the pooling target.
+    spp_scales: tuple[int, ...] = (688,)
+    spp_max_side: int | None = None
+    spp_target: float = 224.0
 
     def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
         """Detections of one BGR image ``[H, W, 3]``."""
@@ -93,7 +97,16 @@ class Detector:
         proposals = selective_search(image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed)
         layers = tuple(dict.fromkeys([self.svm_layer] + ([self.bbox_layer] if self.bbox else [])))
         self.model.eval()
-        feats = region_features(self.model, cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), proposals, layers, self.context_pad)
+        if self.model.spec.spp_levels:
+            from rcnn.spp import image_scales
+            from rcnn.spp_features import image_maps, spp_region_features
+
+            factors = image_scales(h, w, self.spp_scales, self.spp_max_side)
+            maps = image_maps(self.model, image_bgr, factors)
+            feats = spp_region_features(self.model, maps, factors, proposals, layers, self.spp_target)
+        else:
+            rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+            feats = region_features(self.model, rgb, proposals, layers, self.context_pad)
         scores = self.svm.scores(feats[self.svm_layer])
         refine = None
         if self.bbox is not None:

@@ -1,7 +1,6 @@
-"""The PNG figures of the ``rcnn compare`` report, drawn with matplotlib's Agg canvas.
+"""The PNG figures of the ``rcnn compare`` report, and the test data they are drawn from.
 
-Figures are built as plain :class:`matplotlib.figure.Figure` objects, never through
-pyplot, so drawing a report leaves no global matplotlib state behind.
+Figures are plain matplotlib ``Figure`` objects on the Agg canvas, never pyplot, so no global state is left behind.
 """
 
 from __future__ import annotations
@@ -10,16 +9,25 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from rcnn.datasets import ImageAnnotation
-from rcnn.evaluation import ClassResult, Detections
+from rcnn.datasets import ImageAnnotation, VOCDataset, decode_image
+from rcnn.detfiles import read_devkit_file
+from rcnn.errors import UserError
+from rcnn.evaluation import ClassResult, Detections, evaluate
+from rcnn.scoring import ground_truth_by_class
+
+if TYPE_CHECKING:
+    from rcnn.report import RunSummary
 
 DPI = 100
+CELL_INCHES = 3.2  # one image of the detection grid
+LABEL_POINTS = 6.5
 TIME_PARTS = ("proposals", "features", "classification")
 _TIME_COLOURS = {"proposals": "#4c72b0", "features": "#dd8452", "classification": "#55a868"}
 
@@ -29,10 +37,80 @@ def run_colour(index: int) -> str:
     return f"C{index % 10}"
 
 
-def class_colour(index: int) -> tuple[float, float, float, float]:
+def class_colour(index: int, n_classes: int) -> tuple[float, float, float, float]:
+    """Distinct colours for up to 10 classes; tab20's paired light shades only beyond that."""
     from matplotlib import colormaps
 
-    return colormaps["tab20"](index % 20)
+    return colormaps["tab10" if n_classes <= 10 else "tab20"](index % 20)
+
+
+class TestData:
+    """Each run's test ground truth and box-regressed detections, read once; what cannot be read goes to ``notes``."""
+
+    def __init__(self, runs: Sequence[RunSummary], labels: Sequence[str]):
+        self.runs, self.labels = runs, labels
+        self.notes: list[str] = []
+        self._annotations: dict[tuple, list[ImageAnnotation] | None] = {}
+        self._detections: dict[int, dict[str, Detections] | None] = {}
+
+    def annotations(self, r: int) -> list[ImageAnnotation] | None:
+        run = self.runs[r]
+        key = (run.data_root, run.test_split)
+        if key not in self._annotations:
+            self._annotations[key] = None
+            if run.data_root is None or run.test_split is None:
+                self.notes.append(f"{self.labels[r]}: the manifests do not say where the test data is")
+            else:
+                try:
+                    self._annotations[key] = VOCDataset(run.data_root, run.test_split).annotations()
+                except UserError as err:
+                    self.notes.append(f"{self.labels[r]}: cannot read the test data ({err})")
+        return self._annotations[key]
+
+    def detections(self, r: int) -> dict[str, Detections] | None:
+        """Run ``r``'s box-regressed detections per class, or None if it has none to read."""
+        if r not in self._detections:
+            self._detections[r] = None
+            if self.runs[r].detections_bbox:
+                try:
+                    self._detections[r] = {c: read_devkit_file(p) for c, p in self.runs[r].detections_bbox.items()}
+                except UserError as err:
+                    self.notes.append(f"{self.labels[r]}: {err}")
+        return self._detections[r]
+
+
+def recompute_curves(data: TestData) -> list[dict[str, ClassResult] | None]:
+    """Each run's per-class precision-recall, scored from its devkit files as the devkit does (None if impossible)."""
+    curves: list[dict[str, ClassResult] | None] = []
+    for r, run in enumerate(data.runs):
+        dets, anns = data.detections(r), data.annotations(r)
+        result = None
+        if dets is not None and anns is not None:
+            try:
+                metric = (run.results or {}).get("metric", "voc07")
+                result = evaluate(dets, ground_truth_by_class(anns, run.classes), metric=metric).per_class
+            except (UserError, ValueError) as err:
+                data.notes.append(f"{data.labels[r]}: cannot score its detections against the test data ({err})")
+        curves.append(result)
+    return curves
+
+
+def grid_contents(data: TestData, n_images: int) -> tuple[list, list] | None:
+    """The first ``n_images`` test images with objects, as ``(annotation, RGB)``, and each run's
+    :func:`top_detections` on them (k = objects + 2); None when there is nothing to draw."""
+    anns = next((a for r in range(len(data.runs)) if (a := data.annotations(r)) is not None), None)
+    dets = [data.detections(r) for r in range(len(data.runs))]
+    if anns is None or all(d is None for d in dets):
+        return None
+    chosen = [a for a in anns if len(a.boxes)][:n_images]
+    k = {a.image_id: len(a.boxes) + 2 for a in chosen}
+    top = [None if d is None else top_detections(d, list(k), k) for d in dets]
+    try:
+        images = [(a, decode_image(a.path)[:, :, ::-1]) for a in chosen]
+    except UserError as err:
+        data.notes.append(f"detection grid: {err}")
+        return None
+    return images, top
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -74,7 +152,8 @@ def ap_bars(
         for r, label in enumerate(labels):
             values = [aps[r].get(variant, {}).get(g) for g in groups]
             heights = [np.nan if v is None else v for v in values]
-            bars = ax.bar(x + (r - (n - 1) / 2) * width, heights, width * 0.95, color=run_colour(r), label=label)
+            shown = label if any(v is not None for v in values) else f"{label} (no results)"
+            bars = ax.bar(x + (r - (n - 1) / 2) * width, heights, width * 0.95, color=run_colour(r), label=shown)
             if len(groups) * n <= 48:
                 ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1, rotation=90 if n > 2 else 0)
         ax.set_ylim(0, 1.15)
@@ -83,7 +162,7 @@ def ap_bars(
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
     axes[-1].set_xticks(x, groups, rotation=45 if len(groups) > 8 else 0, ha="right" if len(groups) > 8 else "center")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=min(n, 4), fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(n, 4), fontsize=9)
     fig.suptitle("Average precision per class", fontsize=11)
     return _save(fig, path)
 
@@ -128,7 +207,7 @@ def pr_grid(
 def time_bars(path: Path, labels: Sequence[str], parts: Sequence[Mapping[str, float | None]]) -> Path:
     """Stacked horizontal bars of test seconds per image: proposals, features, classification."""
     n = len(labels)
-    fig = _figure(8.0, 1.2 + 0.65 * n)
+    fig = _figure(8.0, 1.5 + 0.65 * n)
     ax = fig.subplots()
     y = np.arange(n)
     totals = [sum(p.get(k) or 0.0 for k in TIME_PARTS) for p in parts]
@@ -152,7 +231,7 @@ def time_bars(path: Path, labels: Sequence[str], parts: Sequence[Mapping[str, fl
     ax.set_title("Test time per image", fontsize=11)
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(loc="lower right", fontsize=8, ncols=3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=8, ncols=3)
     return _save(fig, path)
 
 
@@ -183,8 +262,8 @@ def detection_grid(
     of run ``r`` (``None`` where the run has no detections). Boxes are ``(x1, y1, x2, y2)``.
     """
     rows, cols = len(images), len(labels)
-    colour = {name: class_colour(i) for i, name in enumerate(classes)}
-    fig = _figure(3.2 * cols + 0.3, 3.2 * rows + 0.4)
+    colour = {name: class_colour(i, len(classes)) for i, name in enumerate(classes)}
+    fig = _figure(CELL_INCHES * cols + 0.3, CELL_INCHES * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, (ann, rgb) in enumerate(images):
         for r in range(cols):
@@ -197,12 +276,17 @@ def detection_grid(
             if top[r] is None:
                 ax.text(0.5, 0.5, "no detections", ha="center", va="center", transform=ax.transAxes, color="red")
             else:
+                # Label size in data units, to keep labels of neighbouring boxes from covering each other.
+                px = 0.9 * CELL_INCHES * DPI / max(ann.width, ann.height)
+                placed: list[tuple[float, float, float, float]] = []
                 for score, name, box in top[r].get(ann.image_id, []):
                     c = colour.get(name, "yellow")
                     ax.add_patch(_rect(box, c, 1.6, "-"))
+                    text = f"{name} {score:.2f}"
+                    x, y = _label_position(box, (len(text) * 5.0 + 3) / px, 12 / px, placed)
                     ax.text(
-                        box[0] + 1, box[1] + 1, f"{name} {score:.2f}", fontsize=6.5, color="black", va="top",
-                        bbox={"facecolor": c, "alpha": 0.75, "pad": 0.8, "edgecolor": "none"}, clip_on=True,
+                        x, y, text, fontsize=LABEL_POINTS, color="black", va="top", clip_on=True,
+                        bbox={"facecolor": c, "alpha": 0.75, "pad": 0.8, "edgecolor": "none"},
                     )  # fmt: skip
             ax.set_xlim(0, ann.width)
             ax.set_ylim(ann.height, 0)
@@ -217,3 +301,17 @@ def detection_grid(
 def _rect(box: np.ndarray, colour, lw: float, style: str) -> Rectangle:
     x1, y1, x2, y2 = (float(v) for v in box)
     return Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, lw=lw, ls=style)
+
+
+def _label_position(box: np.ndarray, w: float, h: float, placed: list) -> tuple[float, float]:
+    """Top-left corner for a ``w x h`` label of ``box``: inside its top, above it, or inside its bottom,
+    whichever first misses the labels already ``placed`` (which it joins)."""
+    x1, y1, _, y2 = (float(v) for v in box)
+    candidates = [(x1 + 1, y1 + 1), (x1, y1 - h - 1), (x1 + 1, y2 - h - 1)]
+    for x, y in candidates:
+        if not any(x < px + pw and px < x + w and y < py + ph and py < y + h for px, py, pw, ph in placed):
+            break
+    else:
+        x, y = candidates[0]
+    placed.append((x, y, w, h))
+    return x, y

@@ -62,6 +62,19 @@ def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
               tiny-twin:
                 extends: tiny
                 description: same proposals as tiny
+              tiny-spp:
+                extends: tiny
+                description: SPP-net on the tiny data, trunk from tiny
+                method: spp
+                model:
+                  weights: pipeline:tiny
+                spp:
+                  scales: [96]
+                  max_side: null
+                  target_size: 32
+                finetune:
+                  bg_low: 0.1
+                  mirror: false
             """
         )
         + extra

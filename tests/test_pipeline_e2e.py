@@ -50,3 +50,47 @@ def test_stage_before_its_input_is_one_line(pipelines_file, tmp_path, capsys):
     code, _, err = run(["features", "tiny", *common], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "has not run yet; run `rcnn proposals tiny` first" in err
+
+
+def test_spp_pipeline_shares_proposals_and_compares(pipelines_file, tiny_voc, tmp_path, capsys):
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    code, _, err = run(["run", "tiny", *common], capsys)
+    assert code == 0, err
+    code, out, err = run(["run", "tiny-spp", *common], capsys)
+    assert code == 0, err
+    assert out.count("reused its outputs") == 2  # both proposal splits come from `tiny`
+    assert "convmaps/" in out and "mAP" in out
+    spp_unit = tmp_path / "runs" / "tiny-spp"
+    manifest = json.loads((spp_unit / "features" / "test" / "manifest.json").read_text())
+    assert manifest["params"]["method"] == "spp"
+    results = json.loads((spp_unit / "evaluate" / "test" / "results.json").read_text())
+    assert 0.0 <= results["mAP_bbox"] <= 1.0
+
+    image = tiny_voc / "JPEGImages" / f"{VOCDataset(tiny_voc, 'test').ids[0]}.jpg"
+    code, _, err = run(["detect", "tiny-spp", str(image), "--out", str(tmp_path / "det"), *common[:-1]], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "det" / f"{image.stem}.json").read_text())["width"] == 96
+
+    code, _, err = run(["convmaps", "tiny", *common], capsys)
+    assert code == 2 and "belongs to SPP-net pipelines" in err
+
+    report = tmp_path / "report"
+    code, out, err = run(
+        [
+            "compare",
+            "tiny",
+            "tiny-spp",
+            "--label",
+            "R-CNN",
+            "--label",
+            "SPP-net",
+            "--out",
+            str(report),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    text = (report / "report.md").read_text()
+    assert "R-CNN" in text and "SPP-net" in text and (report / "report.html").stat().st_size > 1000
