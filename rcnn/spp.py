@@ -119,8 +119,8 @@ def _roi_pool_inexact(rects: torch.Tensor, n: int, dtype: torch.dtype) -> torch.
     return wrong.reshape(-1, 2 * n).any(dim=1)
 
 
-def spp_pool(feature_map: torch.Tensor, rects, levels: Sequence[int] = PYRAMID_LEVELS) -> torch.Tensor:
-    """Max-pool each cell rectangle of one feature map into an ``n x n`` grid per pyramid level.
+def spp_pool(feature_map: torch.Tensor, rects, levels: Sequence[int] = PYRAMID_LEVELS, batch_index=None) -> torch.Tensor:
+    """Max-pool each cell rectangle of a feature map into an ``n x n`` grid per pyramid level.
 
     For a rectangle ``h`` cells tall, bin ``i`` of ``n`` spans rows ``[floor(i h / n), ceil((i+1) h / n))``
     counted from its top (columns likewise), the SPP / RoI-pooling convention; bins overlap by a cell
@@ -130,11 +130,13 @@ def spp_pool(feature_map: torch.Tensor, rects, levels: Sequence[int] = PYRAMID_L
     above 6) are pooled exactly with :func:`torch.nn.functional.adaptive_max_pool2d` instead.
 
     Args:
-        feature_map: ``[C, H, W]`` or ``[1, C, H, W]``. Half and bfloat16 maps are pooled in float32
-            (max is exact) and returned in their own dtype.
+        feature_map: ``[C, H, W]`` or ``[B, C, H, W]``. Half and bfloat16 maps are pooled in float32
+            (max is exact) and returned in their own dtype. Several maps of different sizes can be
+            pooled in one call by zero-padding them to a common size: rectangles never reach the padding.
         rects: int64 ``[N, 4]`` inclusive cell rectangles ``(x1, y1, x2, y2)`` inside the map, as
             returned by :func:`map_windows` (numpy array or tensor).
         levels: pyramid levels ``n``, each giving ``n x n`` bins; the paper's ``(6, 3, 2, 1)`` by default.
+        batch_index: int64 ``[N]``, the map of ``[B, C, H, W]`` each rectangle belongs to (default: map 0).
 
     Returns:
         ``[N, C * sum(n^2)]``: the levels in the given order, each flattened channel-major
@@ -142,8 +144,8 @@ def spp_pool(feature_map: torch.Tensor, rects, levels: Sequence[int] = PYRAMID_L
     """
     levels = _check_levels(levels)
     fmap = feature_map if feature_map.dim() == 4 else feature_map.unsqueeze(0)
-    if fmap.dim() != 4 or fmap.shape[0] != 1:
-        raise ValueError(f"feature_map must be [C, H, W] or [1, C, H, W], got {tuple(feature_map.shape)}")
+    if fmap.dim() != 4:
+        raise ValueError(f"feature_map must be [C, H, W] or [B, C, H, W], got {tuple(feature_map.shape)}")
     out_dtype = fmap.dtype
     if fmap.dtype not in (torch.float32, torch.float64):
         fmap = fmap.float()
@@ -154,7 +156,12 @@ def spp_pool(feature_map: torch.Tensor, rects, levels: Sequence[int] = PYRAMID_L
     x1, y1, x2, y2 = rects.unbind(1)
     if bool(((x1 < 0) | (y1 < 0) | (x2 >= width) | (y2 >= height) | (x2 < x1) | (y2 < y1)).any()):
         raise ValueError(f"rects must be inclusive cell rectangles inside the {height} x {width} feature map")
-    rois = torch.cat([rects.new_zeros(len(rects), 1), rects], dim=1).to(fmap.dtype)
+    if batch_index is None:
+        batch_index = rects.new_zeros(len(rects))
+    batch_index = torch.as_tensor(batch_index, device=fmap.device).reshape(-1).long()
+    if len(batch_index) != len(rects) or bool(((batch_index < 0) | (batch_index >= fmap.shape[0])).any()):
+        raise ValueError(f"batch_index must hold one map index in [0, {fmap.shape[0]}) per rectangle")
+    rois = torch.cat([batch_index[:, None], rects], dim=1).to(fmap.dtype)
     pooled = []
     for n in levels:
         out = roi_pool(fmap, rois, (n, n), spatial_scale=1.0)
@@ -162,8 +169,8 @@ def spp_pool(feature_map: torch.Tensor, rects, levels: Sequence[int] = PYRAMID_L
         if len(inexact):
             exact = torch.stack(
                 [
-                    nn.functional.adaptive_max_pool2d(fmap[0, :, r[1] : r[3] + 1, r[0] : r[2] + 1], n)
-                    for r in rects[inexact].tolist()
+                    nn.functional.adaptive_max_pool2d(fmap[b, :, r[1] : r[3] + 1, r[0] : r[2] + 1], n)
+                    for b, r in zip(batch_index[inexact].tolist(), rects[inexact].tolist())
                 ]
             )
             out = out.index_copy(0, inexact, exact)

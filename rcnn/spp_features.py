@@ -32,29 +32,54 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
     return maps
 
 
-def pooled_windows(
-    maps: Sequence[np.ndarray],
-    factors: Sequence[float],
-    boxes: np.ndarray,
+def as_map_tensors(maps: Sequence[np.ndarray], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Cached float16 maps as float32 tensors on ``device``, ready for pooling."""
+    return [torch.from_numpy(np.asarray(m, np.float32)).to(device) for m in maps]
+
+
+def pool_images(
+    items: Sequence[tuple[Sequence[torch.Tensor], Sequence[float], np.ndarray]],
     stride: int,
     levels: Sequence[int],
     target: float = 224.0,
-    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Pyramid-pooled vectors ``[N, C * sum(n^2)]`` (float32) of ``boxes [N, 4]`` (x1, y1, x2, y2, original pixels).
+    """Pyramid-pooled vectors of the windows of several images, in one pooling call.
 
-    Each window is pooled from the map of the scale where its area is closest to
-    ``target``² (SPP-net's multi-scale rule; with one scale, that scale).
+    Each item is ``(maps, factors, boxes)``: one float32 ``[C, H_k, W_k]`` map per scale, the
+    resize factor of each, and the image's windows ``[N, 4]`` (x1, y1, x2, y2, original pixels).
+    Each window is pooled from the map of the scale where its area is closest to ``target``²
+    (SPP-net's multi-scale rule; with one scale, that scale). Returns ``[sum N, C * sum(n^2)]``
+    in item order.
     """
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    chosen = select_scale(boxes, list(factors), target)
-    channels = maps[0].shape[0]
-    out = torch.empty((len(boxes), channels * sum(n * n for n in levels)), dtype=torch.float32, device=device)
-    for k in np.unique(chosen):
-        sel = np.flatnonzero(chosen == k)
-        fmap = torch.from_numpy(np.asarray(maps[k], np.float32)).to(device)
-        rects = map_windows(boxes[sel] * np.float32(factors[k]), stride, fmap.shape[1], fmap.shape[2])
-        out[torch.from_numpy(sel).to(device)] = spp_pool(fmap, rects, levels)
+    chosen_maps: list[torch.Tensor] = []
+    rects, owner, order = [], [], []
+    offset = 0
+    for maps, factors, boxes in items:
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        scale = select_scale(boxes, list(factors), target)
+        for k in np.unique(scale):
+            sel = np.flatnonzero(scale == k)
+            fmap = maps[k]
+            rects.append(map_windows(boxes[sel] * np.float32(factors[k]), stride, fmap.shape[1], fmap.shape[2]))
+            owner.append(np.full(len(sel), len(chosen_maps)))
+            order.append(offset + sel)
+            chosen_maps.append(fmap)
+        offset += len(boxes)
+    channels = items[0][0][0].shape[0]
+    device = items[0][0][0].device
+    out = torch.empty((offset, channels * sum(n * n for n in levels)), device=device)
+    if not chosen_maps:
+        return out
+    height = max(m.shape[1] for m in chosen_maps)
+    width = max(m.shape[2] for m in chosen_maps)
+    if all(m.shape[1:] == (height, width) for m in chosen_maps):
+        batch = torch.stack(chosen_maps)
+    else:  # zero padding to a common size: no window reaches it
+        batch = torch.zeros((len(chosen_maps), channels, height, width), device=device)
+        for i, m in enumerate(chosen_maps):
+            batch[i, :, : m.shape[1], : m.shape[2]] = m
+    pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner))
+    out[torch.from_numpy(np.concatenate(order)).to(device)] = pooled
     return out
 
 
@@ -72,7 +97,7 @@ def spp_region_features(
     ``pool5`` here is the pyramid-pooled window vector that fc6 reads.
     """
     device = next(model.parameters()).device
-    pooled = pooled_windows(maps, factors, boxes, model.spec.stride, model.spec.spp_levels, target, device)
+    pooled = pool_images([(as_map_tensors(maps, device), factors, boxes)], model.spec.stride, model.spec.spp_levels, target)
     out = model.head(pooled, layers)
     out["pool5"] = pooled
     return {k: out[k].float().cpu().numpy().astype(np.float16) for k in layers}

@@ -126,39 +126,37 @@ class PooledRegions:
         self.maps = convmaps.load(ctx, ctx.cfg.data.trainval)
         self.ids = [a.image_id for a in anns]
         self.boxes, self.model, self.target = boxes, model, ctx.cfg.spp.target_size
-        self._cache: OrderedDict[int, tuple[list[np.ndarray], np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[list[torch.Tensor], np.ndarray]] = OrderedDict()
+        self.device = next(model.parameters()).device
         for p in model.trunk.parameters():
             p.requires_grad_(False)
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for name, p in self.model.named_parameters() if not name.startswith("trunk.")]
 
-    def _image(self, i: int) -> tuple[list[np.ndarray], np.ndarray]:
+    def _image(self, i: int) -> tuple[list[torch.Tensor], np.ndarray]:
         if i not in self._cache:
+            from rcnn.spp_features import as_map_tensors
+
             factors = self.maps.array(self.ids[i], "factors", np.float32, 1)
-            self._cache[i] = ([self.maps.array(self.ids[i], f"conv{k}", np.float16, 3) for k in range(len(factors))], factors)
+            maps = [self.maps.array(self.ids[i], f"conv{k}", np.float16, 3) for k in range(len(factors))]
+            self._cache[i] = (as_map_tensors(maps, self.device), factors)
             if len(self._cache) > 4000:
                 self._cache.popitem(last=False)
         return self._cache[i]
 
     def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
-        from rcnn.spp_features import pooled_windows
+        from rcnn.spp_features import pool_images
 
-        device = next(self.model.parameters()).device
-        pooled = torch.empty((len(img_idx), self.model.spec.pool5_dim), device=device)
+        # Pool the batch grouped by image (rows come back in `order`), then restore the batch order.
+        order = np.argsort(img_idx, kind="stable")
+        items = []
         for i in np.unique(img_idx):
-            sel = np.flatnonzero(img_idx == i)
             maps, factors = self._image(int(i))
-            pooled[torch.from_numpy(sel).to(device)] = pooled_windows(
-                maps,
-                factors,
-                self.boxes[i][reg_idx[sel]],
-                self.model.spec.stride,
-                self.model.spec.spp_levels,
-                self.target,
-                device,
-            )
-        fc7 = self.model.head(pooled)["fc7"]
+            items.append((maps, factors, self.boxes[i][reg_idx[order[img_idx[order] == i]]]))
+        pooled = pool_images(items, self.model.spec.stride, self.model.spec.spp_levels, self.target)
+        inverse = torch.from_numpy(np.argsort(order)).to(self.device)
+        fc7 = self.model.head(pooled[inverse])["fc7"]
         return self.model.classifier(self.model.dropout(fc7))
 
 

@@ -242,7 +242,9 @@ def test_spp_pool_empty_and_invalid_rects():
         with pytest.raises(ValueError, match="inside"):
             spp_pool(fmap, np.array([bad]))
     with pytest.raises(ValueError, match="feature_map"):
-        spp_pool(torch.zeros(2, 4, 5, 6), np.array([[0, 0, 1, 1]]))
+        spp_pool(torch.zeros(4, 5), np.array([[0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match="batch_index"):
+        spp_pool(torch.zeros(2, 4, 5, 6), np.array([[0, 0, 1, 1]]), batch_index=[2])
     with pytest.raises(ValueError, match="levels"):
         spp_pool(fmap, np.array([[0, 0, 1, 1]]), levels=(6, 0))
 
@@ -339,3 +341,20 @@ def test_spp_features_with_the_tiny_backbone():
     with torch.no_grad():
         out = spp_features(model.trunk, torch.randn(3, 64, 80), boxes, model.spec.stride)
     assert out.shape == (2, spp_dim(model.spec.trunk_channels))
+
+
+def test_batched_maps_pool_like_one_map_at_a_time():
+    # Two maps of different sizes, zero-padded into one batch: each rectangle pools only its own map.
+    rng = np.random.default_rng(7)
+    a, b = (
+        torch.from_numpy(rng.normal(size=(3, 9, 7)).astype(np.float32)),
+        torch.from_numpy(rng.normal(size=(3, 5, 11)).astype(np.float32)),
+    )
+    batch = torch.zeros(2, 3, 9, 11)
+    batch[0, :, :9, :7] = a
+    batch[1, :, :5, :11] = b
+    rects_a = np.array([[0, 0, 6, 8], [2, 3, 4, 4]])
+    rects_b = np.array([[0, 0, 10, 4], [5, 1, 5, 1]])
+    out = spp_pool(batch, np.concatenate([rects_a, rects_b]), batch_index=[0, 0, 1, 1])
+    torch.testing.assert_close(out[:2], spp_pool(a, rects_a), rtol=0, atol=0)
+    torch.testing.assert_close(out[2:], spp_pool(b, rects_b), rtol=0, atol=0)
