@@ -201,7 +201,9 @@ def load_run(run_dir: Path) -> RunSummary:
     stages = {u.stage for u in units}
     expected = [("proposals", test), ("evaluate", test)] if test else [("evaluate", None)]
     # What a completed unit was made from must exist too (e.g. upstream outputs deleted since).
-    expected += [tuple(k.split("/", 1)) if "/" in k else (k, None) for u in units for k in u.inputs if not k.startswith("data")]
+    # (Inputs that are not stages: the dataset's content and a weights file.)
+    upstream = [k for u in units for k in u.inputs if not k.startswith("data") and k != "weights"]
+    expected += [tuple(k.split("/", 1)) if "/" in k else (k, None) for k in upstream]
     for stage, split in dict.fromkeys(expected):
         if (stage, split) not in present and not (split is None and stage in stages):
             where = f"{stage}/{split}" if split else stage

@@ -223,3 +223,17 @@ def test_load_run_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "empty" / "proposals").mkdir(parents=True)
     with pytest.raises(UserError, match="holds no manifest"):
         load_run(tmp_path / "empty")
+
+
+def test_weights_input_is_not_taken_for_a_missing_stage(tmp_path):
+    from rcnn.report_data import load_run
+
+    unit = tmp_path / "runs" / "p" / "finetune" / "trainval"
+    unit.mkdir(parents=True)
+    write_json_atomic(unit / "manifest.json", {
+        "manifest_schema": 1, "stage": "finetune", "split": "trainval", "pipeline": "p", "fingerprint": "x",
+        "params": {}, "inputs": {"weights": "abc", "data/trainval": "d"}, "outputs": {},
+        "timings": {"wall_s": 1.0}, "metrics": {},
+    })
+    run = load_run(tmp_path / "runs" / "p")
+    assert not any("weights" in m for m in run.missing)
