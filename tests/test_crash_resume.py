@@ -115,7 +115,7 @@ def test_sigkill_in_finetune_features_and_svm_then_resume(medium_voc, tmp_path):
     _kill_when(
         rcnn("finetune", "tiny", "--runs-dir", str(runs), *common),
         cwd,
-        lambda: (unit("finetune") / ".work" / "history.json").exists(),
+        lambda: (unit("finetune") / ".work" / "train_state.pt").exists(),
     )
     out = subprocess.run(
         rcnn("finetune", "tiny", "--runs-dir", str(runs), *common), cwd=cwd, check=True, capture_output=True, text=True

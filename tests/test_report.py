@@ -230,10 +230,20 @@ def test_weights_input_is_not_taken_for_a_missing_stage(tmp_path):
 
     unit = tmp_path / "runs" / "p" / "finetune" / "trainval"
     unit.mkdir(parents=True)
-    write_json_atomic(unit / "manifest.json", {
-        "manifest_schema": 1, "stage": "finetune", "split": "trainval", "pipeline": "p", "fingerprint": "x",
-        "params": {}, "inputs": {"weights": "abc", "data/trainval": "d"}, "outputs": {},
-        "timings": {"wall_s": 1.0}, "metrics": {},
-    })
+    write_json_atomic(
+        unit / "manifest.json",
+        {
+            "manifest_schema": 1,
+            "stage": "finetune",
+            "split": "trainval",
+            "pipeline": "p",
+            "fingerprint": "x",
+            "params": {},
+            "inputs": {"weights": "abc", "data/trainval": "d"},
+            "outputs": {},
+            "timings": {"wall_s": 1.0},
+            "metrics": {},
+        },
+    )
     run = load_run(tmp_path / "runs" / "p")
     assert not any("weights" in m for m in run.missing)
