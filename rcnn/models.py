@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from pickle import UnpicklingError  # the error weights_only loading raises; nothing is unpickled here
 
 import torch
 from torch import nn
@@ -216,7 +216,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"weights file '{path}' does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except UnpicklingError as e:
         raise UserError(f"'{path}' holds more than tensors and was refused (loading it could run code): {e}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise UserError(f"'{path}' is not a readable PyTorch weights file ({e})") from None
