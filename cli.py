@@ -248,31 +248,14 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     import cv2
 
     from rcnn.datasets import decode_image
-    from rcnn.detector import Detector, draw_detections
+    from rcnn.detector import draw_detections
     from rcnn.store import write_json_atomic
-    from stages import finetune, train_bbox, train_svm
+    from stages import evaluate, finetune
 
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
     model, meta = finetune.load(ctx)
     cfg = ctx.cfg
-    detector = Detector(
-        model=model,
-        svm=train_svm.load(ctx),
-        bbox=None if no_bbox_reg else train_bbox.load(ctx),
-        classes=tuple(meta["classes"]),
-        context_pad=cfg.finetune.context_pad,
-        svm_layer=cfg.svm.layer,
-        bbox_layer=cfg.bbox.layer,
-        proposal_mode=cfg.proposals.mode,
-        resize_width=cfg.proposals.resize_width,
-        min_size=cfg.proposals.min_size,
-        max_proposals=cfg.proposals.max_proposals,
-        nms_threshold=cfg.evaluate.nms_threshold,
-        max_per_image=cfg.evaluate.max_per_image,
-        spp_scales=cfg.spp.scales,
-        spp_max_side=cfg.spp.max_side,
-        spp_target=cfg.spp.target_size,
-    )
+    detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for path in images:

@@ -100,6 +100,28 @@ class Context:
         return classes
 
 
+def pending_images(ctx: Context, label: str, parts: Path, ids: list[str]) -> list[str]:
+    """The ids without a complete per-image record in ``parts``, logging a resume when some have one."""
+    from rcnn import records
+
+    done = records.completed_parts(parts)
+    if done:
+        ctx.log(f"{label}: resuming, {len(done)} of {len(ids)} images already done")
+    return [i for i in ids if i not in done]
+
+
+def progress_bar(ctx: Context, total: int, desc: str, unit: str = "img"):
+    """A tqdm bar that is off with --quiet and when the output is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if ctx.progress else True, leave=False)
+
+
+def cached_mb(manifest: dict) -> float:
+    """Size of a unit's outputs in MiB."""
+    return sum(o["bytes"] for o in manifest["outputs"].values()) / 2**20
+
+
 def code_digest(modules: tuple[str, ...]) -> str:
     """Hash of the source files of ``modules``: a change to them makes the stage stale."""
     h = hashlib.blake2b(digest_size=16)

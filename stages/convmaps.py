@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from rcnn import records
 from rcnn.datasets import load_image
@@ -20,7 +19,7 @@ from rcnn.models import DetectorNet, build_model, device_for, initialise
 from rcnn.spp import image_scales
 from rcnn.spp_features import image_maps
 
-from .common import Context
+from .common import Context, cached_mb, pending_images, progress_bar
 
 NAME = "convmaps"
 SCHEMA_VERSION = 1
@@ -63,11 +62,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     model = trunk_model(ctx)
     device = next(model.parameters()).device
     parts = work / "parts"
-    done = records.completed_parts(parts)
-    todo = [i for i in dataset.ids if i not in done]
-    if done:
-        ctx.log(f"{NAME}/{split}: resuming, {len(done)} of {len(dataset)} images already done")
-    bar = tqdm(total=len(todo), desc=f"convmaps {split}", unit="img", disable=None if ctx.progress else True, leave=False)
+    todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
+    bar = progress_bar(ctx, len(todo), f"convmaps {split}")
     n_scales = len(ctx.cfg.spp.scales)
     start = time.perf_counter()
     with records.RecordWriter(parts, KIND, chunk_size=16, compress=[f"conv{k}" for k in range(n_scales)]) as writer:
@@ -100,7 +96,7 @@ def load(ctx: Context, split: str) -> records.RecordSet:
 
 def describe(manifest: dict) -> str:
     m = manifest.get("metrics", {})
-    size = sum(o["bytes"] for o in manifest["outputs"].values()) / 2**20
+    size = cached_mb(manifest)
     rate = m.get("seconds_per_image")
     rate_text = f", {rate:.3f} s/image on {m.get('device')}" if rate else ""
     return f"{m.get('images')} images at scales {m.get('scales')}, {size:.1f} MB cached{rate_text}"

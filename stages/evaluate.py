@@ -168,3 +168,28 @@ def table(ctx: Context, manifest: dict) -> str:
         lines.append(f"  {name:<16}{fmt(a):>8}{fmt(b):>9}")
     lines.append(f"  {'mAP':<16}{m['mAP']:>8.4f}{m['mAP_bbox']:>9.4f}   ({m['metric']})")
     return "\n".join(lines)
+
+
+def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = True):
+    """The trained pipeline as a :class:`rcnn.detector.Detector` for new images (``rcnn detect``)."""
+    from rcnn.detector import Detector
+
+    cfg = ctx.cfg
+    return Detector(
+        model=model,
+        svm=train_svm.load(ctx),
+        bbox=train_bbox.load(ctx) if bbox else None,
+        classes=classes,
+        context_pad=cfg.finetune.context_pad,
+        svm_layer=cfg.svm.layer,
+        bbox_layer=cfg.bbox.layer,
+        proposal_mode=cfg.proposals.mode,
+        resize_width=cfg.proposals.resize_width,
+        min_size=cfg.proposals.min_size,
+        max_proposals=cfg.proposals.max_proposals,
+        nms_threshold=cfg.evaluate.nms_threshold,
+        max_per_image=cfg.evaluate.max_per_image,
+        spp_scales=cfg.spp.scales,
+        spp_max_side=cfg.spp.max_side,
+        spp_target=cfg.spp.target_size,
+    )

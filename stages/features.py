@@ -14,7 +14,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from rcnn import records
 from rcnn.datasets import load_image
@@ -24,7 +23,7 @@ from rcnn.regions import image_regions
 from rcnn.spp_features import spp_region_features
 
 from . import convmaps, finetune, proposals
-from .common import Context, upstream_digest
+from .common import Context, cached_mb, pending_images, progress_bar, upstream_digest
 
 NAME = "features"
 SCHEMA_VERSION = 1
@@ -72,11 +71,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     device = next(model.parameters()).device
     layers = tuple(cfg.features.layers)
     parts = work / "parts"
-    done = records.completed_parts(parts)
-    todo = [i for i in dataset.ids if i not in done]
-    if done:
-        ctx.log(f"{NAME}/{split}: resuming, {len(done)} of {len(dataset)} images already done")
-    bar = tqdm(total=len(todo), desc=f"features {split}", unit="img", disable=None if ctx.progress else True, leave=False)
+    todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
+    bar = progress_bar(ctx, len(todo), f"features {split}")
     start = time.perf_counter()
     n_boxes = 0
     maps = convmaps.load(ctx, split) if cfg.method == "spp" else None
@@ -127,7 +123,7 @@ def load(ctx: Context, split: str) -> records.RecordSet:
 
 def describe(manifest: dict) -> str:
     m = manifest.get("metrics", {})
-    size = sum(o["bytes"] for o in manifest["outputs"].values()) / 2**20
+    size = cached_mb(manifest)
     rate = m.get("seconds_per_image")
     rate_text = f", {rate:.2f} s/image on {m.get('device')}" if rate else ""
     return f"{m.get('images')} images, layers {', '.join(m.get('layers', []))}, {size:.1f} MB cached{rate_text}"

@@ -21,7 +21,6 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from rcnn.config import fingerprint_params
 from rcnn.datasets import ImageAnnotation, load_image
@@ -33,7 +32,7 @@ from rcnn.store import write_json_atomic
 from rcnn.warp import warp_regions
 
 from . import proposals
-from .common import Context, upstream_digest
+from .common import Context, progress_bar, upstream_digest
 
 NAME = "finetune"
 SCHEMA_VERSION = 1
@@ -223,14 +222,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     for _ in range(start_iter):
         next(batches)
 
-    bar = tqdm(
-        total=ft.max_iter,
-        initial=start_iter,
-        desc=f"finetune {split}",
-        unit="it",
-        disable=None if ctx.progress else True,
-        leave=False,
-    )
+    bar = progress_bar(ctx, ft.max_iter, f"finetune {split}", unit="it")
+    bar.update(start_iter)
     started = time.perf_counter()
     run_loss, run_acc, run_n = 0.0, 0.0, 0
     for it in range(start_iter, ft.max_iter):

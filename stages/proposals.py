@@ -14,7 +14,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 from joblib import Parallel, delayed
-from tqdm import tqdm
 
 from rcnn import records
 from rcnn.config import fingerprint_params
@@ -22,7 +21,7 @@ from rcnn.datasets import ImageAnnotation, load_image
 from rcnn.recall import recall_summary
 from rcnn.selective_search import image_seed, selective_search
 
-from .common import Context
+from .common import Context, pending_images, progress_bar
 
 NAME = "proposals"
 SCHEMA_VERSION = 1
@@ -62,10 +61,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     dataset.check(ctx.classes)
     p = ctx.cfg.proposals
     parts = work / "parts"
-    done = records.completed_parts(parts)
-    todo = [dataset.annotation(i) for i in dataset.ids if i not in done]
-    if done:
-        ctx.log(f"{NAME}/{split}: resuming, {len(done)} of {len(dataset)} images already done")
+    todo = [dataset.annotation(i) for i in pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)]
     start = time.perf_counter()
     seconds = []
     if todo:
@@ -73,7 +69,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         tasks = (delayed(_propose)(a, p.mode, p.resize_width, p.min_size, p.max_proposals, p.seed) for a in todo)
         runner = Parallel(n_jobs=jobs, return_as="generator_unordered", batch_size=1) if jobs > 1 else None
         results = runner(tasks) if runner is not None else (f(*a, **k) for f, a, k in tasks)
-        bar = tqdm(total=len(todo), desc=f"proposals {split}", unit="img", disable=None if ctx.progress else True, leave=False)
+        bar = progress_bar(ctx, len(todo), f"proposals {split}")
         with records.RecordWriter(parts, KIND, chunk_size=16, max_seconds=15.0) as writer:
             for image_id, boxes, took in results:
                 # Timings stay out of the records so that outputs are byte-identical across runs.
