@@ -38,7 +38,14 @@ def pipeline_options(f):
     return f
 
 
+SKIP_BAD_HELP = (
+    "Leave out images whose data is bad (missing or undecodable image, malformed XML, size or box errors, "
+    "unknown class) instead of stopping: each is logged and listed in the manifests and the summary."
+)
+
+
 def stage_options(f):
+    f = click.option("--skip-bad", is_flag=True, help=SKIP_BAD_HELP)(f)
     f = click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")(f)
     f = click.option(
         "--wait", is_flag=True, help="If another process is writing the same stage, wait for it instead of refusing."
@@ -47,12 +54,12 @@ def stage_options(f):
     return pipeline_options(f)
 
 
-def make_context(pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False):
+def make_context(pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False, skip_bad=False):
     from stages.common import Context
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     cfg = pfile.load(pipeline, overrides)
-    return Context(cfg=cfg, runs_dir=_runs_dir(runs_dir), force=force, wait=wait, progress=not quiet)
+    return Context(cfg=cfg, runs_dir=_runs_dir(runs_dir), force=force, wait=wait, progress=not quiet, skip_bad=skip_bad)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -136,7 +143,8 @@ def _run_one(stage_name: str, ctx) -> None:
     stage = STAGES[stage_name]
     manifests = run_stage(ctx, stage)
     for split, manifest in manifests.items():
-        click.echo(f"{stage_name}/{split}: {stage.describe(manifest)}")
+        skipped = manifest.get("data", {}).get("images_skipped")
+        click.echo(f"{stage_name}/{split}: {stage.describe(manifest)}" + (f"; {skipped} bad image(s) skipped" if skipped else ""))
     return manifests
 
 
@@ -187,8 +195,8 @@ STAGE_HELP = {
 def _stage_command(stage_name: str):
     @stage_options
     @click.argument("pipeline")
-    def command(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet):
-        ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet)
+    def command(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
+        ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad)
         ctx.ensure_data()
         _run_one(stage_name, ctx)
 
@@ -204,13 +212,14 @@ for _name in STAGE_HELP:
 @click.argument("pipeline", default="demo")
 @click.option("--until", "until", default=None, help="Stop after this stage.")
 @stage_options
-def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, quiet):
+def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
     """Run every stage of PIPELINE (default: demo) in order, skipping those up to date."""
     from stages import STAGES, pipeline_stages
+    from stages.common import skip_summary
 
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
-    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet)
+    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad)
     ctx.ensure_data()
     for name in pipeline_stages(ctx.cfg.method):
         manifest = _run_one(name, ctx)
@@ -220,6 +229,8 @@ def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, q
         from stages import evaluate
 
         click.echo(evaluate.table(ctx, manifest["test"] if "test" in manifest else next(iter(manifest.values()))))
+    for line in skip_summary(ctx):
+        click.echo(line)
 
 
 @cli.command("detect")
@@ -313,11 +324,16 @@ def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
 
 @cli.command("status")
 @click.argument("pipeline", required=False)
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Judge the stages as a run with --skip-bad would [default: so if the pipeline was built with it].",
+)
 @pipeline_options
-def status_cmd(pipeline, runs_dir, overrides, pipelines_file):
+def status_cmd(pipeline, skip_bad, runs_dir, overrides, pipelines_file):
     """Show each stage of PIPELINE (default: every pipeline with a runs folder): done, stale and why, or missing."""
     from stages import pipeline_stages
-    from stages.common import unit_status
+    from stages.common import built_with_skip_bad, skip_summary, unit_status
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     runs = _runs_dir(runs_dir)
@@ -326,6 +342,9 @@ def status_cmd(pipeline, runs_dir, overrides, pipelines_file):
         click.echo(f"no runs in {runs} yet; start one with `rcnn run`")
     for name in names:
         ctx = make_context(name, runs_dir, overrides, pipelines_file, quiet=True)
+        if skip_bad or built_with_skip_bad(ctx):
+            ctx = make_context(name, runs_dir, overrides, pipelines_file, quiet=True, skip_bad=True)
+            ctx.log = lambda line: None  # the summary below names the skipped images once
         click.echo(f"{name}  ({ctx.root})")
         for stage_name, stage in pipeline_stages(ctx.cfg.method).items():
             for split in stage.splits(ctx):
@@ -334,9 +353,13 @@ def status_cmd(pipeline, runs_dir, overrides, pipelines_file):
                 if st.manifest is not None:
                     size = sum(o["bytes"] for o in st.manifest["outputs"].values())
                     line += f" {_human(size):>9}  {st.manifest['timings']['wall_s']:8.1f} s"
+                    skipped = st.manifest.get("data", {}).get("images_skipped")
+                    line += f"  {skipped} bad image(s) skipped" if skipped else ""
                 if st.reasons:
                     line += "  " + "; ".join(st.reasons)
                 click.echo(line)
+        for line in skip_summary(ctx):
+            click.echo("  " + line)
 
 
 def _human(n: float) -> str:
@@ -361,7 +384,7 @@ def _human(n: float) -> str:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
 @stage_options
 def evaluate_cmd(
-    pipeline, data_dir, split, detections, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet
+    pipeline, data_dir, split, detections, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad
 ):
     """Score detections exactly as the PASCAL VOC devkit does.
 

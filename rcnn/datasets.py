@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -105,9 +106,13 @@ class VOCDataset:
     ``root/ImageSets/Main/<split>.txt`` lists the ids; ``root/Annotations/<id>.xml``
     and ``root/JPEGImages/<id>.jpg`` hold the data. Annotations are parsed lazily
     and cached.
+
+    ``skip`` maps ids listed in the split to why they are left out (as
+    :func:`find_bad_images` returns it): they are not in ``ids`` and not read by
+    :attr:`fingerprint`, and stay named in ``skipped``.
     """
 
-    def __init__(self, root: str | Path, split: str):
+    def __init__(self, root: str | Path, split: str, skip: Mapping[str, str] | None = None):
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
@@ -124,7 +129,9 @@ class VOCDataset:
             if image_id in seen:
                 raise UserError(f"{split_file}: image id {image_id!r} is listed twice; remove the duplicate line")
             seen.add(image_id)
-        self.ids: list[str] = ids
+        skip = skip or {}
+        self.skipped: dict[str, str] = {i: skip[i] for i in ids if i in skip}
+        self.ids: list[str] = [i for i in ids if i not in self.skipped]
         self._cache: dict[str, ImageAnnotation] = {}
 
     def __len__(self) -> int:
@@ -146,24 +153,57 @@ class VOCDataset:
         """Sorted object class names found in this split."""
         return tuple(sorted({name for a in self.annotations() for name in a.labels}))
 
+    def problem(self, image_id: str, classes: tuple[str, ...] | None = None) -> str | None:
+        """What makes one image unusable short of decoding it, as one line naming the file; None if nothing.
+
+        The annotation must parse, the image file must exist and, given ``classes``,
+        every object's class must be one of them. :meth:`decode_problem` does the rest.
+        """
+        try:
+            ann = self.annotation(image_id)
+        except UserError as e:
+            return str(e)
+        if not ann.path.is_file():
+            return f"image '{ann.path}' is listed in {self.split_file} but missing"
+        unknown = [name for name in ann.labels if classes is not None and name not in classes]
+        if unknown:
+            return (
+                f"{self.root / 'Annotations' / (image_id + '.xml')}: class '{unknown[0]}' is not in the "
+                f"pipeline's class list ({', '.join(classes)}); add it to data.classes"
+            )
+        return None
+
+    def decode_problem(self, image_id: str) -> str | None:
+        """Why the image does not decode, or decodes to another size than its annotation says; None if it is fine."""
+        try:
+            load_image(self.annotation(image_id))
+        except UserError as e:
+            return str(e)
+        return None
+
+    def content_digest(self, image_id: str) -> str:
+        """Hash of one image's annotation and image bytes (the key under which its decoding is remembered)."""
+        h = hashlib.blake2b(digest_size=16)
+        for path in (self.root / "Annotations" / f"{image_id}.xml", self.image_path(image_id)):
+            data = path.read_bytes()
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        return h.hexdigest()
+
     def check(self, classes: tuple[str, ...] | None = None) -> None:
         """Parse every annotation and confirm every image exists, before long work starts."""
-        known = set(classes) if classes is not None else None
         for image_id in self.ids:
-            ann = self.annotation(image_id)
-            if not ann.path.is_file():
-                raise UserError(f"image '{ann.path}' is listed in {self.split_file} but missing")
-            if known is not None:
-                for name in ann.labels:
-                    if name not in known:
-                        raise UserError(
-                            f"{self.root / 'Annotations' / (image_id + '.xml')}: class '{name}' is not in the "
-                            f"pipeline's class list ({', '.join(classes)}); add it to data.classes"
-                        )
+            reason = self.problem(image_id, classes)
+            if reason is not None:
+                raise UserError(reason)
 
     @cached_property
     def fingerprint(self) -> str:
-        """Content hash of the split file, every annotation and every image of the split."""
+        """Content hash of the split file, every annotation and every image of the split.
+
+        Skipped images are not read; their ids are hashed instead, so the fingerprint
+        changes when one is repaired (and equals an unskipped split's when none is skipped).
+        """
         h = hashlib.blake2b(digest_size=16)
         h.update(self.split_file.read_bytes())
         for image_id in self.ids:
@@ -172,7 +212,37 @@ class VOCDataset:
                     h.update(path.read_bytes())
                 except FileNotFoundError:
                     raise UserError(f"'{path}' is listed in {self.split_file} but missing") from None
+        if self.skipped:
+            h.update(("skipped:" + "\n".join(self.skipped)).encode())
         return h.hexdigest()
+
+
+def find_bad_images(
+    dataset: VOCDataset, classes: tuple[str, ...] | None = None, known_good: set[str] | None = None
+) -> dict[str, str]:
+    """Every unusable image of ``dataset``: id -> the one-line reason, in split order.
+
+    An image is unusable when :meth:`VOCDataset.problem` (annotation, file, class) or
+    :meth:`VOCDataset.decode_problem` (decoding, size) says so: exactly the checks a
+    stage would fail on. Decoding is the slow part, so ``known_good`` may hold the
+    :meth:`VOCDataset.content_digest` of images already found to decode to their
+    annotated size; those are not decoded again, and the ones that decode now are added.
+    """
+    bad = {}
+    for image_id in dataset.ids:
+        reason = dataset.problem(image_id, classes)
+        if reason is None:
+            try:
+                digest = dataset.content_digest(image_id) if known_good is not None else None
+            except OSError:  # unreadable: decoding below says so in its words
+                digest = None
+            if digest is None or digest not in known_good:
+                reason = dataset.decode_problem(image_id)
+                if reason is None and digest is not None:
+                    known_good.add(digest)
+        if reason is not None:
+            bad[image_id] = reason
+    return bad
 
 
 def decode_image(path: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,13 +21,24 @@ import click
 
 from rcnn import __version__, store
 from rcnn.config import PipelineConfig
-from rcnn.datasets import VOCDataset
+from rcnn.datasets import VOCDataset, find_bad_images
 from rcnn.errors import UserError
+
+# Content digests of images known to decode to their annotated size (see find_bad_images).
+CHECKED_IMAGES = "_data/checked-images.json"
+
+
+class UpstreamMismatch(UserError):
+    """An upstream unit on disk was built from other data or another class list than the configuration's."""
 
 
 @dataclass
 class Context:
-    """One pipeline's configuration, its folder in the runs directory and run options."""
+    """One pipeline's configuration, its folder in the runs directory and run options.
+
+    With ``skip_bad``, images whose data is unusable are left out of every split
+    (each logged once), instead of ending the command at the first one.
+    """
 
     cfg: PipelineConfig
     runs_dir: Path
@@ -34,6 +46,8 @@ class Context:
     wait: bool = False
     progress: bool = True
     log: Callable[[str], None] = field(default=click.echo)
+    skip_bad: bool = False
+    _datasets: dict[str, VOCDataset] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def root(self) -> Path:
@@ -80,10 +94,31 @@ class Context:
         return w, {"weights": store.file_digest(Path(w))}
 
     def dataset(self, split: str) -> VOCDataset:
-        cache = self.__dict__.setdefault("_datasets", {})
-        if split not in cache:
-            cache[split] = VOCDataset(self.data_root, split)
-        return cache[split]
+        """The split's images; with ``skip_bad``, only the usable ones (the same in every stage)."""
+        if split not in self._datasets:
+            dataset = VOCDataset(self.data_root, split)
+            self._datasets[split] = self._without_bad_images(dataset) if self.skip_bad else dataset
+        return self._datasets[split]
+
+    def _without_bad_images(self, dataset: VOCDataset) -> VOCDataset:
+        data = self.cfg.data
+        # Unconfigured classes are those of the kept trainval images, so only other splits can hold unknown ones.
+        classes = data.classes if data.classes is not None or dataset.split == data.trainval else self.classes
+        known_good = _read_checked_images(self.runs_dir)
+        before = len(known_good)
+        bad = find_bad_images(dataset, classes, known_good)
+        if len(known_good) > before:
+            _write_checked_images(self.runs_dir, known_good)
+        for image_id, reason in bad.items():
+            self.log(f"data/{dataset.split}: skipping image {image_id} (--skip-bad): {reason}")
+        if bad and len(bad) == len(dataset):
+            first = next(iter(bad.values()))
+            raise UserError(f"every image of split '{dataset.split}' in {dataset.root} is bad; the first: {first}")
+        return VOCDataset(dataset.root, dataset.split, skip=bad) if bad else dataset
+
+    def skipped_images(self) -> dict[str, dict[str, str]]:
+        """Per split read so far, the ids left out by ``skip_bad`` and why."""
+        return {split: ds.skipped for split, ds in self._datasets.items() if ds.skipped}
 
     @cached_property
     def splits(self) -> tuple[str, str]:
@@ -143,21 +178,71 @@ def fingerprint(ctx: Context, stage: ModuleType, split: str) -> store.Fingerprin
 
 
 def upstream_digest(ctx: Context, stage: str, split: str) -> str:
-    """The outputs digest of a completed upstream unit, or an error saying what to run."""
+    """The outputs digest of a completed upstream unit, or an error saying what to run.
+
+    An upstream unit built from other data or another class list than this
+    configuration's is refused (:class:`UpstreamMismatch`), never used.
+    """
     manifest = store.read_manifest(ctx.unit_dir(stage, split))
     if manifest is None:
         raise UserError(
             f"stage '{stage}' ({split}) of pipeline '{ctx.cfg.name}' has not run yet; run `rcnn {stage} {ctx.cfg.name}` first"
         )
+    check_same_origin(ctx, stage, split, manifest)
     return store.outputs_digest(manifest)
 
 
+def check_same_origin(ctx: Context, stage: str, split: str, manifest: dict) -> None:
+    """Refuse an upstream unit whose recorded class list or data fingerprints differ from the configuration's."""
+    what = f"{stage}/{split} of pipeline '{ctx.cfg.name}'"
+    fix = f"rerun `rcnn {stage} {ctx.cfg.name}` (or `rcnn run {ctx.cfg.name}`) with this configuration to rebuild it"
+    recorded = manifest.get("data", {})
+    root, here = recorded.get("root", "an unrecorded dataset"), str(ctx.data_root.resolve())
+    # The class list first: it also decides which images --skip-bad leaves out.
+    classes = manifest["params"].get("classes")
+    if classes is not None and tuple(classes) != ctx.classes:
+        moved = f", and from dataset {root} but this configuration reads {here}" if root != here else ""
+        raise UpstreamMismatch(
+            f"{what} was built from classes ({', '.join(classes)}) but this configuration has "
+            f"({', '.join(ctx.classes)}){moved}; {fix}"
+        )
+    for key, built in sorted(manifest["inputs"].items()):
+        if not key.startswith("data/"):
+            continue
+        data_split = key.split("/", 1)[1]
+        now = ctx.dataset(data_split).fingerprint
+        if built == now:
+            continue
+        skipped = [s["id"] for s in recorded.get("skipped", [])]
+        if skipped and not ctx.skip_bad:
+            raise UpstreamMismatch(
+                f"{what} was built with --skip-bad, leaving out {len(skipped)} image(s) of {data_split} "
+                f"({', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}), but this run reads every image; "
+                f"pass --skip-bad, or {fix}"
+            )
+        if root == here:
+            raise UpstreamMismatch(
+                f"{what} was built from {root} [{data_split}] before its files changed "
+                f"(data fingerprint {built[:12]} then, {now[:12]} now); {fix}"
+            )
+        raise UpstreamMismatch(
+            f"{what} was built from dataset {root} [{data_split}] (data fingerprint {built[:12]}) "
+            f"but this configuration reads {here} [{data_split}] ({now[:12]}); {fix}"
+        )
+
+
 def unit_status(ctx: Context, stage: ModuleType, split: str) -> store.UnitStatus:
+    unit = ctx.unit_dir(stage.NAME, split)
     try:
         expected = fingerprint(ctx, stage, split)
     except UserError as e:
-        return store.UnitStatus("missing", [str(e)])
-    return store.unit_status(ctx.unit_dir(stage.NAME, split), expected)
+        # A unit that completed but can no longer be vouched for (its input changed or is gone) is stale.
+        try:
+            manifest = store.read_manifest(unit)
+        except UserError:
+            manifest = None
+        return store.UnitStatus("stale" if manifest else "missing", [str(e)], manifest)
+    return store.unit_status(unit, expected)
 
 
 def run_stage(ctx: Context, stage: ModuleType) -> dict[str, dict]:
@@ -190,8 +275,7 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
             "stage": stage.NAME,
             "split": split,
             "pipeline": ctx.cfg.name,
-            # Where the data was (not part of the fingerprint: moving a dataset keeps its results).
-            "data": {"root": str(ctx.data_root.resolve()), "split": split, "classes": list(ctx.classes)},
+            "data": data_record(ctx, split),
             "schema_version": stage.SCHEMA_VERSION,
             "fingerprint": expected.digest,
             "params": expected.params,
@@ -214,8 +298,74 @@ def _reuse(ctx: Context, unit: Path, twin: Path, label: str) -> dict:
     for name in manifest["outputs"]:
         store.link_or_copy(twin / name, staging / name)
         staged[name] = staging / name
-    reused = {**manifest, "pipeline": ctx.cfg.name, "reused_from": str(twin)}
+    reused = {**manifest, "pipeline": ctx.cfg.name, "data": data_record(ctx, unit.name), "reused_from": str(twin)}
     reused.pop("outputs")
     out = store.commit(unit, staged, reused)
     ctx.log(f"{label}: identical inputs and parameters to {twin}, reused its outputs")
     return out
+
+
+def data_record(ctx: Context, split: str) -> dict:
+    """The manifest's account of the data: where it was and which images --skip-bad left out, and why.
+
+    Not part of the fingerprint (moving a dataset keeps its results); the skipped
+    images change the data fingerprint itself.
+    """
+    dataset = ctx.dataset(split)
+    return {
+        "root": str(ctx.data_root.resolve()),
+        "split": split,
+        "classes": list(ctx.classes),
+        "skip_bad": ctx.skip_bad,
+        "images_skipped": len(dataset.skipped),
+        "skipped": [{"id": image_id, "reason": reason} for image_id, reason in dataset.skipped.items()],
+    }
+
+
+def built_with_skip_bad(ctx: Context) -> bool:
+    """Whether any completed unit of the pipeline was built with --skip-bad (so status judges it that way)."""
+    for path in sorted(ctx.root.glob(f"*/*/{store.MANIFEST}")):
+        try:
+            manifest = store.read_manifest(path.parent)
+        except UserError:
+            continue
+        if manifest is not None and manifest.get("data", {}).get("skip_bad"):
+            return True
+    return False
+
+
+def skip_summary(ctx: Context) -> list[str]:
+    """Lines naming every image --skip-bad left out so far, for the end of a run or a status."""
+    skipped = [(split, image_id, reason) for split, bad in ctx.skipped_images().items() for image_id, reason in bad.items()]
+    if not skipped:
+        return []
+    lines = [f"{len(skipped)} bad image(s) skipped (--skip-bad; each stage's manifest lists them):"]
+    return lines + [f"  {split}/{image_id}: {reason}" for split, image_id, reason in skipped]
+
+
+def _checked_images_key() -> dict:
+    import cv2
+
+    # A change to the checks or the decoder invalidates what was remembered.
+    return {"code": code_digest(("rcnn.datasets",)), "opencv": cv2.__version__}
+
+
+def _read_checked_images(runs_dir: Path) -> set[str]:
+    try:
+        saved = json.loads((runs_dir / CHECKED_IMAGES).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(saved, dict) or saved.get("key") != _checked_images_key():
+        return set()
+    return set(saved.get("digests", []))
+
+
+def _write_checked_images(runs_dir: Path, digests: set[str]) -> None:
+    # Only a cache: merged with what another process wrote meanwhile, and skipped if it cannot be written.
+    try:
+        path = runs_dir / CHECKED_IMAGES
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = digests | _read_checked_images(runs_dir)
+        store.write_json_atomic(path, {"key": _checked_images_key(), "digests": sorted(merged)})
+    except OSError:
+        pass

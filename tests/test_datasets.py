@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rcnn.datasets import VOCDataset, load_image, parse_voc_xml
+from rcnn.datasets import VOCDataset, find_bad_images, load_image, parse_voc_xml
 from rcnn.errors import UserError
 
 XML = """<annotation><size><width>50</width><height>40</height><depth>3</depth></size>
@@ -93,3 +93,20 @@ def test_fingerprint_changes_with_content(voc_copy):
     xml = voc_copy / "Annotations" / f"{image_id}.xml"
     xml.write_text(xml.read_text() + " ")
     assert VOCDataset(voc_copy, "test").fingerprint != before
+
+
+def test_bad_images_are_found_skipped_and_change_the_fingerprint(voc_copy):
+    clean = VOCDataset(voc_copy, "trainval")
+    before, bad = clean.fingerprint, clean.ids[0]
+    image = voc_copy / "JPEGImages" / f"{bad}.jpg"
+    saved = image.read_bytes()
+    image.write_bytes(saved[:-200])
+    found = find_bad_images(VOCDataset(voc_copy, "trainval"), classes=None, known_good=set())
+    assert list(found) == [bad] and "truncated JPEG" in found[bad]
+    kept = VOCDataset(voc_copy, "trainval", skip=found)
+    assert kept.ids == clean.ids[1:] and kept.skipped == found
+    assert kept.fingerprint != before
+    image.write_bytes(saved)
+    assert find_bad_images(VOCDataset(voc_copy, "trainval")) == {}
+    # Nothing skipped: the same fingerprint as a dataset read without skipping.
+    assert VOCDataset(voc_copy, "trainval", skip={}).fingerprint == before
