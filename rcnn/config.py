@@ -126,6 +126,7 @@ class SVMConfig:
     pos_loss_weight: float = 2.0
     bias_mult: float = 10.0
     neg_overlap: float = 0.3  # R-CNN section 2.3: negatives below IoU 0.3
+    neg_max_mutual_overlap: float | None = None  # SPP-net: 0.7 drops negatives overlapping another by > 70 %
     hard_threshold: float = -1.0001
     evict_threshold: float = -1.2
     retrain_limit: int = 2000

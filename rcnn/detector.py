@@ -11,7 +11,7 @@ import torch
 
 from rcnn.bbox_regression import BBoxRegressor
 from rcnn.boxes import clip_boxes
-from rcnn.models import DetectorNet, normalise_crops
+from rcnn.models import DetectorNet, for_inference, normalise_crops
 from rcnn.nms import nms
 from rcnn.selective_search import selective_search
 from rcnn.svm import SVMModel
@@ -96,8 +96,8 @@ class Detector:
         h, w = image_bgr.shape[:2]
         proposals = selective_search(image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed)
         layers = tuple(dict.fromkeys([self.svm_layer] + ([self.bbox_layer] if self.bbox else [])))
-        self.model.eval()
         if self.model.spec.spp_levels:
+            for_inference(self.model)
             from rcnn.spp import image_scales
             from rcnn.spp_features import image_maps, spp_region_features
 
@@ -105,6 +105,7 @@ class Detector:
             maps = image_maps(self.model, image_bgr, factors)
             feats = spp_region_features(self.model, maps, factors, proposals, layers, self.spp_target)
         else:
+            self.model.eval()
             rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
             feats = region_features(self.model, rgb, proposals, layers, self.context_pad)
         scores = self.svm.scores(feats[self.svm_layer])

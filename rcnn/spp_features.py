@@ -11,6 +11,9 @@ import torch
 from rcnn.models import DetectorNet
 from rcnn.spp import map_windows, select_scale, spp_pool
 
+#: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
+MANY_WINDOWS = 16
+
 
 @torch.no_grad()
 def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float]) -> list[np.ndarray]:
@@ -28,7 +31,7 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
         x = torch.from_numpy(np.ascontiguousarray(resized)).to(device).permute(2, 0, 1).float().div_(255.0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             fmap = model.trunk(((x - mean) / std)[None])[0]
-        maps.append(fmap.float().cpu().numpy().astype(np.float16))
+        maps.append(fmap.float().contiguous().cpu().numpy().astype(np.float16))
     return maps
 
 
@@ -51,7 +54,14 @@ def pool_images(
     (SPP-net's multi-scale rule; with one scale, that scale). Returns ``[sum N, C * sum(n^2)]``
     in item order.
     """
-    chosen_maps: list[torch.Tensor] = []
+    channels = items[0][0][0].shape[0]
+    device = items[0][0][0].device
+    dim = channels * sum(n * n for n in levels)
+    out = torch.empty((sum(len(np.asarray(b).reshape(-1, 4)) for _, _, b in items), dim), device=device)
+    # Maps with many windows (test time: every proposal of an image) are pooled one at a time, each
+    # with its own sparse table; the rest (fine-tuning batches: a window or two from each of many
+    # images) in one batched call over the cells their windows touch.
+    batched_maps: list[torch.Tensor] = []
     rects, owner, order = [], [], []
     offset = 0
     for maps, factors, boxes in items:
@@ -60,24 +70,23 @@ def pool_images(
         for k in np.unique(scale):
             sel = np.flatnonzero(scale == k)
             fmap = maps[k]
-            rects.append(map_windows(boxes[sel] * np.float32(factors[k]), stride, fmap.shape[1], fmap.shape[2]))
-            owner.append(np.full(len(sel), len(chosen_maps)))
+            r = map_windows(boxes[sel] * np.float32(factors[k]), stride, fmap.shape[1], fmap.shape[2])
+            if len(sel) >= MANY_WINDOWS:
+                out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels)
+                continue
+            x0, y0 = r[:, 0].min(), r[:, 1].min()
+            rects.append(r - np.array([x0, y0, x0, y0]))
+            owner.append(np.full(len(sel), len(batched_maps)))
             order.append(offset + sel)
-            chosen_maps.append(fmap)
+            batched_maps.append(fmap[:, y0 : r[:, 3].max() + 1, x0 : r[:, 2].max() + 1])
         offset += len(boxes)
-    channels = items[0][0][0].shape[0]
-    device = items[0][0][0].device
-    out = torch.empty((offset, channels * sum(n * n for n in levels)), device=device)
-    if not chosen_maps:
+    if not batched_maps:
         return out
-    height = max(m.shape[1] for m in chosen_maps)
-    width = max(m.shape[2] for m in chosen_maps)
-    if all(m.shape[1:] == (height, width) for m in chosen_maps):
-        batch = torch.stack(chosen_maps)
-    else:  # zero padding to a common size: no window reaches it
-        batch = torch.zeros((len(chosen_maps), channels, height, width), device=device)
-        for i, m in enumerate(chosen_maps):
-            batch[i, :, : m.shape[1], : m.shape[2]] = m
+    height = max(m.shape[1] for m in batched_maps)
+    width = max(m.shape[2] for m in batched_maps)
+    batch = torch.zeros((len(batched_maps), channels, height, width), device=device)
+    for i, m in enumerate(batched_maps):  # zero padding to a common size: no window reaches it
+        batch[i, :, : m.shape[1], : m.shape[2]] = m
     pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner))
     out[torch.from_numpy(np.concatenate(order)).to(device)] = pooled
     return out

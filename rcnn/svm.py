@@ -72,6 +72,31 @@ class ImageFeatures:
         object.__setattr__(self, "overlaps", overlaps)
 
 
+def thin_negatives(boxes: np.ndarray, gt_classes: np.ndarray, max_overlap: float) -> np.ndarray:
+    """Rows to keep when negatives that overlap another negative by more than ``max_overlap`` are dropped.
+
+    SPP-net (section 4.2 of the TPAMI paper) removed negative samples overlapping another negative by
+    more than 70 %. Proposals are visited in their given order (selective search's ranking) and one is
+    kept unless its IoU with an already kept proposal exceeds ``max_overlap``; ground-truth rows
+    (``gt_classes >= 0``), the positives, are always kept.
+
+    Args:
+        boxes: ``[N, 4]`` in ``(x1, y1, x2, y2)``, continuous pixel coordinates.
+        gt_classes: int64 ``[N]``, -1 for proposals.
+        max_overlap: IoU above which a later proposal is dropped.
+
+    Returns:
+        int64 ``[K]`` indices of the kept rows, in their original order.
+    """
+    from rcnn.nms import nms
+
+    gt_classes = np.asarray(gt_classes).reshape(-1)
+    proposals = np.flatnonzero(gt_classes < 0)
+    ranks = -np.arange(len(proposals), dtype=np.float64)  # earlier proposals win
+    kept = proposals[nms(np.asarray(boxes, np.float32)[proposals], ranks, max_overlap)]
+    return np.sort(np.concatenate([np.flatnonzero(gt_classes >= 0), kept]))
+
+
 ImageSource = Sequence[ImageFeatures] | Callable[[], Iterable[ImageFeatures]]
 """Training images, read once per pass: a sequence, or a function returning a fresh iterator."""
 

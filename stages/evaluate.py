@@ -26,7 +26,16 @@ from .common import Context, upstream_digest
 
 NAME = "evaluate"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.evaluation", "rcnn.nms", "rcnn.detfiles", "rcnn.scoring", "stages.evaluate")
+CODE = (
+    "rcnn.evaluation",
+    "rcnn.nms",
+    "rcnn.detfiles",
+    "rcnn.scoring",
+    "rcnn.spp",
+    "rcnn.spp_features",
+    "stages.features",
+    "stages.evaluate",
+)
 VARIANTS = {"plain": "detections", "bbox": "detections-bbox"}
 RESULTS = "results.json"
 
@@ -54,6 +63,7 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
         f"features/{split}": upstream_digest(ctx, "features", split),
         "train-svm": upstream_digest(ctx, "train-svm", trainval),
         "train-bbox": upstream_digest(ctx, "train-bbox", trainval),
+        **features.layer_inputs(ctx, split, ctx.cfg.bbox.layer),
     }
 
 
@@ -70,14 +80,14 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     reg: BBoxRegressor = train_bbox.load(ctx)
     results: dict[str, dict[str, ClassDetections]] = {v: {} for v in VARIANTS}
     seconds = []
-    with features.load(ctx, split) as rs:
+    with features.load(ctx, split) as rs, features.LayerReader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer:
         for image_id in dataset.ids:
             ann = dataset.annotation(image_id)
             start = time.perf_counter()
             proposal = rs.array(image_id, "gt_classes", np.int64, 1) < 0
             boxes = rs.array(image_id, "boxes", np.float32, 2)[proposal]
             scores = svm.scores(rs.array(image_id, ctx.cfg.svm.layer, np.float16, 2)[proposal])
-            pool5 = rs.array(image_id, ctx.cfg.bbox.layer, np.float16, 2)[proposal].astype(np.float32)
+            pool5 = bbox_layer.rows(rs, image_id, proposal)
             results["plain"][image_id] = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image)
             results["bbox"][image_id] = per_class_nms(
                 scores,

@@ -2,9 +2,11 @@
 
 One record per image: ``boxes`` float32 ``[N, 4]`` (ground truth first), ``gt_classes``
 int64 ``[N]`` (-1 for proposals), ``overlaps`` float32 ``[N, C]``, ``best_gt`` int64 ``[N]``
-and one float16 ``[N, D]`` array per configured layer (pool5 for box regression and
-fc7 for the SVMs, as R-CNN cached them). Records stay in their parts, joined by
-``index.json``; a killed run resumes at the first image without a record.
+and one float16 ``[N, D]`` array per cached layer (R-CNN: pool5 for box regression and
+fc7 for the SVMs, as R-CNN cached them). SPP-net does not cache its pooled pyramid
+(``pool5`` here, up to 25,600-d): it is cheap to pool again from the cached conv maps
+whenever a later stage needs it (:class:`LayerReader`). Records stay in their parts,
+joined by ``index.json``; a killed run resumes at the first image without a record.
 """
 
 from __future__ import annotations
@@ -14,20 +16,30 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
-from rcnn import records
+from rcnn import records, store
 from rcnn.datasets import load_image
 from rcnn.detector import region_features
 from rcnn.errors import UserError
 from rcnn.regions import image_regions
-from rcnn.spp_features import spp_region_features
+from rcnn.spp_features import as_map_tensors, pool_images, spp_region_features
 
 from . import convmaps, finetune, proposals
 from .common import Context, cached_mb, pending_images, progress_bar, upstream_digest
 
 NAME = "features"
-SCHEMA_VERSION = 1
-CODE = ("rcnn.models", "rcnn.regions", "rcnn.records", "rcnn.warp", "rcnn.detector", "rcnn.spp_features", "stages.features")
+SCHEMA_VERSION = 2
+CODE = (
+    "rcnn.models",
+    "rcnn.regions",
+    "rcnn.records",
+    "rcnn.warp",
+    "rcnn.detector",
+    "rcnn.spp",
+    "rcnn.spp_features",
+    "stages.features",
+)
 INDEX = "index.json"
 KIND = "features"
 LAYERS = ("pool5", "fc6", "fc7")
@@ -37,13 +49,19 @@ def splits(ctx: Context) -> tuple[str, ...]:
     return ctx.splits
 
 
-def params(ctx: Context) -> dict:
+def cached_layers(ctx: Context) -> tuple[str, ...]:
+    """The configured layers this stage writes: all of them for R-CNN; SPP-net pools ``pool5`` on demand."""
     bad = [layer for layer in ctx.cfg.features.layers if layer not in LAYERS]
     if bad:
         raise UserError(f"features.layers: unknown layer '{bad[0]}' (choose from {', '.join(LAYERS)})")
+    layers = tuple(ctx.cfg.features.layers)
+    return tuple(x for x in layers if x != "pool5") if ctx.cfg.method == "spp" else layers
+
+
+def params(ctx: Context) -> dict:
     return {
         "method": ctx.cfg.method,
-        "layers": list(ctx.cfg.features.layers),
+        "layers": list(cached_layers(ctx)),
         "context_pad": ctx.cfg.finetune.context_pad,
         "classes": list(ctx.classes),
         "use_difficult": ctx.cfg.data.use_difficult,
@@ -69,24 +87,27 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     model, _ = finetune.load(ctx)
     model.eval()
     device = next(model.parameters()).device
-    layers = tuple(cfg.features.layers)
+    layers = cached_layers(ctx)
     parts = work / "parts"
     todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
     bar = progress_bar(ctx, len(todo), f"features {split}")
     start = time.perf_counter()
-    n_boxes = 0
+    n_boxes, compute = 0, 0.0
     maps = convmaps.load(ctx, split) if cfg.method == "spp" else None
-    with proposals.load(ctx, split) as props, records.RecordWriter(parts, KIND, chunk_size=16, compress=layers) as writer:
+    with proposals.load(ctx, split) as props, records.RecordWriter(parts, KIND, chunk_size=16) as writer:
         for image_id in todo:
             ann = dataset.annotation(image_id)
             regions = image_regions(ann, props.array(image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
             if maps is not None:
                 factors = maps.array(image_id, "factors", np.float32, 1)
                 conv = [maps.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))]
+                tick = time.perf_counter()
                 feats = spp_region_features(model, conv, factors, regions.boxes, layers, cfg.spp.target_size)
             else:
+                tick = time.perf_counter()
                 image = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
                 feats = region_features(model, image, regions.boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size)
+            compute += time.perf_counter() - tick
             writer.add(
                 image_id,
                 {
@@ -111,6 +132,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "layers": list(layers),
         "device": str(device),
         "seconds_per_image": wall / len(todo) if todo else None,
+        # what a detector computes (decoding and warping, or pooling from the maps in memory, and the CNN), no I/O
+        "compute_seconds_per_image": compute / len(todo) if todo else None,
         "boxes_per_s": n_boxes / wall if todo and wall > 0 else None,
     }
     return outputs, metrics
@@ -119,6 +142,56 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
 def load(ctx: Context, split: str) -> records.RecordSet:
     """Open the cached features of ``split``."""
     return records.RecordSet(ctx.unit_dir(NAME, split) / INDEX, KIND)
+
+
+def layer_inputs(ctx: Context, split: str, layer: str) -> dict[str, str]:
+    """Upstream digests a reader of ``layer`` depends on beyond the features: SPP-net's conv maps for pool5."""
+    if layer in cached_layers(ctx):
+        return {}
+    return {f"convmaps/{split}": upstream_digest(ctx, "convmaps", split)}
+
+
+class LayerReader:
+    """One layer's float32 ``[K, D]`` features of chosen windows of an image of ``split``.
+
+    A cached layer is read from the features records; SPP-net's ``pool5`` (the pyramid fc6
+    reads) is pooled again from the cached conv maps, exactly as the features stage pooled it.
+    Use as a context manager.
+    """
+
+    def __init__(self, ctx: Context, split: str, layer: str):
+        if layer not in LAYERS:
+            raise UserError(f"unknown feature layer '{layer}' (choose from {', '.join(LAYERS)})")
+        self.layer = layer
+        self.maps = None
+        if layer not in cached_layers(ctx):
+            if layer != "pool5":
+                raise UserError(f"layer '{layer}' is not in features.layers ({', '.join(ctx.cfg.features.layers)}); add it")
+            manifest = store.read_manifest(ctx.unit_dir(convmaps.NAME, split)) or {}
+            self.stride = int(manifest.get("metrics", {}).get("stride", 0))
+            if self.stride < 1:
+                raise UserError(f"the conv maps of {split} are missing or incomplete: run `rcnn convmaps {ctx.cfg.name}`")
+            self.levels = tuple(ctx.cfg.spp.levels)
+            self.target = ctx.cfg.spp.target_size
+            self.maps = convmaps.load(ctx, split)
+
+    def __enter__(self) -> LayerReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.maps is not None:
+            self.maps.close()
+
+    def rows(self, rs: records.RecordSet, image_id: str, rows: np.ndarray) -> np.ndarray:
+        """``layer`` of the windows ``rows`` (indices or a boolean mask) of ``image_id``'s record in ``rs``."""
+        if self.maps is None:
+            return rs.array(image_id, self.layer, np.float16, 2)[rows].astype(np.float32)
+        boxes = rs.array(image_id, "boxes", np.float32, 2)[rows]
+        factors = self.maps.array(image_id, "factors", np.float32, 1)
+        conv = as_map_tensors([self.maps.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))])
+        with torch.no_grad():
+            pooled = pool_images([(conv, factors, boxes)], self.stride, self.levels, self.target)
+        return pooled.numpy()  # maxima of float16 maps: the same numbers a float16 cache would hold
 
 
 def describe(manifest: dict) -> str:

@@ -14,7 +14,7 @@ from .common import Context, upstream_digest
 
 NAME = "train-bbox"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.bbox_regression", "rcnn.box_coding", "stages.train_bbox")
+CODE = ("rcnn.bbox_regression", "rcnn.box_coding", "rcnn.spp", "rcnn.spp_features", "stages.features", "stages.train_bbox")
 MODEL = "bbox.npz"
 
 
@@ -27,7 +27,11 @@ def params(ctx: Context) -> dict:
 
 
 def inputs(ctx: Context, split: str) -> dict[str, str]:
-    return {f"data/{split}": ctx.dataset(split).fingerprint, f"features/{split}": upstream_digest(ctx, "features", split)}
+    return {
+        f"data/{split}": ctx.dataset(split).fingerprint,
+        f"features/{split}": upstream_digest(ctx, "features", split),
+        **features.layer_inputs(ctx, split, ctx.cfg.bbox.layer),
+    }
 
 
 def training_rows(ctx: Context, split: str) -> dict[str, np.ndarray]:
@@ -35,7 +39,7 @@ def training_rows(ctx: Context, split: str) -> dict[str, np.ndarray]:
     b = ctx.cfg.bbox
     dataset = ctx.dataset(split)
     feats, props, gts, classes, overlaps = [], [], [], [], []
-    with features.load(ctx, split) as rs:
+    with features.load(ctx, split) as rs, features.LayerReader(ctx, split, b.layer) as layer:
         for image_id in rs.ids:
             ann = dataset.annotation(image_id)
             labels = ann.label_indices(ctx.classes)
@@ -49,7 +53,7 @@ def training_rows(ctx: Context, split: str) -> dict[str, np.ndarray]:
             rows = np.flatnonzero((cls >= 0) & (iou >= b.min_overlap))
             if len(rows) == 0:
                 continue
-            feats.append(rs.array(image_id, b.layer, np.float16, 2)[rows])
+            feats.append(layer.rows(rs, image_id, rows))
             props.append(rs.array(image_id, "boxes", np.float32, 2)[rows])
             gts.append(ann.boxes[best_gt[rows]])
             classes.append(cls[rows])
@@ -73,8 +77,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         scale = mean_norm_scale(rows["features"], ctx.cfg.svm.target_norm)
         model = train_bbox_regressors(**rows, num_classes=len(ctx.classes), params=bp, feature_scale=scale)
     else:
-        with features.load(ctx, split) as rs:
-            dim = rs.array(rs.ids[0], b.layer).shape[1]
+        with features.load(ctx, split) as rs, features.LayerReader(ctx, split, b.layer) as layer:
+            dim = layer.rows(rs, rs.ids[0], np.zeros(0, np.int64)).shape[1]
         model = BBoxRegressor.identity(len(ctx.classes), dim, 1.0, bp)
     out = work / MODEL
     model.save(out)

@@ -10,14 +10,14 @@ import numpy as np
 
 from rcnn import records
 from rcnn.config import fingerprint_params
-from rcnn.svm import ImageFeatures, SVMModel, SVMParams, train_class_svms
+from rcnn.svm import ImageFeatures, SVMModel, SVMParams, thin_negatives, train_class_svms
 
 from . import features
 from .common import Context, upstream_digest
 
 NAME = "train-svm"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.svm", "stages.train_svm")
+CODE = ("rcnn.svm", "rcnn.nms", "stages.train_svm")
 MODEL = "svm.npz"
 HISTORY = "svm.history.json"
 
@@ -48,21 +48,29 @@ def svm_params(ctx: Context) -> SVMParams:
     )
 
 
-def read_images(index: Path, layer: str) -> Iterator[ImageFeatures]:
-    """The SVM's view of a feature cache, one image at a time (picklable for worker processes)."""
+def read_images(index: Path, layer: str, neg_max_mutual_overlap: float | None = None) -> Iterator[ImageFeatures]:
+    """The SVM's view of a feature cache, one image at a time (picklable for worker processes).
+
+    With ``neg_max_mutual_overlap`` set, proposals overlapping an earlier one by more than that are
+    left out (SPP-net's thinning of negatives; see :func:`rcnn.svm.thin_negatives`).
+    """
     with records.RecordSet(index, features.KIND) as rs:
         for image_id in rs.ids:
+            gt_classes = rs.array(image_id, "gt_classes", np.int64, 1)
+            rows = slice(None)
+            if neg_max_mutual_overlap is not None:
+                rows = thin_negatives(rs.array(image_id, "boxes", np.float32, 2), gt_classes, neg_max_mutual_overlap)
             yield ImageFeatures(
-                features=rs.array(image_id, layer, np.float16, 2).astype(np.float32),
-                gt_classes=rs.array(image_id, "gt_classes", np.int64, 1),
-                overlaps=rs.array(image_id, "overlaps", np.float32, 2),
+                features=rs.array(image_id, layer, np.float16, 2)[rows].astype(np.float32),
+                gt_classes=gt_classes[rows],
+                overlaps=rs.array(image_id, "overlaps", np.float32, 2)[rows],
             )
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
     layer = ctx.cfg.svm.layer
     index = ctx.unit_dir(features.NAME, split) / features.INDEX
-    source = functools.partial(read_images, index, layer)
+    source = functools.partial(read_images, index, layer, ctx.cfg.svm.neg_max_mutual_overlap)
     model = train_class_svms(source, len(ctx.classes), svm_params(ctx), n_jobs=ctx.cfg.svm.n_jobs, progress=ctx.progress)
     out = work / MODEL
     model.save(out)

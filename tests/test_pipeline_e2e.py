@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import run_cli
 
@@ -45,6 +46,33 @@ def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_pat
     assert (det / f"{image.stem}.det.jpg").stat().st_size > 0
 
 
+def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
+    """SPP's pool5 read back for box regression equals what the test-time detector pools for the same boxes."""
+    from cli import make_context
+    from rcnn.spp_features import spp_region_features
+    from stages import convmaps, features, finetune
+
+    ctx = make_context("tiny-spp", runs_dir, (), str(pipelines_file), quiet=True)
+    model, _ = finetune.load(ctx)
+    model.eval()
+    with (
+        features.load(ctx, "test") as rs,
+        convmaps.load(ctx, "test") as maps,
+        features.LayerReader(ctx, "test", "pool5") as layer,
+    ):
+        image_id = rs.ids[0]
+        boxes = rs.array(image_id, "boxes", np.float32, 2)
+        rows = np.arange(0, len(boxes), 2)
+        factors = maps.array(image_id, "factors", np.float32, 1)
+        conv = [maps.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))]
+        expected = spp_region_features(model, conv, factors, boxes[rows], ("pool5", "fc7"), ctx.cfg.spp.target_size)
+        got = layer.rows(rs, image_id, rows)
+        assert got.shape == expected["pool5"].shape and got.shape[1] > 0
+        assert np.array_equal(got.astype(np.float16), expected["pool5"])
+        # fc7 in the records came from the same pooled vectors
+        np.testing.assert_allclose(rs.array(image_id, "fc7", np.float16, 2)[rows], expected["fc7"], rtol=1e-2, atol=1e-2)
+
+
 def test_stage_before_its_input_is_one_line(pipelines_file, tmp_path, capsys):
     common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs"), "--quiet"]
     code, _, err = run(["features", "tiny", *common], capsys)
@@ -63,6 +91,8 @@ def test_spp_pipeline_shares_proposals_and_compares(pipelines_file, tiny_voc, tm
     spp_unit = tmp_path / "runs" / "tiny-spp"
     manifest = json.loads((spp_unit / "features" / "test" / "manifest.json").read_text())
     assert manifest["params"]["method"] == "spp"
+    assert manifest["params"]["layers"] == ["fc7"]  # the pyramid is pooled again from the conv maps, not cached
+    assert_pooled_on_demand_matches_detector(pipelines_file, tmp_path / "runs")
     results = json.loads((spp_unit / "evaluate" / "test" / "results.json").read_text())
     assert 0.0 <= results["mAP_bbox"] <= 1.0
 

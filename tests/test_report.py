@@ -107,11 +107,11 @@ def make_runs(runs: Path, data_root: Path) -> None:
     _unit(runs, "rcnn", "finetune", "trainval", data_root, wall_s=100.0, started=10.0, metrics={"device": "cpu", "val_acc": 0.9})
     _unit(runs, "spp", "finetune", "trainval", data_root, wall_s=80.0, started=10.0, metrics={"device": "cuda", "val_acc": 0.9})
     for split in ("trainval", "test"):
-        feats = {"seconds_per_image": 0.5, "boxes_per_s": 200.0, "device": "cpu"}
+        feats = {"seconds_per_image": 0.5, "compute_seconds_per_image": 0.4, "boxes_per_s": 200.0, "device": "cpu"}
         _unit(runs, "rcnn", "features", split, data_root, wall_s=20.0, started=20.0, metrics=feats, outputs={"index.json": 4000})
-        conv = {"seconds_per_image": 0.015, "device": "cuda"}
+        conv = {"seconds_per_image": 0.015, "compute_seconds_per_image": 0.012, "device": "cuda"}
         _unit(runs, "spp", "convmaps", split, data_root, wall_s=2.0, started=15.0, metrics=conv, outputs={"maps.h5": 300})
-        pooled = {"seconds_per_image": 0.005, "boxes_per_s": 20000.0, "device": "cuda"}
+        pooled = {"seconds_per_image": 0.005, "compute_seconds_per_image": 0.004, "boxes_per_s": 20000.0, "device": "cuda"}
         _unit(runs, "spp", "features", split, data_root, wall_s=1.0, started=20.0, metrics=pooled, outputs={"index.json": 100})
     for pipeline in ("rcnn", "spp"):
         _unit(runs, pipeline, "train-svm", "trainval", data_root, wall_s=4.0, started=30.0, metrics={}, outputs={"svm.npz": 50})
@@ -176,9 +176,12 @@ def test_map_table_holds_the_results(report):
 def test_speed_up_is_computed_from_the_timings(report):
     _, paths = report
     md = paths["markdown"].read_text()
-    # features: R-CNN 0.5 s vs SPP 0.015 + 0.005 s; total: 0.1 + 0.5 + 0.01 vs 0.1 + 0.02 + 0.01.
+    # features (computation only): R-CNN 0.4 s vs SPP 0.012 + 0.004 s; total: 0.1 + 0.4 + 0.01 vs 0.1 + 0.016 + 0.01.
     assert "spp features 25.0x faster than rcnn." in md
-    assert f"spp in total {0.61 / 0.13:.1f}x faster than rcnn." in md
+    assert f"spp in total {0.51 / 0.126:.1f}x faster than rcnn." in md
+    # caching: what the stages spent beyond the computation, 0.1 s and 0.003 + 0.001 s
+    assert _table_row(md, "Test time per image", "rcnn")[3] == "0.1000"
+    assert _table_row(md, "Test time per image", "spp")[3] == "0.0040"
     assert "shared with rcnn" in md
     assert "spp's feature cache is 10.0x smaller than rcnn's." in md
 
@@ -211,6 +214,12 @@ def test_unfinished_feature_stage_leaves_no_feature_time(tmp_path, data_root):
 
 
 def test_feature_stage_without_timing_leaves_no_feature_time(tmp_path, data_root):
+    # Manifests without the computation / caching split count the stages' whole time as features.
+    make_runs(tmp_path / "runs", data_root)
+    _unit(tmp_path / "runs", "spp", "convmaps", "test", data_root, wall_s=0.1, started=15.0, metrics={"seconds_per_image": 0.02})
+    _unit(tmp_path / "runs", "spp", "features", "test", data_root, wall_s=0.1, started=20.0, metrics={"seconds_per_image": 0.01})
+    old = load_run(tmp_path / "runs" / "spp").test_time()
+    assert old.features == pytest.approx(0.03) and old.caching is None
     # A fully resumed stage records seconds_per_image None: unknown, not zero.
     make_runs(tmp_path / "runs", data_root)
     _unit(tmp_path / "runs", "spp", "convmaps", "test", data_root, wall_s=0.1, started=15.0, metrics={"seconds_per_image": None})

@@ -187,30 +187,81 @@ def random_rects(rng: np.random.Generator, n: int, height: int, width: int) -> n
     return np.concatenate([np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1), special]).astype(np.int64)
 
 
+METHODS = ("table", "roi_pool")
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("seed", range(4))
-def test_spp_pool_matches_slow_loop(seed):
+def test_spp_pool_matches_slow_loop(seed, method):
     rng = np.random.default_rng(seed)
     channels, height, width = 3, int(rng.integers(6, 20)), int(rng.integers(6, 20))
     fmap = torch.from_numpy(rng.standard_normal((channels, height, width)).astype(np.float32))
     rects = random_rects(rng, 12, height, width)
-    out = spp_pool(fmap, rects)
+    out = spp_pool(fmap, rects, method=method)
     assert out.shape == (len(rects), spp_dim(channels))
     assert out.dtype == torch.float32
     assert np.array_equal(out.numpy(), slow_spp(fmap.numpy(), rects, PYRAMID_LEVELS))
 
 
-def test_spp_pool_other_levels_orders_and_batched_input():
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("levels", [(1, 4, 2), (5, 4, 2, 1), (3, 6), (7,), (1,)])
+def test_spp_pool_other_levels_orders_and_batched_input(levels, method):
     rng = np.random.default_rng(7)
     fmap = torch.from_numpy(rng.standard_normal((2, 9, 11)).astype(np.float32))
     rects = random_rects(rng, 8, 9, 11)
-    levels = (1, 4, 2)
     expected = slow_spp(fmap.numpy(), rects, levels)
-    assert np.array_equal(spp_pool(fmap, rects, levels).numpy(), expected)
-    assert np.array_equal(spp_pool(fmap[None], torch.from_numpy(rects), levels).numpy(), expected)
+    assert np.array_equal(spp_pool(fmap, rects, levels, method=method).numpy(), expected)
+    assert np.array_equal(spp_pool(fmap[None], torch.from_numpy(rects), levels, method=method).numpy(), expected)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    levels=st.lists(st.integers(1, 8), min_size=1, max_size=4, unique=True),
+    maps=st.integers(1, 3),
+)
+def test_table_method_equals_roi_pool_reference(seed, height, width, levels, maps):
+    rng = np.random.default_rng(seed)
+    fmap = torch.from_numpy(rng.standard_normal((maps, 3, height, width)).astype(np.float32))
+    rects = random_rects(rng, 10, height, width) if height >= 6 and width >= 6 else np.zeros((0, 4), np.int64)
+    x = np.sort(rng.integers(0, width, size=(10, 2)), axis=1)
+    y = np.sort(rng.integers(0, height, size=(10, 2)), axis=1)
+    rects = np.concatenate([rects, np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1)]).astype(np.int64)
+    owner = rng.integers(0, maps, size=len(rects))
+    table = spp_pool(fmap, rects, levels, owner, method="table")
+    reference = spp_pool(fmap, rects, levels, owner, method="roi_pool")
+    assert torch.equal(table, reference)
+
+
+def test_table_method_falls_back_when_the_table_would_be_too_big(monkeypatch):
+    import rcnn.spp as spp
+
+    rng = np.random.default_rng(2)
+    fmap = torch.from_numpy(rng.standard_normal((3, 12, 12)).astype(np.float32))
+    rects = random_rects(rng, 6, 12, 12)
+    expected = slow_spp(fmap.numpy(), rects, PYRAMID_LEVELS)
+    calls, reference = [], spp._roi_pool_levels
+    monkeypatch.setattr(spp, "_TABLE_MAX_VALUES", 0)
+    monkeypatch.setattr(spp, "_roi_pool_levels", lambda *a: calls.append(1) or reference(*a))
+    assert np.array_equal(spp_pool(fmap, rects).numpy(), expected)
+    assert calls
+
+
+def test_table_method_gathers_in_chunks(monkeypatch):
+    import rcnn.spp as spp
+
+    rng = np.random.default_rng(4)
+    fmap = torch.from_numpy(rng.standard_normal((3, 10, 14)).astype(np.float32))
+    rects = random_rects(rng, 20, 10, 14)
+    monkeypatch.setattr(spp, "_TABLE_CHUNK_VALUES", 3 * 36 * 7)  # 7 windows per chunk
+    assert np.array_equal(spp_pool(fmap, rects).numpy(), slow_spp(fmap.numpy(), rects, PYRAMID_LEVELS))
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_spp_pool_is_exact_where_roi_pool_bins_overshoot(dtype):
+def test_spp_pool_is_exact_where_roi_pool_bins_overshoot(dtype, method):
     # roi_pool's last 7-bin of a 57-cell window (float32; 29 cells in float64) ends one cell past the
     # window; a large value just below it exposes the difference.
     h = 57 if dtype == torch.float32 else 29
@@ -222,15 +273,16 @@ def test_spp_pool_is_exact_where_roi_pool_bins_overshoot(dtype):
     raw = roi_pool(fmap[None], torch.tensor([[0, *rects[0]]], dtype=dtype), (7, 7), 1.0)
     assert raw.max() == 100.0  # the bug this guards against
     levels = (7, 6, 1)
-    out = spp_pool(fmap, rects, levels)
+    out = spp_pool(fmap, rects, levels, method=method)
     assert np.array_equal(out.numpy(), slow_spp(fmap.numpy(), rects, levels))
 
 
-def test_spp_pool_half_precision_pools_in_float32():
+@pytest.mark.parametrize("method", METHODS)
+def test_spp_pool_half_precision_pools_in_float32(method):
     rng = np.random.default_rng(3)
     fmap = torch.from_numpy(rng.standard_normal((2, 8, 8)).astype(np.float32)).half()
     rects = random_rects(rng, 4, 8, 8)
-    out = spp_pool(fmap, rects)
+    out = spp_pool(fmap, rects, method=method)
     assert out.dtype == torch.float16
     assert np.array_equal(out.float().numpy(), slow_spp(fmap.float().numpy(), rects, PYRAMID_LEVELS))
 
@@ -247,6 +299,8 @@ def test_spp_pool_empty_and_invalid_rects():
         spp_pool(torch.zeros(2, 4, 5, 6), np.array([[0, 0, 1, 1]]), batch_index=[2])
     with pytest.raises(ValueError, match="levels"):
         spp_pool(fmap, np.array([[0, 0, 1, 1]]), levels=(6, 0))
+    with pytest.raises(ValueError, match="method"):
+        spp_pool(fmap, np.array([[0, 0, 1, 1]]), method="fast")
 
 
 def test_spp_dim():
@@ -343,7 +397,8 @@ def test_spp_features_with_the_tiny_backbone():
     assert out.shape == (2, spp_dim(model.spec.trunk_channels))
 
 
-def test_batched_maps_pool_like_one_map_at_a_time():
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_maps_pool_like_one_map_at_a_time(method):
     # Two maps of different sizes, zero-padded into one batch: each rectangle pools only its own map.
     rng = np.random.default_rng(7)
     a, b = (
@@ -355,6 +410,6 @@ def test_batched_maps_pool_like_one_map_at_a_time():
     batch[1, :, :5, :11] = b
     rects_a = np.array([[0, 0, 6, 8], [2, 3, 4, 4]])
     rects_b = np.array([[0, 0, 10, 4], [5, 1, 5, 1]])
-    out = spp_pool(batch, np.concatenate([rects_a, rects_b]), batch_index=[0, 0, 1, 1])
-    torch.testing.assert_close(out[:2], spp_pool(a, rects_a), rtol=0, atol=0)
-    torch.testing.assert_close(out[2:], spp_pool(b, rects_b), rtol=0, atol=0)
+    out = spp_pool(batch, np.concatenate([rects_a, rects_b]), batch_index=[0, 0, 1, 1], method=method)
+    torch.testing.assert_close(out[:2], spp_pool(a, rects_a, method=method), rtol=0, atol=0)
+    torch.testing.assert_close(out[2:], spp_pool(b, rects_b, method=method), rtol=0, atol=0)

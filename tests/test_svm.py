@@ -229,3 +229,41 @@ def test_save_load_round_trip_and_rejects_damaged_files(tmp_path):
         SVMModel.load(path)
     with pytest.raises(UserError, match="missing"):
         SVMModel.load(tmp_path / "nope.npz")
+
+
+def test_thin_negatives_hand_case():
+    from rcnn.svm import thin_negatives
+
+    boxes = np.array(
+        [
+            [0, 0, 10, 10],  # ground truth: always kept
+            [0, 0, 10, 10],  # first proposal: kept
+            [0, 0, 10, 11],  # IoU 100/110 = 0.91 with the previous proposal: dropped
+            [0, 0, 10, 14],  # IoU 100/140 = 0.71 with proposal 1: dropped
+            [0, 0, 10, 15],  # IoU 100/150 = 0.67 with proposal 1, 140/150 with a dropped one: kept
+            [20, 20, 30, 30],
+        ],
+        np.float32,
+    )
+    gt_classes = np.array([2, -1, -1, -1, -1, -1])
+    assert thin_negatives(boxes, gt_classes, 0.7).tolist() == [0, 1, 4, 5]
+    assert thin_negatives(boxes, gt_classes, 0.95).tolist() == [0, 1, 2, 3, 4, 5]
+    assert thin_negatives(boxes[:1], gt_classes[:1], 0.7).tolist() == [0]
+
+
+def test_thin_negatives_matches_a_slow_greedy_loop():
+    from rcnn.boxes import box_iou
+    from rcnn.svm import thin_negatives
+
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 50, size=(60, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 30, size=(60, 2))], axis=1).astype(np.float32)
+    gt_classes = np.where(rng.random(60) < 0.1, 0, -1)
+    kept = []
+    for i in range(60):
+        if gt_classes[i] >= 0:
+            continue
+        if all(box_iou(boxes[i : i + 1], boxes[j : j + 1])[0, 0] <= 0.7 for j in kept):
+            kept.append(i)
+    expected = sorted(kept + np.flatnonzero(gt_classes >= 0).tolist())
+    assert thin_negatives(boxes, gt_classes, 0.7).tolist() == expected

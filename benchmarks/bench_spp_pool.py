@@ -1,0 +1,84 @@
+"""Pyramid pooling speed: the sparse-table method against torchvision's roi_pool, on real conv maps.
+
+Both methods pool the same windows of the same maps into SPP-net's {6x6, 3x3, 2x2, 1x1}
+pyramid and must give identical numbers (checked here as well as in the tests). The
+maps are SqueezeNet 1.0 conv maps of VOC2007 photos at SPP-net's single scale (shorter
+side 688) and the windows are their selective-search proposals (the first 300 and the
+first 2000), so the bin sizes are those a real run pools. Runs alternate; the median
+of each is reported, with the ratio roi_pool / table.
+
+    python benchmarks/bench_spp_pool.py --data ../shared/data/voc07-mini \\
+        --weights ../shared/weights/squeezenet1_0-imagenet.pth --images 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rcnn.datasets import decode_image  # noqa: E402
+from rcnn.models import build_model, initialise  # noqa: E402
+from rcnn.selective_search import selective_search  # noqa: E402
+from rcnn.spp import PYRAMID_LEVELS, image_scales, map_windows, spp_pool  # noqa: E402
+from rcnn.spp_features import image_maps  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "voc07-mini")
+    ap.add_argument("--weights", default=str(REPO.parent / "shared" / "weights" / "squeezenet1_0-imagenet.pth"))
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    ids = (args.data / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]
+    model = build_model("squeezenet1_0", 21, spp_levels=PYRAMID_LEVELS)
+    initialise(model, args.weights)
+    model.eval()
+    cases = []
+    for image_id in ids:
+        image = decode_image(args.data / "JPEGImages" / f"{image_id}.jpg")
+        h, w = image.shape[:2]
+        factors = image_scales(h, w, (688,))
+        fmap = torch.from_numpy(image_maps(model, image, factors)[0].astype(np.float32))
+        boxes = selective_search(image, "fast", min_size=20, max_proposals=2000)
+        cases.append((fmap, boxes * np.float32(factors[0])))
+    print(f"{len(cases)} VOC2007 test images, SqueezeNet conv maps {tuple(cases[0][0].shape)} (C, H, W) and similar")
+
+    for cap in (300, 2000):
+        work = [(f, map_windows(b[:cap], model.spec.stride, f.shape[1], f.shape[2])) for f, b in cases]
+        n_windows = sum(len(r) for _, r in work)
+        for f, r in work:
+            assert torch.equal(spp_pool(f, r, method="table"), spp_pool(f, r, method="roi_pool"))
+        times: dict[str, list[float]] = {"roi_pool": [], "table": []}
+        for _ in range(args.repeats):
+            for method in times:
+                start = time.perf_counter()
+                for f, r in work:
+                    spp_pool(f, r, method=method)
+                times[method].append(time.perf_counter() - start)
+        med = {m: statistics.median(t) for m, t in times.items()}
+        print(
+            f"up to {cap} windows per image ({n_windows / len(work):.0f} on average): "
+            f"roi_pool {1000 * med['roi_pool'] / len(work):.1f} ms/image, table {1000 * med['table'] / len(work):.1f} ms/image, "
+            f"ratio {med['roi_pool'] / med['table']:.2f}x"
+        )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
+    )
+
+
+if __name__ == "__main__":
+    main()
