@@ -1,0 +1,121 @@
+"""Feature extraction per test image: SPP-net against R-CNN, on the same images and proposals.
+
+For each image, both methods compute what their detector scores: R-CNN warps every
+proposal and runs the whole CNN on each crop (pool5 and fc7); SPP-net runs the conv
+trunk once per image and scale, pools every proposal's pyramid from those maps and
+runs the fc layers. Image decoding is counted on both sides; proposals (shared) and
+disk caching are not. The two alternate on every image, each repeated; the median per
+image is kept, and the ratio R-CNN / SPP-net is printed with the absolute times.
+
+Networks are built as the pipelines configure them. Pretrained weights are loaded
+from files when the pipeline names one; a trunk taken from another pipeline's run
+(`pipeline:NAME`) is randomly initialised here, which changes no timing.
+
+    python benchmarks/bench_features.py --rcnn voc07-mini-cpu --spp voc07-mini-spp-cpu --images 10
+    python benchmarks/bench_features.py --rcnn demo --spp demo-spp --images 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torchvision
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rcnn.config import PipelineFile  # noqa: E402
+from rcnn.datasets import load_image  # noqa: E402
+from rcnn.detector import region_features  # noqa: E402
+from rcnn.models import build_model, for_inference, initialise  # noqa: E402
+from rcnn.selective_search import selective_search  # noqa: E402
+from rcnn.spp import image_scales  # noqa: E402
+from rcnn.spp_features import image_maps, spp_region_features  # noqa: E402
+from stages.common import Context  # noqa: E402
+
+
+def network(ctx: Context, spp: bool):
+    cfg = ctx.cfg
+    model = build_model(
+        cfg.model.backbone,
+        len(ctx.classes) + 1,
+        cfg.model.input_size,
+        cfg.model.fc_dim,
+        cfg.model.seed,
+        spp_levels=cfg.spp.levels if spp else None,
+    )
+    if not cfg.model.weights.startswith("pipeline:"):
+        initialise(model, ctx.weights()[0])
+    return for_inference(model) if spp else model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rcnn", default="voc07-mini-cpu", help="R-CNN pipeline")
+    ap.add_argument("--spp", default="voc07-mini-spp-cpu", help="SPP-net pipeline (same data and proposals)")
+    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    os.environ.setdefault("RCNN_VOC07_MINI", str(REPO.parent / "shared" / "data" / "voc07-mini"))
+    os.environ.setdefault("RCNN_BCCD", str(REPO.parent / "shared" / "data" / "bccd"))
+    os.environ.setdefault("RCNN_SQUEEZENET_WEIGHTS", str(REPO.parent / "shared" / "weights" / "squeezenet1_0-imagenet.pth"))
+
+    pfile = PipelineFile(REPO / "pipelines.yaml")
+    with tempfile.TemporaryDirectory() as runs:
+        rc = Context(cfg=pfile.load(args.rcnn, ()), runs_dir=Path(runs), progress=False, log=lambda _: None)
+        sp = Context(cfg=pfile.load(args.spp, ()), runs_dir=Path(runs), progress=False, log=lambda _: None)
+        rc.ensure_data()
+        dataset = rc.dataset(rc.cfg.data.test)
+        r_net, s_net = network(rc, False), network(sp, True)
+        p, s = rc.cfg.proposals, sp.cfg.spp
+        times: dict[str, list[float]] = {"R-CNN": [], "SPP-net": []}
+        n_boxes = []
+        with torch.no_grad():
+            for image_id in dataset.ids[: args.images]:
+                ann = dataset.annotation(image_id)
+                boxes = selective_search(load_image(ann), p.mode, p.resize_width, p.min_size, p.max_proposals, p.seed)
+                n_boxes.append(len(boxes))
+
+                def rcnn(ann=ann, boxes=boxes):
+                    rgb = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
+                    region_features(r_net, rgb, boxes, ("pool5", "fc7"), rc.cfg.finetune.context_pad)
+
+                def spp(ann=ann, boxes=boxes):
+                    image = load_image(ann)
+                    factors = image_scales(ann.height, ann.width, s.scales, s.max_side)
+                    maps = image_maps(s_net, image, factors)
+                    spp_region_features(s_net, maps, factors, boxes, ("pool5", "fc7"), s.target_size)
+
+                per_image: dict[str, list[float]] = {"R-CNN": [], "SPP-net": []}
+                rcnn(), spp()  # warm-up
+                for _ in range(args.repeats):
+                    for name, fn in (("R-CNN", rcnn), ("SPP-net", spp)):
+                        start = time.perf_counter()
+                        fn()
+                        per_image[name].append(time.perf_counter() - start)
+                for name in times:
+                    times[name].append(statistics.median(per_image[name]))
+    r, q = float(np.mean(times["R-CNN"])), float(np.mean(times["SPP-net"]))
+    print(f"{len(n_boxes)} test images of {args.rcnn} / {args.spp}, {np.mean(n_boxes):.0f} proposals per image")
+    print(f"R-CNN   {r * 1000:8.1f} ms/image ({rc.cfg.model.backbone}, {r_net.spec.input_size} px crops)")
+    print(f"SPP-net {q * 1000:8.1f} ms/image ({sp.cfg.model.backbone}, scales {list(s.scales)}, levels {list(s.levels)})")
+    print(f"ratio R-CNN / SPP-net: {r / q:.2f}x")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+        f"threads; Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"OpenCV {cv2.__version__}"
+    )
+
+
+if __name__ == "__main__":
+    main()
