@@ -160,6 +160,9 @@ class SPPConfig:
     scales: tuple[int, ...] = (688,)  # shorter image side; SPP-net multi-scale: [480, 576, 688, 864, 1200]
     max_side: int | None = 2000  # cap on the longer side after resizing
     target_size: int = 224  # each window is pooled at the scale where its area is closest to 224 x 224
+    # Not from the paper: fc6 starts afresh on a pyramid of arbitrary magnitude (SqueezeNet's: mean norm
+    # ~17,000), so its input is scaled to this root-mean-square value, measured on training windows; null: unscaled.
+    fc6_input_rms: float | None = 1.0
 
 
 @dataclass(frozen=True)

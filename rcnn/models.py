@@ -76,12 +76,17 @@ class DetectorNet(nn.Module):
         self.classifier = nn.Linear(fc7.out_features, num_classes)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
+        # A fixed factor on fc6's input, saved with the weights: 1 except where fc6 starts afresh on
+        # features of arbitrary magnitude (SPP-net's pyramid over a trunk trained without it).
+        self.register_buffer("fc6_input_scale", torch.ones(()))
 
     def head(self, pool5: torch.Tensor, layers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """fc6 and fc7 (after ReLU, as R-CNN's cached features) from pool5 ``[B, C, g, g]``."""
         out = {}
         # Dropout after fc6 and fc7, where R-CNN's (Caffe's) AlexNet has drop6 and drop7.
         x = torch.flatten(pool5, 1)
+        if float(self.fc6_input_scale) != 1.0:
+            x = x * self.fc6_input_scale
         fc6 = torch.relu(self.fc6(x))
         if "fc6" in layers:
             out["fc6"] = fc6
@@ -268,7 +273,11 @@ def _load_matching(model: DetectorNet, state: dict[str, torch.Tensor], source: s
     missing = [k for k in trunk if k not in state or state[k].shape != own[k].shape]
     if missing:
         raise UserError(f"checkpoint '{source}' has no matching '{missing[0]}' for a {model.spec.name} trunk")
-    loaded = [k for k in own if k in state and state[k].shape == own[k].shape and not k.startswith("classifier.")]
+    loaded = [
+        k
+        for k in own
+        if k in state and state[k].shape == own[k].shape and not k.startswith("classifier.") and k != "fc6_input_scale"
+    ]
     own.update({k: state[k] for k in loaded})
     model.load_state_dict(own)
     return loaded
@@ -321,6 +330,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Det
         raise UserError(f"checkpoint description '{meta_path}' is missing or damaged ({e})") from None
     model = build_model(spec.name, num_classes, spec.input_size, spec.fc_dim, spp_levels=spec.spp_levels)
     state = load_weights_file(path)
+    state.setdefault("fc6_input_scale", torch.ones(()))  # checkpoints written before the scale existed
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

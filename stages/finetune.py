@@ -144,7 +144,8 @@ class PooledRegions:
                 self._cache.popitem(last=False)
         return self._cache[i]
 
-    def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+    def pooled(self, img_idx: np.ndarray, reg_idx: np.ndarray) -> torch.Tensor:
+        """Pyramids ``[B, D]`` of the regions ``reg_idx`` of images ``img_idx``, in batch order."""
         from rcnn.spp_features import pool_images
 
         # Pool the batch grouped by image (rows come back in `order`), then restore the batch order.
@@ -154,9 +155,20 @@ class PooledRegions:
             maps, factors = self._image(int(i))
             items.append((maps, factors, self.boxes[i][reg_idx[order[img_idx[order] == i]]]))
         pooled = pool_images(items, self.model.spec.stride, self.model.spec.spp_levels, self.target)
-        inverse = torch.from_numpy(np.argsort(order)).to(self.device)
-        fc7 = self.model.head(pooled[inverse])["fc7"]
+        return pooled[torch.from_numpy(np.argsort(order)).to(self.device)]
+
+    def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+        fc7 = self.model.head(self.pooled(img_idx, reg_idx))["fc7"]
         return self.model.classifier(self.model.dropout(fc7))
+
+    @torch.no_grad()
+    def input_scale(self, sampler: FgBgSampler, seed: int, rms: float, n_batches: int = 8) -> float:
+        """The factor giving fc6's input a root-mean-square value of ``rms`` over a sample of training batches."""
+        norms = []
+        for batch in sampler.epoch_batches(seed, n_batches=n_batches):
+            norms.append(self.pooled(*sampler.locate(batch)).norm(dim=1))
+        mean_norm = float(torch.cat(norms).mean())
+        return rms * self.model.spec.pool5_dim**0.5 / mean_norm if mean_norm > 0 else 1.0
 
 
 def _split_validation(ids: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -209,6 +221,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     # The model moves first: loading optimizer state then puts its buffers on the same device.
     model.to(device)
     regions = (PooledRegions if cfg.method == "spp" else WarpedRegions)(ctx, anns, boxes, model)
+    if cfg.method == "spp" and state is None and cfg.spp.fc6_input_rms is not None:
+        model.fc6_input_scale.fill_(regions.input_scale(sampler, ft.seed + 1, cfg.spp.fc6_input_rms))
     if ft.optimizer == "adam":
         optimizer = torch.optim.Adam(regions.trainable(), lr=ft.lr, weight_decay=ft.weight_decay)
     else:
@@ -292,6 +306,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "fg_regions": int(len(sampler.fg_indices)),
         "bg_regions": int(len(sampler.bg_indices)),
         "val_images": len(val_idx),
+        "fc6_input_scale": float(model.fc6_input_scale),
     }
     return {MODEL: out, MODEL + ".json": out.with_name(MODEL + ".json")}, metrics
 

@@ -102,3 +102,34 @@ def test_normalise_crops_uses_the_backbone_mean():
     crops = np.tile(np.array(spec.mean_pixel, np.float32).round().astype(np.uint8), (1, 4, 4, 1))
     x = normalise_crops(crops, spec, torch.device("cpu"))
     assert x.shape == (1, 3, 4, 4) and x.abs().max() < 0.02  # the mean pixel is (nearly) zero input
+
+
+def test_fc6_input_scale_multiplies_fc6_input_and_travels_with_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny", 3, 64, 32, spp_levels=(2, 1)).eval()
+    pooled = torch.rand(4, model.spec.pool5_dim) * 100
+    plain = model.head(pooled, ("fc6", "fc7"))
+    model.fc6_input_scale.fill_(0.01)
+    scaled = model.head(pooled, ("fc6", "fc7"))
+    model.fc6_input_scale.fill_(1.0)
+    torch.testing.assert_close(scaled["fc6"], model.head(pooled * 0.01, ("fc6",))["fc6"])
+    assert not torch.allclose(scaled["fc6"], plain["fc6"])
+
+    model.fc6_input_scale.fill_(0.01)
+    save_checkpoint(tmp_path / "m.pt", model, {"classes": ["a", "b"]})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert float(loaded.fc6_input_scale) == pytest.approx(0.01)
+    torch.testing.assert_close(loaded.eval().head(pooled)["fc7"], scaled["fc7"])
+
+    # A checkpoint written before the scale existed loads with scale 1.
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    del state["fc6_input_scale"]
+    torch.save(state, tmp_path / "m.pt")
+    assert float(load_checkpoint(tmp_path / "m.pt")[0].fc6_input_scale) == 1.0
+
+    # Another pipeline's checkpoint lends its trunk and fc layers, not its scale.
+    fresh = build_model("tiny", 3, 64, 32, spp_levels=(2, 1))
+    model.fc6_input_scale.fill_(0.01)
+    save_checkpoint(tmp_path / "n.pt", model, {"classes": ["a", "b"]})
+    initialise(fresh, str(tmp_path / "n.pt"))
+    assert float(fresh.fc6_input_scale) == 1.0
