@@ -56,6 +56,8 @@ def network(ctx: Context, spp: bool):
     )
     if not cfg.model.weights.startswith("pipeline:"):
         initialise(model, ctx.weights()[0])
+    if spp and cfg.spp.fc6_input_rms is not None:
+        model.fc6_input_scale.fill_(0.01)  # any value but 1 costs the multiplication fine-tuning makes necessary
     return for_inference(model) if spp else model.eval()
 
 
