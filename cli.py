@@ -342,8 +342,8 @@ def status_cmd(pipeline, skip_bad, runs_dir, overrides, pipelines_file):
         click.echo(f"no runs in {runs} yet; start one with `rcnn run`")
     for name in names:
         ctx = make_context(name, runs_dir, overrides, pipelines_file, quiet=True)
-        if skip_bad or built_with_skip_bad(ctx):
-            ctx = make_context(name, runs_dir, overrides, pipelines_file, quiet=True, skip_bad=True)
+        if skip_bad or built_with_skip_bad(ctx):  # before any dataset is read, so the switch holds for all
+            ctx.skip_bad = True
             ctx.log = lambda line: None  # the summary below names the skipped images once
         click.echo(f"{name}  ({ctx.root})")
         for stage_name, stage in pipeline_stages(ctx.cfg.method).items():

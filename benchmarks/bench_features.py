@@ -37,23 +37,16 @@ sys.path.insert(0, str(REPO))
 from rcnn.config import PipelineFile  # noqa: E402
 from rcnn.datasets import load_image  # noqa: E402
 from rcnn.detector import region_features  # noqa: E402
-from rcnn.models import build_model, for_inference, initialise  # noqa: E402
+from rcnn.models import for_inference, initialise  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import image_scales  # noqa: E402
 from rcnn.spp_features import image_maps, spp_region_features  # noqa: E402
-from stages.common import Context  # noqa: E402
+from stages.common import Context, untrained_model  # noqa: E402
 
 
 def network(ctx: Context, spp: bool):
     cfg = ctx.cfg
-    model = build_model(
-        cfg.model.backbone,
-        len(ctx.classes) + 1,
-        cfg.model.input_size,
-        cfg.model.fc_dim,
-        cfg.model.seed,
-        spp_levels=cfg.spp.levels if spp else None,
-    )
+    model = untrained_model(ctx, spp)
     if not cfg.model.weights.startswith("pipeline:"):
         initialise(model, ctx.weights()[0])
     if spp and cfg.spp.fc6_input_rms is not None:

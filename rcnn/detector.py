@@ -91,13 +91,18 @@ class Detector:
     spp_max_side: int | None = None
     spp_target: float = 224.0
 
+    def __post_init__(self) -> None:
+        if self.model.spec.spp_levels:
+            for_inference(self.model)  # SPP-net's trunk sees whole images: channels-last is faster there
+        else:
+            self.model.eval()
+
     def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
         """Detections of one BGR image ``[H, W, 3]``."""
         h, w = image_bgr.shape[:2]
         proposals = selective_search(image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed)
         layers = tuple(dict.fromkeys([self.svm_layer] + ([self.bbox_layer] if self.bbox else [])))
         if self.model.spec.spp_levels:
-            for_inference(self.model)
             from rcnn.spp import image_scales
             from rcnn.spp_features import image_maps, spp_region_features
 
@@ -105,7 +110,6 @@ class Detector:
             maps = image_maps(self.model, image_bgr, factors)
             feats = spp_region_features(self.model, maps, factors, proposals, layers, self.spp_target)
         else:
-            self.model.eval()
             rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
             feats = region_features(self.model, rgb, proposals, layers, self.context_pad)
         scores = self.svm.scores(feats[self.svm_layer])

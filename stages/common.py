@@ -135,6 +135,15 @@ class Context:
         return classes
 
 
+def untrained_model(ctx: Context, spp: bool):
+    """The configured backbone with fresh weights; with ``spp``, fc6 reads the configured pyramid."""
+    from rcnn.models import build_model
+
+    m = ctx.cfg.model
+    levels = ctx.cfg.spp.levels if spp else None
+    return build_model(m.backbone, len(ctx.classes) + 1, m.input_size, m.fc_dim, m.seed, spp_levels=levels)
+
+
 def pending_images(ctx: Context, label: str, parts: Path, ids: list[str]) -> list[str]:
     """The ids without a complete per-image record in ``parts``, logging a resume when some have one."""
     from rcnn import records

@@ -15,11 +15,11 @@ import numpy as np
 
 from rcnn import records
 from rcnn.datasets import load_image
-from rcnn.models import DetectorNet, build_model, device_for, for_inference, initialise
+from rcnn.models import DetectorNet, device_for, for_inference, initialise
 from rcnn.spp import image_scales
 from rcnn.spp_features import image_maps
 
-from .common import Context, cached_mb, pending_images, progress_bar
+from .common import Context, cached_mb, pending_images, progress_bar, untrained_model
 
 NAME = "convmaps"
 SCHEMA_VERSION = 1
@@ -43,17 +43,9 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
 
 def trunk_model(ctx: Context) -> DetectorNet:
     """The backbone with its pretrained trunk; SPP-net keeps these conv layers fixed."""
-    cfg = ctx.cfg
-    model = build_model(
-        cfg.model.backbone,
-        len(ctx.classes) + 1,
-        cfg.model.input_size,
-        cfg.model.fc_dim,
-        cfg.model.seed,
-        spp_levels=cfg.spp.levels,
-    )
+    model = untrained_model(ctx, spp=True)
     initialise(model, ctx.weights()[0])
-    return for_inference(model.to(device_for(cfg.model.device)))
+    return for_inference(model.to(device_for(ctx.cfg.model.device)))
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
@@ -95,6 +87,12 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
 
 def load(ctx: Context, split: str) -> records.RecordSet:
     return records.RecordSet(ctx.unit_dir(NAME, split) / INDEX, KIND)
+
+
+def image_record(rs: records.RecordSet, image_id: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """One image's float16 maps ``[C, H_k, W_k]`` (one per scale) and their resize factors ``[K]``."""
+    factors = rs.array(image_id, "factors", np.float32, 1)
+    return [rs.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))], factors
 
 
 def describe(manifest: dict) -> str:

@@ -99,8 +99,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             ann = dataset.annotation(image_id)
             regions = image_regions(ann, props.array(image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
             if maps is not None:
-                factors = maps.array(image_id, "factors", np.float32, 1)
-                conv = [maps.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))]
+                conv, factors = convmaps.image_record(maps, image_id)
                 tick = time.perf_counter()
                 feats = spp_region_features(model, conv, factors, regions.boxes, layers, cfg.spp.target_size)
             else:
@@ -187,8 +186,8 @@ class LayerReader:
         if self.maps is None:
             return rs.array(image_id, self.layer, np.float16, 2)[rows].astype(np.float32)
         boxes = rs.array(image_id, "boxes", np.float32, 2)[rows]
-        factors = self.maps.array(image_id, "factors", np.float32, 1)
-        conv = as_map_tensors([self.maps.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))])
+        conv, factors = convmaps.image_record(self.maps, image_id)
+        conv = as_map_tensors(conv)
         with torch.no_grad():
             pooled = pool_images([(conv, factors, boxes)], self.stride, self.levels, self.target)
         return pooled.numpy()  # maxima of float16 maps: the same numbers a float16 cache would hold

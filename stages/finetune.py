@@ -25,14 +25,14 @@ from torch import nn
 from rcnn.config import fingerprint_params
 from rcnn.datasets import ImageAnnotation, load_image
 from rcnn.errors import UserError
-from rcnn.models import DetectorNet, build_model, device_for, initialise, normalise_crops, save_checkpoint
+from rcnn.models import DetectorNet, device_for, initialise, normalise_crops, save_checkpoint
 from rcnn.regions import finetune_labels, image_regions
 from rcnn.sampling import FgBgSampler
 from rcnn.store import write_json_atomic
 from rcnn.warp import warp_regions
 
-from . import proposals
-from .common import Context, progress_bar, upstream_digest
+from . import convmaps, proposals
+from .common import Context, progress_bar, untrained_model, upstream_digest
 
 NAME = "finetune"
 SCHEMA_VERSION = 1
@@ -120,8 +120,6 @@ class PooledRegions:
     """SPP-net's training inputs: windows pooled from the cached conv maps; only fc6, fc7, fc8 learn."""
 
     def __init__(self, ctx: Context, anns: list[ImageAnnotation], boxes: list[np.ndarray], model: DetectorNet):
-        from . import convmaps
-
         self.maps = convmaps.load(ctx, ctx.cfg.data.trainval)
         self.ids = [a.image_id for a in anns]
         self.boxes, self.model, self.target = boxes, model, ctx.cfg.spp.target_size
@@ -137,8 +135,7 @@ class PooledRegions:
         if i not in self._cache:
             from rcnn.spp_features import as_map_tensors
 
-            factors = self.maps.array(self.ids[i], "factors", np.float32, 1)
-            maps = [self.maps.array(self.ids[i], f"conv{k}", np.float16, 3) for k in range(len(factors))]
+            maps, factors = convmaps.image_record(self.maps, self.ids[i])
             self._cache[i] = (as_map_tensors(maps, self.device), factors)
             if len(self._cache) > 4000:
                 self._cache.popitem(last=False)
@@ -198,10 +195,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         raise UserError(f"no foreground regions in '{split}': no proposal reaches IoU {ft.fg_threshold} with an object")
     val = _validation_set(labels, val_idx, ft.seed)
 
-    spp_levels = cfg.spp.levels if cfg.method == "spp" else None
-    model = build_model(
-        cfg.model.backbone, len(ctx.classes) + 1, cfg.model.input_size, cfg.model.fc_dim, cfg.model.seed, spp_levels
-    )
+    model = untrained_model(ctx, spp=cfg.method == "spp")
     state_path = work / "train_state.pt"
     history_path = work / "history.json"
     start_iter, history, state = 0, [], None

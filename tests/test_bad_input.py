@@ -108,20 +108,19 @@ def damage_missing_image(voc):
     return "is listed in"
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        damage_truncated_jpeg,
-        damage_corrupt_jpeg,
-        damage_size,
-        damage_outside,
-        damage_inverted,
-        damage_duplicate_id,
-        damage_escaping_id,
-        damage_malformed_xml,
-        damage_missing_image,
-    ],
-)
+# Damage to one image's files (what --skip-bad can leave out), as opposed to the split file's.
+IMAGE_DAMAGES = [
+    damage_truncated_jpeg,
+    damage_corrupt_jpeg,
+    damage_size,
+    damage_outside,
+    damage_inverted,
+    damage_malformed_xml,
+    damage_missing_image,
+]
+
+
+@pytest.mark.parametrize("damage", [*IMAGE_DAMAGES, damage_duplicate_id, damage_escaping_id])
 def test_refused_with_one_line_naming_the_file(damage, voc_copy, tmp_path, capsys):
     needle = damage(voc_copy)
     code, _, err = run_proposals(voc_copy, tmp_path, capsys)
@@ -171,19 +170,7 @@ def test_unusual_but_valid_images_decode_as_stored_rgb(tmp_path):
 # ----------------------------------------------------------------------------- --skip-bad
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        damage_truncated_jpeg,
-        damage_corrupt_jpeg,
-        damage_size,
-        damage_outside,
-        damage_inverted,
-        damage_malformed_xml,
-        damage_missing_image,
-        damage_unknown_class,
-    ],
-)
+@pytest.mark.parametrize("damage", [*IMAGE_DAMAGES, damage_unknown_class])
 def test_skip_bad_leaves_the_image_out_logs_and_records_it(damage, voc_copy, tmp_path, capsys):
     bad = first(voc_copy)
     kept = [i for i in VOCDataset(voc_copy, "trainval").ids if i != bad]

@@ -63,8 +63,7 @@ def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
         image_id = rs.ids[0]
         boxes = rs.array(image_id, "boxes", np.float32, 2)
         rows = np.arange(0, len(boxes), 2)
-        factors = maps.array(image_id, "factors", np.float32, 1)
-        conv = [maps.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))]
+        conv, factors = convmaps.image_record(maps, image_id)
         expected = spp_region_features(model, conv, factors, boxes[rows], ("pool5", "fc7"), ctx.cfg.spp.target_size)
         got = layer.rows(rs, image_id, rows)
         assert got.shape == expected["pool5"].shape and got.shape[1] > 0
