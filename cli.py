@@ -11,6 +11,7 @@ import click
 
 from rcnn.config import PipelineFile, default_pipelines_file
 from rcnn.errors import ConfigError, UserError
+from rcnn.runtime import keep_freed_memory
 
 RUNS_DIR_HELP = "Folder holding one sub-folder per pipeline [default: $RCNN_RUNS_DIR or ./runs]."
 
@@ -78,7 +79,11 @@ def cli():
       rcnn run                        # the demo pipeline on generated data
       rcnn status demo                # what is done, stale or missing
       rcnn evaluate --data VOC --split test --detections results/
+
+    On Linux the C allocator is told to reuse freed memory (R-CNN's feature
+    extraction runs about 2x faster on a CPU); RCNN_KEEP_FREED_MEMORY=0 turns it off.
     """
+    keep_freed_memory()
 
 
 @cli.command("pipelines")

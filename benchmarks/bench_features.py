@@ -13,6 +13,7 @@ from files when the pipeline names one; a trunk taken from another pipeline's ru
 
     python benchmarks/bench_features.py --rcnn voc07-mini-cpu --spp voc07-mini-spp-cpu --images 10
     python benchmarks/bench_features.py --rcnn demo --spp demo-spp --images 20
+    python benchmarks/bench_features.py --rcnn demo --spp demo-spp --images 20 --set proposals.max_proposals=500
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from rcnn.config import PipelineFile  # noqa: E402
 from rcnn.datasets import load_image  # noqa: E402
 from rcnn.detector import region_features  # noqa: E402
 from rcnn.models import for_inference, initialise  # noqa: E402
+from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import image_scales  # noqa: E402
 from rcnn.spp_features import image_maps, spp_region_features  # noqa: E402
@@ -50,8 +53,8 @@ def network(ctx: Context, spp: bool):
     if not cfg.model.weights.startswith("pipeline:"):
         initialise(model, ctx.weights()[0])
     if spp and cfg.spp.fc6_input_rms is not None:
-        model.fc6_input_scale.fill_(0.01)  # any value but 1 costs the multiplication fine-tuning makes necessary
-    return for_inference(model) if spp else model.eval()
+        model.fc6_input_scale.fill_(0.01)  # as fine-tuning sets it (for_inference folds it into fc6)
+    return for_inference(model, whole_images=spp)
 
 
 def main() -> None:
@@ -60,15 +63,29 @@ def main() -> None:
     ap.add_argument("--spp", default="voc07-mini-spp-cpu", help="SPP-net pipeline (same data and proposals)")
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a value of both pipelines, e.g. --set proposals.max_proposals=500",
+    )
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is, instead of keeping freed memory as the rcnn command does",
+    )
     args = ap.parse_args()
+    allocator = "glibc default" if args.default_malloc else "freed memory kept" if keep_freed_memory() else "default"
     os.environ.setdefault("RCNN_VOC07_MINI", str(REPO.parent / "shared" / "data" / "voc07-mini"))
     os.environ.setdefault("RCNN_BCCD", str(REPO.parent / "shared" / "data" / "bccd"))
     os.environ.setdefault("RCNN_SQUEEZENET_WEIGHTS", str(REPO.parent / "shared" / "weights" / "squeezenet1_0-imagenet.pth"))
 
     pfile = PipelineFile(REPO / "pipelines.yaml")
     with tempfile.TemporaryDirectory() as runs:
-        rc = Context(cfg=pfile.load(args.rcnn, ()), runs_dir=Path(runs), progress=False, log=lambda _: None)
-        sp = Context(cfg=pfile.load(args.spp, ()), runs_dir=Path(runs), progress=False, log=lambda _: None)
+        rc = Context(cfg=pfile.load(args.rcnn, tuple(args.overrides)), runs_dir=Path(runs), progress=False, log=lambda _: None)
+        sp = Context(cfg=pfile.load(args.spp, tuple(args.overrides)), runs_dir=Path(runs), progress=False, log=lambda _: None)
         rc.ensure_data()
         dataset = rc.dataset(rc.cfg.data.test)
         r_net, s_net = network(rc, False), network(sp, True)
@@ -110,6 +127,7 @@ def main() -> None:
         f"threads; Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"OpenCV {cv2.__version__}"
     )
+    print(f"allocator: {allocator}; peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":

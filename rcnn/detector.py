@@ -11,7 +11,7 @@ import torch
 
 from rcnn.bbox_regression import BBoxRegressor
 from rcnn.boxes import clip_boxes
-from rcnn.models import DetectorNet, for_inference, normalise_crops
+from rcnn.models import DetectorNet, for_inference, normalise_crops, to_float16
 from rcnn.nms import nms
 from rcnn.selective_search import selective_search
 from rcnn.svm import SVMModel
@@ -31,7 +31,7 @@ def region_features(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = model.extract(normalise_crops(crops, spec, device), layers)
         for layer in layers:
-            out[layer].append(feats[layer].float().cpu().numpy().astype(np.float16))
+            out[layer].append(to_float16(feats[layer]))
     dims = {"pool5": spec.pool5_dim, "fc6": spec.fc_dim, "fc7": spec.fc_dim}
     return {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float16) for k, v in out.items()}
 
@@ -92,10 +92,7 @@ class Detector:
     spp_target: float = 224.0
 
     def __post_init__(self) -> None:
-        if self.model.spec.spp_levels:
-            for_inference(self.model)  # SPP-net's trunk sees whole images: channels-last is faster there
-        else:
-            self.model.eval()
+        for_inference(self.model, whole_images=bool(self.model.spec.spp_levels))
 
     def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
         """Detections of one BGR image ``[H, W, 3]``."""

@@ -144,8 +144,9 @@ def spp_pool(
       :func:`torch.nn.functional.adaptive_max_pool2d` instead. The reference the table is tested against.
 
     Args:
-        feature_map: ``[C, H, W]`` or ``[B, C, H, W]``. Half and bfloat16 maps are pooled in float32
-            (max is exact) and returned in their own dtype. Several maps of different sizes can be
+        feature_map: ``[C, H, W]`` or ``[B, C, H, W]``. Half and bfloat16 maps are pooled in their own
+            dtype by the table method (max is exact, and fewer bytes are faster), in float32 by
+            ``roi_pool``, and returned in their own dtype. Several maps of different sizes can be
             pooled in one call by zero-padding them to a common size: rectangles never reach the padding.
         rects: int64 ``[N, 4]`` inclusive cell rectangles ``(x1, y1, x2, y2)`` inside the map, as
             returned by :func:`map_windows` (numpy array or tensor).
@@ -165,8 +166,6 @@ def spp_pool(
     if fmap.dim() != 4:
         raise ValueError(f"feature_map must be [C, H, W] or [B, C, H, W], got {tuple(feature_map.shape)}")
     out_dtype = fmap.dtype
-    if fmap.dtype not in (torch.float32, torch.float64):
-        fmap = fmap.float()
     _, channels, height, width = fmap.shape
     rects = torch.as_tensor(rects, device=fmap.device).reshape(-1, 4).long()
     if len(rects) == 0:
@@ -187,6 +186,8 @@ def spp_pool(
 
 
 def _roi_pool_levels(fmap: torch.Tensor, rects: torch.Tensor, levels: tuple[int, ...], batch_index: torch.Tensor) -> torch.Tensor:
+    if fmap.dtype not in (torch.float32, torch.float64):
+        fmap = fmap.float()  # roi_pool's CPU kernel has no half precision; the result is exact either way
     rois = torch.cat([batch_index[:, None], rects], dim=1).to(fmap.dtype)
     pooled = []
     for n in levels:
@@ -245,19 +246,20 @@ def _table_pool_levels(
     cols = max(int(v.max()) for v in log_w.values()) + 1
     if rows * cols * fmap.numel() > _TABLE_MAX_VALUES:
         return _roi_pool_levels(fmap, rects, levels, batch_index)
-    # table[a, b, i, y, x] = max of map i over rows y .. y + 2^a - 1 and columns x .. x + 2^b - 1 (where
-    # that block fits; other entries are never read), channels last so each lookup is one contiguous row.
+    # table[a, b, i, y, x] = max of map i over rows y .. y + 2^a - 1 and columns x .. x + 2^b - 1, channels
+    # last so each lookup is one contiguous row. Only entries where that block fits the map are computed
+    # (and ever read); the rest stay uninitialised.
     table = fmap.new_empty((rows, cols, batch, height, width, channels))
     table[0, 0] = fmap.permute(0, 2, 3, 1)
     for a in range(rows):
+        fit_h = height - (1 << a) + 1
         if a:
             d = 1 << (a - 1)
-            table[a, 0] = table[a - 1, 0]
-            torch.maximum(table[a - 1, 0, :, : height - d], table[a - 1, 0, :, d:], out=table[a, 0, :, : height - d])
+            torch.maximum(table[a - 1, 0, :, :fit_h], table[a - 1, 0, :, d : d + fit_h], out=table[a, 0, :, :fit_h])
         for b in range(1, cols):
-            d = 1 << (b - 1)
-            table[a, b] = table[a, b - 1]
-            torch.maximum(table[a, b - 1, :, :, : width - d], table[a, b - 1, :, :, d:], out=table[a, b, :, :, : width - d])
+            fit_w, d = width - (1 << b) + 1, 1 << (b - 1)
+            prev = table[a, b - 1, :, :fit_h]
+            torch.maximum(prev[:, :, :fit_w], prev[:, :, d : d + fit_w], out=table[a, b, :, :fit_h, :fit_w])
     flat = table.view(-1, channels)
     pooled: dict[int, torch.Tensor] = {}
     chunk = max(1, _TABLE_CHUNK_VALUES // (channels * max(n * n for n in direct)))
@@ -274,11 +276,17 @@ def _table_pool_levels(
             for yy, xx in ((y_last, x_first), (y_first, x_last), (y_last, x_last)):
                 torch.maximum(out, flat.index_select(0, ((base + yy) * width + xx).reshape(-1)), out=out)
             parts.append(out.view(-1, n, n, channels))
-        pooled[n] = torch.cat(parts)
+        pooled[n] = parts[0] if len(parts) == 1 else torch.cat(parts)
     for m in sorted(source, reverse=True):
         if m not in pooled:
             pooled[m] = _coarsen(pooled[source[m]], m)
-    return torch.cat([pooled[n].permute(0, 3, 1, 2).reshape(len(rects), -1) for n in levels], dim=1)
+    # Each level flattened channel-major, written straight into its columns of the result.
+    result = fmap.new_empty((len(rects), channels * sum(n * n for n in levels)))
+    start = 0
+    for n in levels:
+        result[:, start : start + channels * n * n].view(len(rects), channels, n, n).copy_(pooled[n].permute(0, 3, 1, 2))
+        start += channels * n * n
+    return result
 
 
 def _coarsen(fine: torch.Tensor, m: int) -> torch.Tensor:

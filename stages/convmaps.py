@@ -45,7 +45,7 @@ def trunk_model(ctx: Context) -> DetectorNet:
     """The backbone with its pretrained trunk; SPP-net keeps these conv layers fixed."""
     model = untrained_model(ctx, spp=True)
     initialise(model, ctx.weights()[0])
-    return for_inference(model.to(device_for(ctx.cfg.model.device)))
+    return for_inference(model.to(device_for(ctx.cfg.model.device)), whole_images=True)
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:

@@ -22,6 +22,7 @@ from rcnn import records, store
 from rcnn.datasets import load_image
 from rcnn.detector import region_features
 from rcnn.errors import UserError
+from rcnn.models import for_inference
 from rcnn.regions import image_regions
 from rcnn.spp_features import as_map_tensors, pool_images, spp_region_features
 
@@ -85,7 +86,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     dataset = ctx.dataset(split)
     dataset.check(ctx.classes)
     model, _ = finetune.load(ctx)
-    model.eval()
+    for_inference(model, whole_images=cfg.method == "spp")
     device = next(model.parameters()).device
     layers = cached_layers(ctx)
     parts = work / "parts"

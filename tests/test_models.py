@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from rcnn.errors import UserError
-from rcnn.models import build_model, initialise, load_checkpoint, load_weights_file, normalise_crops, save_checkpoint
+from rcnn.models import (
+    build_model,
+    fold_batch_norm,
+    for_inference,
+    initialise,
+    load_checkpoint,
+    load_weights_file,
+    normalise_crops,
+    save_checkpoint,
+    to_float16,
+)
 
 
 @pytest.mark.parametrize(
@@ -97,8 +108,6 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_normalise_crops_uses_the_backbone_mean():
     spec = build_model("tiny", 2).spec
-    import numpy as np
-
     crops = np.tile(np.array(spec.mean_pixel, np.float32).round().astype(np.uint8), (1, 4, 4, 1))
     x = normalise_crops(crops, spec, torch.device("cpu"))
     assert x.shape == (1, 3, 4, 4) and x.abs().max() < 0.02  # the mean pixel is (nearly) zero input
@@ -133,3 +142,55 @@ def test_fc6_input_scale_multiplies_fc6_input_and_travels_with_the_checkpoint(tm
     save_checkpoint(tmp_path / "n.pt", model, {"classes": ["a", "b"]})
     initialise(fresh, str(tmp_path / "n.pt"))
     assert float(fresh.fc6_input_scale) == 1.0
+
+
+def _trained_looking_tiny(spp_levels=None) -> torch.nn.Module:
+    """A tiny net whose batch norms hold non-trivial statistics, as after training."""
+    torch.manual_seed(1)
+    model = build_model("tiny", 3, 64, 32, spp_levels=spp_levels)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("whole_images", [False, True])
+def test_for_inference_folds_batch_norm_and_fc6_scale_without_changing_outputs(whole_images):
+    model = _trained_looking_tiny(spp_levels=(2, 1) if whole_images else None)
+    model.fc6_input_scale.fill_(0.01)
+    images = torch.randn(5, 3, 64, 64)
+    pooled = torch.rand(5, model.spec.pool5_dim) * 100
+    with torch.no_grad():
+        maps, head = model.trunk(images), model.head(pooled, ("fc6", "fc7"))
+        for_inference(model, whole_images=whole_images)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert float(model.fc6_input_scale) == 1.0
+        torch.testing.assert_close(model.trunk(images), maps, rtol=1e-4, atol=1e-4)
+        folded = model.head(pooled, ("fc6", "fc7"))
+        for layer in ("fc6", "fc7"):
+            torch.testing.assert_close(folded[layer], head[layer], rtol=1e-4, atol=1e-4)
+        # a second call changes nothing
+        for_inference(model, whole_images=whole_images)
+        torch.testing.assert_close(model.head(pooled, ("fc7",))["fc7"], folded["fc7"])
+    assert model.trunk[0].weight.is_contiguous(memory_format=torch.channels_last) == whole_images
+
+
+def test_fold_batch_norm_leaves_a_convolution_without_batch_norm_alone():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    net = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.BatchNorm2d(4).eval())
+    fold_batch_norm(net)
+    assert net[0] is conv and isinstance(net[2], torch.nn.BatchNorm2d)  # the batch norm follows a ReLU
+
+
+def test_to_float16_rounds_exactly_as_numpy():
+    x = torch.cat([torch.randn(10_000) * s for s in (1e-7, 1e-4, 1.0, 1e3, 6e4, 1e5)])
+    x = torch.cat([x, torch.tensor([65504.0, 65519.0, 65520.0, 2.0**-24 * 1.5, float("inf"), -float("inf")])])
+    x = x[: len(x) // 2 * 2].view(2, -1).t()  # a transposed (non-contiguous) view, as channels-last maps are
+    got = to_float16(x)
+    with np.errstate(over="ignore"):  # 1e5 and 65520 round to infinity, on both sides
+        want = x.numpy().astype(np.float16)
+    assert got.dtype == np.float16 and got.flags.c_contiguous
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))

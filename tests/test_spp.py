@@ -247,6 +247,10 @@ def test_table_method_falls_back_when_the_table_would_be_too_big(monkeypatch):
     monkeypatch.setattr(spp, "_roi_pool_levels", lambda *a: calls.append(1) or reference(*a))
     assert np.array_equal(spp_pool(fmap, rects).numpy(), expected)
     assert calls
+    # float16 maps (the conv-map cache's type) take the same way round
+    half = spp_pool(fmap.half(), rects)
+    assert half.dtype == torch.float16 and np.array_equal(half.numpy(), expected.astype(np.float16))
+    assert len(calls) == 2
 
 
 def test_table_method_gathers_in_chunks(monkeypatch):

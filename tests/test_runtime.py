@@ -1,0 +1,56 @@
+"""The allocator setting the rcnn command applies: large blocks come from the reused heap, not fresh mmaps."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from rcnn.runtime import keep_freed_memory
+
+_libc, _version = platform.libc_ver()
+glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or _libc != "glibc" or tuple(map(int, _version.split(".")[:2])) < (2, 33),
+    reason="glibc 2.33 or later (mallopt, mallinfo2)",
+)
+
+# Allocates 64 MB with numpy (malloc underneath) and prints how many bytes glibc mmapped for
+# blocks of their own while it was alive (mallinfo2's hblkhd).
+PROBE = """
+import ctypes, sys
+import numpy as np
+from rcnn.runtime import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+print(keep_freed_memory() if sys.argv[1] == "keep" else "untouched")
+block = np.ones(8 << 20)
+print(libc.mallinfo2().hblkhd)
+"""
+
+
+def probe(mode: str, env: dict | None = None) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
+    took, mapped = out.stdout.split()
+    return took, int(mapped)
+
+
+@glibc
+def test_large_blocks_come_from_the_heap_once_freed_memory_is_kept():
+    assert probe("untouched")[1] >= 64 << 20  # glibc's default: a fresh mmap of its own
+    took, mapped = probe("keep")
+    assert took == "True" and mapped < 64 << 20
+
+
+@glibc
+def test_the_setting_can_be_turned_off(monkeypatch):
+    import os
+
+    took, mapped = probe("keep", {**os.environ, "RCNN_KEEP_FREED_MEMORY": "0"})
+    assert took == "False" and mapped >= 64 << 20
+    monkeypatch.setenv("RCNN_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
