@@ -4,8 +4,9 @@ Both methods pool the same windows of the same maps into SPP-net's {6x6, 3x3, 2x
 pyramid and must give identical numbers (checked here as well as in the tests). The
 maps are SqueezeNet 1.0 conv maps of VOC2007 photos at SPP-net's single scale (shorter
 side 688) and the windows are their selective-search proposals (the first 300 and the
-first 2000), so the bin sizes are those a real run pools. Runs alternate; the median
-of each is reported, with the ratio roi_pool / table.
+first 2000), so the bin sizes are those a real run pools. The table method also runs on
+the same maps in float16, the type the conv-map cache holds. Runs alternate; the median
+of each is reported, with the ratios roi_pool / table.
 
     python benchmarks/bench_spp_pool.py --data ../shared/data/voc07-mini \\
         --weights ../shared/weights/squeezenet1_0-imagenet.pth --images 6
@@ -29,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from rcnn.datasets import decode_image  # noqa: E402
 from rcnn.models import build_model, initialise  # noqa: E402
+from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import PYRAMID_LEVELS, image_scales, map_windows, spp_pool  # noqa: E402
 from rcnn.spp_features import image_maps  # noqa: E402
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as the rcnn command runs
 
     ids = (args.data / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]
     model = build_model("squeezenet1_0", 21, spp_levels=PYRAMID_LEVELS)
@@ -60,23 +63,29 @@ def main() -> None:
         work = [(f, map_windows(b[:cap], model.spec.stride, f.shape[1], f.shape[2])) for f, b in cases]
         n_windows = sum(len(r) for _, r in work)
         for f, r in work:
-            assert torch.equal(spp_pool(f, r, method="table"), spp_pool(f, r, method="roi_pool"))
-        times: dict[str, list[float]] = {"roi_pool": [], "table": []}
+            reference = spp_pool(f, r, method="roi_pool")
+            assert torch.equal(spp_pool(f, r, method="table"), reference)
+            assert torch.equal(spp_pool(f.half(), r, method="table"), reference.half())
+        # "table16": the same on the float16 maps the conv-map cache holds (what the stages pool)
+        variants = {"roi_pool": (False, "roi_pool"), "table": (False, "table"), "table16": (True, "table")}
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        half = [(f.half(), r) for f, r in work]
         for _ in range(args.repeats):
-            for method in times:
+            for name, (use_half, method) in variants.items():
                 start = time.perf_counter()
-                for f, r in work:
+                for f, r in half if use_half else work:
                     spp_pool(f, r, method=method)
-                times[method].append(time.perf_counter() - start)
-        med = {m: statistics.median(t) for m, t in times.items()}
+                times[name].append(time.perf_counter() - start)
+        med = {m: 1000 * statistics.median(t) / len(work) for m, t in times.items()}
         print(
-            f"up to {cap} windows per image ({n_windows / len(work):.0f} on average): "
-            f"roi_pool {1000 * med['roi_pool'] / len(work):.1f} ms/image, table {1000 * med['table'] / len(work):.1f} ms/image, "
-            f"ratio {med['roi_pool'] / med['table']:.2f}x"
+            f"up to {cap} windows per image ({n_windows / len(work):.0f} on average): roi_pool {med['roi_pool']:.1f} ms/image, "
+            f"table {med['table']:.1f} ({med['roi_pool'] / med['table']:.2f}x), "
+            f"table on float16 maps {med['table16']:.1f} ({med['roi_pool'] / med['table16']:.2f}x)"
         )
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
+        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}; "
+        f"allocator: {'freed memory kept' if kept else 'default'}"
     )
 
 

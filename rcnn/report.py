@@ -242,7 +242,8 @@ def _section_test_time(s: _Study) -> list:
     ]
     text = (
         "Seconds per test image: proposals (one worker), features (every feature stage on the test split: image "
-        "decoding, warping or the conv trunk, pooling and fc layers, as a detector computes them), and "
+        "decoding, warping or the conv trunk, pooling and fc layers, as a detector computes them; for SPP-net also "
+        "the pyramid pooled again from the conv maps for box regression), and "
         "classification (SVM scoring, box regression and NMS). Caching is what the feature stages spent on top "
         "writing their features to disk; a detector does not pay it, so it is not in the total."
     )

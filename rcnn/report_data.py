@@ -107,6 +107,7 @@ class RunSummary:
             for u in self.units
         )
         features = caching = None
+        stages = tuple(u.stage for u in feature_units)
         if feature_units and not unfinished:
             whole = sum(u.metrics["seconds_per_image"] for u in feature_units)
             compute = [number(u.metrics.get("compute_seconds_per_image")) for u in feature_units]
@@ -114,11 +115,16 @@ class RunSummary:
                 features = whole
             else:
                 features, caching = float(sum(compute)), max(0.0, whole - float(sum(compute)))
+            # Features the evaluation computed itself (SPP-net's pyramid for box regression).
+            extra = number((self.results or {}).get("seconds_per_image_features"))
+            if extra:
+                features += extra
+                stages += ("pyramid for box regression",)
         return TestTime(
             proposals=number(proposals.metrics.get("seconds_per_image_worker")) if proposals else None,
             features=features,
             classification=number((self.results or {}).get("seconds_per_image_classify")),
-            feature_stages=tuple(u.stage for u in feature_units),
+            feature_stages=stages,
             caching=caching,
         )
 
