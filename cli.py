@@ -11,7 +11,7 @@ import click
 
 from rcnn.config import PipelineFile, default_pipelines_file
 from rcnn.errors import ConfigError, UserError
-from rcnn.runtime import keep_freed_memory
+from rcnn.runtime import keep_freed_memory, one_blas_thread
 
 RUNS_DIR_HELP = "Folder holding one sub-folder per pipeline [default: $RCNN_RUNS_DIR or ./runs]."
 
@@ -276,7 +276,9 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
         image = decode_image(Path(path))
-        canvas, found = draw_detections(image, detector(image, seed=cfg.proposals.seed), detector.classes, threshold)
+        with one_blas_thread():  # numpy's idle BLAS threads would slow torch's (see rcnn.runtime)
+            dets = detector(image, seed=cfg.proposals.seed)
+        canvas, found = draw_detections(image, dets, detector.classes, threshold)
         stem = Path(path).stem
         cv2.imwrite(str(out / f"{stem}.det.jpg"), canvas)
         write_json_atomic(

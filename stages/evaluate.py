@@ -17,6 +17,7 @@ from rcnn.bbox_regression import BBoxRegressor
 from rcnn.detector import ClassDetections, per_class_nms
 from rcnn.detfiles import devkit_filename, write_devkit_file
 from rcnn.evaluation import Detections, EvalResult, evaluate
+from rcnn.runtime import one_blas_thread
 from rcnn.scoring import ground_truth_by_class
 from rcnn.store import write_json_atomic
 from rcnn.svm import SVMModel
@@ -80,7 +81,11 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     reg: BBoxRegressor = train_bbox.load(ctx)
     results: dict[str, dict[str, ClassDetections]] = {v: {} for v in VARIANTS}
     seconds, pooling = [], []
-    with features.load(ctx, split) as rs, features.LayerReader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer:
+    with (
+        features.load(ctx, split) as rs,
+        features.LayerReader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer,
+        one_blas_thread(),
+    ):
         for image_id in dataset.ids:
             ann = dataset.annotation(image_id)
             # Reading cached features is not timed: a detector has them in memory. SPP-net's pyramid, which
@@ -90,10 +95,9 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             proposal = rs.array(image_id, "gt_classes", np.int64, 1) < 0
             boxes = rs.array(image_id, "boxes", np.float32, 2)[proposal]
             fc7 = rs.array(image_id, ctx.cfg.svm.layer, np.float16, 2)[proposal]
-            start = time.perf_counter()
             pool5 = bbox_layer.rows(rs, image_id, proposal)
             if bbox_layer.maps is not None:
-                pooling.append(time.perf_counter() - start)
+                pooling.append(bbox_layer.compute_seconds)
             start = time.perf_counter()
             scores = svm.scores(fc7)
             results["bbox"][image_id] = per_class_nms(

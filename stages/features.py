@@ -164,6 +164,7 @@ class LayerReader:
             raise UserError(f"unknown feature layer '{layer}' (choose from {', '.join(LAYERS)})")
         self.layer = layer
         self.maps = None
+        self.compute_seconds = 0.0  # of the last call to rows(): pooling the pyramid, reading excluded
         if layer not in cached_layers(ctx):
             if layer != "pool5":
                 raise UserError(f"layer '{layer}' is not in features.layers ({', '.join(ctx.cfg.features.layers)}); add it")
@@ -188,9 +189,11 @@ class LayerReader:
             return rs.array(image_id, self.layer, np.float16, 2)[rows].astype(np.float32)
         boxes = rs.array(image_id, "boxes", np.float32, 2)[rows]
         conv, factors = convmaps.image_record(self.maps, image_id)
+        tick = time.perf_counter()
         conv = as_map_tensors(conv)
         with torch.no_grad():
             pooled = pool_images([(conv, factors, boxes)], self.stride, self.levels, self.target)
+        self.compute_seconds = time.perf_counter() - tick
         return pooled.numpy()  # maxima of float16 maps: the same numbers a float16 cache would hold
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rcnn.runtime import keep_freed_memory
+from rcnn.runtime import keep_freed_memory, one_blas_thread
 
 _libc, _version = platform.libc_ver()
 glibc = pytest.mark.skipif(
@@ -21,7 +21,7 @@ glibc = pytest.mark.skipif(
 PROBE = """
 import ctypes, sys
 import numpy as np
-from rcnn.runtime import keep_freed_memory
+from rcnn.runtime import keep_freed_memory, one_blas_thread
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
@@ -54,3 +54,16 @@ def test_the_setting_can_be_turned_off(monkeypatch):
     assert took == "False" and mapped >= 64 << 20
     monkeypatch.setenv("RCNN_KEEP_FREED_MEMORY", "0")
     assert keep_freed_memory() is False
+
+
+def test_one_blas_thread_limits_numpys_blas_inside_and_restores_it_after():
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
+    before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    if not before:
+        pytest.skip("numpy has no BLAS thread pool here")
+    with one_blas_thread():
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
