@@ -39,11 +39,11 @@ sys.path.insert(0, str(REPO))
 from rcnn.config import PipelineFile  # noqa: E402
 from rcnn.datasets import load_image  # noqa: E402
 from rcnn.detector import region_features  # noqa: E402
-from rcnn.models import for_inference, initialise  # noqa: E402
+from rcnn.models import for_inference, initialise, to_float16  # noqa: E402
 from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import image_scales  # noqa: E402
-from rcnn.spp_features import image_maps, spp_region_features  # noqa: E402
+from rcnn.spp_features import as_map_tensors, image_maps, pool_cells, spp_region_features, window_cells  # noqa: E402
 from stages.common import Context, untrained_model  # noqa: E402
 
 
@@ -91,6 +91,7 @@ def main() -> None:
         r_net, s_net = network(rc, False), network(sp, True)
         p, s = rc.cfg.proposals, sp.cfg.spp
         times: dict[str, list[float]] = {"R-CNN": [], "SPP-net": []}
+        parts: dict[str, list[float]] = {}
         n_boxes = []
         with torch.no_grad():
             for image_id in dataset.ids[: args.images]:
@@ -108,8 +109,25 @@ def main() -> None:
                     maps = image_maps(s_net, image, factors)
                     spp_region_features(s_net, maps, factors, boxes, ("pool5", "fc7"), s.target_size)
 
+                def spp_parts(ann=ann, boxes=boxes) -> dict[str, float]:
+                    # spp() again, its parts timed apart: trunk (resize, normalise, conv, float16 maps),
+                    # pooling (placing windows, dropping repeats, pyramids), fc layers (and float16 features)
+                    tick = time.perf_counter()
+                    factors = image_scales(ann.height, ann.width, s.scales, s.max_side)
+                    maps = image_maps(s_net, load_image(ann), factors)
+                    trunk = time.perf_counter()
+                    scale, rects = window_cells([m.shape for m in maps], factors, boxes, s_net.spec.stride, s.target_size)
+                    _, first, inverse = np.unique(np.column_stack([scale, rects]), axis=0, return_index=True, return_inverse=True)
+                    pooled = pool_cells([(as_map_tensors(maps), scale[first], rects[first])], s.levels)
+                    pool = time.perf_counter()
+                    out = s_net.head(pooled, ("fc7",))
+                    [to_float16(x)[inverse.reshape(-1)] for x in (pooled, out["fc7"])]
+                    return {"conv trunk": trunk - tick, "pooling": pool - trunk, "fc layers": time.perf_counter() - pool}
+
                 per_image: dict[str, list[float]] = {"R-CNN": [], "SPP-net": []}
                 rcnn(), spp()  # warm-up
+                for part, seconds in spp_parts().items():
+                    parts.setdefault(part, []).append(seconds)
                 for _ in range(args.repeats):
                     for name, fn in (("R-CNN", rcnn), ("SPP-net", spp)):
                         start = time.perf_counter()
@@ -122,6 +140,8 @@ def main() -> None:
     print(f"R-CNN   {r * 1000:8.1f} ms/image ({rc.cfg.model.backbone}, {r_net.spec.input_size} px crops)")
     print(f"SPP-net {q * 1000:8.1f} ms/image ({sp.cfg.model.backbone}, scales {list(s.scales)}, levels {list(s.levels)})")
     print(f"ratio R-CNN / SPP-net: {r / q:.2f}x")
+    breakdown = ", ".join(f"{k} {1000 * np.mean(v):.1f} ms" for k, v in parts.items())
+    print(f"SPP-net's parts, timed apart once per image: {breakdown}")
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
         f"threads; Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
