@@ -11,7 +11,7 @@ import click
 
 from rcnn.config import PipelineFile, default_pipelines_file
 from rcnn.errors import ConfigError, UserError
-from rcnn.runtime import keep_freed_memory, one_blas_thread
+from rcnn.runtime import keep_freed_memory
 
 RUNS_DIR_HELP = "Folder holding one sub-folder per pipeline [default: $RCNN_RUNS_DIR or ./runs]."
 
@@ -261,30 +261,14 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     \b
       rcnn detect demo runs/_data/synth-n60-s0-px256/JPEGImages/000003.jpg --out det/
     """
-    import cv2
-
-    from rcnn.datasets import decode_image
-    from rcnn.detector import draw_detections
-    from rcnn.store import write_json_atomic
+    from rcnn.detector import detect_files
     from stages import evaluate, finetune
 
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
     model, meta = finetune.load(ctx)
-    cfg = ctx.cfg
     detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in images:
-        image = decode_image(Path(path))
-        with one_blas_thread():  # numpy's idle BLAS threads would slow torch's (see rcnn.runtime)
-            dets = detector(image, seed=cfg.proposals.seed)
-        canvas, found = draw_detections(image, dets, detector.classes, threshold)
-        stem = Path(path).stem
-        cv2.imwrite(str(out / f"{stem}.det.jpg"), canvas)
-        write_json_atomic(
-            out / f"{stem}.json",
-            {"image": str(path), "width": image.shape[1], "height": image.shape[0], "threshold": threshold, "detections": found},
-        )
+    for path, found in detect_files(detector, images, out, threshold, ctx.cfg.proposals.seed):
         best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
         click.echo(f"{path}: {len(found)} detections{(' (' + best + (', ...' if len(found) > 5 else '') + ')') if found else ''}")
     click.echo(f"wrote {out}")

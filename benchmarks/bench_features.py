@@ -43,7 +43,7 @@ from rcnn.models import for_inference, initialise, to_float16  # noqa: E402
 from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import image_scales  # noqa: E402
-from rcnn.spp_features import as_map_tensors, image_maps, pool_cells, spp_region_features, window_cells  # noqa: E402
+from rcnn.spp_features import as_map_tensors, image_maps, pool_windows, spp_region_features  # noqa: E402
 from stages.common import Context, untrained_model  # noqa: E402
 
 
@@ -110,18 +110,17 @@ def main() -> None:
                     spp_region_features(s_net, maps, factors, boxes, ("pool5", "fc7"), s.target_size)
 
                 def spp_parts(ann=ann, boxes=boxes) -> dict[str, float]:
-                    # spp() again, its parts timed apart: trunk (resize, normalise, conv, float16 maps),
-                    # pooling (placing windows, dropping repeats, pyramids), fc layers (and float16 features)
+                    # spp_region_features again, its parts timed apart: trunk (resize, normalise, conv, float16
+                    # maps), pooling (placing windows, dropping repeats, pyramids), fc layers (and float16 features)
                     tick = time.perf_counter()
                     factors = image_scales(ann.height, ann.width, s.scales, s.max_side)
                     maps = image_maps(s_net, load_image(ann), factors)
                     trunk = time.perf_counter()
-                    scale, rects = window_cells([m.shape for m in maps], factors, boxes, s_net.spec.stride, s.target_size)
-                    _, first, inverse = np.unique(np.column_stack([scale, rects]), axis=0, return_index=True, return_inverse=True)
-                    pooled = pool_cells([(as_map_tensors(maps), scale[first], rects[first])], s.levels)
+                    stride = s_net.spec.stride
+                    pooled, inverse = pool_windows(as_map_tensors(maps), factors, boxes, stride, s.levels, s.target_size)
                     pool = time.perf_counter()
                     out = s_net.head(pooled, ("fc7",))
-                    [to_float16(x)[inverse.reshape(-1)] for x in (pooled, out["fc7"])]
+                    [to_float16(x)[inverse] for x in (pooled, out["fc7"])]
                     return {"conv trunk": trunk - tick, "pooling": pool - trunk, "fc layers": time.perf_counter() - pool}
 
                 per_image: dict[str, list[float]] = {"R-CNN": [], "SPP-net": []}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -115,6 +116,29 @@ class Detector:
             pool5 = feats[self.bbox_layer].astype(np.float32)
             refine = lambda c: self.bbox.predict(pool5, proposals, c)  # noqa: E731
         return per_class_nms(scores, proposals, w, h, self.nms_threshold, self.max_per_image, refine)
+
+
+def detect_files(
+    detector: Detector, paths: Iterable[str | Path], out: Path, threshold: float, seed: int = 0
+) -> Iterator[tuple[str | Path, list[dict]]]:
+    """Run ``detector`` on each image file; write ``<stem>.det.jpg`` (boxes drawn) and ``<stem>.json`` to ``out``.
+
+    Yields each path with its detections scoring at least ``threshold`` (class, score, box).
+    """
+    from rcnn.datasets import decode_image
+    from rcnn.runtime import one_blas_thread
+    from rcnn.store import write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    with one_blas_thread():  # numpy's idle BLAS threads would slow torch's (see rcnn.runtime)
+        for path in paths:
+            image = decode_image(Path(path))
+            canvas, found = draw_detections(image, detector(image, seed=seed), detector.classes, threshold)
+            stem = Path(path).stem
+            cv2.imwrite(str(out / f"{stem}.det.jpg"), canvas)
+            info = {"image": str(path), "width": image.shape[1], "height": image.shape[0], "threshold": threshold}
+            write_json_atomic(out / f"{stem}.json", {**info, "detections": found})
+            yield path, found
 
 
 def draw_detections(

@@ -342,17 +342,15 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Det
 def normalise_crops(crops, spec: BackboneSpec, device: torch.device) -> torch.Tensor:
     """uint8 RGB crops ``[B, S, S, 3]`` (numpy) -> normalised float ``[B, 3, S, S]`` on ``device``."""
     x = torch.from_numpy(crops).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    return x.mul_(pixel_scale(spec, device)).sub_(pixel_shift(spec, device))  # (x / 255 - mean) / std, in place
+    scale, shift = pixel_affine(spec, device)
+    return x.mul_(scale).sub_(shift)
 
 
-def pixel_scale(spec: BackboneSpec, device: torch.device) -> torch.Tensor:
-    """``1 / (255 std)`` per channel ``[3, 1, 1]``: with :func:`pixel_shift`, 0-255 RGB to normalised input."""
-    return (1.0 / (255.0 * torch.tensor(spec.std, device=device))).view(3, 1, 1)
-
-
-def pixel_shift(spec: BackboneSpec, device: torch.device) -> torch.Tensor:
-    """``mean / std`` per channel ``[3, 1, 1]``."""
-    return (torch.tensor(spec.mean, device=device) / torch.tensor(spec.std, device=device)).view(3, 1, 1)
+def pixel_affine(spec: BackboneSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1 / (255 std), mean / std)`` per channel ``[3, 1, 1]``: ``x * scale - shift`` takes 0-255 RGB
+    to the backbone's input, ``(x / 255 - mean) / std``, in two in-place passes."""
+    std = torch.tensor(spec.std, device=device).view(3, 1, 1)
+    return 1.0 / (255.0 * std), torch.tensor(spec.mean, device=device).view(3, 1, 1) / std
 
 
 def to_float16(x: torch.Tensor) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -25,8 +24,8 @@ def keep_freed_memory() -> bool:
     on first touch, every time it is allocated. R-CNN allocates hundreds of MB of activations
     per batch of crops; on a 2-core CPU its feature extraction spent more time in the kernel
     than in the network (SqueezeNet, 300 crops of 128 px: 1.2 s per image, 0.5 s with this;
-    ``benchmarks/bench_features.py`` with and without ``--default-malloc``). The cost: the process keeps the memory of
-    its largest moment until it exits. PyTorch's CPU tuning guide makes the same point and
+    ``benchmarks/bench_features.py`` with and without ``--default-malloc``). The cost: the
+    process keeps the memory of its largest moment until it exits. PyTorch's CPU tuning guide makes the same point and
     suggests jemalloc or tcmalloc, which work as well (and make this call irrelevant).
 
     Returns whether the setting took effect: only on Linux with glibc, and not when the
@@ -35,8 +34,8 @@ def keep_freed_memory() -> bool:
     if os.environ.get(ENV_KEEP_FREED_MEMORY, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter already runs on
+    except AttributeError:  # not glibc (musl has none)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # No mmap for large blocks (they come from the heap and are reused), and no trimming of the

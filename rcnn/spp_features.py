@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import torch
 
-from rcnn.models import DetectorNet, pixel_scale, pixel_shift, to_float16
+from rcnn.models import DetectorNet, pixel_affine, to_float16
 from rcnn.spp import map_windows, select_scale, spp_pool
 
 #: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
@@ -21,7 +21,7 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
     spec = model.spec
     device = next(model.parameters()).device
     rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-    scale, shift = pixel_scale(spec, device), pixel_shift(spec, device)  # (x / 255 - mean) / std, in place
+    scale, shift = pixel_affine(spec, device)
     h, w = rgb.shape[:2]
     maps = []
     for f in factors:
@@ -116,6 +116,21 @@ def pool_cells(items: Sequence[tuple[Sequence[torch.Tensor], np.ndarray, np.ndar
 
 
 @torch.no_grad()
+def pool_windows(
+    maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np.ndarray, stride: int, levels: Sequence[int], target: float
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Pyramids of one image's distinct windows, and for each of ``boxes`` the row of its pyramid.
+
+    Windows that fall on the same cells of the same scale have identical pyramids, so each such
+    group is pooled once (about 1 in 7 of the demo's proposals is a repeat): ``pooled[inverse]`` is
+    the float32 ``[N, D]`` of :func:`pool_images` for these boxes.
+    """
+    scale, rects = window_cells([m.shape for m in maps], factors, boxes, stride, target)
+    _, first, inverse = np.unique(np.column_stack([scale, rects]), axis=0, return_index=True, return_inverse=True)
+    return pool_cells([(maps, scale[first], rects[first])], levels), inverse.reshape(-1)
+
+
+@torch.no_grad()
 def spp_region_features(
     model: DetectorNet,
     maps: Sequence[np.ndarray],
@@ -126,16 +141,11 @@ def spp_region_features(
 ) -> dict[str, np.ndarray]:
     """SPP-net's counterpart of :func:`rcnn.detector.region_features`: float16 ``[N, D]`` per layer.
 
-    ``pool5`` here is the pyramid-pooled window vector that fc6 reads. Windows that fall on the
-    same cells of the same scale have identical features, so each such group is pooled and run
-    through the fc layers once (about 1 in 7 of the demo's proposals is such a repeat).
+    ``pool5`` here is the pyramid-pooled window vector that fc6 reads. Repeated windows (see
+    :func:`pool_windows`) go through the fc layers once.
     """
     device = next(model.parameters()).device
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    stride = model.spec.stride
-    scale, rects = window_cells([m.shape for m in maps], factors, boxes, stride, target)
-    _, first, inverse = np.unique(np.column_stack([scale, rects]), axis=0, return_index=True, return_inverse=True)
-    pooled = pool_cells([(as_map_tensors(maps, device), scale[first], rects[first])], model.spec.spp_levels)
+    pooled, inverse = pool_windows(as_map_tensors(maps, device), factors, boxes, model.spec.stride, model.spec.spp_levels, target)
     out = model.head(pooled, layers)
     out["pool5"] = pooled
-    return {k: to_float16(out[k])[inverse.reshape(-1)] for k in layers}
+    return {k: to_float16(out[k])[inverse] for k in layers}

@@ -95,9 +95,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             proposal = rs.array(image_id, "gt_classes", np.int64, 1) < 0
             boxes = rs.array(image_id, "boxes", np.float32, 2)[proposal]
             fc7 = rs.array(image_id, ctx.cfg.svm.layer, np.float16, 2)[proposal]
-            pool5 = bbox_layer.rows(rs, image_id, proposal)
-            if bbox_layer.maps is not None:
-                pooling.append(bbox_layer.compute_seconds)
+            pool5 = bbox_layer.rows(rs, image_id, proposal, boxes)
+            pooling.append(bbox_layer.compute_seconds)
             start = time.perf_counter()
             scores = svm.scores(fc7)
             results["bbox"][image_id] = per_class_nms(
@@ -130,7 +129,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "per_class_bbox": evals["bbox"].to_json()["per_class"],
         "seconds_per_image_classify": float(np.mean(seconds)) if seconds else None,
         # feature work done here (SPP-net's pyramid for box regression, from the cached conv maps)
-        "seconds_per_image_features": float(np.mean(pooling)) if pooling else 0.0,
+        "seconds_per_image_features": float(np.mean(pooling)) if pooling else 0.0,  # 0 for cached layers
     }
     write_json_atomic(work / RESULTS, summary)
     outputs[RESULTS] = work / RESULTS

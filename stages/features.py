@@ -16,7 +16,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from rcnn import records, store
 from rcnn.datasets import load_image
@@ -24,7 +23,7 @@ from rcnn.detector import region_features
 from rcnn.errors import UserError
 from rcnn.models import for_inference
 from rcnn.regions import image_regions
-from rcnn.spp_features import as_map_tensors, pool_images, spp_region_features
+from rcnn.spp_features import as_map_tensors, pool_windows, spp_region_features
 
 from . import convmaps, finetune, proposals
 from .common import Context, cached_mb, pending_images, progress_bar, upstream_digest
@@ -164,7 +163,7 @@ class LayerReader:
             raise UserError(f"unknown feature layer '{layer}' (choose from {', '.join(LAYERS)})")
         self.layer = layer
         self.maps = None
-        self.compute_seconds = 0.0  # of the last call to rows(): pooling the pyramid, reading excluded
+        self.compute_seconds = 0.0  # of the last call to rows(): pooling the pyramid (0 when read from the cache)
         if layer not in cached_layers(ctx):
             if layer != "pool5":
                 raise UserError(f"layer '{layer}' is not in features.layers ({', '.join(ctx.cfg.features.layers)}); add it")
@@ -183,18 +182,17 @@ class LayerReader:
         if self.maps is not None:
             self.maps.close()
 
-    def rows(self, rs: records.RecordSet, image_id: str, rows: np.ndarray) -> np.ndarray:
-        """``layer`` of the windows ``rows`` (indices or a boolean mask) of ``image_id``'s record in ``rs``."""
+    def rows(self, rs: records.RecordSet, image_id: str, rows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """``layer`` of the windows ``rows`` (indices or a boolean mask) of ``image_id``'s record in ``rs``,
+        whose ``boxes`` the caller has read."""
+        self.compute_seconds = 0.0
         if self.maps is None:
             return rs.array(image_id, self.layer, np.float16, 2)[rows].astype(np.float32)
-        boxes = rs.array(image_id, "boxes", np.float32, 2)[rows]
         conv, factors = convmaps.image_record(self.maps, image_id)
         tick = time.perf_counter()
-        conv = as_map_tensors(conv)
-        with torch.no_grad():
-            pooled = pool_images([(conv, factors, boxes)], self.stride, self.levels, self.target)
+        pooled, inverse = pool_windows(as_map_tensors(conv), factors, boxes, self.stride, self.levels, self.target)
         self.compute_seconds = time.perf_counter() - tick
-        return pooled.numpy()  # maxima of float16 maps: the same numbers a float16 cache would hold
+        return pooled.numpy()[inverse]  # maxima of float16 maps: the same numbers a float16 cache would hold
 
 
 def describe(manifest: dict) -> str:

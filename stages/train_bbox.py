@@ -53,8 +53,8 @@ def training_rows(ctx: Context, split: str) -> dict[str, np.ndarray]:
             rows = np.flatnonzero((cls >= 0) & (iou >= b.min_overlap))
             if len(rows) == 0:
                 continue
-            feats.append(layer.rows(rs, image_id, rows))
             props.append(rs.array(image_id, "boxes", np.float32, 2)[rows])
+            feats.append(layer.rows(rs, image_id, rows, props[-1]))
             gts.append(ann.boxes[best_gt[rows]])
             classes.append(cls[rows])
             overlaps.append(iou[rows])
@@ -78,7 +78,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         model = train_bbox_regressors(**rows, num_classes=len(ctx.classes), params=bp, feature_scale=scale)
     else:
         with features.load(ctx, split) as rs, features.LayerReader(ctx, split, b.layer) as layer:
-            dim = layer.rows(rs, rs.ids[0], np.zeros(0, np.int64)).shape[1]
+            dim = layer.rows(rs, rs.ids[0], np.zeros(0, np.int64), np.zeros((0, 4), np.float32)).shape[1]
         model = BBoxRegressor.identity(len(ctx.classes), dim, 1.0, bp)
     out = work / MODEL
     model.save(out)

@@ -65,7 +65,7 @@ def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
         rows = np.arange(0, len(boxes), 2)
         conv, factors = convmaps.image_record(maps, image_id)
         expected = spp_region_features(model, conv, factors, boxes[rows], ("pool5", "fc7"), ctx.cfg.spp.target_size)
-        got = layer.rows(rs, image_id, rows)
+        got = layer.rows(rs, image_id, rows, boxes[rows])
         assert got.shape == expected["pool5"].shape and got.shape[1] > 0
         assert np.array_equal(got.astype(np.float16), expected["pool5"])
         # fc7 in the records came from the same pooled vectors
