@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from rcnn.config import PipelineFile  # noqa: E402
 from rcnn.datasets import load_image  # noqa: E402
 from rcnn.detector import region_features  # noqa: E402
-from rcnn.models import for_inference, initialise, to_float16  # noqa: E402
+from rcnn.models import device_for, for_inference, inference_autocast, initialise, to_float16  # noqa: E402
 from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import image_scales  # noqa: E402
@@ -47,14 +47,19 @@ from rcnn.spp_features import as_map_tensors, image_maps, pool_windows, spp_regi
 from stages.common import Context, untrained_model  # noqa: E402
 
 
-def network(ctx: Context, spp: bool):
+def network(ctx: Context, spp: bool, device: torch.device):
     cfg = ctx.cfg
     model = untrained_model(ctx, spp)
     if not cfg.model.weights.startswith("pipeline:"):
         initialise(model, ctx.weights()[0])
     if spp and cfg.spp.fc6_input_rms is not None:
         model.fc6_input_scale.fill_(0.01)  # as fine-tuning sets it (for_inference folds it into fc6)
-    return for_inference(model, whole_images=spp)
+    return for_inference(model.to(device), whole_images=spp)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -76,6 +81,7 @@ def main() -> None:
         action="store_true",
         help="leave glibc's malloc as it is, instead of keeping freed memory as the rcnn command does",
     )
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the networks run (default: model.device)")
     args = ap.parse_args()
     allocator = "glibc default" if args.default_malloc else "freed memory kept" if keep_freed_memory() else "default"
     os.environ.setdefault("RCNN_VOC07_MINI", str(REPO.parent / "shared" / "data" / "voc07-mini"))
@@ -88,7 +94,8 @@ def main() -> None:
         sp = Context(cfg=pfile.load(args.spp, tuple(args.overrides)), runs_dir=Path(runs), progress=False, log=lambda _: None)
         rc.ensure_data()
         dataset = rc.dataset(rc.cfg.data.test)
-        r_net, s_net = network(rc, False), network(sp, True)
+        device = device_for(args.device or rc.cfg.model.device)
+        r_net, s_net = network(rc, False, device), network(sp, True, device)
         p, s = rc.cfg.proposals, sp.cfg.spp
         times: dict[str, list[float]] = {"R-CNN": [], "SPP-net": []}
         parts: dict[str, list[float]] = {}
@@ -117,32 +124,40 @@ def main() -> None:
                     maps = image_maps(s_net, load_image(ann), factors)
                     trunk = time.perf_counter()
                     stride = s_net.spec.stride
-                    pooled, inverse = pool_windows(as_map_tensors(maps), factors, boxes, stride, s.levels, s.target_size)
+                    maps = as_map_tensors(maps, device)
+                    pooled, inverse = pool_windows(maps, factors, boxes, stride, s.levels, s.target_size)
+                    synchronize(device)
                     pool = time.perf_counter()
-                    out = s_net.head(pooled, ("fc7",))
+                    with inference_autocast(device):
+                        out = s_net.head(pooled, ("fc7",))
                     [to_float16(x)[inverse] for x in (pooled, out["fc7"])]
                     return {"conv trunk": trunk - tick, "pooling": pool - trunk, "fc layers": time.perf_counter() - pool}
 
                 per_image: dict[str, list[float]] = {"R-CNN": [], "SPP-net": []}
+                per_part: dict[str, list[float]] = {}
                 rcnn(), spp()  # warm-up
-                for part, seconds in spp_parts().items():
-                    parts.setdefault(part, []).append(seconds)
                 for _ in range(args.repeats):
                     for name, fn in (("R-CNN", rcnn), ("SPP-net", spp)):
                         start = time.perf_counter()
                         fn()
                         per_image[name].append(time.perf_counter() - start)
+                    for part, seconds in spp_parts().items():
+                        per_part.setdefault(part, []).append(seconds)
                 for name in times:
                     times[name].append(statistics.median(per_image[name]))
+                for part, seconds in per_part.items():
+                    parts.setdefault(part, []).append(statistics.median(seconds))
     r, q = float(np.mean(times["R-CNN"])), float(np.mean(times["SPP-net"]))
     print(f"{len(n_boxes)} test images of {args.rcnn} / {args.spp}, {np.mean(n_boxes):.0f} proposals per image")
+    print(f"networks on {device}")
     print(f"R-CNN   {r * 1000:8.1f} ms/image ({rc.cfg.model.backbone}, {r_net.spec.input_size} px crops)")
     print(f"SPP-net {q * 1000:8.1f} ms/image ({sp.cfg.model.backbone}, scales {list(s.scales)}, levels {list(s.levels)})")
     print(f"ratio R-CNN / SPP-net: {r / q:.2f}x")
     breakdown = ", ".join(f"{k} {1000 * np.mean(v):.1f} ms" for k, v in parts.items())
-    print(f"SPP-net's parts, timed apart once per image: {breakdown}")
+    print(f"SPP-net's parts, timed apart (median per image): {breakdown}")
+    gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+        f"machine: {gpu}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
         f"threads; Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"OpenCV {cv2.__version__}"
     )

@@ -12,7 +12,7 @@ import torch
 
 from rcnn.bbox_regression import BBoxRegressor
 from rcnn.boxes import clip_boxes
-from rcnn.models import DetectorNet, for_inference, normalise_crops, to_float16
+from rcnn.models import DetectorNet, for_inference, inference_autocast, normalise_crops, to_float16
 from rcnn.nms import nms
 from rcnn.selective_search import selective_search
 from rcnn.svm import SVMModel
@@ -29,7 +29,7 @@ def region_features(
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     for start in range(0, len(boxes), batch_size):
         crops = warp_regions(image_rgb, boxes[start : start + batch_size], spec.input_size, context_pad, spec.mean_pixel)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with inference_autocast(device):
             feats = model.extract(normalise_crops(crops, spec, device), layers)
         for layer in layers:
             out[layer].append(to_float16(feats[layer]))

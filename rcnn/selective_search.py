@@ -18,10 +18,22 @@ import cv2
 import numpy as np
 
 from rcnn.boxes import xywh_to_xyxy
+from rcnn.errors import UserError
 
 MODES = ("fast", "opencv-fast", "opencv-quality", "single")
 
-_seg = cv2.ximgproc.segmentation
+
+def _segmentation():
+    """OpenCV's ``cv2.ximgproc.segmentation``, or a one-line error naming the package to install."""
+    try:
+        return cv2.ximgproc.segmentation
+    except AttributeError:
+        raise UserError(
+            f"selective search needs OpenCV's contrib modules (cv2.ximgproc), which this OpenCV {cv2.__version__} lacks: "
+            "pip uninstall opencv-python opencv-python-headless && pip install --force-reinstall opencv-contrib-python-headless"
+        ) from None
+
+
 # OpenCV's selective search ranks regions with the C library's rand() (level x
 # rand(), see selectivesearchsegmentation.cpp), not cv::RNG, so cv2.setRNGSeed
 # alone leaves the order random; seeding libc's generator makes it repeatable.
@@ -34,6 +46,7 @@ def _uijlings_fast(ss, image: np.ndarray) -> None:
     ss.clearStrategies()
     ss.addImage(cv2.cvtColor(image, cv2.COLOR_BGR2HSV))
     ss.addImage(cv2.cvtColor(image, cv2.COLOR_BGR2Lab))
+    _seg = _segmentation()
     for k in (50, 100):
         ss.addGraphSegmentation(_seg.createGraphSegmentation(sigma=0.8, k=float(k), min_size=k))
     colour = _seg.createSelectiveSearchSegmentationStrategyColor
@@ -84,7 +97,7 @@ def selective_search(
     if resize_width is not None and resize_width != w:
         scale = resize_width / w
         image = cv2.resize(image, (resize_width, max(1, round(h * scale))), interpolation=cv2.INTER_LINEAR)
-    ss = _seg.createSelectiveSearchSegmentation()
+    ss = _segmentation().createSelectiveSearchSegmentation()
     configure(ss, image, mode)
     cv2.setRNGSeed(seed)
     _libc.srand(seed)

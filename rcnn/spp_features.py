@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import torch
 
-from rcnn.models import DetectorNet, pixel_affine, to_float16
+from rcnn.models import DetectorNet, inference_autocast, pixel_affine, to_float16
 from rcnn.spp import map_windows, select_scale, spp_pool
 
 #: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
@@ -28,7 +28,7 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
         size = (max(1, round(w * f)), max(1, round(h * f)))
         resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else rgb
         x = torch.from_numpy(np.ascontiguousarray(resized)).to(device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with inference_autocast(device):
             fmap = model.trunk(x[None])[0]
         maps.append(to_float16(fmap))
     return maps
@@ -146,6 +146,7 @@ def spp_region_features(
     """
     device = next(model.parameters()).device
     pooled, inverse = pool_windows(as_map_tensors(maps, device), factors, boxes, model.spec.stride, model.spec.spp_levels, target)
-    out = model.head(pooled, layers)
+    with inference_autocast(device):
+        out = model.head(pooled, layers)
     out["pool5"] = pooled
     return {k: to_float16(out[k])[inverse] for k in layers}

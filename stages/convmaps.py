@@ -15,7 +15,7 @@ import numpy as np
 
 from rcnn import records
 from rcnn.datasets import load_image
-from rcnn.models import DetectorNet, device_for, for_inference, initialise
+from rcnn.models import DetectorNet, device_for, device_label, for_inference, initialise
 from rcnn.spp import image_scales
 from rcnn.spp_features import image_maps
 
@@ -76,7 +76,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "images": len(dataset),
         "images_computed": len(todo),
         "scales": list(ctx.cfg.spp.scales),
-        "device": str(device),
+        "device": device_label(device),
         "seconds_per_image": wall / len(todo) if todo else None,
         "compute_seconds_per_image": compute / len(todo) if todo else None,  # decoding and the trunk, no writing
         "stride": model.spec.stride,

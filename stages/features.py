@@ -21,7 +21,7 @@ from rcnn import records, store
 from rcnn.datasets import load_image
 from rcnn.detector import region_features
 from rcnn.errors import UserError
-from rcnn.models import for_inference
+from rcnn.models import device_label, for_inference
 from rcnn.regions import image_regions
 from rcnn.spp_features import as_map_tensors, pool_windows, spp_region_features
 
@@ -129,7 +129,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "images": len(dataset),
         "images_computed": len(todo),
         "layers": list(layers),
-        "device": str(device),
+        "device": device_label(device),
         "seconds_per_image": wall / len(todo) if todo else None,
         # what a detector computes (decoding and warping, or pooling from the maps in memory, and the CNN), no I/O
         "compute_seconds_per_image": compute / len(todo) if todo else None,

@@ -25,7 +25,7 @@ from torch import nn
 from rcnn.config import fingerprint_params
 from rcnn.datasets import ImageAnnotation, load_image
 from rcnn.errors import UserError
-from rcnn.models import DetectorNet, device_for, initialise, normalise_crops, save_checkpoint
+from rcnn.models import DetectorNet, device_for, device_label, initialise, normalise_crops, save_checkpoint
 from rcnn.regions import finetune_labels, image_regions
 from rcnn.sampling import FgBgSampler
 from rcnn.store import write_json_atomic
@@ -210,7 +210,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         loaded = initialise(model, ctx.weights()[0])
         ctx.log(
             f"{NAME}/{split}: {cfg.model.backbone}, {len(loaded)} pretrained tensors ({cfg.model.weights}), "
-            f"{len(sampler.fg_indices)} fg / {len(sampler.bg_indices)} bg training regions, device {device}"
+            f"{len(sampler.fg_indices)} fg / {len(sampler.bg_indices)} bg training regions, device {device_label(device)}"
         )
     # The model moves first: loading optimizer state then puts its buffers on the same device.
     model.to(device)
@@ -224,6 +224,12 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:  # dropout masks on the GPU come from its own generator
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if device.type == "cuda":
+        # cuDNN's fastest kernels may sum in a different order on every call: a resumed run would drift
+        # from an unbroken one. The deterministic ones cost little on these networks.
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     loss_fn = nn.CrossEntropyLoss()
     amp = device.type == "cuda"
     batches = sampler.epoch_batches(ft.seed, n_batches=ft.max_iter)
@@ -296,7 +302,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "train_acc": last.get("train_acc"),
         "loss": last.get("loss"),
         "history": history,
-        "device": str(device),
+        "device": device_label(device),
         "fg_regions": int(len(sampler.fg_indices)),
         "bg_regions": int(len(sampler.bg_indices)),
         "val_images": len(val_idx),
@@ -342,6 +348,9 @@ def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
         "torch_rng": torch.get_rng_state(),
         "iteration": iteration,
     }
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     torch.save(state, tmp)
     tmp.replace(path)
 

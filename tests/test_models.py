@@ -10,6 +10,8 @@ import torch
 
 from rcnn.errors import UserError
 from rcnn.models import (
+    ENV_ONEDNN_LINEAR,
+    OneDNNLinear,
     build_model,
     fold_batch_norm,
     for_inference,
@@ -17,6 +19,7 @@ from rcnn.models import (
     load_checkpoint,
     load_weights_file,
     normalise_crops,
+    onednn_linear_helps,
     save_checkpoint,
     to_float16,
 )
@@ -194,3 +197,41 @@ def test_to_float16_rounds_exactly_as_numpy():
         want = x.numpy().astype(np.float16)
     assert got.dtype == np.float16 and got.flags.c_contiguous
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_nn_linear(bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(300, 70, bias=bias)
+    fast = OneDNNLinear.of(layer)
+    assert OneDNNLinear.of(fast) is fast
+    for rows in (1, 37):
+        x = torch.randn(rows, 300) * 5
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-4)
+    # a non-contiguous input (a transposed view), a float16 one, and no rows at all
+    x = torch.randn(300, 9).t()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fast(x.half()), layer(x.half().float()), rtol=1e-5, atol=1e-4)
+    assert fast(torch.zeros(0, 300)).shape == (0, 70)
+
+
+@needs_onednn
+def test_for_inference_uses_onednn_linear_where_it_helps(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert onednn_linear_helps(cpu) and not onednn_linear_helps(torch.device("cuda"))
+    model = for_inference(_trained_looking_tiny())
+    assert isinstance(model.fc6, OneDNNLinear) and isinstance(model.fc7, OneDNNLinear)
+    monkeypatch.setattr("platform.machine", lambda: "arm64")
+    assert not onednn_linear_helps(cpu)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setenv(ENV_ONEDNN_LINEAR, "0")
+    assert not onednn_linear_helps(cpu)
+    model = for_inference(_trained_looking_tiny())
+    assert type(model.fc6) is torch.nn.Linear and type(model.fc7) is torch.nn.Linear

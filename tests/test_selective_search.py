@@ -69,3 +69,13 @@ def test_ranking_puts_regions_high_in_the_hierarchy_first(image):
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     tenth = max(1, len(areas) // 10)
     assert areas[:tenth].mean() > 3 * areas[-tenth:].mean()
+
+
+def test_opencv_without_contrib_modules_gives_a_one_line_error(monkeypatch):
+    import cv2
+
+    from rcnn.errors import UserError
+
+    monkeypatch.delattr(cv2, "ximgproc")
+    with pytest.raises(UserError, match="opencv-contrib-python-headless"):
+        selective_search(np.zeros((40, 40, 3), np.uint8))
