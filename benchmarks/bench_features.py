@@ -125,11 +125,11 @@ def main() -> None:
                     trunk = time.perf_counter()
                     stride = s_net.spec.stride
                     maps = as_map_tensors(maps, device)
-                    pooled, inverse = pool_windows(maps, factors, boxes, stride, s.levels, s.target_size)
+                    pooled, inverse = pool_windows(maps, factors, boxes, stride, s.levels, s.target_size, dtype=None)
                     synchronize(device)
                     pool = time.perf_counter()
                     with inference_autocast(device):
-                        out = s_net.head(pooled, ("fc7",))
+                        out = s_net.head(pooled if device.type == "cuda" else pooled.float(), ("fc7",))
                     [to_float16(x)[inverse] for x in (pooled, out["fc7"])]
                     return {"conv trunk": trunk - tick, "pooling": pool - trunk, "fc layers": time.perf_counter() - pool}
 

@@ -78,12 +78,21 @@ def pool_images(
     return pool_cells(cells, levels)
 
 
-def pool_cells(items: Sequence[tuple[Sequence[torch.Tensor], np.ndarray, np.ndarray]], levels: Sequence[int]) -> torch.Tensor:
-    """:func:`pool_images` for windows already placed by :func:`window_cells`: items ``(maps, scale, rects)``."""
+def pool_cells(
+    items: Sequence[tuple[Sequence[torch.Tensor], np.ndarray, np.ndarray]],
+    levels: Sequence[int],
+    dtype: torch.dtype | None = torch.float32,
+) -> torch.Tensor:
+    """:func:`pool_images` for windows already placed by :func:`window_cells`: items ``(maps, scale, rects)``.
+
+    ``dtype`` of the result: float32 by default, or ``None`` for the maps' own (float16 for cached
+    maps: the same numbers, since maxima are exact, in half the bytes).
+    """
     channels = items[0][0][0].shape[0]
     device = items[0][0][0].device
     dim = channels * sum(n * n for n in levels)
-    out = torch.empty((sum(len(scale) for _, scale, _ in items), dim), device=device)
+    dtype = dtype or items[0][0][0].dtype
+    out = torch.empty((sum(len(scale) for _, scale, _ in items), dim), dtype=dtype, device=device)
     # Maps with many windows (test time: every proposal of an image) are pooled one at a time, each
     # with its own sparse table; the rest (fine-tuning batches: a window or two from each of many
     # images) in one batched call over the cells their windows touch.
@@ -95,7 +104,7 @@ def pool_cells(items: Sequence[tuple[Sequence[torch.Tensor], np.ndarray, np.ndar
             sel = np.flatnonzero(scale == k)
             fmap, r = maps[k], cells[sel]
             if len(sel) >= MANY_WINDOWS:
-                out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels).float()
+                out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels).to(dtype)
                 continue
             x0, y0 = r[:, 0].min(), r[:, 1].min()
             rects.append(r - np.array([x0, y0, x0, y0]))
@@ -111,23 +120,35 @@ def pool_cells(items: Sequence[tuple[Sequence[torch.Tensor], np.ndarray, np.ndar
     for i, m in enumerate(batched_maps):  # zero padding to a common size: no window reaches it
         batch[i, :, : m.shape[1], : m.shape[2]] = m
     pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner))
-    out[torch.from_numpy(np.concatenate(order)).to(device)] = pooled.float()
+    out[torch.from_numpy(np.concatenate(order)).to(device)] = pooled.to(dtype)
     return out
 
 
 @torch.no_grad()
 def pool_windows(
-    maps: Sequence[torch.Tensor], factors: Sequence[float], boxes: np.ndarray, stride: int, levels: Sequence[int], target: float
+    maps: Sequence[torch.Tensor],
+    factors: Sequence[float],
+    boxes: np.ndarray,
+    stride: int,
+    levels: Sequence[int],
+    target: float,
+    dtype: torch.dtype | None = torch.float32,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Pyramids of one image's distinct windows, and for each of ``boxes`` the row of its pyramid.
 
     Windows that fall on the same cells of the same scale have identical pyramids, so each such
     group is pooled once (about 1 in 7 of the demo's proposals is a repeat): ``pooled[inverse]`` is
-    the float32 ``[N, D]`` of :func:`pool_images` for these boxes.
+    the ``[N, D]`` of :func:`pool_images` for these boxes (``dtype`` as in :func:`pool_cells`).
     """
     scale, rects = window_cells([m.shape for m in maps], factors, boxes, stride, target)
-    _, first, inverse = np.unique(np.column_stack([scale, rects]), axis=0, return_index=True, return_inverse=True)
-    return pool_cells([(maps, scale[first], rects[first])], levels), inverse.reshape(-1)
+    # One integer per (scale, rectangle): cell indices are below 2^12, so five fields fit in 63 bits.
+    key = scale.astype(np.int64)
+    for column in rects.T:
+        key = (key << 12) | column
+    if len(rects) and int(rects.max()) >= 1 << 12:
+        raise ValueError(f"feature maps over {1 << 12} cells across are not supported")
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return pool_cells([(maps, scale[first], rects[first])], levels, dtype), inverse.reshape(-1)
 
 
 @torch.no_grad()
@@ -145,8 +166,9 @@ def spp_region_features(
     :func:`pool_windows`) go through the fc layers once.
     """
     device = next(model.parameters()).device
-    pooled, inverse = pool_windows(as_map_tensors(maps, device), factors, boxes, model.spec.stride, model.spec.spp_levels, target)
-    with inference_autocast(device):
-        out = model.head(pooled, layers)
+    maps = as_map_tensors(maps, device)
+    pooled, inverse = pool_windows(maps, factors, boxes, model.spec.stride, model.spec.spp_levels, target, dtype=None)
+    with inference_autocast(device):  # float16 pyramids: autocast takes them on a GPU, fc6 needs float32 on a CPU
+        out = model.head(pooled if device.type == "cuda" else pooled.float(), layers)
     out["pool5"] = pooled
     return {k: to_float16(out[k])[inverse] for k in layers}
