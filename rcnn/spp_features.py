@@ -104,7 +104,10 @@ def pool_cells(
             sel = np.flatnonzero(scale == k)
             fmap, r = maps[k], cells[sel]
             if len(sel) >= MANY_WINDOWS:
-                out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels).to(dtype)
+                if sel[-1] - sel[0] + 1 == len(sel):  # a block of rows (pool_windows sorts by scale): pooled in place
+                    spp_pool(fmap, r, levels, out=out[offset + sel[0] : offset + sel[-1] + 1])
+                else:
+                    out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels).to(dtype)
                 continue
             x0, y0 = r[:, 0].min(), r[:, 1].min()
             rects.append(r - np.array([x0, y0, x0, y0]))

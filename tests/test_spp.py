@@ -204,6 +204,22 @@ def test_spp_pool_matches_slow_loop(seed, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_spp_pool_writes_into_a_given_block_of_rows(method):
+    rng = np.random.default_rng(7)
+    fmap = torch.from_numpy(rng.standard_normal((3, 15, 11)).astype(np.float32)).half()
+    rects = random_rects(rng, 20, 15, 11)
+    n = len(rects)
+    whole = torch.full((n + 10, spp_dim(3)), -1.0)
+    block = whole[4 : 4 + n]
+    assert spp_pool(fmap, rects, method=method, out=block) is block
+    expected = slow_spp(fmap.float().numpy(), rects, PYRAMID_LEVELS)
+    assert np.array_equal(whole[4 : 4 + n].numpy(), expected)
+    assert (whole[:4] == -1).all() and (whole[4 + n :] == -1).all()  # the rest untouched
+    with pytest.raises(ValueError, match="out must be"):
+        spp_pool(fmap, rects, method=method, out=whole)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("levels", [(1, 4, 2), (5, 4, 2, 1), (3, 6), (7,), (1,)])
 def test_spp_pool_other_levels_orders_and_batched_input(levels, method):
     rng = np.random.default_rng(7)
