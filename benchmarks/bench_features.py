@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 from rcnn.config import PipelineFile  # noqa: E402
 from rcnn.datasets import load_image  # noqa: E402
 from rcnn.detector import region_features  # noqa: E402
-from rcnn.models import device_for, for_inference, inference_autocast, initialise, to_float16  # noqa: E402
+from rcnn.inference import for_inference, inference_autocast, to_float16  # noqa: E402
+from rcnn.models import device_for, initialise  # noqa: E402
 from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import image_scales  # noqa: E402
@@ -129,7 +130,7 @@ def main() -> None:
                     synchronize(device)
                     pool = time.perf_counter()
                     with inference_autocast(device):
-                        out = s_net.head(pooled if device.type == "cuda" else pooled.float(), ("fc7",))
+                        out = s_net.head(pooled, ("fc7",))
                     [to_float16(x)[inverse] for x in (pooled, out["fc7"])]
                     return {"conv trunk": trunk - tick, "pooling": pool - trunk, "fc layers": time.perf_counter() - pool}
 

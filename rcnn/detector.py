@@ -12,7 +12,8 @@ import torch
 
 from rcnn.bbox_regression import BBoxRegressor
 from rcnn.boxes import clip_boxes
-from rcnn.models import DetectorNet, for_inference, inference_autocast, normalise_crops, to_float16
+from rcnn.inference import for_inference, inference_autocast, to_float16
+from rcnn.models import DetectorNet, normalise_crops
 from rcnn.nms import nms
 from rcnn.selective_search import selective_search
 from rcnn.svm import SVMModel

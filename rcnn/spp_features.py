@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import torch
 
-from rcnn.models import DetectorNet, inference_autocast, pixel_affine, to_float16
+from rcnn.inference import inference_autocast, to_float16
+from rcnn.models import DetectorNet, pixel_affine
 from rcnn.spp import map_windows, select_scale, spp_pool
 
 #: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
@@ -144,12 +145,12 @@ def pool_windows(
     the ``[N, D]`` of :func:`pool_images` for these boxes (``dtype`` as in :func:`pool_cells`).
     """
     scale, rects = window_cells([m.shape for m in maps], factors, boxes, stride, target)
+    if len(rects) and int(rects.max()) >= 1 << 12:
+        raise ValueError(f"feature maps over {1 << 12} cells across are not supported")
     # One integer per (scale, rectangle): cell indices are below 2^12, so five fields fit in 63 bits.
     key = scale.astype(np.int64)
     for column in rects.T:
         key = (key << 12) | column
-    if len(rects) and int(rects.max()) >= 1 << 12:
-        raise ValueError(f"feature maps over {1 << 12} cells across are not supported")
     _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
     return pool_cells([(maps, scale[first], rects[first])], levels, dtype), inverse.reshape(-1)
 
@@ -171,7 +172,7 @@ def spp_region_features(
     device = next(model.parameters()).device
     maps = as_map_tensors(maps, device)
     pooled, inverse = pool_windows(maps, factors, boxes, model.spec.stride, model.spec.spp_levels, target, dtype=None)
-    with inference_autocast(device):  # float16 pyramids: autocast takes them on a GPU, fc6 needs float32 on a CPU
-        out = model.head(pooled if device.type == "cuda" else pooled.float(), layers)
+    with inference_autocast(device):
+        out = model.head(pooled, layers)
     out["pool5"] = pooled
     return {k: to_float16(out[k])[inverse] for k in layers}

@@ -15,7 +15,8 @@ import numpy as np
 
 from rcnn import records
 from rcnn.datasets import load_image
-from rcnn.models import DetectorNet, device_for, device_label, for_inference, initialise
+from rcnn.inference import for_inference
+from rcnn.models import DetectorNet, device_for, device_label, initialise
 from rcnn.spp import image_scales
 from rcnn.spp_features import image_maps
 

@@ -21,7 +21,8 @@ from rcnn import records, store
 from rcnn.datasets import load_image
 from rcnn.detector import region_features
 from rcnn.errors import UserError
-from rcnn.models import device_label, for_inference
+from rcnn.inference import for_inference
+from rcnn.models import device_label
 from rcnn.regions import image_regions
 from rcnn.spp_features import as_map_tensors, pool_windows, spp_region_features
 
