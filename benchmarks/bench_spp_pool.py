@@ -33,7 +33,7 @@ from rcnn.models import build_model, initialise  # noqa: E402
 from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import PYRAMID_LEVELS, image_scales, map_windows, spp_pool  # noqa: E402
-from rcnn.spp_features import image_maps  # noqa: E402
+from rcnn.spp_features import as_map_tensors, image_maps  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
         image = decode_image(args.data / "JPEGImages" / f"{image_id}.jpg")
         h, w = image.shape[:2]
         factors = image_scales(h, w, (688,))
-        fmap = torch.from_numpy(image_maps(model, image, factors)[0].astype(np.float32))
+        fmap = as_map_tensors(image_maps(model, image, factors))[0].float()  # [C, H, W], channels last in memory
         boxes = selective_search(image, "fast", min_size=20, max_proposals=2000)
         cases.append((fmap, boxes * np.float32(factors[0])))
     print(f"{len(cases)} VOC2007 test images, SqueezeNet conv maps {tuple(cases[0][0].shape)} (C, H, W) and similar")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rcnn.errors import UserError
+from rcnn.spp import bins_order
 
 # torchvision's ImageNet normalisation (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,6 +73,10 @@ class DetectorNet(nn.Module):
         self.pool5 = pool5
         self.fc6 = fc6
         self.fc7 = fc7
+        # R-CNN's features are fc6 and fc7 after their ReLUs. Modules rather than calls, so inference can
+        # fuse each into its fc layer (rcnn.inference.for_inference); they hold no weights.
+        self.relu6 = nn.ReLU(inplace=True)
+        self.relu7 = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(fc7.out_features, num_classes)
         nn.init.normal_(self.classifier.weight, std=0.01)
@@ -90,10 +95,10 @@ class DetectorNet(nn.Module):
         x = torch.flatten(pool5, 1).float()
         if float(self.fc6_input_scale) != 1.0:
             x = x * self.fc6_input_scale
-        fc6 = torch.relu_(self.fc6(x))
+        fc6 = self.relu6(self.fc6(x))
         if "fc6" in layers:
             out["fc6"] = fc6
-        fc7 = torch.relu_(self.fc7(self.dropout(fc6)))
+        fc7 = self.relu7(self.fc7(self.dropout(fc6)))
         out["fc7"] = fc7
         return out
 
@@ -195,6 +200,10 @@ def build_model(
         model.fc6 = nn.Linear(model.spec.pool5_dim, model.fc7.in_features)
         nn.init.normal_(model.fc6.weight, std=0.005)
         nn.init.constant_(model.fc6.bias, 0.1)
+        # Drawn for SPP-net's channel-major pyramid, rearranged for the bin-major one the pipeline pools
+        # (rcnn.spp_features.LAYOUT): a seed gives the same network in either layout.
+        with torch.no_grad():
+            model.fc6.weight.copy_(model.fc6.weight[:, bins_order(model.spec.trunk_channels, model.spec.spp_levels)])
     return model
 
 

@@ -14,11 +14,20 @@ from rcnn.spp import map_windows, select_scale, spp_pool
 
 #: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
 MANY_WINDOWS = 16
+#: The pipeline's pyramid vectors (what fc6 and box regression read) are bin-major: each bin's channels
+#: side by side, as pooling computes them (:data:`rcnn.spp.LAYOUTS`). fc6 starts from weights drawn in
+#: SPP-net's channel-major order and rearranged to match (:func:`rcnn.models.build_model`).
+LAYOUT = "bins"
 
 
 @torch.no_grad()
 def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float]) -> list[np.ndarray]:
-    """float16 ``[C, H_k, W_k]`` conv maps of one BGR image resized by each factor in ``factors``."""
+    """float16 conv maps of one BGR image resized by each factor in ``factors``, channels last: ``[H_k, W_k, C]``.
+
+    Channels last is the layout the trunk computes in (see :func:`rcnn.inference.for_inference`) and
+    the one pooling reads (each cell's channels side by side), so no copy ever transposes a map.
+    :func:`as_map_tensors` gives them the ``[C, H_k, W_k]`` shape the rest of the code indexes.
+    """
     spec = model.spec
     device = next(model.parameters()).device
     rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
@@ -31,16 +40,17 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
         x = torch.from_numpy(np.ascontiguousarray(resized)).to(device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
         with inference_autocast(device):
             fmap = model.trunk(x[None])[0]
-        maps.append(to_float16(fmap))
+        maps.append(to_float16(fmap.permute(1, 2, 0)))
     return maps
 
 
 def as_map_tensors(maps: Sequence[np.ndarray], device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Cached float16 maps as tensors on ``device``, ready for pooling, still float16.
+    """Cached float16 ``[H, W, C]`` maps (see :func:`image_maps`) as ``[C, H, W]`` tensors on ``device``.
 
-    Maxima are exact in any precision, and half the bytes make pooling's tables about 2x faster.
+    The tensors are views of the channels-last data (no copy on the CPU), still float16: maxima are
+    exact in any precision, and half the bytes make pooling's tables about 2x faster.
     """
-    return [torch.from_numpy(np.asarray(m, np.float16)).to(device) for m in maps]
+    return [torch.from_numpy(np.asarray(m, np.float16)).to(device).permute(2, 0, 1) for m in maps]
 
 
 def window_cells(
@@ -73,7 +83,7 @@ def pool_images(
     factor of each, and the image's windows ``[N, 4]`` (x1, y1, x2, y2, original pixels). Each
     window is pooled from the map of the scale where its area is closest to ``target``² (SPP-net's
     multi-scale rule; with one scale, that scale). Returns float32 ``[sum N, C * sum(n^2)]`` in
-    item order.
+    item order, each level flattened bin-major (:data:`LAYOUT`).
     """
     cells = [(maps, *window_cells([m.shape for m in maps], factors, boxes, stride, target)) for maps, factors, boxes in items]
     return pool_cells(cells, levels)
@@ -106,9 +116,9 @@ def pool_cells(
             fmap, r = maps[k], cells[sel]
             if len(sel) >= MANY_WINDOWS:
                 if sel[-1] - sel[0] + 1 == len(sel):  # a block of rows (pool_windows sorts by scale): pooled in place
-                    spp_pool(fmap, r, levels, out=out[offset + sel[0] : offset + sel[-1] + 1])
+                    spp_pool(fmap, r, levels, out=out[offset + sel[0] : offset + sel[-1] + 1], layout=LAYOUT)
                 else:
-                    out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels).to(dtype)
+                    out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels, layout=LAYOUT).to(dtype)
                 continue
             x0, y0 = r[:, 0].min(), r[:, 1].min()
             rects.append(r - np.array([x0, y0, x0, y0]))
@@ -120,10 +130,11 @@ def pool_cells(
         return out
     height = max(m.shape[1] for m in batched_maps)
     width = max(m.shape[2] for m in batched_maps)
+    # Channels first: with a window or two per map these are pooled by roi_pool, which reads that layout.
     batch = torch.zeros((len(batched_maps), channels, height, width), dtype=batched_maps[0].dtype, device=device)
     for i, m in enumerate(batched_maps):  # zero padding to a common size: no window reaches it
         batch[i, :, : m.shape[1], : m.shape[2]] = m
-    pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner))
+    pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner), layout=LAYOUT)
     out[torch.from_numpy(np.concatenate(order)).to(device)] = pooled.to(dtype)
     return out
 

@@ -3,7 +3,7 @@
 SPP-net runs the convolutional layers once per image (per scale) instead of once
 per region; these maps are the cached artifact from which every window's pyramid
 is pooled. Per image: ``factors`` float32 ``[K]`` (resize factor of each scale) and
-``conv<k>`` float16 ``[C, H_k, W_k]``.
+``conv<k>`` float16 ``[H_k, W_k, C]``, channels last (the layout the trunk computes and pooling reads).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from rcnn.spp_features import image_maps
 from .common import Context, cached_mb, pending_images, progress_bar, untrained_model
 
 NAME = "convmaps"
-SCHEMA_VERSION = 1
-CODE = ("rcnn.models", "rcnn.spp", "rcnn.records", "stages.convmaps")
+SCHEMA_VERSION = 2  # 2: maps stored channels last
+CODE = ("rcnn.models", "rcnn.inference", "rcnn.spp", "rcnn.spp_features", "rcnn.records", "stages.convmaps")
 INDEX = "index.json"
 KIND = "convmaps"
 
@@ -91,7 +91,7 @@ def load(ctx: Context, split: str) -> records.RecordSet:
 
 
 def image_record(rs: records.RecordSet, image_id: str) -> tuple[list[np.ndarray], np.ndarray]:
-    """One image's float16 maps ``[C, H_k, W_k]`` (one per scale) and their resize factors ``[K]``."""
+    """One image's float16 maps ``[H_k, W_k, C]`` (one per scale) and their resize factors ``[K]``."""
     factors = rs.array(image_id, "factors", np.float32, 1)
     return [rs.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))], factors
 

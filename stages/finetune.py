@@ -136,7 +136,9 @@ class PooledRegions:
             from rcnn.spp_features import as_map_tensors
 
             maps, factors = convmaps.image_record(self.maps, self.ids[i])
-            self._cache[i] = (as_map_tensors(maps, self.device), factors)
+            # Channels first: training batches hold a window or two per image, pooled by roi_pool from a
+            # batch of crops in its layout, and cropping channels-last maps into it would transpose them.
+            self._cache[i] = ([m.contiguous() for m in as_map_tensors(maps, self.device)], factors)
             if len(self._cache) > 4000:
                 self._cache.popitem(last=False)
         return self._cache[i]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from rcnn import inference
 from rcnn.inference import ENV_ONEDNN_LINEAR, OneDNNLinear, fold_batch_norm, for_inference, onednn_linear_helps, to_float16
 from rcnn.models import build_model
 
@@ -66,21 +67,32 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 
 @needs_onednn
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednn_linear_equals_nn_linear(bias):
+def test_onednn_linear_equals_nn_linear(bias, relu, fused, monkeypatch):
+    if fused and not inference._has_fused_linear():
+        pytest.skip("this torch has no fused oneDNN linear operator")
+    monkeypatch.setattr(inference, "_has_fused_linear", lambda: fused)
     torch.manual_seed(0)
     layer = torch.nn.Linear(300, 70, bias=bias)
-    fast = OneDNNLinear.of(layer)
-    assert OneDNNLinear.of(fast) is fast
+    fast = OneDNNLinear.of(layer, relu=relu)
+    assert OneDNNLinear.of(fast) is fast and fast.fused == fused
+
+    def reference(x):
+        y = layer(x)
+        return torch.relu(y) if relu else y
+
     for rows in (1, 37):
         x = torch.randn(rows, 300) * 5
         with torch.no_grad():
-            torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-4)
+            assert relu == bool((fast(x) >= 0).all())  # about half the outputs are negative without the ReLU
     # a non-contiguous input (a transposed view), a float16 one, and no rows at all
     x = torch.randn(300, 9).t()
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), layer(x), rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(fast(x.half()), layer(x.half().float()), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fast(x.half()), reference(x.half().float()), rtol=1e-5, atol=1e-4)
     assert fast(torch.zeros(0, 300)).shape == (0, 70)
 
 
@@ -91,6 +103,9 @@ def test_for_inference_uses_onednn_linear_where_it_helps(monkeypatch):
     assert onednn_linear_helps(cpu) and not onednn_linear_helps(torch.device("cuda"))
     model = for_inference(_trained_looking_tiny())
     assert isinstance(model.fc6, OneDNNLinear) and isinstance(model.fc7, OneDNNLinear)
+    # each takes over its ReLU
+    assert model.fc6.relu and model.fc7.relu
+    assert isinstance(model.relu6, torch.nn.Identity) and isinstance(model.relu7, torch.nn.Identity)
     monkeypatch.setattr("platform.machine", lambda: "arm64")
     assert not onednn_linear_helps(cpu)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")

@@ -16,6 +16,7 @@ from rcnn.spp import (
     PYRAMID_LEVELS,
     SpatialPyramidPool,
     _roi_pool_inexact,
+    bins_order,
     image_scales,
     map_windows,
     select_scale,
@@ -201,6 +202,33 @@ def test_spp_pool_matches_slow_loop(seed, method):
     assert out.shape == (len(rects), spp_dim(channels))
     assert out.dtype == torch.float32
     assert np.array_equal(out.numpy(), slow_spp(fmap.numpy(), rects, PYRAMID_LEVELS))
+
+
+def test_bins_order_hand_case():
+    # 2 channels, levels (2, 1). Channel-major: level 2 is c0 bins 0-3, then c1 bins 0-3 (positions
+    # 0-7); level 1 is c0, c1 (8, 9). Bin-major: bin 0 c0, bin 0 c1, bin 1 c0, ...
+    assert bins_order(2, (2, 1)).tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 9]
+    order = bins_order(5, PYRAMID_LEVELS)
+    assert sorted(order.tolist()) == list(range(spp_dim(5)))  # a permutation
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_spp_pool_bins_layout_is_the_channel_layout_rearranged(method, dtype):
+    rng = np.random.default_rng(11)
+    fmap = torch.from_numpy(rng.standard_normal((4, 13, 17)).astype(np.float32)).to(dtype)
+    rects = random_rects(rng, 30, 13, 17)
+    for levels in (PYRAMID_LEVELS, (4, 3, 1), (7,)):  # derived levels, direct ones, roi_pool's exact fix-up
+        channels = spp_pool(fmap, rects, levels, method=method)
+        bins = spp_pool(fmap, rects, levels, method=method, layout="bins")
+        assert torch.equal(bins, channels[:, bins_order(4, levels)])
+        into = torch.empty_like(bins)
+        assert spp_pool(fmap, rects, levels, method=method, layout="bins", out=into) is into and torch.equal(into, bins)
+    # a channels-last map (as the conv-map cache holds them) pools to the same numbers
+    last = fmap.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    assert torch.equal(spp_pool(last, rects, method=method, layout="bins"), spp_pool(fmap, rects, method=method, layout="bins"))
+    with pytest.raises(ValueError, match="layout"):
+        spp_pool(fmap, rects, layout="rows")
 
 
 @pytest.mark.parametrize("method", METHODS)

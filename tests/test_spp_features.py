@@ -7,7 +7,7 @@ import torch
 from test_spp import slow_spp
 
 from rcnn.models import build_model
-from rcnn.spp import map_windows, select_scale, spp_pool
+from rcnn.spp import bins_order, map_windows, select_scale, spp_pool
 from rcnn.spp_features import MANY_WINDOWS, pool_images, spp_region_features
 
 
@@ -35,7 +35,8 @@ def test_pool_images_matches_one_window_at_a_time():
             expected.append(slow_spp(m.numpy(), rect, levels)[0])
     got = pool_images(items, stride, levels, target)
     assert got.shape == (len(expected), 3 * 50)
-    assert np.array_equal(got.numpy(), np.stack(expected))
+    # the slow loop flattens channel-major; the pipeline's pyramids are bin-major
+    assert np.array_equal(got.numpy(), np.stack(expected)[:, bins_order(3, levels)])
     # both scales were used, so the batch mixed maps of different sizes
     scales = np.concatenate([select_scale(b, factors, target) for _, _, b in items])
     assert set(scales.tolist()) == {0, 1}
@@ -50,7 +51,8 @@ def test_spp_region_features_pools_repeated_windows_once_and_matches_the_slow_lo
     rng = np.random.default_rng(3)
     model = build_model("tiny", 3, 64, 32, spp_levels=(3, 2, 1)).eval()
     stride, factors, target = model.spec.stride, [0.5, 1.0], 24.0
-    maps = [rng.standard_normal((96, int(96 * f) // stride, int(96 * f) // stride)).astype(np.float16) for f in factors]
+    # cached maps are channels last, [H, W, C]
+    maps = [rng.standard_normal((int(96 * f) // stride, int(96 * f) // stride, 96)).astype(np.float16) for f in factors]
     boxes = random_boxes(rng, 3 * MANY_WINDOWS, 96)
     # repeats: five boxes twice, and one moved by a quarter pixel (mostly the same cells)
     boxes = np.concatenate([boxes, boxes[:5], boxes[5:6] + 0.25]).astype(np.float32)
@@ -58,9 +60,9 @@ def test_spp_region_features_pools_repeated_windows_once_and_matches_the_slow_lo
 
     expected = []
     for box, k in zip(boxes, select_scale(boxes, factors, target)):
-        m = maps[k].astype(np.float32)
+        m = maps[k].transpose(2, 0, 1).astype(np.float32)
         expected.append(slow_spp(m, map_windows(box[None] * factors[k], stride, m.shape[1], m.shape[2]), (3, 2, 1))[0])
-    expected = np.stack(expected)
+    expected = np.stack(expected)[:, bins_order(96, (3, 2, 1))]
     assert feats["pool5"].dtype == np.float16
     assert np.array_equal(feats["pool5"], expected.astype(np.float16))  # float16 maxima are exact
     with torch.no_grad():
