@@ -43,7 +43,10 @@ class TestTime:
     ``features`` is the feature computation a detector pays at test time (image decoding, warping or
     the conv trunk, pooling, fc layers); ``caching`` is the extra the feature stages spent writing it
     to the artifact store, which a detector does not do. Older manifests without the split give the
-    stages' whole time as ``features`` and ``None`` for ``caching``.
+    stages' whole time as ``features`` and ``None`` for ``caching``. ``pooled_again`` is feature work
+    the pipeline does twice because it does not cache the result: SPP-net's pyramid, which box
+    regression reads, pooled again from the conv maps by the evaluation (a detector keeps the one it
+    pooled for fc6). Neither is in the total.
     """
 
     proposals: float | None
@@ -51,6 +54,7 @@ class TestTime:
     classification: float | None
     feature_stages: tuple[str, ...]
     caching: float | None = None
+    pooled_again: float | None = None
 
     @property
     def total(self) -> float | None:
@@ -115,17 +119,15 @@ class RunSummary:
                 features = whole
             else:
                 features, caching = float(sum(compute)), max(0.0, whole - float(sum(compute)))
-            # Features the evaluation computed itself (SPP-net's pyramid for box regression).
-            extra = number((self.results or {}).get("seconds_per_image_features"))
-            if extra:
-                features += extra
-                stages += ("pyramid for box regression",)
+        # Features the evaluation computed again (SPP-net's pyramid for box regression); 0 for cached ones.
+        again = number((self.results or {}).get("seconds_per_image_features"))
         return TestTime(
             proposals=number(proposals.metrics.get("seconds_per_image_worker")) if proposals else None,
             features=features,
             classification=number((self.results or {}).get("seconds_per_image_classify")),
             feature_stages=stages,
             caching=caching,
+            pooled_again=again or None,
         )
 
     def feature_cache(self) -> tuple[int, list[UnitSummary], list[UnitSummary]]:

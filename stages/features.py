@@ -33,6 +33,7 @@ NAME = "features"
 SCHEMA_VERSION = 2
 CODE = (
     "rcnn.models",
+    "rcnn.inference",
     "rcnn.regions",
     "rcnn.records",
     "rcnn.warp",
@@ -89,6 +90,10 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     for_inference(model, whole_images=cfg.method == "spp")
     device = next(model.parameters()).device
     layers = cached_layers(ctx)
+    # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
+    # hands it to box regression; this stage computes it too but does not cache it (LayerReader pools
+    # it again when a later stage needs it, timed apart).
+    computed = layers + (("pool5",) if cfg.method == "spp" and cfg.bbox.layer == "pool5" and "pool5" not in layers else ())
     parts = work / "parts"
     todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
     bar = progress_bar(ctx, len(todo), f"features {split}")
@@ -102,7 +107,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             if maps is not None:
                 conv, factors = convmaps.image_record(maps, image_id)
                 tick = time.perf_counter()
-                feats = spp_region_features(model, conv, factors, regions.boxes, layers, cfg.spp.target_size)
+                feats = spp_region_features(model, conv, factors, regions.boxes, computed, cfg.spp.target_size)
             else:
                 tick = time.perf_counter()
                 image = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
@@ -115,7 +120,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
                     "gt_classes": regions.gt_classes,
                     "overlaps": regions.overlaps,
                     "best_gt": regions.best_gt,
-                    **feats,
+                    **{k: feats[k] for k in layers},
                 },
             )
             n_boxes += len(regions.boxes)
