@@ -245,23 +245,18 @@ _TABLE_CHUNK_VALUES = 1 << 24
 _TABLE_MAX_VALUES = 1 << 28
 
 
-def _bin_edges(lo: torch.Tensor, hi: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last (inclusive) cell of each of ``n`` bins over ``[lo, hi]``: ``[N, n]`` each."""
+def _bin_edges(lo: np.ndarray, hi: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last (inclusive) cell of each of ``n`` bins over ``[lo, hi]``: int64 ``[N, n]`` each."""
     size = (hi - lo + 1)[:, None]
-    i = torch.arange(n, device=lo.device)
+    i = np.arange(n)
     first = lo[:, None] + i * size // n
     last = lo[:, None] + (-(-(i + 1) * size // n)) - 1
     return first, last
 
 
-def _floor_log2(x: torch.Tensor) -> torch.Tensor:
-    """``floor(log2(x))`` of positive int64 ``x``, exactly (no floating point)."""
-    k = torch.zeros_like(x)
-    while True:
-        more = (x >> (k + 1)) > 0
-        if not bool(more.any()):
-            return k
-        k = k + more.long()
+def _floor_log2(x: np.ndarray) -> np.ndarray:
+    """``floor(log2(x))`` of positive int64 ``x`` below 2^53, exactly: ``x = m 2^e`` with ``0.5 <= m < 1``."""
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64) - 1
 
 
 def _table_pool_levels(
@@ -277,7 +272,11 @@ def _table_pool_levels(
     # bins k i .. k i + k - 1 of n = k m (floor(k i h / n) = floor(i h / m), likewise the ceilings).
     source = {m: min((n for n in levels if n > m and n % m == 0), default=None) for m in set(levels)}
     direct = sorted(m for m, n in source.items() if n is None)
-    x1, y1, x2, y2 = rects.unbind(1)
+    # The bookkeeping (bins, block sizes, row numbers) is small integer arithmetic: numpy on the host
+    # does it several times faster than a chain of tiny tensor operations; the table and the lookups
+    # stay on the map's device.
+    x1, y1, x2, y2 = rects.cpu().numpy().T
+    owner = batch_index.cpu().numpy()
     edges = {n: (_bin_edges(y1, y2, n), _bin_edges(x1, x2, n)) for n in direct}
     log_h = {n: _floor_log2(e[0][1] - e[0][0] + 1) for n, e in edges.items()}
     log_w = {n: _floor_log2(e[1][1] - e[1][0] + 1) for n, e in edges.items()}
@@ -306,12 +305,17 @@ def _table_pool_levels(
         parts = []
         for s in range(0, len(rects), chunk):
             sl = slice(s, s + chunk)
-            base = ((b[sl][:, None, :] * rows + a[sl][:, :, None]) * batch + batch_index[sl][:, None, None]) * height
+            # Each bin is the max of four blocks of 2^a x 2^b cells at its corners (overlapping where
+            # the bin is not that size); a corner at a time keeps the gathered rows in cache.
+            base = ((b[sl][:, None, :] * rows + a[sl][:, :, None]) * batch + owner[sl][:, None, None]) * height
             y_first, y_last = top[sl][:, :, None], (bottom[sl] - (1 << a[sl]) + 1)[:, :, None]
             x_first, x_last = left[sl][:, None, :], (right[sl] - (1 << b[sl]) + 1)[:, None, :]
-            out = flat.index_select(0, ((base + y_first) * width + x_first).reshape(-1))
-            for yy, xx in ((y_last, x_first), (y_first, x_last), (y_last, x_last)):
-                torch.maximum(out, flat.index_select(0, ((base + yy) * width + xx).reshape(-1)), out=out)
+            corners = ((y_first, x_first), (y_last, x_first), (y_first, x_last), (y_last, x_last))
+            index = torch.from_numpy(np.stack([(base + yy) * width + xx for yy, xx in corners]).reshape(4, -1))
+            index = index.to(fmap.device)
+            out = flat.index_select(0, index[0])
+            for k in range(1, 4):
+                torch.maximum(out, flat.index_select(0, index[k]), out=out)
             parts.append(out.view(-1, n, n, channels))
         pooled[n] = parts[0] if len(parts) == 1 else torch.cat(parts)
     for m in sorted(source, reverse=True):
