@@ -20,6 +20,11 @@ from torch import nn
 from rcnn.errors import UserError
 from rcnn.spp import bins_order
 
+#: How SPP-net's pyramid vectors are laid out for fc6 (:data:`rcnn.spp.LAYOUTS`): bin-major, each bin's
+#: channels side by side, as the sparse tables pool them. Checkpoints record it; those written before
+#: it existed hold fc6 weights for the channel-major layout and are rearranged when loaded.
+PYRAMID_LAYOUT = "bins"
+
 # torchvision's ImageNet normalisation (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -201,7 +206,7 @@ def build_model(
         nn.init.normal_(model.fc6.weight, std=0.005)
         nn.init.constant_(model.fc6.bias, 0.1)
         # Drawn for SPP-net's channel-major pyramid, rearranged for the bin-major one the pipeline pools
-        # (rcnn.spp_features.LAYOUT): a seed gives the same network in either layout.
+        # (PYRAMID_LAYOUT): a seed gives the same network in either layout.
         with torch.no_grad():
             model.fc6.weight.copy_(model.fc6.weight[:, bins_order(model.spec.trunk_channels, model.spec.spp_levels)])
     return model
@@ -323,6 +328,8 @@ def save_checkpoint(path: Path, model: DetectorNet, meta: dict) -> None:
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     info = {"spec": asdict(model.spec), "num_classes": model.classifier.out_features, **meta}
+    if model.spec.spp_levels:
+        info["pyramid_layout"] = PYRAMID_LAYOUT
     tmp_json = path.with_name(f".{path.name}.json.tmp")
     tmp_json.write_text(json.dumps(info, indent=2, sort_keys=True))
     os.replace(tmp_json, path.with_name(path.name + ".json"))
@@ -343,6 +350,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Det
     model = build_model(spec.name, num_classes, spec.input_size, spec.fc_dim, spp_levels=spec.spp_levels)
     state = load_weights_file(path)
     state.setdefault("fc6_input_scale", torch.ones(()))  # checkpoints written before the scale existed
+    if levels and meta.get("pyramid_layout", "channels") == "channels" and state.get("fc6.weight") is not None:
+        # An SPP-net fc6 trained on channel-major pyramids (before PYRAMID_LAYOUT): the same layer, its inputs reordered.
+        weight = state["fc6.weight"]
+        if weight.dim() == 2 and weight.shape[1] == spec.pool5_dim:
+            state["fc6.weight"] = weight[:, bins_order(spec.trunk_channels, levels)].contiguous()
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

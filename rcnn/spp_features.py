@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from rcnn.inference import inference_autocast, to_float16
-from rcnn.models import DetectorNet, pixel_affine
+from rcnn.models import PYRAMID_LAYOUT, DetectorNet, pixel_affine
 from rcnn.spp import map_windows, select_scale, spp_pool
 
 #: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
@@ -17,7 +17,7 @@ MANY_WINDOWS = 16
 #: The pipeline's pyramid vectors (what fc6 and box regression read) are bin-major: each bin's channels
 #: side by side, as pooling computes them (:data:`rcnn.spp.LAYOUTS`). fc6 starts from weights drawn in
 #: SPP-net's channel-major order and rearranged to match (:func:`rcnn.models.build_model`).
-LAYOUT = "bins"
+LAYOUT = PYRAMID_LAYOUT
 
 
 @torch.no_grad()

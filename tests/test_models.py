@@ -139,3 +139,37 @@ def test_fc6_input_scale_multiplies_fc6_input_and_travels_with_the_checkpoint(tm
     save_checkpoint(tmp_path / "n.pt", model, {"classes": ["a", "b"]})
     initialise(fresh, str(tmp_path / "n.pt"))
     assert float(fresh.fc6_input_scale) == 1.0
+
+
+def test_spp_fc6_is_drawn_channel_major_and_older_checkpoints_load_into_the_bin_major_layout(tmp_path):
+    import json
+
+    from rcnn.models import PYRAMID_LAYOUT
+    from rcnn.spp import bins_order
+
+    levels, channels = (2, 1), 96
+    order = bins_order(channels, levels)
+    model = build_model("tiny", 3, 64, 32, seed=5, spp_levels=levels).eval()
+    # The same seed draws the same fc6 as before the layout existed, only its columns rearranged:
+    # the unchanged draw is what the generator gives after building the rest of the network.
+    build_model("tiny", 3, 64, 32, seed=5)  # seeds and consumes the generator as far as the SPP fc6
+    drawn = torch.nn.Linear(model.spec.pool5_dim, 32).weight.detach().normal_(std=0.005)
+    assert torch.equal(model.fc6.weight, drawn[:, order])
+
+    pyramids = torch.rand(4, model.spec.pool5_dim)  # channel-major, as an older version pooled them
+    save_checkpoint(tmp_path / "m.pt", model, {"classes": ["a", "b"]})
+    meta = json.loads((tmp_path / "m.pt.json").read_text())
+    assert meta["pyramid_layout"] == PYRAMID_LAYOUT == "bins"
+    # An older checkpoint: no layout recorded, fc6 weights for channel-major pyramids.
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    state["fc6.weight"] = state["fc6.weight"][:, torch.argsort(order)]
+    torch.save(state, tmp_path / "m.pt")
+    del meta["pyramid_layout"]
+    (tmp_path / "m.pt.json").write_text(json.dumps(meta))
+    old = build_model("tiny", 3, 64, 32, spp_levels=levels).eval()
+    old.load_state_dict(state)
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    with torch.no_grad():
+        # what the older version computed from channel-major pyramids, this one computes from bin-major ones
+        torch.testing.assert_close(loaded.eval().head(pyramids[:, order])["fc7"], old.head(pyramids)["fc7"])
+        assert torch.equal(loaded.fc6.weight, model.fc6.weight)
