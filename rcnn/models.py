@@ -205,11 +205,16 @@ def build_model(
         model.fc6 = nn.Linear(model.spec.pool5_dim, model.fc7.in_features)
         nn.init.normal_(model.fc6.weight, std=0.005)
         nn.init.constant_(model.fc6.bias, 0.1)
-        # Drawn for SPP-net's channel-major pyramid, rearranged for the bin-major one the pipeline pools
-        # (PYRAMID_LAYOUT): a seed gives the same network in either layout.
+        # Drawn for SPP-net's channel-major pyramid, rearranged for the bin-major one the pipeline pools:
+        # a seed gives the same network in either layout.
         with torch.no_grad():
-            model.fc6.weight.copy_(model.fc6.weight[:, bins_order(model.spec.trunk_channels, model.spec.spp_levels)])
+            model.fc6.weight.copy_(_fc6_for_bins(model.fc6.weight, model.spec))
     return model
+
+
+def _fc6_for_bins(weight: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
+    """SPP-net fc6 weights for channel-major pyramids, rearranged for :data:`PYRAMID_LAYOUT` (``W x`` unchanged)."""
+    return weight[:, bins_order(spec.trunk_channels, spec.spp_levels)].contiguous()
 
 
 # ----------------------------------------------------------------------------- weights
@@ -350,11 +355,10 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Det
     model = build_model(spec.name, num_classes, spec.input_size, spec.fc_dim, spp_levels=spec.spp_levels)
     state = load_weights_file(path)
     state.setdefault("fc6_input_scale", torch.ones(()))  # checkpoints written before the scale existed
-    if levels and meta.get("pyramid_layout", "channels") == "channels" and state.get("fc6.weight") is not None:
-        # An SPP-net fc6 trained on channel-major pyramids (before PYRAMID_LAYOUT): the same layer, its inputs reordered.
-        weight = state["fc6.weight"]
-        if weight.dim() == 2 and weight.shape[1] == spec.pool5_dim:
-            state["fc6.weight"] = weight[:, bins_order(spec.trunk_channels, levels)].contiguous()
+    weight = state.get("fc6.weight")
+    old_layout = levels and meta.get("pyramid_layout", "channels") == "channels"
+    if old_layout and weight is not None and weight.dim() == 2 and weight.shape[1] == spec.pool5_dim:
+        state["fc6.weight"] = _fc6_for_bins(weight, spec)  # trained before PYRAMID_LAYOUT, on channel-major pyramids
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

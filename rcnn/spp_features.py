@@ -14,10 +14,6 @@ from rcnn.spp import map_windows, select_scale, spp_pool
 
 #: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
 MANY_WINDOWS = 16
-#: The pipeline's pyramid vectors (what fc6 and box regression read) are bin-major: each bin's channels
-#: side by side, as pooling computes them (:data:`rcnn.spp.LAYOUTS`). fc6 starts from weights drawn in
-#: SPP-net's channel-major order and rearranged to match (:func:`rcnn.models.build_model`).
-LAYOUT = PYRAMID_LAYOUT
 
 
 @torch.no_grad()
@@ -83,7 +79,7 @@ def pool_images(
     factor of each, and the image's windows ``[N, 4]`` (x1, y1, x2, y2, original pixels). Each
     window is pooled from the map of the scale where its area is closest to ``target``² (SPP-net's
     multi-scale rule; with one scale, that scale). Returns float32 ``[sum N, C * sum(n^2)]`` in
-    item order, each level flattened bin-major (:data:`LAYOUT`).
+    item order, each level flattened bin-major (:data:`rcnn.models.PYRAMID_LAYOUT`).
     """
     cells = [(maps, *window_cells([m.shape for m in maps], factors, boxes, stride, target)) for maps, factors, boxes in items]
     return pool_cells(cells, levels)
@@ -116,9 +112,9 @@ def pool_cells(
             fmap, r = maps[k], cells[sel]
             if len(sel) >= MANY_WINDOWS:
                 if sel[-1] - sel[0] + 1 == len(sel):  # a block of rows (pool_windows sorts by scale): pooled in place
-                    spp_pool(fmap, r, levels, out=out[offset + sel[0] : offset + sel[-1] + 1], layout=LAYOUT)
+                    spp_pool(fmap, r, levels, out=out[offset + sel[0] : offset + sel[-1] + 1], layout=PYRAMID_LAYOUT)
                 else:
-                    out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels, layout=LAYOUT).to(dtype)
+                    out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels, layout=PYRAMID_LAYOUT).to(dtype)
                 continue
             x0, y0 = r[:, 0].min(), r[:, 1].min()
             rects.append(r - np.array([x0, y0, x0, y0]))
@@ -134,7 +130,7 @@ def pool_cells(
     batch = torch.zeros((len(batched_maps), channels, height, width), dtype=batched_maps[0].dtype, device=device)
     for i, m in enumerate(batched_maps):  # zero padding to a common size: no window reaches it
         batch[i, :, : m.shape[1], : m.shape[2]] = m
-    pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner), layout=LAYOUT)
+    pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner), layout=PYRAMID_LAYOUT)
     out[torch.from_numpy(np.concatenate(order)).to(device)] = pooled.to(dtype)
     return out
 

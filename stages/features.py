@@ -93,7 +93,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
     # hands it to box regression; this stage computes it too but does not cache it (LayerReader pools
     # it again when a later stage needs it, timed apart).
-    computed = layers + (("pool5",) if cfg.method == "spp" and cfg.bbox.layer == "pool5" and "pool5" not in layers else ())
+    computed = layers + (("pool5",) if cfg.method == "spp" and cfg.bbox.layer == "pool5" else ())
     parts = work / "parts"
     todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
     bar = progress_bar(ctx, len(todo), f"features {split}")
