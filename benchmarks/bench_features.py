@@ -126,7 +126,8 @@ def main() -> None:
                     trunk = time.perf_counter()
                     stride = s_net.spec.stride
                     maps = as_map_tensors(maps, device)
-                    pooled, inverse = pool_windows(maps, factors, boxes, stride, s.levels, s.target_size, dtype=None)
+                    offset = s_net.spec.offset
+                    pooled, inverse = pool_windows(maps, factors, boxes, stride, s.levels, s.target_size, None, offset)
                     synchronize(device)
                     pool = time.perf_counter()
                     with inference_autocast(device):

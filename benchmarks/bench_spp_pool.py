@@ -60,7 +60,7 @@ def main() -> None:
     print(f"{len(cases)} VOC2007 test images, SqueezeNet conv maps {tuple(cases[0][0].shape)} (C, H, W) and similar")
 
     for cap in (300, 2000):
-        work = [(f, map_windows(b[:cap], model.spec.stride, f.shape[1], f.shape[2])) for f, b in cases]
+        work = [(f, map_windows(b[:cap], model.spec.stride, f.shape[1], f.shape[2], model.spec.offset)) for f, b in cases]
         n_windows = sum(len(r) for _, r in work)
         for f, r in work:
             reference = spp_pool(f, r, method="roi_pool")

@@ -163,6 +163,11 @@ class SPPConfig:
     # Not from the paper: fc6 starts afresh on a pyramid of arbitrary magnitude (SqueezeNet's: mean norm
     # ~17,000), so its input is scaled to this root-mean-square value, measured on training windows; null: unscaled.
     fc6_input_rms: float | None = 1.0
+    # Where the window mapping puts conv cell j: on image pixel stride * j + offset. "trunk": the backbone's
+    # own offset, worked out from its layers, as SPP-net's appendix says to add where layers are not padded
+    # by floor(p/2) (tiny 3 px, AlexNet 15, VGG16 7.5, SqueezeNet 17); a number overrides it, 0 giving
+    # the appendix's formula as printed, exact for the paper's padding.
+    offset: float | Literal["trunk"] = "trunk"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ class BackboneSpec:
     std: tuple[float, float, float]
     # SPP-net: fc6 reads a spatial pyramid of these levels instead of pool5.
     spp_levels: tuple[int, ...] | None = None
+    # Where conv5 cell j's receptive field is centred: image pixel index ``stride * j + offset``
+    # (:func:`trunk_offset`; 0 with the SPP-net paper's padding of floor(p/2) in every layer).
+    offset: float = 0.0
 
     @property
     def pool5_dim(self) -> int:
@@ -141,6 +144,34 @@ def _tiny(num_classes: int, input_size: int, fc_dim: int) -> DetectorNet:
     return DetectorNet(spec, trunk, pool5, nn.Linear(spec.pool5_dim, fc_dim), nn.Linear(fc_dim, fc_dim), num_classes)
 
 
+def trunk_offset(trunk: nn.Module, stride: int) -> float:
+    """The image pixel index ``o`` on which the receptive field of conv5 cell ``j`` is centred, less ``stride * j``.
+
+    SPP-net's window mapping (He et al., appendix A) assumes each layer with a ``p x p`` filter is
+    padded by floor(p/2), which centres cell ``j`` on pixel ``S j``; "if the padding is not floor(p/2),
+    we need to add a proper offset". A layer with kernel ``k``, stride ``s``, padding ``p`` and
+    dilation ``d`` centres its output ``j`` on input position ``s j - p + d (k - 1) / 2``; composing
+    the trunk's convolutions and poolings in order gives ``S j + o``. Layers side by side (SqueezeNet's
+    fire modules) must agree, which holds for every backbone here: each of their filters keeps centres.
+    """
+    scale, offset = 1.0, 0.0
+    for layer in trunk.modules():
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, s, p, d = (_pair(getattr(layer, a, 1)) for a in ("kernel_size", "stride", "padding", "dilation"))
+            if k[0] != k[1] or s[0] != s[1] or p[0] != p[1] or d[0] != d[1]:
+                raise ValueError(f"{layer} is not the same along both axes: one offset cannot place its cells")
+            k, s, p, d = k[0], s[0], p[0], d[0]
+            offset += scale * (d * (k - 1) / 2 - p)
+            scale *= s
+    if scale != stride:
+        raise ValueError(f"the trunk's layers compose to stride {scale:g}, not {stride}")
+    return offset
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def _grid(trunk: nn.Module, pool5: nn.Module, size: int) -> int:
     with torch.no_grad():
         return int(pool5(trunk(torch.zeros(1, 3, size, size))).shape[-1])
@@ -200,6 +231,7 @@ def build_model(
         model = _tiny(num_classes, input_size or 64, fc_dim or 256)
     else:
         model = _torchvision(backbone, num_classes, input_size, fc_dim)
+    model.spec = replace(model.spec, offset=trunk_offset(model.trunk, model.spec.stride))
     if spp_levels:
         model.spec = replace(model.spec, spp_levels=tuple(spp_levels))
         model.fc6 = nn.Linear(model.spec.pool5_dim, model.fc7.in_features)
@@ -353,6 +385,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Det
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"checkpoint description '{meta_path}' is missing or damaged ({e})") from None
     model = build_model(spec.name, num_classes, spec.input_size, spec.fc_dim, spp_levels=spec.spp_levels)
+    # Checkpoints written before the offset existed were trained on windows mapped without one.
+    model.spec = replace(model.spec, offset=float(raw.get("offset", 0.0)))
     state = load_weights_file(path)
     state.setdefault("fc6_input_scale", torch.ones(()))  # checkpoints written before the scale existed
     weight = state.get("fc6.weight")

@@ -31,7 +31,7 @@ LAYOUTS = ("channels", "bins")
 # ----------------------------------------------------------------------------- window mapping
 
 
-def map_windows(boxes, stride: int, feature_h: int, feature_w: int) -> np.ndarray:
+def map_windows(boxes, stride: int, feature_h: int, feature_w: int, offset: float = 0.0) -> np.ndarray:
     """Map image windows to inclusive rectangles of feature-map cells (the paper's appendix A).
 
     The paper pads every layer by ``floor(p/2)`` for a ``p x p`` filter, so that the response at
@@ -63,6 +63,11 @@ def map_windows(boxes, stride: int, feature_h: int, feature_w: int) -> np.ndarra
             the feature map was computed from (numpy array or tensor).
         stride: the trunk's total stride ``S`` (:attr:`rcnn.models.BackboneSpec.stride`).
         feature_h, feature_w: size of the feature map, in cells.
+        offset: where the trunk centres cell 0, as an image pixel index (cell ``j`` on ``S j + offset``;
+            :attr:`rcnn.models.BackboneSpec.offset`). The formulas above are for the paper's padding,
+            offset 0; "if the padding is not floor(p/2), we need to add a proper offset": they are
+            applied to the window moved by ``-offset``, so the kept cells are still those whose
+            centres lie strictly between its corner pixels.
 
     Returns:
         int64 ``[N, 4]`` inclusive cell rectangles ``(x1, y1, x2, y2)`` with
@@ -75,7 +80,7 @@ def map_windows(boxes, stride: int, feature_h: int, feature_w: int) -> np.ndarra
     b = as_boxes(boxes).astype(np.float64)
     if not np.all(np.isfinite(b)):
         raise ValueError("boxes must be finite")
-    first_pixel, last_pixel = b[:, :2], b[:, 2:] - 1.0
+    first_pixel, last_pixel = b[:, :2] - offset, b[:, 2:] - 1.0 - offset
     lo = np.floor(first_pixel / stride) + 1
     hi = np.ceil(last_pixel / stride) - 1
     nearest = np.floor((first_pixel + last_pixel) / (2 * stride) + 0.5)
@@ -206,10 +211,11 @@ def spp_pool(
     batch_index = torch.as_tensor(batch_index, device=fmap.device).reshape(-1).long()
     if len(batch_index) != len(rects) or bool(((batch_index < 0) | (batch_index >= fmap.shape[0])).any()):
         raise ValueError(f"batch_index must hold one map index in [0, {fmap.shape[0]}) per rectangle")
+    derive = method == "auto"  # an explicit "roi_pool" pools every level itself: the reference
     if method == "auto":
         method = "table" if len(rects) >= 4 * fmap.shape[0] else "roi_pool"
     if method == "roi_pool" or (fmap.requires_grad and torch.is_grad_enabled()):
-        pooled = _roi_pool_levels(fmap, rects, levels, batch_index, layout)
+        pooled = _roi_pool_levels(fmap, rects, levels, batch_index, layout, derive)
     else:
         pooled = _table_pool_levels(fmap, rects, levels, batch_index, layout, out)
     if out is None:
@@ -217,14 +223,34 @@ def spp_pool(
     return out if pooled is out else out.copy_(pooled)
 
 
+def _coarser_sources(levels: tuple[int, ...]) -> dict[int, int | None]:
+    """For each level, the smallest finer level it divides (its bins are unions of that level's), or None.
+
+    Bin i of m over h cells equals the union of bins k i .. k i + k - 1 of n = k m: floor(k i h / n)
+    = floor(i h / m), and likewise the ceilings.
+    """
+    return {m: min((n for n in levels if n > m and n % m == 0), default=None) for m in set(levels)}
+
+
 def _roi_pool_levels(
-    fmap: torch.Tensor, rects: torch.Tensor, levels: tuple[int, ...], batch_index: torch.Tensor, layout: str = "channels"
+    fmap: torch.Tensor,
+    rects: torch.Tensor,
+    levels: tuple[int, ...],
+    batch_index: torch.Tensor,
+    layout: str = "channels",
+    derive: bool = False,
 ) -> torch.Tensor:
+    """``roi_pool`` per level; with ``derive``, only the levels no finer one tiles, the rest as maxima
+    over their bins (3, 2 and 1 from 6: a quarter of the work for the paper's pyramid)."""
     if fmap.dtype not in (torch.float32, torch.float64):
         fmap = fmap.float()  # roi_pool's CPU kernel has no half precision; the result is exact either way
     rois = torch.cat([batch_index[:, None], rects], dim=1).to(fmap.dtype)
-    pooled = []
-    for n in levels:
+    source = _coarser_sources(levels) if derive else dict.fromkeys(levels)
+    pooled: dict[int, torch.Tensor] = {}  # [N, C, n, n]
+    for n in sorted(source, reverse=True):
+        if source[n] is not None:
+            pooled[n] = _coarsen(pooled[source[n]].permute(0, 2, 3, 1).contiguous(), n).permute(0, 3, 1, 2)
+            continue
         out = roi_pool(fmap, rois, (n, n), spatial_scale=1.0)
         inexact = torch.nonzero(_roi_pool_inexact(rects, n, fmap.dtype)).flatten()
         if len(inexact):
@@ -235,8 +261,8 @@ def _roi_pool_levels(
                 ]
             )
             out = out.index_copy(0, inexact, exact)
-        pooled.append((out.permute(0, 2, 3, 1) if layout == "bins" else out).flatten(1))
-    return torch.cat(pooled, dim=1)
+        pooled[n] = out
+    return torch.cat([(pooled[n].permute(0, 2, 3, 1) if layout == "bins" else pooled[n]).flatten(1) for n in levels], dim=1)
 
 
 #: Rows of map cells gathered per chunk by the table method (bounds its temporary memory).
@@ -268,9 +294,7 @@ def _table_pool_levels(
     into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, channels, height, width = fmap.shape
-    # A level that divides a finer one is derived from it: bin i of m over h cells equals the union of
-    # bins k i .. k i + k - 1 of n = k m (floor(k i h / n) = floor(i h / m), likewise the ceilings).
-    source = {m: min((n for n in levels if n > m and n % m == 0), default=None) for m in set(levels)}
+    source = _coarser_sources(levels)  # a level that divides a finer one is derived from it
     direct = sorted(m for m, n in source.items() if n is None)
     # The bookkeeping (bins, block sizes, row numbers) is small integer arithmetic: numpy on the host
     # does it several times faster than a chain of tiny tensor operations; the table and the lookups
@@ -415,6 +439,7 @@ def spp_features(
     boxes_scaled,
     stride: int,
     levels: Sequence[int] = PYRAMID_LEVELS,
+    offset: float = 0.0,
 ) -> torch.Tensor:
     """Run ``trunk`` once on one image and pyramid-pool every window from its feature map.
 
@@ -425,10 +450,11 @@ def spp_features(
             resized image.
         stride: the trunk's total stride.
         levels: pyramid levels (the paper's ``(6, 3, 2, 1)`` by default).
+        offset: the trunk's receptive-field offset (:func:`map_windows`).
 
     Returns:
         ``[N, C * sum(n^2)]``. Gradients flow unless the caller wraps this in ``torch.no_grad()``.
     """
     fmap = trunk(image.unsqueeze(0))
-    rects = map_windows(boxes_scaled, stride, fmap.shape[-2], fmap.shape[-1])
+    rects = map_windows(boxes_scaled, stride, fmap.shape[-2], fmap.shape[-1], offset)
     return spp_pool(fmap, rects, levels)

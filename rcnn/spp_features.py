@@ -50,12 +50,18 @@ def as_map_tensors(maps: Sequence[np.ndarray], device: torch.device | str = "cpu
 
 
 def window_cells(
-    shapes: Sequence[Sequence[int]], factors: Sequence[float], boxes: np.ndarray, stride: int, target: float
+    shapes: Sequence[Sequence[int]],
+    factors: Sequence[float],
+    boxes: np.ndarray,
+    stride: int,
+    target: float,
+    offset: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The scale each window is pooled at and its inclusive cell rectangle on that scale's map.
 
     ``shapes`` are the ``[C, H_k, W_k]`` map shapes, ``factors`` their resize factors and ``boxes``
-    ``[N, 4]`` the windows in original pixels. Returns int64 ``[N]`` scale indices (SPP-net's rule:
+    ``[N, 4]`` the windows in original pixels; ``stride`` and ``offset`` place the trunk's cells
+    (:func:`rcnn.spp.map_windows`). Returns int64 ``[N]`` scale indices (SPP-net's rule:
     the scale where the window's area is closest to ``target``²) and int64 ``[N, 4]`` rectangles.
     """
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
@@ -63,7 +69,7 @@ def window_cells(
     rects = np.zeros((len(boxes), 4), np.int64)
     for k in np.unique(scale):
         sel = scale == k
-        rects[sel] = map_windows(boxes[sel] * np.float32(factors[k]), stride, shapes[k][-2], shapes[k][-1])
+        rects[sel] = map_windows(boxes[sel] * np.float32(factors[k]), stride, shapes[k][-2], shapes[k][-1], offset)
     return scale, rects
 
 
@@ -72,6 +78,7 @@ def pool_images(
     stride: int,
     levels: Sequence[int],
     target: float = 224.0,
+    offset: float = 0.0,
 ) -> torch.Tensor:
     """Pyramid-pooled vectors of the windows of several images, in one pooling call.
 
@@ -81,7 +88,9 @@ def pool_images(
     multi-scale rule; with one scale, that scale). Returns float32 ``[sum N, C * sum(n^2)]`` in
     item order, each level flattened bin-major (:data:`rcnn.models.PYRAMID_LAYOUT`).
     """
-    cells = [(maps, *window_cells([m.shape for m in maps], factors, boxes, stride, target)) for maps, factors, boxes in items]
+    cells = [
+        (maps, *window_cells([m.shape for m in maps], factors, boxes, stride, target, offset)) for maps, factors, boxes in items
+    ]
     return pool_cells(cells, levels)
 
 
@@ -144,6 +153,7 @@ def pool_windows(
     levels: Sequence[int],
     target: float,
     dtype: torch.dtype | None = torch.float32,
+    offset: float = 0.0,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Pyramids of one image's distinct windows, and for each of ``boxes`` the row of its pyramid.
 
@@ -151,7 +161,7 @@ def pool_windows(
     group is pooled once (about 1 in 7 of the demo's proposals is a repeat): ``pooled[inverse]`` is
     the ``[N, D]`` of :func:`pool_images` for these boxes (``dtype`` as in :func:`pool_cells`).
     """
-    scale, rects = window_cells([m.shape for m in maps], factors, boxes, stride, target)
+    scale, rects = window_cells([m.shape for m in maps], factors, boxes, stride, target, offset)
     if len(rects) and int(rects.max()) >= 1 << 12:
         raise ValueError(f"feature maps over {1 << 12} cells across are not supported")
     # One integer per (scale, rectangle): cell indices are below 2^12, so five fields fit in 63 bits.
@@ -178,7 +188,8 @@ def spp_region_features(
     """
     device = next(model.parameters()).device
     maps = as_map_tensors(maps, device)
-    pooled, inverse = pool_windows(maps, factors, boxes, model.spec.stride, model.spec.spp_levels, target, dtype=None)
+    spec = model.spec
+    pooled, inverse = pool_windows(maps, factors, boxes, spec.stride, spec.spp_levels, target, dtype=None, offset=spec.offset)
     with inference_autocast(device):
         out = model.head(pooled, layers)
     out["pool5"] = pooled

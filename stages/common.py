@@ -136,12 +136,18 @@ class Context:
 
 
 def untrained_model(ctx: Context, spp: bool):
-    """The configured backbone with fresh weights; with ``spp``, fc6 reads the configured pyramid."""
+    """The configured backbone with fresh weights; with ``spp``, fc6 reads the configured pyramid
+    and windows are mapped with the configured offset (``spp.offset``: a number, or the trunk's own)."""
+    from dataclasses import replace
+
     from rcnn.models import build_model
 
     m = ctx.cfg.model
     levels = ctx.cfg.spp.levels if spp else None
-    return build_model(m.backbone, len(ctx.classes) + 1, m.input_size, m.fc_dim, m.seed, spp_levels=levels)
+    model = build_model(m.backbone, len(ctx.classes) + 1, m.input_size, m.fc_dim, m.seed, spp_levels=levels)
+    if spp and ctx.cfg.spp.offset != "trunk":
+        model.spec = replace(model.spec, offset=float(ctx.cfg.spp.offset))
+    return model
 
 
 def pending_images(ctx: Context, label: str, parts: Path, ids: list[str]) -> list[str]:

@@ -177,6 +177,7 @@ class LayerReader:
             self.stride = int(manifest.get("metrics", {}).get("stride", 0))
             if self.stride < 1:
                 raise UserError(f"the conv maps of {split} are missing or incomplete: run `rcnn convmaps {ctx.cfg.name}`")
+            self.offset = finetune.window_offset(ctx)  # where the fine-tuned model placed its windows
             self.levels = tuple(ctx.cfg.spp.levels)
             self.target = ctx.cfg.spp.target_size
             self.maps = convmaps.load(ctx, split)
@@ -196,7 +197,9 @@ class LayerReader:
             return rs.array(image_id, self.layer, np.float16, 2)[rows].astype(np.float32)
         conv, factors = convmaps.image_record(self.maps, image_id)
         tick = time.perf_counter()
-        pooled, inverse = pool_windows(as_map_tensors(conv), factors, boxes, self.stride, self.levels, self.target)
+        pooled, inverse = pool_windows(
+            as_map_tensors(conv), factors, boxes, self.stride, self.levels, self.target, offset=self.offset
+        )
         self.compute_seconds = time.perf_counter() - tick
         return pooled.numpy()[inverse]  # maxima of float16 maps: the same numbers a float16 cache would hold
 

@@ -123,7 +123,7 @@ class PooledRegions:
         self.maps = convmaps.load(ctx, ctx.cfg.data.trainval)
         self.ids = [a.image_id for a in anns]
         self.boxes, self.model, self.target = boxes, model, ctx.cfg.spp.target_size
-        self._cache: OrderedDict[int, tuple[list[torch.Tensor], np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[list[torch.Tensor], np.ndarray, np.ndarray]] = OrderedDict()
         self.device = next(model.parameters()).device
         for p in model.trunk.parameters():
             p.requires_grad_(False)
@@ -131,29 +131,34 @@ class PooledRegions:
     def trainable(self) -> list[nn.Parameter]:
         return [p for name, p in self.model.named_parameters() if not name.startswith("trunk.")]
 
-    def _image(self, i: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    def _image(self, i: int) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+        """Image ``i``'s conv maps, and the scale and cell rectangle of each of its regions (placed once)."""
         if i not in self._cache:
-            from rcnn.spp_features import as_map_tensors
+            from rcnn.spp_features import as_map_tensors, window_cells
 
             maps, factors = convmaps.image_record(self.maps, self.ids[i])
             # Channels first: training batches hold a window or two per image, pooled by roi_pool from a
             # batch of crops in its layout, and cropping channels-last maps into it would transpose them.
-            self._cache[i] = ([m.contiguous() for m in as_map_tensors(maps, self.device)], factors)
+            maps = [m.contiguous() for m in as_map_tensors(maps, self.device)]
+            spec = self.model.spec
+            scale, rects = window_cells([m.shape for m in maps], factors, self.boxes[i], spec.stride, self.target, spec.offset)
+            self._cache[i] = (maps, scale, rects)
             if len(self._cache) > 4000:
                 self._cache.popitem(last=False)
         return self._cache[i]
 
     def pooled(self, img_idx: np.ndarray, reg_idx: np.ndarray) -> torch.Tensor:
         """Pyramids ``[B, D]`` of the regions ``reg_idx`` of images ``img_idx``, in batch order."""
-        from rcnn.spp_features import pool_images
+        from rcnn.spp_features import pool_cells
 
         # Pool the batch grouped by image (rows come back in `order`), then restore the batch order.
         order = np.argsort(img_idx, kind="stable")
         items = []
         for i in np.unique(img_idx):
-            maps, factors = self._image(int(i))
-            items.append((maps, factors, self.boxes[i][reg_idx[order[img_idx[order] == i]]]))
-        pooled = pool_images(items, self.model.spec.stride, self.model.spec.spp_levels, self.target)
+            maps, scale, rects = self._image(int(i))
+            regions = reg_idx[order[img_idx[order] == i]]
+            items.append((maps, scale[regions], rects[regions]))
+        pooled = pool_cells(items, self.model.spec.spp_levels)
         return pooled[torch.from_numpy(np.argsort(order)).to(self.device)]
 
     def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
@@ -370,6 +375,16 @@ def load(ctx: Context):
     from rcnn.models import load_checkpoint
 
     return load_checkpoint(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL, device_for(ctx.cfg.model.device))
+
+
+def window_offset(ctx: Context) -> float:
+    """The receptive-field offset the fine-tuned SPP-net model maps windows with (its spec's)."""
+    path = ctx.unit_dir(NAME, ctx.cfg.data.trainval) / (MODEL + ".json")
+    try:
+        # as load_checkpoint reads it: models written before the offset existed used none
+        return float(json.loads(path.read_text())["spec"].get("offset", 0.0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"the fine-tuned model's description '{path}' is missing or damaged ({e}); run `rcnn finetune`") from None
 
 
 def describe(manifest: dict) -> str:

@@ -173,3 +173,77 @@ def test_spp_fc6_is_drawn_channel_major_and_older_checkpoints_load_into_the_bin_
         # what the older version computed from channel-major pyramids, this one computes from bin-major ones
         torch.testing.assert_close(loaded.eval().head(pyramids[:, order])["fc7"], old.head(pyramids)["fc7"])
         assert torch.equal(loaded.fc6.weight, model.fc6.weight)
+
+
+def _receptive_field_probe(trunk: torch.nn.Module) -> torch.nn.Module:
+    """``trunk`` with max pooling made average pooling of the same geometry and every filter constant.
+
+    Every pixel of a cell's receptive field then gets a gradient, so the gradient's support is the
+    whole receptive field, and its midpoint the centre.
+    """
+    import copy
+
+    from torch import nn
+
+    probe = copy.deepcopy(trunk).double().eval()
+    for module in list(probe.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.MaxPool2d):
+                setattr(module, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode))
+    for layer in probe.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.constant_(layer.weight, 1.0 / layer.weight[0].numel())
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+    return probe
+
+
+@pytest.mark.parametrize(
+    "name, width, offset", [("tiny", 160, 3.0), ("alexnet", 400, 15.0), ("vgg16", 480, 7.5), ("squeezenet1_0", 560, 17.0)]
+)
+def test_trunk_offset_is_where_each_backbone_centres_its_cells(name, width, offset):
+    # Worked by hand: tiny, 5x5/2 pad 2 then 2x2 pools; AlexNet, 11x11/4 pad 2 and 3x3/2 pools; VGG16,
+    # 2x2 pools; SqueezeNet, 7x7/2 unpadded and 3x3/2 pools. Measured here from the gradient's support.
+    model = build_model(name, 3)
+    stride = model.spec.stride
+    assert model.spec.offset == offset
+    probe = _receptive_field_probe(model.trunk)
+    image = torch.ones(1, 3, 48, width, dtype=torch.float64, requires_grad=True)
+    out = probe(image)
+    # Three cells mid-map: cells near the borders see a receptive field cut by padding or ceil-mode pools.
+    n = out.shape[-1]
+    for j in range(n // 2 - 1, n // 2 + 2):
+        (grad,) = torch.autograd.grad(out[0, :, 0, j].sum(), image, retain_graph=True)
+        cols = torch.nonzero(grad[0].abs().sum((0, 1))).flatten()
+        lo, hi = cols.min().item(), cols.max().item()
+        assert lo > 0 and hi < width - 2 * stride  # the whole receptive field, clear of the borders
+        assert (lo + hi) / 2 == stride * j + offset
+
+
+def test_trunk_offset_composes_layers_and_refuses_what_one_offset_cannot_describe():
+    from torch import nn
+
+    from rcnn.models import trunk_offset
+
+    # floor(p/2) padding everywhere: the paper's case, offset 0
+    assert trunk_offset(nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(3, 2, 1)), 4) == 0.0
+    # an unpadded 3x3 conv centres output j on input j + 1; after a stride-2 layer that counts twice
+    assert trunk_offset(nn.Sequential(nn.Conv2d(3, 4, 1, 2), nn.Conv2d(4, 4, 3)), 2) == 2.0
+    assert trunk_offset(nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2)), 1) == 2.0
+    with pytest.raises(ValueError, match="stride"):
+        trunk_offset(nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1)), 4)
+    with pytest.raises(ValueError, match="both axes"):
+        trunk_offset(nn.Sequential(nn.Conv2d(3, 4, (3, 1), 1, (1, 0))), 1)
+
+
+def test_checkpoints_keep_the_offset_their_windows_were_mapped_with(tmp_path):
+    import json
+
+    model = build_model("tiny", 3, 64, 32, spp_levels=(2, 1))
+    save_checkpoint(tmp_path / "m.pt", model, {})
+    assert load_checkpoint(tmp_path / "m.pt")[0].spec.offset == 3.0
+    # written before the offset existed: trained on windows mapped with none
+    meta = json.loads((tmp_path / "m.pt.json").read_text())
+    del meta["spec"]["offset"]
+    (tmp_path / "m.pt.json").write_text(json.dumps(meta))
+    assert load_checkpoint(tmp_path / "m.pt")[0].spec.offset == 0.0

@@ -93,6 +93,8 @@ def test_spp_pipeline_shares_proposals_and_compares(pipelines_file, tiny_voc, tm
     assert manifest["params"]["layers"] == ["fc7"]  # the pyramid is pooled again from the conv maps, not cached
     ft = json.loads((spp_unit / "finetune" / "trainval" / "manifest.json").read_text())["metrics"]
     assert 0 < ft["fc6_input_scale"] != 1.0  # fc6's input brought to unit RMS (spp.fc6_input_rms)
+    model = json.loads((spp_unit / "finetune" / "trainval" / "model.pt.json").read_text())
+    assert model["spec"]["offset"] == 3.0  # spp.offset: trunk, the tiny trunk's; every stage must map windows with it
     assert_pooled_on_demand_matches_detector(pipelines_file, tmp_path / "runs")
     results = json.loads((spp_unit / "evaluate" / "test" / "results.json").read_text())
     assert 0.0 <= results["mAP_bbox"] <= 1.0

@@ -122,21 +122,35 @@ def test_receptive_field_centres_are_pixel_index_stride_times_cell():
         assert (cols.min() + cols.max()).item() / 2 == stride * j
 
 
-def test_map_windows_keeps_cells_whose_centres_lie_strictly_inside():
-    # Oracle: cells whose receptive-field centre (continuous S*j + 1/2) lies strictly between the
-    # centres of the window's corner pixels (x1 + 1/2 and x2 - 1/2).
+@pytest.mark.parametrize("offset", [0.0, 3.0, 7.5, 17.0])
+def test_map_windows_keeps_cells_whose_centres_lie_strictly_inside(offset):
+    # Oracle: cells whose receptive-field centre (continuous S*j + offset + 1/2) lies strictly between
+    # the centres of the window's corner pixels (x1 + 1/2 and x2 - 1/2).
     rng = np.random.default_rng(0)
     stride, cells = 8, 30
+    checked = 0
     for _ in range(300):
         x1, x2 = np.sort(rng.integers(0, stride * cells + 1, size=2))
         y1, y2 = np.sort(rng.integers(0, stride * cells + 1, size=2))
-        centres = stride * np.arange(cells) + 0.5
+        centres = stride * np.arange(cells) + offset + 0.5
         inside_x = np.flatnonzero((centres > x1 + 0.5) & (centres < x2 - 0.5))
         inside_y = np.flatnonzero((centres > y1 + 0.5) & (centres < y2 - 0.5))
         if len(inside_x) == 0 or len(inside_y) == 0:
             continue
-        out = map_windows(np.array([[x1, y1, x2, y2]], np.float32), stride, cells, cells)[0]
+        out = map_windows(np.array([[x1, y1, x2, y2]], np.float32), stride, cells, cells, offset)[0]
         assert out.tolist() == [inside_x[0], inside_y[0], inside_x[-1], inside_y[-1]]
+        checked += 1
+    assert checked > 200
+
+
+def test_map_windows_offset_hand_case():
+    # The tiny backbone centres cell j on pixel 8j + 3: the window over pixels 0..63 holds the
+    # centres 3, 11, ..., 59 (cells 0..7). The paper's offset-free formula gives cells 1..7.
+    box = np.array([[0, 0, 64, 64]], np.float32)
+    assert map_windows(box, 8, 20, 20, offset=3.0).tolist() == [[0, 0, 7, 7]]
+    assert map_windows(box, 8, 20, 20).tolist() == [[1, 1, 7, 7]]
+    # a window too narrow for any centre collapses onto the cell centred nearest its own centre
+    assert map_windows(np.array([[12, 12, 15, 15]], np.float32), 8, 20, 20, offset=3.0).tolist() == [[1, 1, 1, 1]]
 
 
 @settings(max_examples=60, deadline=None)
@@ -461,3 +475,32 @@ def test_batched_maps_pool_like_one_map_at_a_time(method):
     out = spp_pool(batch, np.concatenate([rects_a, rects_b]), batch_index=[0, 0, 1, 1], method=method)
     torch.testing.assert_close(out[:2], spp_pool(a, rects_a, method=method), rtol=0, atol=0)
     torch.testing.assert_close(out[2:], spp_pool(b, rects_b, method=method), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["channels", "bins"])
+def test_few_windows_per_map_pool_the_finest_level_and_take_the_others_from_it(monkeypatch, layout):
+    import rcnn.spp as spp
+
+    rng = np.random.default_rng(7)
+    maps = 24
+    fmap = torch.from_numpy(rng.standard_normal((maps, 3, 11, 13)).astype(np.float32))
+    rects = random_rects(rng, maps, 11, 13)[:maps]
+    owner = np.arange(maps)
+    sizes, real = [], spp.roi_pool
+    monkeypatch.setattr(spp, "roi_pool", lambda *a, **k: sizes.append(a[2]) or real(*a, **k))
+    out = spp_pool(fmap, rects, PYRAMID_LEVELS, owner, layout=layout)  # one window per map: roi_pool's way
+    assert sizes == [(6, 6)]  # 3, 2 and 1 come from the 6 x 6 bins
+    reference = spp_pool(fmap, rects, PYRAMID_LEVELS, owner, method="roi_pool", layout=layout)
+    assert sizes[1:] == [(6, 6), (3, 3), (2, 2), (1, 1)]  # the reference pools every level itself
+    assert torch.equal(out, reference)
+    expected = np.stack([slow_spp(fmap[i].numpy(), rects[i : i + 1], PYRAMID_LEVELS)[0] for i in range(maps)])
+    if layout == "bins":
+        expected = expected[:, bins_order(3, PYRAMID_LEVELS)]
+    assert np.array_equal(out.numpy(), expected)
+    # gradients reach the map through the derived levels as through the pooled ones
+    grads = []
+    for method in ("auto", "roi_pool"):
+        x = fmap.clone().requires_grad_(True)
+        spp_pool(x, rects, PYRAMID_LEVELS, owner, method=method, layout=layout).sum().backward()
+        grads.append(x.grad)
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])

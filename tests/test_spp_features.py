@@ -19,7 +19,7 @@ def random_boxes(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 def test_pool_images_matches_one_window_at_a_time():
     rng = np.random.default_rng(0)
-    stride, levels, target, factors = 4, (6, 3, 2, 1), 12.0, [0.5, 1.0]
+    stride, levels, target, factors, offset = 4, (6, 3, 2, 1), 12.0, [0.5, 1.0], 1.5
     items, expected = [], []
     # One image with many windows (pooled on its own) and two with a few (pooled in one batch).
     for n in (MANY_WINDOWS * 3, 2, 3):
@@ -31,9 +31,9 @@ def test_pool_images_matches_one_window_at_a_time():
         items.append((maps, factors, boxes))
         for box, k in zip(boxes, select_scale(boxes, factors, target)):
             m = maps[k]
-            rect = map_windows(box[None] * factors[k], stride, m.shape[1], m.shape[2])
+            rect = map_windows(box[None] * factors[k], stride, m.shape[1], m.shape[2], offset)
             expected.append(slow_spp(m.numpy(), rect, levels)[0])
-    got = pool_images(items, stride, levels, target)
+    got = pool_images(items, stride, levels, target, offset)
     assert got.shape == (len(expected), 3 * 50)
     # the slow loop flattens channel-major; the pipeline's pyramids are bin-major
     assert np.array_equal(got.numpy(), np.stack(expected)[:, bins_order(3, levels)])
@@ -61,7 +61,8 @@ def test_spp_region_features_pools_repeated_windows_once_and_matches_the_slow_lo
     expected = []
     for box, k in zip(boxes, select_scale(boxes, factors, target)):
         m = maps[k].transpose(2, 0, 1).astype(np.float32)
-        expected.append(slow_spp(m, map_windows(box[None] * factors[k], stride, m.shape[1], m.shape[2]), (3, 2, 1))[0])
+        rect = map_windows(box[None] * factors[k], stride, m.shape[1], m.shape[2], model.spec.offset)
+        expected.append(slow_spp(m, rect, (3, 2, 1))[0])
     expected = np.stack(expected)[:, bins_order(96, (3, 2, 1))]
     assert feats["pool5"].dtype == np.float16
     assert np.array_equal(feats["pool5"], expected.astype(np.float16))  # float16 maxima are exact

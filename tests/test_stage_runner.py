@@ -143,3 +143,15 @@ def test_damaged_manifest_is_reported(pipelines_file, tmp_path):
     path.write_text(path.read_text()[:40])
     with pytest.raises(UserError, match="manifest.json' is damaged"):
         store.read_manifest(path.parent)
+
+
+def test_spp_models_map_windows_with_the_configured_offset(pipelines_file, tmp_path):
+    from stages.common import untrained_model
+
+    ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp")
+    assert ctx.cfg.spp.offset == "trunk"
+    assert untrained_model(ctx, spp=True).spec.offset == 3.0  # the tiny trunk's own
+    ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp", ["spp.offset=0"])
+    assert untrained_model(ctx, spp=True).spec.offset == 0.0  # the paper's formula as printed
+    ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp", ["spp.offset=2.5"])
+    assert untrained_model(ctx, spp=True).spec.offset == 2.5
