@@ -169,7 +169,9 @@ STAGE_HELP = {
     "finetune": """Fine-tune the CNN on regions of the trainval split of PIPELINE.
 
     SPP-net pipelines train only fc6, fc7 and the classifier on windows pooled from the
-    cached conv maps (background IoU in [0.1, 0.5), as in SPP-net).
+    cached conv maps (background IoU in [0.1, 0.5), as in SPP-net). Windows map to cells
+    by SPP-net's rule, with the trunk's receptive-field offset (spp.offset: trunk; 0 for
+    the formula as printed).
 
     Regions are proposals plus ground-truth boxes, warped with finetune.context_pad
     pixels of context (R-CNN: 16); IoU >= 0.5 with an object is that class, the rest
