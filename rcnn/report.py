@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import re
 from collections import Counter
@@ -114,7 +115,43 @@ def _section_compared(s: _Study) -> list:
     if versions:
         rows = [[lib, *(" / ".join(sorted(set(v))) or "n/a" for v in per_run)] for lib, per_run in sorted(versions.items())]
         blocks += [("p", "Library versions recorded in the manifests:"), ("table", _Table(["library", *s.labels], rows))]
-    return blocks
+    return blocks + _settings(s)
+
+
+def _settings(s: _Study) -> list:
+    """The stages' settings that differ between the runs, as their manifests recorded them."""
+    per_run: list[dict[str, str]] = []
+    for run in s.runs:
+        flat: dict[str, str] = {}
+        for u in run.units:  # a stage's settings are the same for every split; its first unit has them
+            if u.state == "complete" and not any(key.startswith(f"{u.stage}: ") for key in flat):
+                _flatten(f"{u.stage}: ", u.params, flat)
+        per_run.append(flat)
+    # in pipeline order: that of the run with the most stages, then any others'
+    runs = sorted(s.runs, key=lambda run: -len(run.units))
+    stage_order = list(dict.fromkeys(u.stage for run in runs for u in run.units))
+    keys = sorted(dict.fromkeys(k for flat in per_run for k in flat), key=lambda k: (stage_order.index(k.split(":")[0]), k))
+    rows = [[f"`{k}`", *(flat.get(k, "-") for flat in per_run)] for k in keys if len({flat.get(k) for flat in per_run}) > 1]
+    if not rows:
+        return [("p", "Every setting the stages recorded is the same in all runs.")]
+    intro = "Settings that differ between the runs, as each stage recorded them (- where a run has no such stage or setting):"
+    return [("p", intro), ("table", _Table(["stage: setting", *s.labels], rows))]
+
+
+def _flatten(prefix: str, value, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}{'.' if not prefix.endswith(' ') else ''}{k}", v, out)
+    else:
+        out[prefix] = _setting_text(value)
+
+
+def _setting_text(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_setting_text(v) for v in value) + "]"
+    return str(value)
 
 
 def _section_map(s: _Study) -> list:

@@ -29,6 +29,7 @@ class UnitSummary:
     started: float | None = None
     output_bytes: int = 0
     metrics: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # the stage's settings, as its fingerprint recorded them
     libraries: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     inputs: tuple[str, ...] = ()
@@ -161,6 +162,7 @@ def _read_unit(unit_dir: Path, pipeline: str) -> UnitSummary:
         started=number(timings.get("started")),
         output_bytes=sum(int(o.get("bytes", 0)) for o in m["outputs"].values()),
         metrics=m.get("metrics") or {},
+        params=m.get("params") or {},
         libraries=m.get("libraries") or {},
         data=m.get("data") or {},
         inputs=tuple(m.get("inputs") or ()),

@@ -127,3 +127,4 @@ def test_spp_pipeline_shares_proposals_and_compares(pipelines_file, tiny_voc, tm
     assert code == 0, err
     text = (report / "report.md").read_text()
     assert "R-CNN" in text and "SPP-net" in text and (report / "report.html").stat().st_size > 1000
+    assert "| `finetune: method` | rcnn | spp |" in text and "| `finetune: finetune.bg_low` | 0.0 | 0.1 |" in text

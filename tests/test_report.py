@@ -32,7 +32,8 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def _unit(runs: Path, pipeline: str, stage: str, split: str, data_root: Path, *, wall_s: float, started: float,
-          metrics: dict, outputs: dict[str, int] | None = None, reused_from: str | None = None) -> Path:  # fmt: skip
+          metrics: dict, outputs: dict[str, int] | None = None, reused_from: str | None = None,
+          params: dict | None = None) -> Path:  # fmt: skip
     unit = runs / pipeline / stage / split
     unit.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -42,7 +43,7 @@ def _unit(runs: Path, pipeline: str, stage: str, split: str, data_root: Path, *,
         "split": split,
         "pipeline": pipeline,
         "data": {"root": str(data_root), "split": split, "classes": CLASSES},
-        "params": {},
+        "params": params or {},
         "inputs": {},
         "libraries": {"numpy": "2.0.0", "torch": "2.5.0"},
         "timings": {"started": started, "wall_s": wall_s},
@@ -105,8 +106,11 @@ def make_runs(runs: Path, data_root: Path) -> None:
         )
         _unit(runs, "spp", "proposals", split, data_root, wall_s=3.0, started=started, metrics=metrics,
               outputs={"proposals.h5": 100}, reused_from=str(runs / "rcnn" / "proposals" / split))  # fmt: skip
-    _unit(runs, "rcnn", "finetune", "trainval", data_root, wall_s=100.0, started=10.0, metrics={"device": "cpu", "val_acc": 0.9})
-    _unit(runs, "spp", "finetune", "trainval", data_root, wall_s=80.0, started=10.0, metrics={"device": "cuda", "val_acc": 0.9})
+    common = {"finetune": {"lr": 0.001, "mirror": True}, "classes": CLASSES}
+    _unit(runs, "rcnn", "finetune", "trainval", data_root, wall_s=100.0, started=10.0, metrics={"device": "cpu", "val_acc": 0.9},
+          params={"method": "rcnn", **common})  # fmt: skip
+    _unit(runs, "spp", "finetune", "trainval", data_root, wall_s=80.0, started=10.0, metrics={"device": "cuda", "val_acc": 0.9},
+          params={"method": "spp", **common, "spp": {"levels": [6, 3, 2, 1], "offset": "trunk", "max_side": None}})  # fmt: skip
     for split in ("trainval", "test"):
         feats = {"seconds_per_image": 0.5, "compute_seconds_per_image": 0.4, "boxes_per_s": 200.0, "device": "cpu"}
         _unit(runs, "rcnn", "features", split, data_root, wall_s=20.0, started=20.0, metrics=feats, outputs={"index.json": 4000})
@@ -264,3 +268,22 @@ def test_weights_input_is_not_taken_for_a_missing_stage(tmp_path):
     )
     run = load_run(tmp_path / "runs" / "p")
     assert not any("weights" in m for m in run.missing)
+
+
+def test_settings_that_differ_are_listed_in_pipeline_order(report):
+    _, paths = report
+    md = paths["markdown"].read_text()
+    assert _table_row(md, "What was compared", "`finetune: method`")[1:] == ["rcnn", "spp"]
+    assert _table_row(md, "What was compared", "`finetune: spp.levels`")[1:] == ["-", "[6, 3, 2, 1]"]
+    assert _table_row(md, "What was compared", "`finetune: spp.max_side`")[1:] == ["-", "null"]
+    # the same in both runs: not listed
+    assert "finetune.lr" not in md and "finetune.mirror" not in md and "`finetune: classes`" not in md
+
+
+def test_runs_with_the_same_settings_say_so(tmp_path, data_root):
+    from rcnn.report import _settings, _Study
+
+    make_runs(tmp_path / "runs", data_root)
+    run = load_run(tmp_path / "runs" / "rcnn")
+    study = _Study([run, load_run(tmp_path / "runs" / "rcnn")], tmp_path / "out")
+    assert _settings(study) == [("p", "Every setting the stages recorded is the same in all runs.")]
