@@ -372,21 +372,30 @@ def save_checkpoint(path: Path, model: DetectorNet, meta: dict) -> None:
     os.replace(tmp_json, path.with_name(path.name + ".json"))
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[DetectorNet, dict]:
-    """Rebuild a model saved by :func:`save_checkpoint`; tensors only, never pickled objects."""
-    path = Path(path)
-    meta_path = path.with_name(path.name + ".json")
+def checkpoint_description(path: Path) -> tuple[BackboneSpec, dict]:
+    """The spec and description :func:`save_checkpoint` wrote beside the weights at ``path``.
+
+    Descriptions written before the offset existed give 0, the mapping their models were trained with.
+    """
+    meta_path = Path(path).with_name(Path(path).name + ".json")
     try:
         meta = json.loads(meta_path.read_text())
         raw = meta["spec"]
         levels = tuple(raw["spp_levels"]) if raw.get("spp_levels") else None
         spec = BackboneSpec(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]), "spp_levels": levels})
-        num_classes = int(meta["num_classes"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        int(meta["num_classes"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint description '{meta_path}' is missing or damaged ({e})") from None
-    model = build_model(spec.name, num_classes, spec.input_size, spec.fc_dim, spp_levels=spec.spp_levels)
-    # Checkpoints written before the offset existed were trained on windows mapped without one.
-    model.spec = replace(model.spec, offset=float(raw.get("offset", 0.0)))
+    return spec, meta
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[DetectorNet, dict]:
+    """Rebuild a model saved by :func:`save_checkpoint`; tensors only, never pickled objects."""
+    path = Path(path)
+    spec, meta = checkpoint_description(path)
+    levels = spec.spp_levels
+    model = build_model(spec.name, int(meta["num_classes"]), spec.input_size, spec.fc_dim, spp_levels=levels)
+    model.spec = replace(model.spec, offset=spec.offset)  # the one its windows were mapped with in training
     state = load_weights_file(path)
     state.setdefault("fc6_input_scale", torch.ones(()))  # checkpoints written before the scale existed
     weight = state.get("fc6.weight")

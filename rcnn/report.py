@@ -123,9 +123,10 @@ def _settings(s: _Study) -> list:
     per_run: list[dict[str, str]] = []
     for run in s.runs:
         flat: dict[str, str] = {}
-        for u in run.units:  # a stage's settings are the same for every split; its first unit has them
-            if u.state == "complete" and not any(key.startswith(f"{u.stage}: ") for key in flat):
-                _flatten(f"{u.stage}: ", u.params, flat)
+        # a stage's settings are the same for every split: its first complete unit has them
+        first = {u.stage: u for u in reversed(run.units) if u.state == "complete"}
+        for stage, u in first.items():
+            flat.update((f"{stage}: {key}", text) for key, text in _flatten(u.params).items())
         per_run.append(flat)
     # in pipeline order: that of the run with the most stages, then any others'
     runs = sorted(s.runs, key=lambda run: -len(run.units))
@@ -138,12 +139,15 @@ def _settings(s: _Study) -> list:
     return [("p", intro), ("table", _Table(["stage: setting", *s.labels], rows))]
 
 
-def _flatten(prefix: str, value, out: dict[str, str]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}{'.' if not prefix.endswith(' ') else ''}{k}", v, out)
-    else:
-        out[prefix] = _setting_text(value)
+def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """Nested settings as ``{"section.key": text}``."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = _setting_text(value)
+    return out
 
 
 def _setting_text(value) -> str:

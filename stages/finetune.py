@@ -379,12 +379,9 @@ def load(ctx: Context):
 
 def window_offset(ctx: Context) -> float:
     """The receptive-field offset the fine-tuned SPP-net model maps windows with (its spec's)."""
-    path = ctx.unit_dir(NAME, ctx.cfg.data.trainval) / (MODEL + ".json")
-    try:
-        # as load_checkpoint reads it: models written before the offset existed used none
-        return float(json.loads(path.read_text())["spec"].get("offset", 0.0))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"the fine-tuned model's description '{path}' is missing or damaged ({e}); run `rcnn finetune`") from None
+    from rcnn.models import checkpoint_description
+
+    return checkpoint_description(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL)[0].offset
 
 
 def describe(manifest: dict) -> str:
