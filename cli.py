@@ -164,14 +164,18 @@ STAGE_HELP = {
 
     The trunk (model.weights) stays fixed, as in SPP-net. Images are resized so the
     shorter side is each of spp.scales (688, or 480/576/688/864/1200 for multi-scale);
-    every window is later pyramid-pooled from these maps. Resumable per image.
+    every window is later pyramid-pooled from these maps. With finetune.mirror (the
+    default, as SPP-net's released code fine-tunes) the trainval split also caches the
+    maps of the flipped images, which fine-tuning reads. Resumable per image.
     """,
     "finetune": """Fine-tune the CNN on regions of the trainval split of PIPELINE.
 
     SPP-net pipelines train only fc6, fc7 and the classifier on windows pooled from the
     cached conv maps (background IoU in [0.1, 0.5), as in SPP-net). Windows map to cells
     by SPP-net's rule, with the trunk's receptive-field offset (spp.offset: trunk; 0 for
-    the formula as printed).
+    the formula as printed). With finetune.mirror half the training windows are read
+    from the flipped image's maps, at the mirrored place; spp.random_scale pools them at
+    a random scale instead of the closest (both from SPP-net's released code).
 
     Regions are proposals plus ground-truth boxes, warped with finetune.context_pad
     pixels of context (R-CNN: 16); IoU >= 0.5 with an object is that class, the rest

@@ -94,7 +94,9 @@ class FinetuneConfig:
     bg_low: float = 0.0  # R-CNN: every other proposal is background (SPP-net: 0.1)
     batch_size: int = 128  # R-CNN: 128 regions per mini-batch ...
     fg_fraction: float = 0.25  # ... of which 32 foreground
-    mirror: bool = True  # random horizontal flips (R-CNN's fine-tuning data layer mirrored crops)
+    # Random horizontal flips: R-CNN's fine-tuning data layer mirrored crops; SPP-net's code fine-tunes on the
+    # maps of the mirror images too (their maps are cached beside the others).
+    mirror: bool = True
     # R-CNN: SGD. Adam is offered for small networks trained from scratch (the demo).
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.001  # R-CNN: 1/10 of the pre-training rate
@@ -168,6 +170,9 @@ class SPPConfig:
     # by floor(p/2) (tiny 3 px, AlexNet 15, VGG16 7.5, SqueezeNet 17); a number overrides it, 0 giving
     # the appendix's formula as printed, exact for the paper's padding.
     offset: float | Literal["trunk"] = "trunk"
+    # Fine-tuning pools each training window at a scale drawn at random instead of the closest one (SPP-net's
+    # released code: random_scale = 1 in spp_finetune_voc.m); validation and test keep the closest scale.
+    random_scale: bool = False
 
 
 @dataclass(frozen=True)

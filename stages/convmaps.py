@@ -4,6 +4,9 @@ SPP-net runs the convolutional layers once per image (per scale) instead of once
 per region; these maps are the cached artifact from which every window's pyramid
 is pooled. Per image: ``factors`` float32 ``[K]`` (resize factor of each scale) and
 ``conv<k>`` float16 ``[H_k, W_k, C]``, channels last (the layout the trunk computes and pooling reads).
+Where fine-tuning mirrors its training data (``finetune.mirror``), the trainval records also
+hold ``mirror<k>``: the maps of the horizontally flipped image, as SPP-net's released code
+caches them for fine-tuning (``flip_finetune`` in its ``Script_spp_voc.m``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,18 @@ def splits(ctx: Context) -> tuple[str, ...]:
 
 def params(ctx: Context) -> dict:
     m = ctx.cfg.model
-    return {"backbone": m.backbone, "weights": m.weights, "scales": list(ctx.cfg.spp.scales), "max_side": ctx.cfg.spp.max_side}
+    return {
+        "backbone": m.backbone,
+        "weights": m.weights,
+        "scales": list(ctx.cfg.spp.scales),
+        "max_side": ctx.cfg.spp.max_side,
+        "mirror": ctx.cfg.finetune.mirror,
+    }
+
+
+def mirrored(ctx: Context, split: str) -> bool:
+    """Whether ``split``'s records also hold the maps of the flipped images (fine-tuning's split, if it mirrors)."""
+    return ctx.cfg.finetune.mirror and split == ctx.cfg.data.trainval
 
 
 def inputs(ctx: Context, split: str) -> dict[str, str]:
@@ -56,7 +70,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     device = next(model.parameters()).device
     parts = work / "parts"
     todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
-    bar = progress_bar(ctx, len(todo), f"convmaps {split}")
+    mirror = mirrored(ctx, split)
+    bar = progress_bar(ctx, len(todo), f"convmaps {split}" + (" (and mirrored)" if mirror else ""))
     start = time.perf_counter()
     compute = 0.0
     with records.RecordWriter(parts, KIND, chunk_size=16) as writer:
@@ -64,9 +79,14 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             ann = dataset.annotation(image_id)
             tick = time.perf_counter()
             factors = image_scales(ann.height, ann.width, ctx.cfg.spp.scales, ctx.cfg.spp.max_side)
-            maps = image_maps(model, load_image(ann), factors)
+            image = load_image(ann)
+            maps = image_maps(model, image, factors)
+            record = {"factors": np.asarray(factors, np.float32), **{f"conv{k}": m for k, m in enumerate(maps)}}
+            if mirror:
+                flipped = image_maps(model, np.ascontiguousarray(image[:, ::-1]), factors)
+                record.update({f"mirror{k}": m for k, m in enumerate(flipped)})
             compute += time.perf_counter() - tick
-            writer.add(image_id, {"factors": np.asarray(factors, np.float32), **{f"conv{k}": m for k, m in enumerate(maps)}})
+            writer.add(image_id, record)
             bar.update(1)
     bar.close()
     wall = time.perf_counter() - start
@@ -77,6 +97,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "images": len(dataset),
         "images_computed": len(todo),
         "scales": list(ctx.cfg.spp.scales),
+        "mirrored": mirror,
         "device": device_label(device),
         "seconds_per_image": wall / len(todo) if todo else None,
         "compute_seconds_per_image": compute / len(todo) if todo else None,  # decoding and the trunk, no writing
@@ -90,10 +111,12 @@ def load(ctx: Context, split: str) -> records.RecordSet:
     return records.RecordSet(ctx.unit_dir(NAME, split) / INDEX, KIND)
 
 
-def image_record(rs: records.RecordSet, image_id: str) -> tuple[list[np.ndarray], np.ndarray]:
-    """One image's float16 maps ``[H_k, W_k, C]`` (one per scale) and their resize factors ``[K]``."""
+def image_record(rs: records.RecordSet, image_id: str, mirror: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+    """One image's float16 maps ``[H_k, W_k, C]`` (one per scale) and their resize factors ``[K]``;
+    with ``mirror``, the maps of the horizontally flipped image (same factors)."""
     factors = rs.array(image_id, "factors", np.float32, 1)
-    return [rs.array(image_id, f"conv{k}", np.float16, 3) for k in range(len(factors))], factors
+    name = "mirror" if mirror else "conv"
+    return [rs.array(image_id, f"{name}{k}", np.float16, 3) for k in range(len(factors))], factors
 
 
 def describe(manifest: dict) -> str:
@@ -101,4 +124,5 @@ def describe(manifest: dict) -> str:
     size = cached_mb(manifest)
     rate = m.get("seconds_per_image")
     rate_text = f", {rate:.3f} s/image on {m.get('device')}" if rate else ""
-    return f"{m.get('images')} images at scales {m.get('scales')}, {size:.1f} MB cached{rate_text}"
+    mirror = " and mirrored" if m.get("mirrored") else ""
+    return f"{m.get('images')} images{mirror} at scales {m.get('scales')}, {size:.1f} MB cached{rate_text}"

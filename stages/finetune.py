@@ -117,13 +117,20 @@ class WarpedRegions:
 
 
 class PooledRegions:
-    """SPP-net's training inputs: windows pooled from the cached conv maps; only fc6, fc7, fc8 learn."""
+    """SPP-net's training inputs: windows pooled from the cached conv maps; only fc6, fc7, fc8 learn.
+
+    With ``finetune.mirror`` each training window is, with probability 1/2, pooled from the maps of
+    the flipped image instead, at the mirrored place: SPP-net's released code fine-tunes on the
+    trainval images and their mirror images (``flip_finetune = true`` in ``Script_spp_voc.m``).
+    """
 
     def __init__(self, ctx: Context, anns: list[ImageAnnotation], boxes: list[np.ndarray], model: DetectorNet):
         self.maps = convmaps.load(ctx, ctx.cfg.data.trainval)
         self.ids = [a.image_id for a in anns]
+        self.widths = [a.width for a in anns]
         self.boxes, self.model, self.target = boxes, model, ctx.cfg.spp.target_size
-        self._cache: OrderedDict[int, tuple[list[torch.Tensor], np.ndarray, np.ndarray]] = OrderedDict()
+        self.ft, self.random_scale = ctx.cfg.finetune, ctx.cfg.spp.random_scale
+        self._cache: OrderedDict[tuple[int, bool], tuple[list[torch.Tensor], np.ndarray, np.ndarray]] = OrderedDict()
         self.device = next(model.parameters()).device
         for p in model.trunk.parameters():
             p.requires_grad_(False)
@@ -131,38 +138,60 @@ class PooledRegions:
     def trainable(self) -> list[nn.Parameter]:
         return [p for name, p in self.model.named_parameters() if not name.startswith("trunk.")]
 
-    def _image(self, i: int) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
-        """Image ``i``'s conv maps, and the scale and cell rectangle of each of its regions (placed once)."""
-        if i not in self._cache:
-            from rcnn.spp_features import as_map_tensors, window_cells
+    def _image(self, i: int, mirror: bool = False) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+        """Image ``i``'s conv maps (of its mirror image with ``mirror``), the scale each of its regions
+        is pooled at, and each region's cell rectangle at every scale ``[K, N, 4]`` (placed once)."""
+        key = (i, mirror)
+        if key not in self._cache:
+            from rcnn.spp import map_windows, select_scale
+            from rcnn.spp_features import as_map_tensors
 
-            maps, factors = convmaps.image_record(self.maps, self.ids[i])
+            maps, factors = convmaps.image_record(self.maps, self.ids[i], mirror)
             # Channels first: training batches hold a window or two per image, pooled by roi_pool from a
             # batch of crops in its layout, and cropping channels-last maps into it would transpose them.
             maps = [m.contiguous() for m in as_map_tensors(maps, self.device)]
+            boxes = self.boxes[i]
+            if mirror:  # x -> W - x: the same window in the flipped image
+                boxes = np.stack([self.widths[i] - boxes[:, 2], boxes[:, 1], self.widths[i] - boxes[:, 0], boxes[:, 3]], 1)
             spec = self.model.spec
-            scale, rects = window_cells([m.shape for m in maps], factors, self.boxes[i], spec.stride, self.target, spec.offset)
-            self._cache[i] = (maps, scale, rects)
+            rects = np.stack(
+                [map_windows(boxes * np.float32(f), spec.stride, *m.shape[-2:], spec.offset) for f, m in zip(factors, maps)]
+            )
+            self._cache[key] = (maps, select_scale(boxes, list(factors), self.target), rects)
             if len(self._cache) > 4000:
                 self._cache.popitem(last=False)
-        return self._cache[i]
+        return self._cache[key]
 
-    def pooled(self, img_idx: np.ndarray, reg_idx: np.ndarray) -> torch.Tensor:
-        """Pyramids ``[B, D]`` of the regions ``reg_idx`` of images ``img_idx``, in batch order."""
+    def pooled(
+        self, img_idx: np.ndarray, reg_idx: np.ndarray, mirror: np.ndarray | None = None, draw: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Pyramids ``[B, D]`` of the regions ``reg_idx`` of images ``img_idx``, in batch order: from
+        their mirror images where ``mirror`` is set, and with ``draw`` (uniform in ``[0, 1)``, one per
+        region) at a random scale instead of the closest one."""
         from rcnn.spp_features import pool_cells
 
+        mirror = np.zeros(len(img_idx), bool) if mirror is None else np.asarray(mirror, bool)
         # Pool the batch grouped by image (rows come back in `order`), then restore the batch order.
-        order = np.argsort(img_idx, kind="stable")
+        key = img_idx.astype(np.int64) * 2 + mirror
+        order = np.argsort(key, kind="stable")
         items = []
-        for i in np.unique(img_idx):
-            maps, scale, rects = self._image(int(i))
-            regions = reg_idx[order[img_idx[order] == i]]
-            items.append((maps, scale[regions], rects[regions]))
+        for k in np.unique(key):
+            maps, scale, rects = self._image(int(k) // 2, bool(k % 2))
+            rows = order[key[order] == k]
+            regions = reg_idx[rows]
+            at = scale[regions] if draw is None else np.minimum((draw[rows] * len(maps)).astype(np.int64), len(maps) - 1)
+            items.append((maps, at, rects[at, regions]))
         pooled = pool_cells(items, self.model.spec.spp_levels)
         return pooled[torch.from_numpy(np.argsort(order)).to(self.device)]
 
     def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
-        fc7 = self.model.head(self.pooled(img_idx, reg_idx))["fc7"]
+        mirror = draw = None
+        if iteration is not None:
+            # As R-CNN's crop flips: drawn from a generator keyed by the iteration, so a resumed run draws the same.
+            rng = np.random.default_rng([self.ft.seed, iteration])
+            mirror = rng.random(len(img_idx)) < 0.5 if self.ft.mirror else None
+            draw = rng.random(len(img_idx)) if self.random_scale else None
+        fc7 = self.model.head(self.pooled(img_idx, reg_idx, mirror, draw))["fc7"]
         return self.model.classifier(self.model.dropout(fc7))
 
     @torch.no_grad()

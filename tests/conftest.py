@@ -74,7 +74,7 @@ def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
                   target_size: 32
                 finetune:
                   bg_low: 0.1
-                  mirror: false
+                  mirror: true
             """
         )
         + extra

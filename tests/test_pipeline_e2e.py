@@ -72,6 +72,30 @@ def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
         np.testing.assert_allclose(rs.array(image_id, "fc7", np.float16, 2)[rows], expected["fc7"], rtol=1e-2, atol=1e-2)
 
 
+def assert_mirror_maps_cached_for_fine_tuning_only(pipelines_file, runs_dir):
+    """With finetune.mirror the trainval records also hold the flipped images' maps; the test records do not."""
+    from cli import make_context
+    from rcnn.datasets import load_image
+    from rcnn.errors import UserError
+    from rcnn.spp_features import image_maps
+    from stages import convmaps
+
+    ctx = make_context("tiny-spp", runs_dir, (), str(pipelines_file), quiet=True)
+    assert ctx.cfg.finetune.mirror
+    model = convmaps.trunk_model(ctx)
+    dataset = ctx.dataset("trainval")
+    with convmaps.load(ctx, "trainval") as maps:
+        image_id = dataset.ids[1]
+        mirrored, factors = convmaps.image_record(maps, image_id, mirror=True)
+        plain, _ = convmaps.image_record(maps, image_id)
+        flipped = np.ascontiguousarray(load_image(dataset.annotation(image_id))[:, ::-1])
+        expected = image_maps(model, flipped, factors)
+        assert len(mirrored) == len(expected) == 1
+        assert np.array_equal(mirrored[0], expected[0]) and not np.array_equal(mirrored[0], plain[0])
+    with convmaps.load(ctx, "test") as maps, pytest.raises(UserError, match="no 'mirror0'"):
+        convmaps.image_record(maps, ctx.dataset("test").ids[0], mirror=True)
+
+
 def test_stage_before_its_input_is_one_line(pipelines_file, tmp_path, capsys):
     common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs"), "--quiet"]
     code, _, err = run(["features", "tiny", *common], capsys)
@@ -96,6 +120,7 @@ def test_spp_pipeline_shares_proposals_and_compares(pipelines_file, tiny_voc, tm
     model = json.loads((spp_unit / "finetune" / "trainval" / "model.pt.json").read_text())
     assert model["spec"]["offset"] == 3.0  # spp.offset: trunk, the tiny trunk's; every stage must map windows with it
     assert_pooled_on_demand_matches_detector(pipelines_file, tmp_path / "runs")
+    assert_mirror_maps_cached_for_fine_tuning_only(pipelines_file, tmp_path / "runs")
     results = json.loads((spp_unit / "evaluate" / "test" / "results.json").read_text())
     assert 0.0 <= results["mAP_bbox"] <= 1.0
 
