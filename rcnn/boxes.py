@@ -64,6 +64,12 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.nan_to_num(iou.numpy(), nan=0.0)
 
 
+def mirror_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """The same ``(x1, y1, x2, y2)`` boxes in the image flipped left to right: ``x -> width - x``."""
+    b = as_boxes(boxes)
+    return np.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], axis=1).astype(np.float32)
+
+
 def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     """Clip ``boxes [N, 4]`` (x1, y1, x2, y2) to the image ``[0, width] x [0, height]``."""
     b = as_boxes(boxes).copy()

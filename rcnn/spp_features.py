@@ -73,6 +73,15 @@ def window_cells(
     return scale, rects
 
 
+def scale_cells(
+    shapes: Sequence[Sequence[int]], factors: Sequence[float], boxes: np.ndarray, stride: int, offset: float = 0.0
+) -> np.ndarray:
+    """Every window's inclusive cell rectangle on every scale's map: int64 ``[K, N, 4]`` (arguments as
+    in :func:`window_cells`), for callers that choose the scale themselves (fine-tuning's random scales)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return np.stack([map_windows(boxes * np.float32(f), stride, s[-2], s[-1], offset) for f, s in zip(factors, shapes)])
+
+
 def pool_images(
     items: Sequence[tuple[Sequence[torch.Tensor], Sequence[float], np.ndarray]],
     stride: int,

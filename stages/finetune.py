@@ -143,20 +143,17 @@ class PooledRegions:
         is pooled at, and each region's cell rectangle at every scale ``[K, N, 4]`` (placed once)."""
         key = (i, mirror)
         if key not in self._cache:
-            from rcnn.spp import map_windows, select_scale
-            from rcnn.spp_features import as_map_tensors
+            from rcnn.boxes import mirror_boxes
+            from rcnn.spp import select_scale
+            from rcnn.spp_features import as_map_tensors, scale_cells
 
             maps, factors = convmaps.image_record(self.maps, self.ids[i], mirror)
             # Channels first: training batches hold a window or two per image, pooled by roi_pool from a
             # batch of crops in its layout, and cropping channels-last maps into it would transpose them.
             maps = [m.contiguous() for m in as_map_tensors(maps, self.device)]
-            boxes = self.boxes[i]
-            if mirror:  # x -> W - x: the same window in the flipped image
-                boxes = np.stack([self.widths[i] - boxes[:, 2], boxes[:, 1], self.widths[i] - boxes[:, 0], boxes[:, 3]], 1)
+            boxes = mirror_boxes(self.boxes[i], self.widths[i]) if mirror else self.boxes[i]
             spec = self.model.spec
-            rects = np.stack(
-                [map_windows(boxes * np.float32(f), spec.stride, *m.shape[-2:], spec.offset) for f, m in zip(factors, maps)]
-            )
+            rects = scale_cells([m.shape for m in maps], factors, boxes, spec.stride, spec.offset)
             self._cache[key] = (maps, select_scale(boxes, list(factors), self.target), rects)
             if len(self._cache) > 4000:
                 self._cache.popitem(last=False)

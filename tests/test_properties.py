@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rcnn.boxes import box_area, box_iou, clip_boxes, from_voc_pixels, to_voc_pixels
+from rcnn.boxes import box_area, box_iou, clip_boxes, from_voc_pixels, mirror_boxes, to_voc_pixels
 from rcnn.config import PipelineFile
 from rcnn.datasets import parse_voc_xml
 from rcnn.errors import ConfigError
@@ -45,6 +45,12 @@ def test_clipping_stays_inside_and_never_grows(b, width, height):
     assert (c[:, 0::2] >= 0).all() and (c[:, 0::2] <= np.float32(width)).all()
     assert (c[:, 1::2] >= 0).all() and (c[:, 1::2] <= np.float32(height)).all()
     assert (box_area(c) <= box_area(b.astype(np.float32)) + 1e-3).all()
+
+
+def test_mirror_boxes_hand_case_and_round_trip():
+    b = np.array([[0, 5, 10, 20], [90, 0, 100, 7]], np.float32)
+    assert np.array_equal(mirror_boxes(b, 100), [[90, 5, 100, 20], [0, 0, 10, 7]])
+    assert np.array_equal(mirror_boxes(mirror_boxes(b, 100), 100), b)
 
 
 @given(
