@@ -56,7 +56,7 @@ def stage_options(f):
 
 
 def make_context(pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False, skip_bad=False):
-    from stages.common import Context
+    from rcnn.stages.common import Context
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     cfg = pfile.load(pipeline, overrides)
@@ -140,8 +140,8 @@ def data_stats(directory, split):
 
 
 def _run_one(stage_name: str, ctx) -> None:
-    from stages import STAGES, pipeline_stages
-    from stages.common import run_stage
+    from rcnn.stages import STAGES, pipeline_stages
+    from rcnn.stages.common import run_stage
 
     if stage_name not in pipeline_stages(ctx.cfg.method):
         raise ConfigError(f"stage '{stage_name}' belongs to SPP-net pipelines; '{ctx.cfg.name}' is an R-CNN pipeline")
@@ -225,8 +225,8 @@ for _name in STAGE_HELP:
 @stage_options
 def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
     """Run every stage of PIPELINE (default: demo) in order, skipping those up to date."""
-    from stages import STAGES, pipeline_stages
-    from stages.common import skip_summary
+    from rcnn.stages import STAGES, pipeline_stages
+    from rcnn.stages.common import skip_summary
 
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
@@ -237,7 +237,7 @@ def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, q
         if name == until:
             break
     else:
-        from stages import evaluate
+        from rcnn.stages import evaluate
 
         click.echo(evaluate.table(ctx, manifest["test"] if "test" in manifest else next(iter(manifest.values()))))
     for line in skip_summary(ctx):
@@ -268,7 +268,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
       rcnn detect demo runs/_data/synth-n60-s0-px256/JPEGImages/000003.jpg --out det/
     """
     from rcnn.detector import detect_files
-    from stages import evaluate, finetune
+    from rcnn.stages import evaluate, finetune
 
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
     model, meta = finetune.load(ctx)
@@ -329,8 +329,8 @@ def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
 @pipeline_options
 def status_cmd(pipeline, skip_bad, runs_dir, overrides, pipelines_file):
     """Show each stage of PIPELINE (default: every pipeline with a runs folder): done, stale and why, or missing."""
-    from stages import pipeline_stages
-    from stages.common import built_with_skip_bad, skip_summary, unit_status
+    from rcnn.stages import pipeline_stages
+    from rcnn.stages.common import built_with_skip_bad, skip_summary, unit_status
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     runs = _runs_dir(runs_dir)

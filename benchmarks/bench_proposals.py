@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rcnn.config import PipelineFile  # noqa: E402
-from stages import proposals  # noqa: E402
-from stages.common import Context, run_stage  # noqa: E402
+from rcnn.stages import proposals  # noqa: E402
+from rcnn.stages.common import Context, run_stage  # noqa: E402
 
 
 def opencv_direct(path: str) -> int:

@@ -363,6 +363,13 @@ class PipelineFile:
                 raise ConfigError(f"{self.path}: pipeline '{name}' must be a mapping")
 
     @property
+    def relative_to(self) -> Path:
+        """The folder relative paths in the file are resolved against: the file's own, except for the copy
+        installed inside the package, whose relative paths can only mean the working directory."""
+        folder = self.path.resolve().parent
+        return Path.cwd() if folder == SHIPPED_PIPELINES.resolve().parent else folder
+
+    @property
     def names(self) -> list[str]:
         return list(self._raw)
 
@@ -386,7 +393,7 @@ class PipelineFile:
         """Build pipeline ``name`` with ``--set`` style overrides applied, fully validated."""
         where = f"{self.path} (pipeline '{name}')"
         raw = self._resolved_raw(name)
-        cfg = _build(PipelineConfig, {"name": name, **raw}, "", where, self.path.parent.resolve())
+        cfg = _build(PipelineConfig, {"name": name, **raw}, "", where, self.relative_to)
         if not overrides:
             return cfg
         # Overrides are resolved against the working directory, as a user typing
@@ -415,12 +422,16 @@ def fingerprint_params(section: Any) -> dict:
     return out
 
 
+# The pipelines shipped with the package (in a checkout, a link to the top-level pipelines.yaml).
+SHIPPED_PIPELINES = Path(__file__).parent / "pipelines.yaml"
+
+
 def default_pipelines_file() -> Path:
-    """``$RCNN_PIPELINES``, else ``./pipelines.yaml``, else the one shipped beside the CLI."""
+    """``$RCNN_PIPELINES``, else ``./pipelines.yaml``, else the one shipped with the package."""
     env = os.environ.get("RCNN_PIPELINES")
     if env:
         return Path(env)
     local = Path("pipelines.yaml")
     if local.is_file():
         return local
-    return Path(__file__).resolve().parent.parent / "pipelines.yaml"
+    return SHIPPED_PIPELINES

@@ -27,7 +27,7 @@ from .common import Context, cached_mb, pending_images, progress_bar, untrained_
 
 NAME = "convmaps"
 SCHEMA_VERSION = 2  # 2: maps stored channels last
-CODE = ("rcnn.models", "rcnn.inference", "rcnn.spp", "rcnn.spp_features", "rcnn.records", "stages.convmaps")
+CODE = ("rcnn.models", "rcnn.inference", "rcnn.spp", "rcnn.spp_features", "rcnn.records", "rcnn.stages.convmaps")
 INDEX = "index.json"
 KIND = "convmaps"
 

@@ -34,8 +34,8 @@ CODE = (
     "rcnn.scoring",
     "rcnn.spp",
     "rcnn.spp_features",
-    "stages.features",
-    "stages.evaluate",
+    "rcnn.stages.features",
+    "rcnn.stages.evaluate",
 )
 VARIANTS = {"plain": "detections", "bbox": "detections-bbox"}
 RESULTS = "results.json"

@@ -40,7 +40,7 @@ CODE = (
     "rcnn.detector",
     "rcnn.spp",
     "rcnn.spp_features",
-    "stages.features",
+    "rcnn.stages.features",
 )
 INDEX = "index.json"
 KIND = "features"

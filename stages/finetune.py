@@ -36,7 +36,7 @@ from .common import Context, progress_bar, untrained_model, upstream_digest
 
 NAME = "finetune"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.models", "rcnn.regions", "rcnn.sampling", "rcnn.warp", "rcnn.spp", "rcnn.spp_features", "stages.finetune")
+CODE = ("rcnn.models", "rcnn.regions", "rcnn.sampling", "rcnn.warp", "rcnn.spp", "rcnn.spp_features", "rcnn.stages.finetune")
 MODEL = "model.pt"
 VAL_REGIONS = 2048  # fixed validation set size: enough for +-1 % accuracy
 

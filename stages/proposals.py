@@ -25,7 +25,7 @@ from .common import Context, pending_images, progress_bar
 
 NAME = "proposals"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.selective_search", "rcnn.records", "rcnn.datasets", "stages.proposals")
+CODE = ("rcnn.selective_search", "rcnn.records", "rcnn.datasets", "rcnn.stages.proposals")
 OUTPUT = "proposals.h5"
 KIND = "proposals"
 

@@ -14,7 +14,7 @@ from .common import Context, upstream_digest
 
 NAME = "train-bbox"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.bbox_regression", "rcnn.box_coding", "rcnn.spp", "rcnn.spp_features", "stages.features", "stages.train_bbox")
+CODE = ("rcnn.bbox_regression", "rcnn.box_coding", "rcnn.spp", "rcnn.spp_features", "rcnn.stages.features", "rcnn.stages.train_bbox")
 MODEL = "bbox.npz"
 
 

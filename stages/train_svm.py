@@ -17,7 +17,7 @@ from .common import Context, upstream_digest
 
 NAME = "train-svm"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.svm", "rcnn.nms", "stages.train_svm")
+CODE = ("rcnn.svm", "rcnn.nms", "rcnn.stages.train_svm")
 MODEL = "svm.npz"
 HISTORY = "svm.history.json"
 

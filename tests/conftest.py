@@ -84,7 +84,7 @@ def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """Run the `rcnn` entry point in-process: (exit status, stdout, stderr)."""
-    from cli import main
+    from rcnn.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -10,11 +10,11 @@ import pytest
 from conftest import run_cli, write_pipelines
 from PIL import Image
 
-from cli import main
+from rcnn.cli import main
 from rcnn import records
 from rcnn.config import PipelineFile
 from rcnn.datasets import VOCDataset, decode_image
-from stages.common import Context
+from rcnn.stages.common import Context
 
 CLASSES = "[circle, square, triangle, star, cross]"
 

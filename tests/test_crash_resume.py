@@ -17,7 +17,7 @@ from rcnn.synth import generate_dataset
 
 
 def rcnn(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from cli import main; main()", *args]
+    return [sys.executable, "-c", "from rcnn.cli import main; main()", *args]
 
 
 @pytest.fixture(scope="module")

@@ -48,9 +48,9 @@ def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_pat
 
 def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
     """SPP's pool5 read back for box regression equals what the test-time detector pools for the same boxes."""
-    from cli import make_context
+    from rcnn.cli import make_context
     from rcnn.spp_features import spp_region_features
-    from stages import convmaps, features, finetune
+    from rcnn.stages import convmaps, features, finetune
 
     ctx = make_context("tiny-spp", runs_dir, (), str(pipelines_file), quiet=True)
     model, _ = finetune.load(ctx)
@@ -74,11 +74,11 @@ def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
 
 def assert_mirror_maps_cached_for_fine_tuning_only(pipelines_file, runs_dir):
     """With finetune.mirror the trainval records also hold the flipped images' maps; the test records do not."""
-    from cli import make_context
+    from rcnn.cli import make_context
     from rcnn.datasets import load_image
     from rcnn.errors import UserError
     from rcnn.spp_features import image_maps
-    from stages import convmaps
+    from rcnn.stages import convmaps
 
     ctx = make_context("tiny-spp", runs_dir, (), str(pipelines_file), quiet=True)
     assert ctx.cfg.finetune.mirror

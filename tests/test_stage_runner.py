@@ -10,8 +10,8 @@ import pytest
 from rcnn import records, store
 from rcnn.config import PipelineFile
 from rcnn.errors import UserError
-from stages import proposals
-from stages.common import Context, fingerprint, run_stage, unit_status
+from rcnn.stages import proposals
+from rcnn.stages.common import Context, fingerprint, run_stage, unit_status
 
 
 def make_ctx(pipelines_file, runs, name="tiny", overrides=(), **kw) -> tuple[Context, list[str]]:
@@ -146,7 +146,7 @@ def test_damaged_manifest_is_reported(pipelines_file, tmp_path):
 
 
 def test_spp_models_map_windows_with_the_configured_offset(pipelines_file, tmp_path):
-    from stages.common import untrained_model
+    from rcnn.stages.common import untrained_model
 
     ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp")
     assert ctx.cfg.spp.offset == "trunk"
