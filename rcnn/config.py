@@ -20,159 +20,210 @@ import yaml
 
 from rcnn.errors import ConfigError
 
-# Field metadata: ``path`` marks values resolved relative to the YAML file;
-# ``fingerprint=False`` marks values that do not change a stage's output (worker
-# counts, progress), so changing them never makes a stage stale.
-PATH = {"path": True}
-NO_FINGERPRINT = {"fingerprint": False}
+# Every field is declared with :func:`setting`: its default, one line saying what it is and where the
+# default comes from (docs/pipelines.md is generated from these), the range a number must lie in, and
+# whether it changes a stage's output (``fingerprint=False``: worker counts, batch sizes for speed) or
+# is a path resolved relative to the YAML file.
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: bounds (inclusive ``ge``/``le``, exclusive ``gt``/``lt``) and extra values."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple[float, ...] = ()
+
+    def __contains__(self, x: float) -> bool:
+        if x in self.also:
+            return True
+        return not (
+            (self.ge is not None and x < self.ge)
+            or (self.gt is not None and x <= self.gt)
+            or (self.le is not None and x > self.le)
+            or (self.lt is not None and x >= self.lt)
+        )
+
+    def __str__(self) -> str:
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if low and high:
+            text = f"in {low}, {high}"
+        elif low:
+            text = (">= " if low[0] == "[" else "> ") + low[1:]
+        elif high:
+            text = ("<= " if high[-1] == "]" else "< ") + high[:-1]
+        else:
+            text = "any number"
+        return text + "".join(f", or {a:g}" for a in self.also)
+
+
+def setting(default, doc: str, *, ge=None, gt=None, le=None, lt=None, also=(), fingerprint=True, path=False, keywords=()):
+    """A configuration field: ``default``, its one-line ``doc`` (with the paper the default comes from), the
+    range a number (or each number of a list) must lie in, and how stages treat it."""
+    meta = {"doc": doc, "fingerprint": fingerprint, "path": path, "keywords": keywords}
+    if any(v is not None for v in (ge, gt, le, lt)):
+        meta["range"] = Range(ge, gt, le, lt, tuple(also))
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Synthetic shapes data, generated under the runs folder when missing."""
 
-    images: int = 60
-    seed: int = 0
-    size: int = 256
+    images: int = setting(60, "number of images, a third of them the test split", ge=2)
+    seed: int = setting(0, "the same seed gives identical files", ge=0)
+    size: int = setting(256, "image side in pixels", ge=64)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """A VOC-layout dataset: a root folder and the names of its two splits."""
 
-    root: str | None = field(default=None, metadata=PATH)
-    trainval: str = "trainval"
-    test: str = "test"
-    # None: the sorted set of object names found in the trainval annotations.
-    classes: tuple[str, ...] | None = None
-    # Used when ``root`` is None: the data is generated under the runs folder.
-    synthetic: SyntheticConfig | None = None
-    # Train on objects marked difficult too (py-faster-rcnn's default: no). Scoring
-    # always follows the VOC devkit, where difficult objects count neither way.
-    use_difficult: bool = False
+    root: str | None = setting(None, "dataset folder (JPEGImages/, Annotations/, ImageSets/Main/); null: synthetic", path=True)
+    trainval: str = setting("trainval", "split the detector learns from (ImageSets/Main/<name>.txt)")
+    test: str = setting("test", "split it is scored on")
+    classes: tuple[str, ...] | None = setting(None, "class names; null: the sorted object names of the trainval split")
+    synthetic: SyntheticConfig | None = setting(None, "generate shapes data under the runs folder when root is null")
+    use_difficult: bool = setting(
+        False, "train on objects marked difficult too (py-faster-rcnn: no); scoring always ignores them, as the devkit"
+    )
 
 
 @dataclass(frozen=True)
 class ProposalsConfig:
     """Selective search (Uijlings et al., IJCV 2013) as R-CNN ran it."""
 
-    # fast: Uijlings' fast mode as used by R-CNN (HSV+Lab, k=50/100, two strategies).
-    mode: Literal["fast", "opencv-fast", "opencv-quality", "single"] = "fast"
-    # Resize to this width before the search (R-CNN's release used 500); None: as is.
-    resize_width: int | None = None
-    # Boxes narrower or shorter than this are dropped (Uijlings' demo: minBoxWidth 20).
-    min_size: float = 20.0
-    # Keep at most this many boxes, in the search's own ranking; None: all of them.
-    max_proposals: int | None = None
-    seed: int = 0
-    # Worker processes; -1: all cores.
-    n_jobs: int = field(default=-1, metadata=NO_FINGERPRINT)
+    mode: Literal["fast", "opencv-fast", "opencv-quality", "single"] = setting(
+        "fast", "fast: Uijlings' fast mode as R-CNN ran it (HSV+Lab, k = 50/100, two strategies); single: one strategy"
+    )
+    resize_width: int | None = setting(
+        None, "resize to this width before the search, boxes mapped back (R-CNN's release: 500); null: as is", ge=16
+    )
+    min_size: float = setting(20.0, "drop boxes narrower or shorter than this, in pixels (Uijlings' demo: 20)", ge=0)
+    max_proposals: int | None = setting(None, "keep at most this many boxes in the search's own ranking; null: all (R-CNN)", ge=1)
+    seed: int = setting(0, "seed of the search's random ranking", ge=0)
+    n_jobs: int = setting(-1, "worker processes; -1: all cores", ge=1, also=(-1,), fingerprint=False)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The CNN: backbone, its initialisation and where it runs."""
 
-    backbone: Literal["alexnet", "vgg16", "squeezenet1_0", "tiny"] = "alexnet"
-    # imagenet (torchvision's weights API), scratch, a path to a state dict file, or
-    # pipeline:NAME for the fine-tuned model of another pipeline in the same runs folder.
-    weights: str = field(default="imagenet", metadata={"path": True, "keywords": ("imagenet", "scratch")})
-    # Side of the warped region; None: the backbone's own (227 AlexNet as in R-CNN, 224 VGG16).
-    input_size: int | None = None
-    # Width of fc6/fc7 for backbones whose head is new (squeezenet1_0, tiny); None: default.
-    fc_dim: int | None = None
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=NO_FINGERPRINT)
+    backbone: Literal["alexnet", "vgg16", "squeezenet1_0", "tiny"] = setting(
+        "alexnet", "the CNN (R-CNN: AlexNet, 'T-Net', or VGG16, 'O-Net'; tiny: a small CNN for the demo)"
+    )
+    weights: str = setting(
+        "imagenet",
+        "imagenet (torchvision's weights), scratch, a state-dict file, or pipeline:NAME (another pipeline's fine-tuned model)",
+        path=True,
+        keywords=("imagenet", "scratch"),
+    )
+    input_size: int | None = setting(
+        None, "side of the warped region; null: the backbone's own (227 AlexNet as R-CNN, 224 VGG16, 64 tiny)", ge=16
+    )
+    fc_dim: int | None = setting(None, "width of fc6/fc7 where the head is new (squeezenet1_0, tiny); null: 4096 / 256", ge=1)
+    seed: int = setting(0, "seed of the weights drawn afresh", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when present, else the CPU", fingerprint=False)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning on warped regions (R-CNN section 2.3)."""
 
-    context_pad: int = 16  # R-CNN appendix A: warp with p = 16 pixels of context
-    fg_threshold: float = 0.5  # R-CNN: IoU >= 0.5 with a ground truth is that class
-    bg_low: float = 0.0  # R-CNN: every other proposal is background (SPP-net: 0.1)
-    batch_size: int = 128  # R-CNN: 128 regions per mini-batch ...
-    fg_fraction: float = 0.25  # ... of which 32 foreground
-    # Random horizontal flips: R-CNN's fine-tuning data layer mirrored crops; SPP-net's code fine-tunes on the
-    # maps of the mirror images too (their maps are cached beside the others).
-    mirror: bool = True
-    # R-CNN: SGD. Adam is offered for small networks trained from scratch (the demo).
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.001  # R-CNN: 1/10 of the pre-training rate
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    max_iter: int = 40000
-    step_size: int = 20000  # multiply lr by gamma every step_size iterations
-    gamma: float = 0.1
-    eval_every: int = 1000  # an "epoch": validate and checkpoint this often
-    val_fraction: float = 0.1  # trainval images held out for validation accuracy
-    seed: int = 0
-    loader_workers: int = field(default=0, metadata=NO_FINGERPRINT)
+    context_pad: int = setting(16, "pixels of context around each warped region (R-CNN appendix A: p = 16)", ge=0)
+    fg_threshold: float = setting(0.5, "IoU with an object at which a region is that class (R-CNN: 0.5)", gt=0, le=1)
+    bg_low: float = setting(0.0, "least IoU of a background region (R-CNN: 0, every other region; SPP-net: 0.1)", ge=0, lt=1)
+    batch_size: int = setting(128, "regions per mini-batch (R-CNN: 128)", ge=1)
+    fg_fraction: float = setting(0.25, "share of foreground regions in a mini-batch (R-CNN: 32 of 128)", gt=0, le=1)
+    mirror: bool = setting(
+        True, "horizontal flips (R-CNN's data layer mirrors crops; SPP-net's code fine-tunes on the mirror images' maps)"
+    )
+    optimizer: Literal["sgd", "adam"] = setting("sgd", "sgd as R-CNN; adam for small networks trained from scratch (demo)")
+    lr: float = setting(0.001, "learning rate (R-CNN: 0.001, a tenth of the pre-training rate)", gt=0)
+    momentum: float = setting(0.9, "SGD momentum (R-CNN: 0.9)", ge=0, lt=1)
+    weight_decay: float = setting(0.0005, "weight decay (R-CNN: 0.0005)", ge=0)
+    max_iter: int = setting(40000, "SGD iterations", ge=1)
+    step_size: int = setting(20000, "multiply lr by gamma every step_size iterations", ge=1)
+    gamma: float = setting(0.1, "learning-rate decay factor", gt=0, le=1)
+    eval_every: int = setting(1000, "validate and checkpoint every this many iterations", ge=1)
+    val_fraction: float = setting(0.1, "share of trainval images held out for validation accuracy", ge=0, lt=1)
+    seed: int = setting(0, "seed of sampling, flips and the new layers' weights", ge=0)
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     """Cached CNN features of every proposal and ground-truth box."""
 
-    layers: tuple[str, ...] = ("pool5", "fc7")  # R-CNN: fc7 for SVMs, pool5 for box regression
-    batch_size: int = field(default=256, metadata=NO_FINGERPRINT)
+    layers: tuple[str, ...] = setting(("pool5", "fc7"), "layers cached (R-CNN: fc7 for the SVMs, pool5 for box regression)")
+    batch_size: int = setting(256, "regions per forward pass", ge=1, fingerprint=False)
 
 
 @dataclass(frozen=True)
 class SVMConfig:
     """Per-class linear SVMs with hard-negative mining (R-CNN's released rcnn_train.m)."""
 
-    layer: str = "fc7"
-    C: float = 0.001
-    pos_loss_weight: float = 2.0
-    bias_mult: float = 10.0
-    neg_overlap: float = 0.3  # R-CNN section 2.3: negatives below IoU 0.3
-    neg_max_mutual_overlap: float | None = None  # SPP-net: 0.7 drops negatives overlapping another by > 70 %
-    hard_threshold: float = -1.0001
-    evict_threshold: float = -1.2
-    retrain_limit: int = 2000
-    target_norm: float = 20.0  # features scaled to mean norm 20
-    n_jobs: int = field(default=-1, metadata=NO_FINGERPRINT)
+    layer: str = setting("fc7", "feature the SVMs read (R-CNN: fc7 of the fine-tuned network)")
+    C: float = setting(0.001, "liblinear's C (R-CNN: 0.001)", gt=0)
+    pos_loss_weight: float = setting(2.0, "weight of positives' loss (R-CNN: 2)", gt=0)
+    bias_mult: float = setting(10.0, "bias feature value, so the bias is barely regularised (R-CNN: 10)", gt=0)
+    neg_overlap: float = setting(0.3, "proposals below this IoU with every object of the class are negatives (R-CNN: 0.3)", ge=0, le=1)
+    neg_max_mutual_overlap: float | None = setting(
+        None, "drop negatives overlapping another negative by more than this (SPP-net: 0.7); null: keep all", gt=0, le=1
+    )
+    hard_threshold: float = setting(-1.0001, "a negative scoring above this is hard and joins the cache (R-CNN: -1.0001)")
+    evict_threshold: float = setting(-1.2, "cached negatives scoring below this are evicted (R-CNN: -1.2)")
+    retrain_limit: int = setting(2000, "retrain once this many new hard negatives are found (R-CNN: 2000)", ge=1)
+    target_norm: float = setting(20.0, "features scaled to this mean norm (R-CNN: 20)", gt=0)
+    n_jobs: int = setting(-1, "classes trained in parallel; -1: all cores", ge=1, also=(-1,), fingerprint=False)
 
 
 @dataclass(frozen=True)
 class BBoxConfig:
     """Class-specific ridge box regression from pool5 (R-CNN appendix C)."""
 
-    layer: str = "pool5"
-    min_overlap: float = 0.6
-    ridge_lambda: float = 1000.0
+    layer: str = setting("pool5", "feature the regressors read (R-CNN: pool5)")
+    min_overlap: float = setting(0.6, "train on proposals with at least this IoU with an object (R-CNN: 0.6; SPP-net: 0.5)", ge=0, le=1)
+    ridge_lambda: float = setting(1000.0, "ridge penalty (R-CNN: 1000)", ge=0)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Test-time detection and scoring."""
 
-    nms_threshold: float = 0.3  # R-CNN: greedy NMS at IoU 0.3 per class
-    max_per_image: int = 100  # detections kept per class and image
-    metric: Literal["voc07", "voc10"] = "voc07"
+    nms_threshold: float = setting(0.3, "per-class greedy NMS IoU (R-CNN: 0.3)", gt=0, le=1)
+    max_per_image: int = setting(100, "detections kept per class and image", ge=1)
+    metric: Literal["voc07", "voc10"] = setting("voc07", "voc07: 11-point AP (VOC2007 devkit); voc10: all-point AP")
 
 
 @dataclass(frozen=True)
 class SPPConfig:
     """SPP-net (He et al., ECCV 2014): conv maps once per image, windows pooled from them."""
 
-    levels: tuple[int, ...] = (6, 3, 2, 1)  # SPP-net's 4-level pyramid for detection (50 bins)
-    scales: tuple[int, ...] = (688,)  # shorter image side; SPP-net multi-scale: [480, 576, 688, 864, 1200]
-    max_side: int | None = 2000  # cap on the longer side after resizing
-    target_size: int = 224  # each window is pooled at the scale where its area is closest to 224 x 224
-    # Not from the paper: fc6 starts afresh on a pyramid of arbitrary magnitude (SqueezeNet's: mean norm
-    # ~17,000), so its input is scaled to this root-mean-square value, measured on training windows; null: unscaled.
-    fc6_input_rms: float | None = 1.0
-    # Where the window mapping puts conv cell j: on image pixel stride * j + offset. "trunk": the backbone's
-    # own offset, worked out from its layers, as SPP-net's appendix says to add where layers are not padded
-    # by floor(p/2) (tiny 3 px, AlexNet 15, VGG16 7.5, SqueezeNet 17); a number overrides it, 0 giving
-    # the appendix's formula as printed, exact for the paper's padding.
-    offset: float | Literal["trunk"] = "trunk"
-    # Fine-tuning pools each training window at a scale drawn at random instead of the closest one (SPP-net's
-    # released code: random_scale = 1 in spp_finetune_voc.m); validation and test keep the closest scale.
-    random_scale: bool = False
+    levels: tuple[int, ...] = setting((6, 3, 2, 1), "pyramid levels, n x n bins each (SPP-net: 6, 3, 2, 1; 50 bins)", ge=1)
+    scales: tuple[int, ...] = setting(
+        (688,), "shorter image side of each scale (SPP-net: 688, or 480, 576, 688, 864, 1200 for five)", ge=16
+    )
+    max_side: int | None = setting(2000, "cap on the longer side after resizing; null: none", ge=16)
+    target_size: int = setting(
+        224, "pool each window at the scale where its area is closest to this squared (SPP-net: 224)", ge=1
+    )
+    fc6_input_rms: float | None = setting(
+        1.0,
+        "not from the paper: fc6's input scaled to this RMS, measured on training windows (SqueezeNet's pyramids "
+        "have norms ~17,000); null: unscaled",
+        gt=0,
+    )
+    offset: float | Literal["trunk"] = setting(
+        "trunk",
+        "where conv cell j centres: stride * j + offset; trunk: worked out from the layers, as SPP-net's appendix says "
+        "(tiny 3, AlexNet 15, VGG16 7.5, SqueezeNet 17); 0: the formula as printed",
+    )
+    random_scale: bool = setting(
+        False, "fine-tuning pools each window at a random scale (SPP-net's code: random_scale = 1); off: the closest"
+    )
 
 
 @dataclass(frozen=True)
@@ -180,18 +231,24 @@ class PipelineConfig:
     """One named pipeline: everything a run needs, resolved."""
 
     name: str
-    description: str = ""
-    # rcnn: warp every region through the whole CNN; spp: conv maps once, pyramid-pool each window.
-    method: Literal["rcnn", "spp"] = "rcnn"
-    data: DataConfig = DataConfig()
-    proposals: ProposalsConfig = ProposalsConfig()
-    model: ModelConfig = ModelConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    features: FeaturesConfig = FeaturesConfig()
-    svm: SVMConfig = SVMConfig()
-    bbox: BBoxConfig = BBoxConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    spp: SPPConfig = SPPConfig()
+    description: str = setting("", "one line shown by `rcnn pipelines`")
+    method: Literal["rcnn", "spp"] = setting(
+        "rcnn", "rcnn: warp every region through the whole CNN; spp: conv maps once per image, pyramid-pool each window"
+    )
+    data: DataConfig = setting(DataConfig(), "the dataset")
+    proposals: ProposalsConfig = setting(ProposalsConfig(), "selective search")
+    model: ModelConfig = setting(ModelConfig(), "the CNN")
+    finetune: FinetuneConfig = setting(FinetuneConfig(), "fine-tuning")
+    features: FeaturesConfig = setting(FeaturesConfig(), "the feature cache")
+    svm: SVMConfig = setting(SVMConfig(), "the class SVMs")
+    bbox: BBoxConfig = setting(BBoxConfig(), "box regression")
+    evaluate: EvaluateConfig = setting(EvaluateConfig(), "detection and scoring")
+    spp: SPPConfig = setting(SPPConfig(), "SPP-net (method: spp)")
+
+
+# The warped-region sizes each backbone accepts: fc6 of AlexNet and VGG16 is ImageNet's and reads a 6 x 6 / 7 x 7
+# pool5 grid; SqueezeNet and tiny need their layers to leave at least one cell.
+INPUT_SIZES = {"alexnet": Range(ge=223, le=254), "vgg16": Range(ge=224, le=255), "squeezenet1_0": Range(ge=48), "tiny": Range(ge=16)}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -231,6 +288,9 @@ def _coerce(tp: Any, value: Any, key: str, where: str, base: Path | None) -> Any
         if value is None and type(None) in args:
             return None
         errors = []
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1 and dataclasses.is_dataclass(alternatives[0]):  # an optional section: its key's error
+            return _coerce(alternatives[0], value, key, where, base)
         for arg in args:
             if arg is type(None):
                 continue
@@ -288,11 +348,38 @@ def _build(cls: type, raw: dict, prefix: str, where: str, base: Path | None) -> 
         is_keyword = value in keywords or (isinstance(value, str) and value.startswith("pipeline:"))
         if fields[key].metadata.get("path") and isinstance(value, str) and base is not None and not is_keyword:
             value = str((base / value).resolve()) if not os.path.isabs(value) else value
+        _check_range(fields[key].metadata.get("range"), value, full, where)
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required key is missing
         raise ConfigError(f"{where}: {prefix or 'pipeline'}: {e}") from None
+
+
+def _check_range(allowed: Range | None, value: Any, key: str, where: str) -> None:
+    """Refuse a number (or a list's number) outside the field's range, naming the key, the value and the range."""
+    if allowed is None:
+        return
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v != v or v not in allowed):
+            raise ConfigError(f"{where}: '{key}' must be {allowed}; got {v!r}")
+
+
+def _check_together(cfg: PipelineConfig, where: str) -> None:
+    """Rules between settings, checked once the whole configuration is built."""
+    ft, m = cfg.finetune, cfg.model
+    if ft.bg_low >= ft.fg_threshold:
+        raise ConfigError(
+            f"{where}: 'finetune.bg_low' ({ft.bg_low:g}) must be below 'finetune.fg_threshold' ({ft.fg_threshold:g})"
+        )
+    if cfg.svm.evict_threshold >= cfg.svm.hard_threshold:
+        raise ConfigError(
+            f"{where}: 'svm.evict_threshold' ({cfg.svm.evict_threshold:g}) must be below "
+            f"'svm.hard_threshold' ({cfg.svm.hard_threshold:g}), or evicted negatives would count as hard"
+        )
+    sizes = INPUT_SIZES[m.backbone]
+    if m.input_size is not None and m.input_size not in sizes:
+        raise ConfigError(f"{where}: 'model.input_size' must be {sizes} for backbone {m.backbone}; got {m.input_size}")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -395,6 +482,7 @@ class PipelineFile:
         raw = self._resolved_raw(name)
         cfg = _build(PipelineConfig, {"name": name, **raw}, "", where, self.relative_to)
         if not overrides:
+            _check_together(cfg, where)
             return cfg
         # Overrides are resolved against the working directory, as a user typing
         # a path on the command line expects; values from the file were already
@@ -404,7 +492,10 @@ class PipelineFile:
             key, value = parse_override(text)
             _check_override_path(PipelineConfig, key)
             raw = _apply_override(raw, key, value)
-        return _build(PipelineConfig, raw, "", f"--set on pipeline '{name}'", Path.cwd())
+        where = f"--set on pipeline '{name}'"
+        cfg = _build(PipelineConfig, raw, "", where, Path.cwd())
+        _check_together(cfg, where)
+        return cfg
 
 
 def fingerprint_params(section: Any) -> dict:

@@ -127,6 +127,15 @@ def read_devkit_file(path: str | os.PathLike) -> Detections:
     return Detections(tuple(ids), np.array(scores, dtype=np.float64), from_voc_pixels(np.array(boxes)))
 
 
+def detection_file_classes(path: str | os.PathLike, split: str) -> list[str]:
+    """The classes named by the devkit result files for ``split`` at ``path`` (a folder or one file), sorted."""
+    path = Path(path)
+    pattern = _name_pattern(split)
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    names = {m["cls"] for f in files if not f.name.startswith(".") and (m := pattern.match(f.name)) is not None}
+    return sorted(names)
+
+
 def read_detections(path: str | os.PathLike, split: str, classes: Iterable[str]) -> dict[str, Detections]:
     """Read devkit result files for ``split`` from a folder or a single file.
 
@@ -154,7 +163,7 @@ def read_detections(path: str | os.PathLike, split: str, classes: Iterable[str])
                 continue
             name = match["cls"]
             if name not in known:
-                raise UserError(f"{file}: class {name!r} is not one of the dataset's classes")
+                raise UserError(f"{file}: class {name!r} is not one of the classes scored ({', '.join(classes)})")
             if name in found:
                 raise UserError(f"{path} holds two files for class {name!r}: {found[name].name} and {file.name}")
             found[name] = file
@@ -167,5 +176,5 @@ def read_detections(path: str | os.PathLike, split: str, classes: Iterable[str])
         )
     name = match["cls"]
     if name not in known:
-        raise UserError(f"{path}: class {name!r} is not one of the dataset's classes")
+        raise UserError(f"{path}: class {name!r} is not one of the classes scored ({', '.join(classes)})")
     return {name: read_devkit_file(path)}

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.datasets import ImageAnnotation, VOCDataset
-from rcnn.detfiles import read_detections
+from rcnn.detfiles import detection_file_classes, read_detections
+from rcnn.errors import UserError
 from rcnn.evaluation import ClassGroundTruth, EvalResult, evaluate
 
 
@@ -24,10 +25,19 @@ def ground_truth_by_class(annotations: list[ImageAnnotation], classes: tuple[str
     return out
 
 
-def score_devkit_detections(data_root: Path, split: str, detections: Path, metric: str = "voc07") -> EvalResult:
-    """Score devkit result files in ``detections`` against ``split`` of the VOC folder ``data_root``."""
+def score_devkit_detections(
+    data_root: Path, split: str, detections: Path, metric: str = "voc07", classes: tuple[str, ...] | None = None
+) -> EvalResult:
+    """Score devkit result files in ``detections`` against ``split`` of the VOC folder ``data_root``.
+
+    ``classes`` None scores the classes of the split's objects and those the files name; a class
+    without objects in the split has AP nan (the devkit's n/a) and stays out of the mean.
+    """
     dataset = VOCDataset(data_root, split)
-    classes = dataset.classes()
+    if classes is None:
+        if not Path(detections).exists():
+            raise UserError(f"detections path {detections} does not exist")
+        classes = tuple(sorted(set(dataset.classes()) | set(detection_file_classes(detections, split))))
     gt = ground_truth_by_class(dataset.annotations(), classes)
     dets = read_detections(detections, split, classes)
     return evaluate(dets, {name: gt[name] for name in dets}, metric=metric)

@@ -50,6 +50,10 @@ def test_pipelines_lists_descriptions(capsys):
         (["proposals"], "Missing argument 'PIPELINE'", 2),
         (["evaluate", "--metric", "voc12"], "'voc12' is not one of", 2),
         (["evaluate", "--data", "/nonexistent/voc", "--detections", "x"], "dataset root '/nonexistent/voc' does not exist", 1),
+        (["evaluate", "--data", "d", "--detections", "x", "--force"], "--force apply to a pipeline's evaluation", 2),
+        (["evaluate", "--data", "d", "--detections", "x", "--set", "evaluate.metric=voc10"], "--set apply to", 2),
+        (["evaluate", "demo", "--data", "d"], "--data score devkit files without a pipeline", 2),
+        (["evaluate"], "give a PIPELINE, or --data VOCDIR and --detections PATH", 2),
     ],
 )
 def test_user_errors_are_one_line(argv, needle, status, capsys, tmp_path, monkeypatch):
@@ -134,6 +138,23 @@ def test_evaluate_devkit_files(tiny_voc, tmp_path, capsys):
         result = json.loads(out_json.read_text())
         assert result["metric"] == metric and result["mAP"] == pytest.approx(1.0)
         assert set(result["per_class"]) == set(ds.classes())
+    # A class without test objects (here one that no image has) scores n/a, as the devkit does, and stays out
+    # of the mean; --classes states the list, and a file outside it is refused.
+    (det / "comp4_det_test_hexagon.txt").write_text("000001 0.5 1 2 30 40\n")
+    code, out, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--json", str(out_json)], capsys)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert result["per_class"]["hexagon"] is None and result["mAP"] == pytest.approx(1.0)
+    hexagon = next(line for line in out.splitlines() if line.strip().startswith("hexagon"))
+    assert hexagon.split() == ["hexagon", "n/a", "0", "1"]
+    one = sorted(files)[0]
+    code, out, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det / f"comp4_det_test_{one}.txt"),
+                          "--classes", one, "--json", str(out_json)], capsys)
+    assert code == 0 and list(json.loads(out_json.read_text())["per_class"]) == [one]
+    code, _, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--classes", one], capsys)
+    assert_one_line_error(code, err, "is not one of the classes scored", 1)
+    (det / "comp4_det_test_hexagon.txt").unlink()
+
     bad = det / f"comp4_det_test_{next(iter(files))}.txt"
     bad.write_text("000001 0.5 1 2 3\n")
     code, _, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det)], capsys)

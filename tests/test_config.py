@@ -115,3 +115,109 @@ def test_fingerprint_ignores_worker_count(tmp_path):
     two = fingerprint_params(pf.load("a", ["proposals.n_jobs=2"]).proposals)
     assert one == two and "n_jobs" not in one
     assert fingerprint_params(pf.load("a", ["proposals.seed=1"]).proposals) != one
+
+
+def _ranged_fields(cls=None, prefix=""):
+    """(dotted key, Range) of every numeric setting, walking the nested sections."""
+    import typing
+
+    from rcnn.config import PipelineConfig
+
+    cls = cls or PipelineConfig
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        section = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
+        if section is not None:
+            yield from _ranged_fields(section, f"{prefix}{f.name}.")
+        elif "range" in f.metadata:
+            yield f"{prefix}{f.name}", f.metadata["range"], f.type
+
+
+def _outside(r) -> list[float]:
+    """Values just outside a range, on every side it has."""
+    out = []
+    if r.ge is not None:
+        out.append(r.ge - 1 if r.ge - 1 not in r.also else r.ge - 2)
+    if r.gt is not None:
+        out.append(r.gt)
+    if r.le is not None:
+        out.append(r.le + 1)
+    if r.lt is not None:
+        out.append(r.lt)
+    return out
+
+
+RANGED = list(_ranged_fields())
+
+
+def test_every_number_has_a_range():
+    import typing
+
+    from rcnn.config import PipelineConfig
+
+    def numeric(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            args = (tp, *typing.get_args(tp), *[b for a in typing.get_args(tp) for b in typing.get_args(a)])
+            section = next((a for a in args if dataclasses.is_dataclass(a)), None)
+            if section is not None:
+                yield from numeric(section, f"{prefix}{f.name}.")
+            elif int in args or float in args:
+                yield f"{prefix}{f.name}"
+
+    # The thresholds of hard-negative mining and SPP-net's offset are any real numbers; every other number has a range.
+    unbounded = {"svm.hard_threshold", "svm.evict_threshold", "spp.offset"}
+    assert set(numeric(PipelineConfig)) - unbounded == {key for key, _, _ in RANGED}
+
+
+@pytest.mark.parametrize("key, allowed", [(k, r) for k, r, _ in RANGED], ids=[k for k, _, _ in RANGED])
+def test_out_of_range_settings_are_refused_with_key_value_and_range(key, allowed):
+    pf = PipelineFile(REPO / "pipelines.yaml")
+    for value in _outside(allowed):
+        value = int(value) if float(value).is_integer() else value
+        text = f"[{value}]" if key in ("spp.levels", "spp.scales") else str(value)
+        with pytest.raises(ConfigError) as e:
+            pf.load("demo", [f"{key}={text}"])
+        message = str(e.value)
+        assert f"'{key}' must be {allowed}; got {value!r}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("finetune.batch_size=0", "'finetune.batch_size' must be >= 1; got 0"),
+        ("model.input_size=8", "'model.input_size' must be >= 16; got 8"),
+        ("finetune.lr=-1", "'finetune.lr' must be > 0; got -1"),
+        ("finetune.max_iter=0", "'finetune.max_iter' must be >= 1; got 0"),
+        ("proposals.n_jobs=0", "'proposals.n_jobs' must be >= 1, or -1; got 0"),
+        ("finetune.fg_threshold=1.5", "'finetune.fg_threshold' must be in (0, 1]; got 1.5"),
+        ("finetune.bg_low=0.6", "'finetune.bg_low' (0.6) must be below 'finetune.fg_threshold' (0.5)"),
+        ("svm.evict_threshold=-0.5", "'svm.evict_threshold' (-0.5) must be below 'svm.hard_threshold'"),
+        ("finetune.lr=.nan", "'finetune.lr' must be > 0; got nan"),
+    ],
+)
+def test_the_reported_bad_settings(override, needle, tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.setenv("RCNN_RUNS_DIR", str(tmp_path))
+    code, _, err = run_cli(["proposals", "demo", "--set", override], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert needle in err
+    assert not any(tmp_path.iterdir())  # refused before anything was computed
+
+
+def test_backbone_input_sizes():
+    pf = PipelineFile(REPO / "pipelines.yaml")
+    # AlexNet's ImageNet fc6 reads a 6 x 6 pool5 grid: 223 to 254 px give it; R-CNN's 227 is inside.
+    assert pf.load("demo", ["model.backbone=alexnet", "model.input_size=227"]).model.input_size == 227
+    for size in (222, 255):
+        with pytest.raises(ConfigError, match="in \\[223, 254\\] for backbone alexnet"):
+            pf.load("demo", ["model.backbone=alexnet", f"model.input_size={size}"])
+
+
+def test_range_text():
+    from rcnn.config import Range
+
+    assert str(Range(ge=0, lt=1)) == "in [0, 1)" and 0 in Range(ge=0, lt=1) and 1 not in Range(ge=0, lt=1)
+    assert str(Range(gt=0)) == "> 0" and 0 not in Range(gt=0) and 1e-9 in Range(gt=0)
+    assert str(Range(ge=1, also=(-1,))) == ">= 1, or -1" and -1 in Range(ge=1, also=(-1,)) and 0 not in Range(ge=1, also=(-1,))

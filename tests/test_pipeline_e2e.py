@@ -35,6 +35,21 @@ def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_pat
     code, out, _ = run(["status", "tiny", *common[:-1]], capsys)
     assert out.count(" done ") == 8 and "stale" not in out
 
+    # `rcnn evaluate PIPELINE` is a stage command: a skip that prints the table, --force recomputes,
+    # --metric is the pipeline's evaluate.metric (another fingerprint, so computed afresh), --json writes it.
+    code, out, err = run(["evaluate", "tiny", *common], capsys)
+    assert code == 0, err
+    assert "evaluate/test: up to date, skipped" in out and f"{results['mAP']:>8.4f}" in out and "(voc07)" in out
+    code, out, err = run(["evaluate", "tiny", "--force", *common], capsys)
+    assert code == 0 and "evaluate/test: done in" in out and "up to date" not in out
+    code, out, err = run(["evaluate", "tiny", "--metric", "voc10", "--json", str(tmp_path / "ap10.json"), *common], capsys)
+    assert code == 0 and "evaluate/test: stale" in out and "(voc10)" in out
+    voc10 = json.loads((tmp_path / "ap10.json").read_text())
+    assert voc10["metric"] == "voc10"
+    assert voc10["mAP"] == pytest.approx(score_devkit_detections(tiny_voc, "test", unit / "detections", "voc10").mAP)
+    code, _, err = run(["evaluate", "tiny", "--detections", str(unit / "detections"), *common], capsys)
+    assert code == 2 and "--detections" in err and len(err.strip().splitlines()) == 1
+
     image = tiny_voc / "JPEGImages" / f"{VOCDataset(tiny_voc, 'test').ids[0]}.jpg"
     det = tmp_path / "det"
     code, out, err = run(["detect", "tiny", str(image), "--out", str(det), "--threshold", "-10", *common[:-1]], capsys)
