@@ -98,6 +98,27 @@ def pipelines_cmd(pipelines_file):
         click.echo(f"  {name:<{width}}  {cfg.description}")
 
 
+@cli.command("config")
+@click.argument("pipeline")
+@pipeline_options
+def config_cmd(pipeline, runs_dir, overrides, pipelines_file):
+    """Print PIPELINE's resolved configuration as YAML, each value marked with its origin.
+
+    \b
+    Origins: default (rcnn/config.py), pipeline (its own section of the pipelines
+    file), parent NAME (inherited through `extends`), --set (this command line).
+    Relative paths are shown resolved. Example:
+      rcnn config voc07-mini-spp --set finetune.lr=0.0005
+    """
+    from rcnn.config_view import render_config
+
+    pfile = PipelineFile(pipelines_file or default_pipelines_file())
+    cfg = pfile.load(pipeline, overrides)
+    click.echo(f"# pipeline {pipeline} from {pfile.path.resolve()}; the comments say where each value comes from")
+    click.echo(f"name: {pipeline}")
+    click.echo(render_config(cfg, pfile.origins(pipeline, overrides)))
+
+
 # ----------------------------------------------------------------------------- data
 
 

@@ -83,7 +83,7 @@ class DataConfig:
     """A VOC-layout dataset: a root folder and the names of its two splits."""
 
     root: str | None = setting(None, "dataset folder (JPEGImages/, Annotations/, ImageSets/Main/); null: synthetic", path=True)
-    trainval: str = setting("trainval", "split the detector learns from (ImageSets/Main/<name>.txt)")
+    trainval: str = setting("trainval", "split the detector learns from (ImageSets/Main/NAME.txt)")
     test: str = setting("test", "split it is scored on")
     classes: tuple[str, ...] | None = setting(None, "class names; null: the sorted object names of the trainval split")
     synthetic: SyntheticConfig | None = setting(None, "generate shapes data under the runs folder when root is null")
@@ -382,6 +382,15 @@ def _check_together(cfg: PipelineConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'model.input_size' must be {sizes} for backbone {m.backbone}; got {m.input_size}")
 
 
+def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
+    """The leaf keys of a nested mapping, dotted (``{"a": {"b": 1}}`` -> ``["a.b"]``)."""
+    keys = []
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        keys.extend(_dotted_keys(value, full + ".") if isinstance(value, dict) and value else [full])
+    return keys
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -475,6 +484,29 @@ class PipelineFile:
         base = self._resolved_raw(parent, seen + (name,))
         base.pop("description", None)
         return _merge(base, raw)
+
+    def origins(self, name: str, overrides: typing.Sequence[str] = ()) -> dict[str, str]:
+        """Where each dotted key that is set comes from: ``--set``, ``pipeline`` or ``parent NAME``.
+
+        Keys absent from the result keep their defaults.
+        """
+        chain, current = [], name
+        while current is not None:
+            chain.append(current)
+            current = self._raw[current].get("extends") if current in self._raw else None
+        out: dict[str, str] = {}
+        for k, section in enumerate(reversed(chain)):  # the farthest ancestor first, so nearer ones win
+            origin = "pipeline" if k == len(chain) - 1 else f"parent {section}"
+            raw = {key: v for key, v in self._raw[section].items() if key != "extends"}
+            if section != name:
+                raw.pop("description", None)
+            out.update(dict.fromkeys(_dotted_keys(raw), origin))
+        for text in overrides:
+            key, value = parse_override(text)
+            if not isinstance(value, dict):  # a mapping merges into the section; anything else replaces it whole
+                out = {k: v for k, v in out.items() if k != key and not k.startswith(key + ".")}
+            out.update(dict.fromkeys(_dotted_keys({key: value}), "--set"))
+        return out
 
     def load(self, name: str, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
         """Build pipeline ``name`` with ``--set`` style overrides applied, fully validated."""

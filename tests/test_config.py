@@ -221,3 +221,38 @@ def test_range_text():
     assert str(Range(ge=0, lt=1)) == "in [0, 1)" and 0 in Range(ge=0, lt=1) and 1 not in Range(ge=0, lt=1)
     assert str(Range(gt=0)) == "> 0" and 0 not in Range(gt=0) and 1e-9 in Range(gt=0)
     assert str(Range(ge=1, also=(-1,))) == ">= 1, or -1" and -1 in Range(ge=1, also=(-1,)) and 0 not in Range(ge=1, also=(-1,))
+
+
+def test_config_command_prints_the_resolved_values_with_their_origins(capsys):
+    import yaml
+    from conftest import run_cli
+
+    from rcnn.config import PipelineFile
+
+    overrides = ["finetune.lr=0.01", "data.synthetic={images: 12}"]
+    code, out, err = run_cli(["config", "demo-spp", *[a for o in overrides for a in ("--set", o)]], capsys)
+    assert code == 0, err
+    cfg = PipelineFile(REPO / "pipelines.yaml").load("demo-spp", overrides)
+    printed = yaml.safe_load(out)
+    expected = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg)))  # tuples as lists
+    assert printed == expected
+    origin = {line.split(":")[0].strip(): line.rsplit("# ", 1)[1] for line in out.splitlines() if ": " in line and "# " in line}
+    assert origin["method"] == "pipeline"  # demo-spp's own section
+    assert origin["mode"] == "parent demo"  # proposals.mode, inherited through extends
+    assert origin["momentum"] == "default"
+    assert origin["lr"] == "--set" and origin["images"] == "--set"
+    assert origin["size"] == "parent demo"  # the rest of data.synthetic still comes from demo
+
+
+def test_origins_of_a_section_replaced_by_a_scalar():
+    pf = PipelineFile(REPO / "pipelines.yaml")
+    origins = pf.origins("demo", ["data.synthetic=null"])
+    assert origins["data.synthetic"] == "--set" and not any(k.startswith("data.synthetic.") for k in origins)
+
+
+def test_settings_reference_matches_the_code():
+    from rcnn.config_view import render_reference
+
+    text = (REPO / "docs" / "pipelines.md").read_text()
+    assert text == render_reference(), "regenerate with: python -m rcnn.config_view docs/pipelines.md"
+    assert "| `max_iter` | integer | `40000` | >= 1 |" in text
