@@ -89,13 +89,26 @@ def cli():
 @cli.command("pipelines")
 @click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help="The pipelines YAML.")
 def pipelines_cmd(pipelines_file):
-    """List the pipelines defined in pipelines.yaml."""
+    """List the pipelines defined in pipelines.yaml, and where each expects its data and weights."""
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
-    width = max(len(n) for n in pfile.names)
-    click.echo(f"pipelines in {pfile.path}:")
+    click.echo(f"pipelines in {pfile.path.resolve()}:")
     for name in pfile.names:
         cfg = pfile.load(name)
-        click.echo(f"  {name:<{width}}  {cfg.description}")
+        click.echo(f"  {name}: {cfg.description}")
+        click.echo(f"      data: {_where(pfile, name, 'data.root', cfg.data.root, 'synthetic, generated under the runs folder')}")
+        weights = cfg.model.weights
+        if weights not in ("imagenet", "scratch") and not weights.startswith("pipeline:"):
+            click.echo(f"      weights: {_where(pfile, name, 'model.weights', weights, '')}")
+
+
+def _where(pfile: PipelineFile, name: str, key: str, path: str | None, when_none: str) -> str:
+    """A configured path and whether it is there; if not, how to point the pipeline elsewhere."""
+    if path is None:
+        return when_none
+    if Path(path).exists():
+        return path
+    ways = [f"set {v}" for v in pfile.environment_variables(name, key)] + [f"--set {key}=PATH"]
+    return f"{path} (not there: {' or '.join(ways)})"
 
 
 @cli.command("config")

@@ -463,7 +463,7 @@ class PipelineFile:
         """The folder relative paths in the file are resolved against: the file's own, except for the copy
         installed inside the package, whose relative paths can only mean the working directory."""
         folder = self.path.resolve().parent
-        return Path.cwd() if folder == SHIPPED_PIPELINES.resolve().parent else folder
+        return Path.cwd() if folder == SHIPPED_PIPELINES.parent.resolve() else folder
 
     @property
     def names(self) -> list[str]:
@@ -484,6 +484,13 @@ class PipelineFile:
         base = self._resolved_raw(parent, seen + (name,))
         base.pop("description", None)
         return _merge(base, raw)
+
+    def environment_variables(self, name: str, dotted: str) -> list[str]:
+        """The ``${VAR}`` names the raw (unexpanded) value of ``dotted`` reads, e.g. ``["RCNN_VOC07_MINI"]``."""
+        node: Any = self._resolved_raw(name)
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return _ENV.findall(node) and [m[0] for m in _ENV.findall(node)] if isinstance(node, str) else []
 
     def origins(self, name: str, overrides: typing.Sequence[str] = ()) -> dict[str, str]:
         """Where each dotted key that is set comes from: ``--set``, ``pipeline`` or ``parent NAME``.
