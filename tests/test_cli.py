@@ -50,6 +50,7 @@ def test_pipelines_lists_descriptions(capsys):
         (["proposals"], "Missing argument 'PIPELINE'", 2),
         (["evaluate", "--metric", "voc12"], "'voc12' is not one of", 2),
         (["evaluate", "--data", "/nonexistent/voc", "--detections", "x"], "dataset root '/nonexistent/voc' does not exist", 1),
+        (["compare", "demo", "--out", "report"], "rcnn compare: error: give two or more RUNS to compare", 2),
     ],
 )
 def test_user_errors_are_one_line(argv, needle, status, capsys, tmp_path, monkeypatch):

@@ -115,3 +115,12 @@ def test_fingerprint_ignores_worker_count(tmp_path):
     two = fingerprint_params(pf.load("a", ["proposals.n_jobs=2"]).proposals)
     assert one == two and "n_jobs" not in one
     assert fingerprint_params(pf.load("a", ["proposals.seed=1"]).proposals) != one
+
+
+@pytest.mark.parametrize(
+    "name, why", [("'../escape'", "contains '/'"), ("_data", "starts with '_'"), ("'..'", "folder"), ("3", "int")]
+)
+def test_pipeline_names_must_be_plain_folder_names(tmp_path, name, why):
+    # A pipeline's name is its folder in the runs folder.
+    with pytest.raises(ConfigError, match=f"pipeline name .* cannot be a folder name .*{why}"):
+        PipelineFile(write(tmp_path, f"pipelines:\n  {name}:\n    description: x\n"))
