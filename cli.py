@@ -295,8 +295,10 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
 
     Proposals are computed on the fly with the pipeline's settings; each image is
     written to --out with its labelled boxes drawn (<name>.det.jpg) beside a JSON of
-    its detections (<name>.json: class, score, box as x1 y1 x2 y2 pixels). Images
-    are only read, never executed or trusted beyond decoding. Example:
+    its detections (<name>.json: class, score, box as x1 y1 x2 y2 pixels); images of
+    the same name get <name>-2, <name>-3, ... An image that cannot be read is named on
+    stderr and the rest are processed; the exit status is then 1. Images are only
+    read, never executed or trusted beyond decoding. Example:
 
     \b
       rcnn detect demo runs/_data/synth-n60-s0-px256/JPEGImages/000003.jpg --out det/
@@ -308,9 +310,18 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     model, meta = finetune.load(ctx)
     detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
     out = Path(out_dir)
-    for path, found in detect_files(detector, images, out, threshold, ctx.cfg.proposals.seed):
+    failed = 0
+    for r in detect_files(detector, images, out, threshold, ctx.cfg.proposals.seed):
+        if r.error is not None:
+            failed += 1
+            click.echo(f"skipped: {r.error}", err=True)
+            continue
+        found = r.detections
         best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
-        click.echo(f"{path}: {len(found)} detections{(' (' + best + (', ...' if len(found) > 5 else '') + ')') if found else ''}")
+        line = f"{r.path}: {len(found)} detections{(' (' + best + (', ...' if len(found) > 5 else '') + ')') if found else ''}"
+        click.echo(line + (f" -> {r.output}.json" if r.output != Path(r.path).stem else ""))
+    if failed:
+        raise UserError(f"{failed} of {len(images)} image(s) could not be read (each named above); the others are in {out}")
     click.echo(f"wrote {out}")
 
 
@@ -338,6 +349,10 @@ def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
     from rcnn.report import write_report
     from rcnn.report_data import load_run
 
+    if len(runs) < 2:
+        raise click.UsageError(
+            f"give two or more RUNS to compare (the first is the baseline), got {len(runs)}", ctx=click.get_current_context()
+        )
     if labels and len(labels) != len(runs):
         raise ConfigError(f"--label given {len(labels)} times for {len(runs)} runs")
     summaries = []

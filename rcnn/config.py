@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from rcnn.errors import ConfigError
+from rcnn.filenames import name_problem
 
 # Every field is declared with :func:`setting`: its default, one line saying what it is and where the
 # default comes from (docs/pipelines.md is generated from these), the range a number must lie in, and
@@ -455,6 +456,10 @@ class PipelineFile:
             raise ConfigError(f"{self.path}: unknown top-level key '{sorted(unknown)[0]}' (only 'pipelines')")
         self._raw: dict[str, dict] = doc["pipelines"]
         for name, section in self._raw.items():
+            # A pipeline's name is its folder in the runs folder, beside the runs folder's own '_data'.
+            problem = name_problem(name) or ("it starts with '_' or '.'" if name.startswith(("_", ".")) else None)
+            if problem is not None:
+                raise ConfigError(f"{self.path}: pipeline name {name!r} cannot be a folder name ({problem})")
             if not isinstance(section, dict):
                 raise ConfigError(f"{self.path}: pipeline '{name}' must be a mapping")
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from rcnn.boxes import from_voc_pixels
 from rcnn.errors import UserError
+from rcnn.filenames import name_problem
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnot
     voc, labels, difficult = [], [], []
     for k, obj in enumerate(root.findall("object")):
         name = _text(obj, "name", xml_path)
+        problem = name_problem(name)
+        if problem is not None:
+            # Class names become file names (devkit results, plots): one that is not a plain name could write anywhere.
+            raise UserError(f"{xml_path}: object {k} has class name {name!r}, which cannot be a file name ({problem}); rename it")
         bb = obj.find("bndbox")
         if bb is None:
             raise UserError(f"{xml_path}: object {k} ({name}) has no <bndbox>")
@@ -100,6 +105,23 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnot
     )
 
 
+def _read_split_file(split_file: Path) -> list[str]:
+    """The image ids of a split file: one per line, or VOC's per-class layout ``<id> <-1|0|1>``."""
+    ids = []
+    for lineno, line in enumerate(split_file.read_text().splitlines(), start=1):
+        fields = line.split()
+        if len(fields) == 2 and fields[1] in ("-1", "0", "1"):
+            fields = fields[:1]
+        if len(fields) > 1:
+            # Cutting at the space would report an image "missing" that is there.
+            raise UserError(
+                f"{split_file}, line {lineno}: {line.strip()!r} is not one image id; ids cannot contain "
+                "whitespace (the devkit's result files separate fields by it): rename the image and its annotation"
+            )
+        ids += fields
+    return ids
+
+
 class VOCDataset:
     """Images and annotations of one split of a VOC-layout folder.
 
@@ -117,15 +139,20 @@ class VOCDataset:
         self.split = split
         if not self.root.is_dir():
             raise UserError(f"dataset root '{self.root}' does not exist (set data.root, e.g. --set data.root=PATH)")
+        problem = name_problem(split)
+        if problem is not None:
+            folder = self.root / "ImageSets" / "Main"
+            raise UserError(f"split name {split!r} cannot be a file name ({problem}); name a file in {folder}")
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise UserError(f"split file '{split_file}' does not exist (is '{split}' the right split name?)")
         self.split_file = split_file
-        ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        ids = _read_split_file(split_file)
         seen: set[str] = set()
         for image_id in ids:
-            if "/" in image_id or "\\" in image_id or image_id.startswith("."):
-                raise UserError(f"{split_file}: image id {image_id!r} is not a plain file name")
+            problem = name_problem(image_id) or ("it starts with '.'" if image_id.startswith(".") else None)
+            if problem is not None:
+                raise UserError(f"{split_file}: image id {image_id!r} is not a plain file name ({problem})")
             if image_id in seen:
                 raise UserError(f"{split_file}: image id {image_id!r} is listed twice; remove the duplicate line")
             seen.add(image_id)
@@ -243,6 +270,42 @@ def find_bad_images(
         if reason is not None:
             bad[image_id] = reason
     return bad
+
+
+def check_pipeline_data(
+    trainval: VOCDataset, test: VOCDataset, classes: tuple[str, ...], use_difficult: bool = False
+) -> None:
+    """Everything about a pipeline's data that its annotations tell, checked before the first long stage.
+
+    Every annotation of both splits parses, every image file exists and every object's
+    class is one of ``classes`` (:meth:`VOCDataset.check`); every class name can be a
+    file name; and every class has an object to train on in ``trainval`` (one not
+    marked difficult, unless ``use_difficult``), which the class SVMs need (R-CNN trains
+    one per class). Decoding every image is left to the stages (or ``--skip-bad``).
+
+    Raises:
+        UserError: the first defect, in one line naming the file or the classes.
+    """
+    for name in classes:
+        problem = name_problem(name)
+        if problem is not None:
+            raise UserError(f"class name {name!r} of the pipeline's class list cannot be a file name ({problem})")
+    trainval.check(classes)
+    test.check(classes)
+    usable: set[str] = set()
+    difficult_only: set[str] = set()
+    for ann in trainval.annotations():
+        for name, hard in zip(ann.labels, ann.difficult.tolist()):
+            (difficult_only if hard and not use_difficult else usable).add(name)
+    missing = [name for name in classes if name not in usable]
+    if missing:
+        hard = [name for name in missing if name in difficult_only]
+        why = f" ({', '.join(hard)}: only objects marked difficult; data.use_difficult: true trains on them)" if hard else ""
+        which = f"class {missing[0]} has" if len(missing) == 1 else f"classes {', '.join(missing)} have"
+        raise UserError(
+            f"{which} no object to train on in split '{trainval.split}' of {trainval.root}{why}; "
+            "annotate some, or leave them out of data.classes"
+        )
 
 
 def decode_image(path: Path) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,27 +119,70 @@ class Detector:
         return per_class_nms(scores, proposals, w, h, self.nms_threshold, self.max_per_image, refine)
 
 
-def detect_files(
-    detector: Detector, paths: Iterable[str | Path], out: Path, threshold: float, seed: int = 0
-) -> Iterator[tuple[str | Path, list[dict]]]:
-    """Run ``detector`` on each image file; write ``<stem>.det.jpg`` (boxes drawn) and ``<stem>.json`` to ``out``.
+@dataclass(frozen=True)
+class FileResult:
+    """What :func:`detect_files` made of one input: its output name and detections, or why it has none."""
 
-    Yields each path with its detections scoring at least ``threshold`` (class, score, box).
+    path: str | Path
+    # Outputs are ``<output>.det.jpg`` and ``<output>.json``; None when the image could not be read.
+    output: str | None
+    detections: list[dict]
+    error: str | None = None
+
+
+def output_names(paths: Iterable[str | Path]) -> list[str]:
+    """One distinct output name per input: its file name's stem, ``-2``, ``-3``, ... added to later equal ones.
+
+    Names are compared case-blind, so that no two collide on a case-insensitive filesystem either;
+    characters that are not printable become ``_``.
+    """
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        stem = "".join(c if c.isprintable() else "_" for c in Path(path).stem).strip() or "image"
+        while len(stem.encode()) > 200:  # room for the suffixes within 255 bytes
+            stem = stem[:-1]
+        name, k = stem, 1
+        while name.casefold() in used:
+            k += 1
+            name = f"{stem}-{k}"
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def detect_files(
+    detector: Detector, paths: Sequence[str | Path], out: Path, threshold: float, seed: int = 0
+) -> Iterator[FileResult]:
+    """Run ``detector`` on each image file; write ``<name>.det.jpg`` (boxes drawn) and ``<name>.json`` to ``out``.
+
+    ``<name>`` is the file's stem, made distinct within the batch by :func:`output_names`, so
+    that no output replaces another. An image that cannot be read or decoded is reported in
+    its :class:`FileResult` (``error``) and the others are still processed. Yields one result
+    per path, in order, with the detections scoring at least ``threshold`` (class, score, box).
     """
     from rcnn.datasets import decode_image
+    from rcnn.errors import UserError
+    from rcnn.filenames import child_path
     from rcnn.runtime import one_blas_thread
     from rcnn.store import write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     with one_blas_thread():  # numpy's idle BLAS threads would slow torch's (see rcnn.runtime)
-        for path in paths:
-            image = decode_image(Path(path))
+        for path, name in zip(paths, output_names(paths)):
+            try:
+                image = decode_image(Path(path))
+            except UserError as e:
+                yield FileResult(path, None, [], str(e))
+                continue
             canvas, found = draw_detections(image, detector(image, seed=seed), detector.classes, threshold)
-            stem = Path(path).stem
-            cv2.imwrite(str(out / f"{stem}.det.jpg"), canvas)
+            ok, jpeg = cv2.imencode(".jpg", canvas)
+            if not ok:
+                raise RuntimeError(f"OpenCV could not encode the drawn detections of {path}")
+            child_path(out, f"{name}.det.jpg").write_bytes(jpeg.tobytes())
             info = {"image": str(path), "width": image.shape[1], "height": image.shape[0], "threshold": threshold}
-            write_json_atomic(out / f"{stem}.json", {**info, "detections": found})
-            yield path, found
+            write_json_atomic(child_path(out, f"{name}.json"), {**info, "detections": found})
+            yield FileResult(path, name, found)
 
 
 def draw_detections(

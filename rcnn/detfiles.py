@@ -19,6 +19,7 @@ import numpy as np
 from rcnn.boxes import as_boxes, from_voc_pixels, to_voc_pixels
 from rcnn.errors import UserError
 from rcnn.evaluation import Detections
+from rcnn.filenames import name_problem
 
 _FIELDS = ("image_id", "score", "xmin", "ymin", "xmax", "ymax")
 
@@ -27,7 +28,13 @@ def devkit_filename(split: str, class_name: str) -> str:
     """The devkit's result file name for ``class_name`` on ``split``, e.g. ``comp4_det_test_dog.txt``.
 
     ``comp4`` is the VOC competition that allows training on outside data, as R-CNN does.
+    A split or class name that cannot be part of one file name (a ``/``, ``..``, a NUL)
+    is refused with ``ValueError``: the name must never lead out of the results folder.
     """
+    for what, name in (("split", split), ("class", class_name)):
+        problem = name_problem(name)
+        if problem is not None:
+            raise ValueError(f"{what} name {name!r} cannot be part of a file name: {problem}")
     return f"comp4_det_{split}_{class_name}.txt"
 
 

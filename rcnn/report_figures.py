@@ -20,6 +20,7 @@ from rcnn.datasets import ImageAnnotation, VOCDataset, decode_image
 from rcnn.detfiles import read_devkit_file
 from rcnn.errors import UserError
 from rcnn.evaluation import ClassResult, Detections, evaluate
+from rcnn.runtime import quiet_matplotlib
 from rcnn.scoring import ground_truth_by_class
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+@quiet_matplotlib()
 def _save(fig: Figure, path: Path) -> Path:
     # A reader of the report folder must never see half a PNG: write beside it, then rename.
     path.parent.mkdir(parents=True, exist_ok=True)

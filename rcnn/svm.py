@@ -364,6 +364,7 @@ def train_class_svms(
     n_jobs: int = 1,
     scale: float | None = None,
     progress: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> SVMModel:
     """Train one SVM per class with R-CNN's hard-negative mining (see :func:`mine_hard_negatives`).
 
@@ -372,7 +373,8 @@ def train_class_svms(
     ``min(n_jobs, num_classes)`` joblib workers, each reading all images for its share of the
     classes; so ``images`` must be re-readable and picklable (a list, or a function that opens
     the feature file itself), and with ``n_jobs`` workers the features are read ``n_jobs`` times.
-    The result does not depend on ``n_jobs``.
+    The result does not depend on ``n_jobs``. ``class_names`` (``num_classes`` of them) name the
+    classes in errors.
     """
     from tqdm import tqdm
 
@@ -392,7 +394,8 @@ def train_class_svms(
         scale = params.target_norm / (total / count)
     empty = [c for c in range(num_classes) if not positives[c]]
     if empty:
-        raise UserError(f"classes {empty} have no ground-truth boxes to train on")
+        named = ", ".join(class_names[c] if class_names is not None else f"class {c}" for c in empty)
+        raise UserError(f"{named}: no ground-truth box to train on")
     pos = {c: np.concatenate(p) * np.float32(scale) for c, p in enumerate(positives)}
     groups = np.array_split(np.arange(num_classes), min(joblib.effective_n_jobs(n_jobs), num_classes))
     parts = joblib.Parallel(n_jobs=len(groups))(

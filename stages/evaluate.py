@@ -17,7 +17,8 @@ from rcnn.bbox_regression import BBoxRegressor
 from rcnn.detector import ClassDetections, per_class_nms
 from rcnn.detfiles import devkit_filename, write_devkit_file
 from rcnn.evaluation import Detections, EvalResult, evaluate
-from rcnn.runtime import one_blas_thread
+from rcnn.filenames import child_path
+from rcnn.runtime import one_blas_thread, quiet_matplotlib
 from rcnn.scoring import ground_truth_by_class
 from rcnn.store import write_json_atomic
 from rcnn.svm import SVMModel
@@ -137,6 +138,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     return outputs, summary
 
 
+@quiet_matplotlib()
 def plot_pr_curves(evals: dict[str, EvalResult], folder: Path) -> dict[str, Path]:
     """One PNG per class with the precision-recall curves of both variants, plus an AP bar chart."""
     import matplotlib
@@ -156,7 +158,7 @@ def plot_pr_curves(evals: dict[str, EvalResult], folder: Path) -> dict[str, Path
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=f"{name}")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
-        path = folder / f"{name}.png"
+        path = child_path(folder, f"{name}.png")
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         out[f"pr/{name}.png"] = path

@@ -71,7 +71,9 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     layer = ctx.cfg.svm.layer
     index = ctx.unit_dir(features.NAME, split) / features.INDEX
     source = functools.partial(read_images, index, layer, ctx.cfg.svm.neg_max_mutual_overlap)
-    model = train_class_svms(source, len(ctx.classes), svm_params(ctx), n_jobs=ctx.cfg.svm.n_jobs, progress=ctx.progress)
+    model = train_class_svms(
+        source, len(ctx.classes), svm_params(ctx), n_jobs=ctx.cfg.svm.n_jobs, progress=ctx.progress, class_names=ctx.classes
+    )
     out = work / MODEL
     model.save(out)
     per_class = {}

@@ -98,6 +98,12 @@ def damage_escaping_id(voc):
     return "not a plain file name"
 
 
+def damage_spaced_id(voc):
+    split = voc / "ImageSets" / "Main" / "trainval.txt"
+    split.write_text(split.read_text() + "my holiday photo\n")
+    return "'my holiday photo' is not one image id; ids cannot contain whitespace"
+
+
 def damage_malformed_xml(voc):
     (voc / "Annotations" / f"{first(voc)}.xml").write_text("<annotation><size><width>96")
     return "malformed XML"
@@ -120,7 +126,7 @@ IMAGE_DAMAGES = [
 ]
 
 
-@pytest.mark.parametrize("damage", [*IMAGE_DAMAGES, damage_duplicate_id, damage_escaping_id])
+@pytest.mark.parametrize("damage", [*IMAGE_DAMAGES, damage_duplicate_id, damage_escaping_id, damage_spaced_id])
 def test_refused_with_one_line_naming_the_file(damage, voc_copy, tmp_path, capsys):
     needle = damage(voc_copy)
     code, _, err = run_proposals(voc_copy, tmp_path, capsys)
@@ -139,6 +145,49 @@ def test_unknown_class_with_a_fixed_class_list(voc_copy, tmp_path, capsys):
         main(["proposals", "tiny", "--pipelines-file", str(pf), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "'unicorn' is not in the pipeline's class list" in err
+
+
+def run_pipeline(voc, tmp_path, capsys, *flags: str) -> tuple[int, str, str]:
+    pf = write_pipelines(tmp_path / "p.yaml", voc)
+    return run_cli(["run", "tiny", "--pipelines-file", str(pf), "--runs-dir", str(tmp_path / "runs"), "--quiet", *flags], capsys)
+
+
+def test_a_class_name_that_would_leave_its_folder_is_refused_before_any_stage(voc_copy, tmp_path, capsys):
+    # Written as a devkit file name, this class would have put comp4_det_test_x/../../../../tmp/ESCAPED.txt anywhere.
+    xml = voc_copy / "Annotations" / f"{first(voc_copy)}.xml"
+    text = xml.read_text()
+    start = text.index("<name>") + len("<name>")
+    xml.write_text(text[:start] + "x/../../../../tmp/ESCAPED" + text[text.index("</name>") :])
+    code, _, err = run_pipeline(voc_copy, tmp_path, capsys)
+    assert_one_line(code, err, str(xml), "class name 'x/../../../../tmp/ESCAPED', which cannot be a file name (it contains '/')")
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_class_without_training_objects_is_refused_before_proposals(voc_copy, tmp_path, capsys):
+    # Without the check, proposals, fine-tuning and features ran before the SVMs found the class empty.
+    classes = "[circle, square, triangle, star, cross, unicorn]"
+    code, _, err = run_pipeline(voc_copy, tmp_path, capsys, "--set", f"data.classes={classes}")
+    assert_one_line(code, err, "class unicorn has no object to train on in split 'trainval'", str(voc_copy))
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_class_whose_only_training_object_is_in_a_skipped_image_is_refused(voc_copy, tmp_path, capsys):
+    ids = VOCDataset(voc_copy, "trainval").ids
+    only = [i for i in ids if "<name>star</name>" in (voc_copy / "Annotations" / f"{i}.xml").read_text()]
+    assert len(only) == 1  # the tiny data's one star of trainval
+    image = voc_copy / "JPEGImages" / f"{only[0]}.jpg"
+    image.write_bytes(image.read_bytes()[:-200])
+    code, _, err = run_pipeline(voc_copy, tmp_path, capsys, "--skip-bad", "--set", f"data.classes={CLASSES}")
+    assert_one_line(code, err, "class star has no object to train on")
+    assert not (tmp_path / "runs" / "tiny" / "proposals").exists()
+
+
+def test_a_bad_test_annotation_is_refused_before_the_trainval_proposals(voc_copy, tmp_path, capsys):
+    xml = voc_copy / "Annotations" / f"{first(voc_copy, 'test')}.xml"
+    xml.write_text("<annotation><size>")
+    code, _, err = run_proposals(voc_copy, tmp_path, capsys)
+    assert_one_line(code, err, str(xml), "malformed XML")
+    assert not (tmp_path / "runs" / "tiny" / "proposals" / "trainval" / "manifest.json").exists()
 
 
 def test_image_without_objects_is_fine(voc_copy, tmp_path, capsys):
@@ -190,7 +239,7 @@ def test_skip_bad_leaves_the_image_out_logs_and_records_it(damage, voc_copy, tmp
         assert f.ids == kept and all(len(f.array(i, "boxes")) > 0 for i in kept)
 
 
-@pytest.mark.parametrize("damage", [damage_duplicate_id, damage_escaping_id])
+@pytest.mark.parametrize("damage", [damage_duplicate_id, damage_escaping_id, damage_spaced_id])
 def test_skip_bad_does_not_skip_a_broken_split_file(damage, voc_copy, tmp_path, capsys):
     needle = damage(voc_copy)
     code, _, err = run_proposals(voc_copy, tmp_path, capsys, "--skip-bad")
@@ -329,7 +378,7 @@ def test_upstream_built_from_other_classes_is_refused_naming_both(pipelines_file
     code, _, err = run_cli(["run", *common, "--until", "finetune"], capsys)
     assert code == 0, err
     built = manifest(tmp_path, "finetune", "trainval")["params"]["classes"]
-    now = [*built, "unicorn"]
+    now = built[::-1]  # the same classes in another order: another label per class index
     override = ["--set", f"data.classes=[{', '.join(now)}]"]
 
     code, _, err = run_cli(["features", *common, *override], capsys)

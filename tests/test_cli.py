@@ -54,6 +54,7 @@ def test_pipelines_lists_descriptions(capsys):
         (["evaluate", "--data", "d", "--detections", "x", "--set", "evaluate.metric=voc10"], "--set apply to", 2),
         (["evaluate", "demo", "--data", "d"], "--data score devkit files without a pipeline", 2),
         (["evaluate"], "give a PIPELINE, or --data VOCDIR and --detections PATH", 2),
+        (["compare", "demo", "--out", "report"], "rcnn compare: error: give two or more RUNS to compare", 2),
     ],
 )
 def test_user_errors_are_one_line(argv, needle, status, capsys, tmp_path, monkeypatch):

@@ -256,3 +256,12 @@ def test_settings_reference_matches_the_code():
     text = (REPO / "docs" / "pipelines.md").read_text()
     assert text == render_reference(), "regenerate with: python -m rcnn.config_view docs/pipelines.md"
     assert "| `max_iter` | integer | `40000` | >= 1 |" in text
+
+
+@pytest.mark.parametrize(
+    "name, why", [("'../escape'", "contains '/'"), ("_data", "starts with '_'"), ("'..'", "folder"), ("3", "int")]
+)
+def test_pipeline_names_must_be_plain_folder_names(tmp_path, name, why):
+    # A pipeline's name is its folder in the runs folder.
+    with pytest.raises(ConfigError, match=f"pipeline name .* cannot be a folder name .*{why}"):
+        PipelineFile(write(tmp_path, f"pipelines:\n  {name}:\n    description: x\n"))

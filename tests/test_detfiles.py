@@ -153,3 +153,11 @@ def test_single_file_for_unknown_class(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_detections(tmp_path / "nope", "test", ["cat"])
+
+
+@pytest.mark.parametrize(
+    "split, name", [("test", "x/../../../../tmp/ESCAPED"), ("test", ".."), ("../up", "dog"), ("test", "a\x00b")]
+)
+def test_file_names_never_lead_out_of_the_results_folder(split, name):
+    with pytest.raises(ValueError, match="cannot be part of a file name"):
+        devkit_filename(split, name)

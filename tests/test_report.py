@@ -287,3 +287,51 @@ def test_runs_with_the_same_settings_say_so(tmp_path, data_root):
     run = load_run(tmp_path / "runs" / "rcnn")
     study = _Study([run, load_run(tmp_path / "runs" / "rcnn")], tmp_path / "out")
     assert _settings(study) == [("p", "Every setting the stages recorded is the same in all runs.")]
+
+
+# ----------------------------------------------------------------------------- figures: names and warnings
+
+
+def _eval_result(names: list[str]):
+    """Two classes' results: the first with a curve, the others without objects (no curve, an empty legend)."""
+    from rcnn.evaluation import ClassGroundTruth, Detections, evaluate
+
+    box = np.array([[0, 0, 10, 10]], np.float32)
+    gt = {n: ClassGroundTruth({"a": box[: int(k == 0)]}, {"a": np.zeros(int(k == 0), bool)}) for k, n in enumerate(names)}
+    dets = {names[0]: Detections(("a",), np.array([0.9]), box)}
+    result = evaluate(dets, gt)
+    return {"plain": result, "bbox": result}
+
+
+def _warnings_of(draw) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draw()
+    return [str(w.message) for w in caught]
+
+
+def test_figures_keep_font_and_legend_warnings_off_stderr(tmp_path):
+    from rcnn import report_figures as figs
+    from rcnn.stages.evaluate import plot_pr_curves
+
+    # A class name in a script the default font lacks, and a class without a curve.
+    names = ["猫", "dog"]
+    evals = _eval_result(names)
+    assert _warnings_of(lambda: plot_pr_curves(evals, tmp_path / "pr")) == []
+    assert (tmp_path / "pr" / "猫.png").is_file() and (tmp_path / "pr" / "dog.png").is_file()
+    aps = [{"plain": {"猫": 0.5, "dog": None, "mAP": 0.5}, "bbox": {}}]
+    assert _warnings_of(lambda: figs.ap_bars(tmp_path / "ap.png", ["run"], names, aps, "voc07")) == []
+    curves = [evals["bbox"].per_class]
+    assert _warnings_of(lambda: figs.pr_grid(tmp_path / "pr.png", ["run"], names, curves)) == []
+
+
+def test_pr_plots_refuse_a_class_name_that_leaves_their_folder(tmp_path):
+    from rcnn.stages.evaluate import plot_pr_curves
+
+    # The dataset reader refuses such names first; this is the last line of defence.
+    folder = tmp_path / "deep" / "pr"
+    with pytest.raises(ValueError, match="cannot be a file name"):
+        plot_pr_curves(_eval_result(["../../ESCAPED"]), folder)
+    assert not list(tmp_path.rglob("ESCAPED*"))

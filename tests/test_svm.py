@@ -195,8 +195,11 @@ def test_scores_apply_the_feature_scale():
 
 def test_class_without_positives_is_a_user_error():
     images = [dataclasses.replace(im, gt_classes=np.where(im.gt_classes == 2, -1, im.gt_classes)) for im in make_images()]
-    with pytest.raises(UserError, match=r"classes \[2\]"):
+    with pytest.raises(UserError, match=r"^class 2: no ground-truth box"):
         train_class_svms(images, 3)
+    # Named, not numbered, when the names are known.
+    with pytest.raises(UserError, match=r"^cow: no ground-truth box"):
+        train_class_svms(images, 3, class_names=("cat", "dog", "cow"))
 
 
 def test_save_load_round_trip_and_rejects_damaged_files(tmp_path):
