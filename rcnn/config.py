@@ -60,6 +60,11 @@ class ProposalsConfig:
     mode: Literal["fast", "opencv-fast", "opencv-quality", "single"] = "fast"
     # Resize to this width before the search (R-CNN's release used 500); None: as is.
     resize_width: int | None = None
+    # An image over this many pixels (after resize_width) is searched scaled down to it, boxes mapped
+    # back, with a log line; None: no limit. The search's time and memory grow faster than the pixel
+    # count (a 6000 x 6000 photo: 14 min, 6.3 GB) and Uijlings' segment sizes (k = 50/100) were set for
+    # VOC's 500 x 375 (0.19 Mpx); 1 Mpx, a few seconds, leaves VOC and the 256 px demo as they are.
+    max_pixels: int | None = 1_000_000
     # Boxes narrower or shorter than this are dropped (Uijlings' demo: minBoxWidth 20).
     min_size: float = 20.0
     # Keep at most this many boxes, in the search's own ranking; None: all of them.
