@@ -533,6 +533,9 @@ def _write_json(path: str, value: dict) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
+INTERRUPTED = "rcnn: interrupted; completed work is kept and a rerun resumes it"
+
+
 def main(argv=None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit."""
     try:
@@ -548,14 +551,15 @@ def main(argv=None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as e:
+        # Click turns Ctrl-C into Abort (from the KeyboardInterrupt) when it does not exit itself.
+        click.echo(INTERRUPTED if isinstance(e.__cause__, KeyboardInterrupt) else "aborted", err=True)
         sys.exit(130)
     except UserError as e:
         click.echo(f"rcnn: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("rcnn: interrupted; completed work is kept and a rerun resumes it", err=True)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):

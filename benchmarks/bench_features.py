@@ -104,7 +104,9 @@ def main() -> None:
         with torch.no_grad():
             for image_id in dataset.ids[: args.images]:
                 ann = dataset.annotation(image_id)
-                boxes = selective_search(load_image(ann), p.mode, p.resize_width, p.min_size, p.max_proposals, p.seed)
+                boxes = selective_search(
+                    load_image(ann), p.mode, p.resize_width, p.min_size, p.max_proposals, p.seed, p.max_pixels
+                )
                 n_boxes.append(len(boxes))
 
                 def rcnn(ann=ann, boxes=boxes):

@@ -103,6 +103,14 @@ class ProposalsConfig:
     resize_width: int | None = setting(
         None, "resize to this width before the search, boxes mapped back (R-CNN's release: 500); null: as is", ge=16
     )
+    # The search's time and memory grow faster than the pixel count (a 6000 x 6000 photo: 14 min, 6.3 GB), and
+    # Uijlings' segment sizes (k = 50/100) were set for VOC's 500 x 375 (0.19 Mpx); 1 Mpx leaves VOC and the demo as is.
+    max_pixels: int | None = setting(
+        1_000_000,
+        "an image over this many pixels (after resize_width) is searched scaled down to it, boxes mapped back, "
+        "with a log line; null: no limit",
+        ge=64,
+    )
     min_size: float = setting(20.0, "drop boxes narrower or shorter than this, in pixels (Uijlings' demo: 20)", ge=0)
     max_proposals: int | None = setting(None, "keep at most this many boxes in the search's own ranking; null: all (R-CNN)", ge=1)
     seed: int = setting(0, "seed of the search's random ranking", ge=0)

@@ -84,6 +84,7 @@ class Detector:
     bbox_layer: str = "pool5"
     proposal_mode: str = "fast"
     resize_width: int | None = None
+    max_pixels: int | None = 1_000_000  # as ProposalsConfig.max_pixels
     min_size: float = 20.0
     max_proposals: int | None = None
     nms_threshold: float = 0.3
@@ -99,7 +100,9 @@ class Detector:
     def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
         """Detections of one BGR image ``[H, W, 3]``."""
         h, w = image_bgr.shape[:2]
-        proposals = selective_search(image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed)
+        proposals = selective_search(
+            image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed, self.max_pixels
+        )
         layers = tuple(dict.fromkeys([self.svm_layer] + ([self.bbox_layer] if self.bbox else [])))
         if self.model.spec.spp_levels:
             from rcnn.spp import image_scales

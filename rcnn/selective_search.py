@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import zlib
 
 import cv2
@@ -77,6 +78,24 @@ def image_seed(seed: int, image_id: str) -> int:
     return (zlib.crc32(image_id.encode()) ^ seed) & 0x7FFFFFFF
 
 
+def search_size(height: int, width: int, resize_width: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(height, width)`` the search runs at for an image of ``height x width``.
+
+    ``resize_width`` sets the width (the height follows the aspect ratio); an image
+    still over ``max_pixels`` pixels is then scaled down, keeping its aspect ratio,
+    to at most that many.
+    """
+    h, w = height, width
+    if resize_width is not None and resize_width != w:
+        h, w = max(1, round(h * resize_width / w)), resize_width
+    if max_pixels is not None and h * w > max_pixels:
+        # Each side times f = sqrt(max_pixels / (h w)), rounded down so that the product stays within
+        # the limit, in integers: floor(h f) = isqrt(h * max_pixels // w). In floats, 6579 f for
+        # max_pixels = 512 ** 2 comes out just under 512 and would round down to 511.
+        h, w = max(1, math.isqrt(h * max_pixels // w)), max(1, math.isqrt(w * max_pixels // h))
+    return h, w
+
+
 def selective_search(
     image: np.ndarray,
     mode: str = "fast",
@@ -84,19 +103,20 @@ def selective_search(
     min_size: float = 20.0,
     max_proposals: int | None = None,
     seed: int = 0,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Proposals for one BGR image ``[H, W, 3]``.
 
-    Returns float32 boxes ``[N, 4]`` in (x1, y1, x2, y2) continuous pixels of the
-    original image, ranked with regions high in the hierarchy first (as Uijlings et
-    al. rank them), without duplicates, each side at least ``min_size`` pixels, at
-    most ``max_proposals`` of them.
+    The search runs at :func:`search_size` (``resize_width``, then at most
+    ``max_pixels`` pixels). Returns float32 boxes ``[N, 4]`` in (x1, y1, x2, y2)
+    continuous pixels of the original image, ranked with regions high in the
+    hierarchy first (as Uijlings et al. rank them), without duplicates, each side
+    at least ``min_size`` pixels, at most ``max_proposals`` of them.
     """
     h, w = image.shape[:2]
-    scale = 1.0
-    if resize_width is not None and resize_width != w:
-        scale = resize_width / w
-        image = cv2.resize(image, (resize_width, max(1, round(h * scale))), interpolation=cv2.INTER_LINEAR)
+    sh, sw = search_size(h, w, resize_width, max_pixels)
+    if (sh, sw) != (h, w):
+        image = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_LINEAR)
     ss = _segmentation().createSelectiveSearchSegmentation()
     configure(ss, image, mode)
     cv2.setRNGSeed(seed)
@@ -107,8 +127,10 @@ def selective_search(
     # objects at IoU 0.5 in this order and 0.39 in OpenCV's).
     rects = ss.process()[::-1]
     boxes = xywh_to_xyxy(rects)
-    if scale != 1.0:
-        boxes = boxes / np.float32(scale)
+    if (sh, sw) != (h, w):
+        # Each axis by its own factor: the rounded search size keeps the aspect ratio only to a pixel.
+        boxes[:, 0::2] *= np.float32(w / sw)
+        boxes[:, 1::2] *= np.float32(h / sh)
         np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])
         np.clip(boxes[:, 1::2], 0, h, out=boxes[:, 1::2])
     return rank_filter(boxes, min_size, max_proposals)

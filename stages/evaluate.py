@@ -210,6 +210,7 @@ def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = T
         bbox_layer=cfg.bbox.layer,
         proposal_mode=cfg.proposals.mode,
         resize_width=cfg.proposals.resize_width,
+        max_pixels=cfg.proposals.max_pixels,
         min_size=cfg.proposals.min_size,
         max_proposals=cfg.proposals.max_proposals,
         nms_threshold=cfg.evaluate.nms_threshold,

@@ -16,10 +16,10 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from rcnn import records
-from rcnn.config import fingerprint_params
+from rcnn.config import ProposalsConfig, fingerprint_params
 from rcnn.datasets import ImageAnnotation, load_image
 from rcnn.recall import recall_summary
-from rcnn.selective_search import image_seed, selective_search
+from rcnn.selective_search import image_seed, search_size, selective_search
 
 from .common import Context, pending_images, progress_bar
 
@@ -42,13 +42,22 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
     return {f"data/{split}": ctx.dataset(split).fingerprint}
 
 
-def _propose(ann: ImageAnnotation, mode: str, resize_width, min_size, max_proposals, seed) -> tuple[str, np.ndarray, float]:
+def _propose(ann: ImageAnnotation, p: ProposalsConfig) -> tuple[str, np.ndarray, float, str | None]:
+    """One image's boxes, the seconds they took, and a note when the image was over ``max_pixels``."""
     # One OpenCV thread per worker: the processes already use every core.
     cv2.setNumThreads(1)
     start = time.perf_counter()
     image = load_image(ann)
-    boxes = selective_search(image, mode, resize_width, min_size, max_proposals, image_seed(seed, ann.image_id))
-    return ann.image_id, boxes, time.perf_counter() - start
+    boxes = selective_search(
+        image, p.mode, p.resize_width, p.min_size, p.max_proposals, image_seed(p.seed, ann.image_id), p.max_pixels
+    )
+    h, w = image.shape[:2]
+    sh, sw = search_size(h, w, p.resize_width, p.max_pixels)
+    note = None
+    if (sh, sw) != search_size(h, w, p.resize_width):
+        note = f"image {ann.image_id} ({w} x {h}) is over proposals.max_pixels = {p.max_pixels}: "
+        note += f"searched at {sw} x {sh}, boxes mapped back"
+    return ann.image_id, boxes, time.perf_counter() - start, note
 
 
 def n_workers(n_jobs: int) -> int:
@@ -66,18 +75,31 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     seconds = []
     if todo:
         jobs = n_workers(p.n_jobs)
-        tasks = (delayed(_propose)(a, p.mode, p.resize_width, p.min_size, p.max_proposals, p.seed) for a in todo)
+        tasks = (delayed(_propose)(a, p) for a in todo)
         runner = Parallel(n_jobs=jobs, return_as="generator_unordered", batch_size=1) if jobs > 1 else None
         results = runner(tasks) if runner is not None else (f(*a, **k) for f, a, k in tasks)
         bar = progress_bar(ctx, len(todo), f"proposals {split}")
-        with records.RecordWriter(parts, KIND, chunk_size=16, max_seconds=15.0) as writer:
-            for image_id, boxes, took in results:
-                # Timings stay out of the records so that outputs are byte-identical across runs.
-                writer.add(image_id, {"boxes": boxes})
-                seconds.append(took)
-                bar.update(1)
-                bar.set_postfix(boxes=len(boxes))
-        bar.close()
+        try:
+            with records.RecordWriter(parts, KIND, chunk_size=16, max_seconds=15.0) as writer:
+                for image_id, boxes, took, note in results:
+                    if note:
+                        ctx.log(f"{NAME}/{split}: {note}")
+                    # Timings stay out of the records so that outputs are byte-identical across runs.
+                    writer.add(image_id, {"boxes": boxes})
+                    seconds.append(took)
+                    bar.update(1)
+                    bar.set_postfix(boxes=len(boxes))
+        except KeyboardInterrupt:
+            # Closing the results makes joblib kill the workers now, where Ctrl-C found the loop
+            # outside its wait for them (the writer, the bar); left open, the interpreter's exit
+            # would wait for every queued image. The writer has saved each finished image on its
+            # way out; the count is read back from disk, as the rerun will find it.
+            results.close()
+            kept = len(records.completed_parts(parts))
+            ctx.log(f"{NAME}/{split}: interrupted; the proposals of {kept} of {len(dataset.ids)} images are kept")
+            raise
+        finally:
+            bar.close()
     wall = time.perf_counter() - start
     out = work / OUTPUT
     records.consolidate(parts, out, dataset.ids, KIND)

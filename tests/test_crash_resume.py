@@ -1,9 +1,10 @@
-"""A proposals run killed with SIGKILL, then rerun, ends with the same bytes as an uninterrupted run."""
+"""A stage killed (SIGKILL) or interrupted (Ctrl-C), then rerun, ends with the same bytes as an uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,15 +35,26 @@ def outputs(runs: Path) -> dict:
     return out
 
 
-def test_sigkill_midway_then_resume_gives_identical_outputs(medium_voc, tmp_path):
+PROPOSALS = ["--set", "proposals.mode=fast", "--set", "proposals.max_proposals=null", "--quiet"]
+CWD = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def reference(medium_voc, tmp_path_factory) -> Path:
+    """The runs folder of an uninterrupted proposals run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    pf = write_pipelines(tmp / "p.yaml", medium_voc)
+    runs = tmp / "runs"
+    argv = rcnn("proposals", "tiny", "--runs-dir", str(runs), "--pipelines-file", str(pf), *PROPOSALS)
+    subprocess.run(argv, check=True, cwd=CWD, capture_output=True)
+    return runs
+
+
+def test_sigkill_midway_then_resume_gives_identical_outputs(medium_voc, reference, tmp_path):
     pf = write_pipelines(tmp_path / "p.yaml", medium_voc)
     # `fast` mode on 36 trainval images takes a few seconds: long enough to kill midway.
-    common = ["--pipelines-file", str(pf), "--set", "proposals.mode=fast", "--set", "proposals.max_proposals=null", "--quiet"]
-    cwd = Path(__file__).resolve().parent.parent
-
-    reference = tmp_path / "ref"
-    subprocess.run(rcnn("proposals", "tiny", "--runs-dir", str(reference), *common), check=True, cwd=cwd, capture_output=True)
-
+    common = ["--pipelines-file", str(pf), *PROPOSALS]
+    cwd = CWD
     runs = tmp_path / "runs"
     parts = runs / "tiny" / "proposals" / "trainval" / ".work" / "parts"
     proc = subprocess.Popen(
@@ -66,6 +78,99 @@ def test_sigkill_midway_then_resume_gives_identical_outputs(medium_voc, tmp_path
     )
     assert "resuming" in resumed.stdout
     assert outputs(runs) == outputs(reference)
+
+
+def _live_processes_in_group(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that are not zombies (an orphan's zombie waits for init to reap it)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue
+        if int(group) == pgid and state != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_ctrl_c_stops_the_workers_says_what_is_kept_and_a_rerun_resumes(medium_voc, reference, tmp_path):
+    pf = write_pipelines(tmp_path / "p.yaml", medium_voc)
+    common = ["--pipelines-file", str(pf), *PROPOSALS, "--set", "proposals.n_jobs=2"]
+    runs = tmp_path / "runs"
+    parts = runs / "tiny" / "proposals" / "trainval" / ".work" / "parts"
+    proc = subprocess.Popen(
+        rcnn("proposals", "tiny", "--runs-dir", str(runs), *common),
+        cwd=CWD,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(parts.glob("part-*.h5")) and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the stage finished before it could be interrupted"
+    # Ctrl-C in a terminal: SIGINT to the whole foreground process group, the workers too.
+    os.killpg(proc.pid, signal.SIGINT)
+    # Bounds against a hang, not timings: the workers are in the middle of an image, and stop.
+    out, err = proc.communicate(timeout=60)
+    gone = time.time() + 30
+    while _live_processes_in_group(proc.pid) and time.time() < gone:
+        time.sleep(0.1)
+    assert _live_processes_in_group(proc.pid) == [], "worker processes outlived the interrupted run"
+
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "rcnn: interrupted; completed work is kept and a rerun resumes it"
+    assert "aborted" not in err and "Traceback" not in err
+    kept = re.search(r"proposals/trainval: interrupted; the proposals of (\d+) of 36 images are kept", out)
+    assert kept, out
+    assert not (runs / "tiny" / "proposals" / "trainval" / "manifest.json").exists()
+
+    resumed = subprocess.run(
+        rcnn("proposals", "tiny", "--runs-dir", str(runs), *common), cwd=CWD, capture_output=True, text=True, check=True
+    )
+    # The rerun finds exactly the images the interrupted run said it kept.
+    assert f"proposals/trainval: resuming, {kept.group(1)} of 36 images already done" in resumed.stdout
+    assert outputs(runs) == outputs(reference)
+
+
+def test_ctrl_c_outside_the_wait_for_workers_still_stops_them(pipelines_file, tmp_path, monkeypatch, capsys):
+    # Ctrl-C can land while the loop writes records rather than waits for the workers; joblib
+    # then kills them only if the stage closes its results (else the exit waits for the queue).
+    from conftest import run_cli
+
+    from rcnn import records
+    from rcnn.stages import proposals
+
+    closed = []
+
+    class InProcessParallel:
+        def __init__(self, **kwargs):
+            pass
+
+        def __call__(self, tasks):
+            def results():
+                try:
+                    for f, args, kwargs in tasks:
+                        yield f(*args, **kwargs)
+                except GeneratorExit:
+                    closed.append(True)
+                    raise
+
+            return results()
+
+    def interrupted(self, image_id, arrays, attrs=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(proposals, "Parallel", InProcessParallel)
+    monkeypatch.setattr(records.RecordWriter, "add", interrupted)
+    argv = ["proposals", "tiny", "--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
+    code, out, err = run_cli([*argv, "--set", "proposals.n_jobs=2"], capsys)
+    assert code == 130
+    assert closed == [True]
+    assert "proposals/trainval: interrupted; the proposals of 0 of 4 images are kept" in out
+    assert err.strip().endswith("rcnn: interrupted; completed work is kept and a rerun resumes it")
 
 
 def _digests(runs: Path, stage: str, split: str) -> dict:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
+from rcnn.config import ProposalsConfig
 from rcnn.datasets import VOCDataset, load_image
-from rcnn.selective_search import image_seed, rank_filter, selective_search
+from rcnn.selective_search import image_seed, rank_filter, search_size, selective_search
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,46 @@ def test_resize_maps_boxes_back(image):
     boxes = selective_search(image, "single", resize_width=2 * w, min_size=1)
     assert boxes[:, 2].max() <= w and boxes[:, 3].max() <= h
     assert boxes[:, 2].max() > 0.9 * w  # the whole-image region is still there, in original pixels
+
+
+@pytest.mark.parametrize(
+    "height, width, resize_width, max_pixels, expected",
+    [
+        (375, 500, None, 1_000_000, (375, 500)),  # VOC: under the limit, as is
+        (6000, 6000, None, 1_000_000, (1000, 1000)),
+        (3000, 4000, None, 1_000_000, (866, 1154)),  # factor sqrt(1/12): 866.03 x 1154.70, rounded down
+        (375, 500, 1000, None, (750, 1000)),  # resize_width alone
+        (375, 500, 1000, 100_000, (273, 365)),  # 750 x 1000 first, then factor sqrt(2/15): 273.86 x 365.15
+    ],
+)
+def test_search_size_hand_cases(height, width, resize_width, max_pixels, expected):
+    assert search_size(height, width, resize_width, max_pixels) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 20000), st.integers(1, 20000), st.integers(1, 10**7))
+def test_search_size_is_the_largest_size_within_the_limit(h, w, max_pixels):
+    assume(h * w > max_pixels and min(h, w) * max_pixels >= max(h, w))  # over the limit, neither side below 1 px
+    sh, sw = search_size(h, w, None, max_pixels)
+    assert sh * sw <= max_pixels < (sh + 1) * (sw + 1)
+    # One factor f for both sides, each rounded down: sw * h - sh * w = w * frac(h f) - h * frac(w f).
+    assert -h < sw * h - sh * w < w
+
+
+def test_default_limit_leaves_voc_and_the_demo_alone():
+    limit = ProposalsConfig().max_pixels
+    for h, w in [(375, 500), (500, 500), (500, 333), (256, 256)]:
+        assert search_size(h, w, None, limit) == (h, w)
+
+
+def test_image_over_max_pixels_is_searched_shrunk_with_boxes_in_original_pixels(image):
+    h, w = image.shape[:2]
+    got = selective_search(image, "single", min_size=4, seed=3, max_pixels=(h // 2) * (w // 2))
+    # Oracle: the search on a half-size copy, its boxes doubled by hand, then filtered as usual.
+    small = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_LINEAR)
+    expected = rank_filter(selective_search(small, "single", min_size=0, seed=3) * 2, 4, None)
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, selective_search(image, "single", min_size=4, seed=3))
 
 
 def test_image_seed_is_order_independent():
