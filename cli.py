@@ -375,9 +375,13 @@ def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
     is_flag=True,
     help="Judge the stages as a run with --skip-bad would [default: so if the pipeline was built with it].",
 )
+@click.option("--verify", is_flag=True, help="Also hash every output and compare it with its manifest (reads every cached file).")
 @pipeline_options
-def status_cmd(pipeline, skip_bad, runs_dir, overrides, pipelines_file):
-    """Show each stage of PIPELINE (default: every pipeline with a runs folder): done, stale and why, or missing."""
+def status_cmd(pipeline, skip_bad, verify, runs_dir, overrides, pipelines_file):
+    """Show each stage of PIPELINE (default: every pipeline with a runs folder): done, stale and why, or missing.
+
+    An output whose size (or, with --verify, whose bytes) differ from what its manifest
+    recorded shows the stage as damaged; rerun that stage with --force."""
     from rcnn.stages import pipeline_stages
     from rcnn.stages.common import built_with_skip_bad, skip_summary, unit_status
 
@@ -394,7 +398,7 @@ def status_cmd(pipeline, skip_bad, runs_dir, overrides, pipelines_file):
         click.echo(f"{name}  ({ctx.root})")
         for stage_name, stage in pipeline_stages(ctx.cfg.method).items():
             for split in stage.splits(ctx):
-                st = unit_status(ctx, stage, split)
+                st = unit_status(ctx, stage, split, verify)
                 line = f"  {stage_name + '/' + split:<24} {st.state:<8}"
                 if st.manifest is not None:
                     size = sum(o["bytes"] for o in st.manifest["outputs"].values())

@@ -45,7 +45,8 @@ from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.selective_search import selective_search  # noqa: E402
 from rcnn.spp import image_scales  # noqa: E402
 from rcnn.spp_features import as_map_tensors, image_maps, pool_windows, spp_region_features  # noqa: E402
-from rcnn.stages.common import Context, untrained_model  # noqa: E402
+from rcnn.stages.common import Context  # noqa: E402
+from rcnn.stages.convmaps import untrained_model  # noqa: E402
 
 
 def network(ctx: Context, spp: bool, device: torch.device):

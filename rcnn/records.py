@@ -5,6 +5,8 @@ temporary name and renamed into place when closed, so a killed run leaves only
 whole parts, and a rerun skips the images they hold. Several writers can fill one
 folder at once (one ``shard`` name each). :func:`consolidate` joins the parts into
 one file; :class:`RecordFile` reads a joined file and checks its schema first.
+Both readers take a ``verify`` callable that vets each file before it is first
+opened (an artifact store's check against the digests it recorded).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import h5py
@@ -245,11 +247,16 @@ class _Reader:
         raise NotImplementedError
 
 
-class RecordFile(_Reader):
-    """Read-only access to a consolidated record file, validated on open."""
+Verify = Callable[[Path], None]
 
-    def __init__(self, path: Path, kind: str):
+
+class RecordFile(_Reader):
+    """Read-only access to a consolidated record file, validated on open (by ``verify`` too, if given)."""
+
+    def __init__(self, path: Path, kind: str, verify: Verify | None = None):
         self.path = Path(path)
+        if verify is not None:
+            verify(self.path)
         self._h5 = _open_h5(self.path, kind)
         try:
             self.ids = [s.decode() if isinstance(s, bytes) else s for s in self._h5["order"][()]]
@@ -272,11 +279,17 @@ class RecordFile(_Reader):
 
 
 class RecordSet(_Reader):
-    """Read-only access to records left in their parts and joined by an index (see :func:`write_index`)."""
+    """Read-only access to records left in their parts and joined by an index (see :func:`write_index`).
 
-    def __init__(self, index_path: Path, kind: str):
+    ``verify``, if given, vets the index on open and each part when a record in it is first read.
+    """
+
+    def __init__(self, index_path: Path, kind: str, verify: Verify | None = None):
         self.path = Path(index_path)
         self.kind = kind
+        self._verify = verify
+        if verify is not None:
+            verify(self.path)
         try:
             doc = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -300,6 +313,8 @@ class RecordSet(_Reader):
     def _group(self, image_id: str) -> h5py.Group:
         part = self._parts[image_id]
         if part not in self._open:
+            if self._verify is not None:
+                self._verify(part)
             self._open[part] = _open_h5(part, self.kind)
         return self._open[part]["images"][image_id]
 

@@ -3,7 +3,10 @@
 A unit (pipeline, stage, split) is complete when its ``manifest.json`` exists;
 the manifest is written last, atomically, and records what the outputs were made
 from. A unit is *fresh* when the fingerprint of its parameters, inputs and code
-matches the manifest's; otherwise it is *stale*, with the reasons. Work in
+matches the manifest's; otherwise it is *stale*, with the reasons. A unit whose
+outputs no longer match the sizes (or, checked on demand, the digests) its manifest
+recorded is *damaged*; readers check each file against the manifest before using
+it (:class:`Verifier`), hashing each file once per process. Work in
 progress lives in ``<unit>/.work`` (tagged with its fingerprint, so a change of
 parameters never resumes from records made under the old ones), and a lock file
 stops two processes writing one unit.
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rcnn.code_identity import changed_modules
 from rcnn.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -39,6 +43,31 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# Digests computed by this process, keyed by the file (inode) and what any write to it changes:
+# the change time too, which no tool can set back as `touch` or `rsync -t` set back the mtime.
+_DIGESTS: dict[tuple[int, ...], str] = {}
+
+
+def _file_key(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def cached_file_digest(path: Path, st: os.stat_result | None = None) -> str:
+    """:func:`file_digest`, computed once per process for a file that has not changed since."""
+    key = _file_key(st or os.stat(path))
+    if key not in _DIGESTS:
+        digest = file_digest(path)
+        if _file_key(os.stat(path)) == key:  # not rewritten while being read
+            _DIGESTS[key] = digest
+        return digest
+    return _DIGESTS[key]
+
+
+def forget_digests() -> None:
+    """Drop the digests remembered by :func:`cached_file_digest`."""
+    _DIGESTS.clear()
 
 
 def json_digest(value: Any) -> str:
@@ -85,6 +114,8 @@ class Fingerprint:
     params: dict
     inputs: dict[str, str]
     code: str
+    # The digest of each module ``code`` combines, recorded so a status can name the one that changed.
+    code_modules: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def digest(self) -> str:
@@ -95,7 +126,7 @@ class Fingerprint:
 
 @dataclass
 class UnitStatus:
-    state: str  # "done" | "stale" | "missing"
+    state: str  # "done" | "stale" | "missing" | "damaged"
     reasons: list[str] = field(default_factory=list)
     manifest: dict | None = None
 
@@ -112,6 +143,14 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def rerun_hint(unit_dir: Path) -> str:
+    """The command that rebuilds a unit ``<runs>/<pipeline>/<stage>/<split>``, as a clause of an error."""
+    unit_dir = Path(unit_dir)
+    stage, pipeline = unit_dir.parent.name, unit_dir.parent.parent.name
+    # Each stage folder is named as the `rcnn` command that writes it.
+    return f"rerun `rcnn {stage} {pipeline} --force`"
+
+
 def read_manifest(unit_dir: Path) -> dict | None:
     """The unit's manifest, or None when absent; a damaged one is an error naming the file."""
     path = Path(unit_dir) / MANIFEST
@@ -120,17 +159,21 @@ def read_manifest(unit_dir: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"'{path}' is damaged (not valid JSON); rerun the stage with --force") from None
+        raise UserError(f"'{path}' is damaged (not valid JSON); {rerun_hint(unit_dir)}") from None
     required = {"manifest_schema", "fingerprint", "outputs", "params", "inputs"}
     if not isinstance(manifest, dict) or not required <= set(manifest):
-        raise UserError(f"'{path}' is not an rcnn manifest; rerun the stage with --force")
+        raise UserError(f"'{path}' is not an rcnn manifest; {rerun_hint(unit_dir)}")
     if manifest["manifest_schema"] != MANIFEST_SCHEMA:
         raise UserError(f"'{path}' has manifest schema {manifest['manifest_schema']}, expected {MANIFEST_SCHEMA}")
     return manifest
 
 
-def unit_status(unit_dir: Path, expected: Fingerprint) -> UnitStatus:
-    """Compare the unit on disk with what its inputs, parameters and code now call for."""
+def unit_status(unit_dir: Path, expected: Fingerprint, verify: bool = False) -> UnitStatus:
+    """Compare the unit on disk with what its inputs, parameters and code now call for.
+
+    A current unit whose outputs differ in size from the manifest's record is damaged;
+    with ``verify``, so is one whose outputs' bytes differ from the recorded digests.
+    """
     manifest = read_manifest(unit_dir)
     if manifest is None:
         return UnitStatus("missing", ["never completed"])
@@ -138,6 +181,9 @@ def unit_status(unit_dir: Path, expected: Fingerprint) -> UnitStatus:
         missing = [name for name in manifest["outputs"] if not (Path(unit_dir) / name).is_file()]
         if missing:
             return UnitStatus("stale", [f"output {missing[0]} was deleted"], manifest)
+        damage = output_damage(unit_dir, manifest, verify)
+        if damage:
+            return UnitStatus("damaged", damage, manifest)
         return UnitStatus("done", [], manifest)
     reasons = []
     if manifest.get("schema_version") != expected.schema_version:
@@ -147,8 +193,98 @@ def unit_status(unit_dir: Path, expected: Fingerprint) -> UnitStatus:
         if manifest["inputs"].get(name) != expected.inputs.get(name):
             reasons.append(f"input {name} changed")
     if manifest.get("code", {}).get("digest") != expected.code:
-        reasons.append("code changed")
+        reasons.append(_code_change(manifest.get("code", {}).get("modules"), expected.code_modules))
     return UnitStatus("stale", reasons or ["fingerprint changed"], manifest)
+
+
+def _code_change(recorded: Any, now: dict[str, str]) -> str:
+    # Manifests written before per-module digests were recorded list only the module names.
+    if not isinstance(recorded, dict) or not now:
+        return "code changed"
+    changed = changed_modules(recorded, now)
+    if not changed:
+        return "code changed"
+    more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+    return f"code changed: {', '.join(changed[:4])}{more}"
+
+
+class DamagedOutput(UserError):
+    """A completed unit's output file no longer matches what its manifest recorded."""
+
+
+class Verifier:
+    """Checks files of a completed unit against its manifest before they are read.
+
+    Call it with a file's path: it raises :class:`DamagedOutput` (naming the file and the
+    stage to rerun) unless the file is one of the unit's outputs with the recorded size
+    and digest. Each file is hashed once per process. Picklable, for worker processes: a
+    copy carries the digests already computed, so workers need not hash the files again.
+    """
+
+    def __init__(self, unit_dir: Path, manifest: dict):
+        self.unit_dir = Path(unit_dir)
+        self.outputs = {name: (o["digest"], o["bytes"]) for name, o in manifest["outputs"].items()}
+
+    def __call__(self, path: Path) -> None:
+        path = Path(path)
+        problem = self._problem(path)
+        if problem:
+            raise DamagedOutput(f"'{path}' {problem}; {rerun_hint(self.unit_dir)}")
+
+    def _problem(self, path: Path) -> str | None:
+        try:
+            name = path.resolve().relative_to(self.unit_dir.resolve()).as_posix()
+        except ValueError:
+            name = None
+        if name not in self.outputs:
+            return f"is not among the outputs of {self._unit} its manifest lists"
+        digest, size = self.outputs[name]
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return f"is missing from {self._unit}"
+        if st.st_size != size:
+            return f"is damaged: {st.st_size} bytes, but {self._unit} wrote {size}"
+        if cached_file_digest(path, st) != digest:
+            return f"is damaged: its bytes differ from those {self._unit} wrote (digest {digest[:12]})"
+        return None
+
+    @property
+    def _unit(self) -> str:
+        return f"{self.unit_dir.parent.name}/{self.unit_dir.name}"
+
+    def __getstate__(self) -> dict:
+        known = {}
+        for name in self.outputs:
+            try:
+                key = _file_key(os.stat(self.unit_dir / name))
+            except OSError:
+                continue
+            if key in _DIGESTS:
+                known[key] = _DIGESTS[key]
+        return {**self.__dict__, "_known": known}
+
+    def __setstate__(self, state: dict) -> None:
+        _DIGESTS.update(state.pop("_known", {}))
+        self.__dict__.update(state)
+
+
+def output_damage(unit_dir: Path, manifest: dict, verify: bool = False) -> list[str]:
+    """What is wrong with a unit's outputs: sizes always, digests too with ``verify`` (hashing each file once)."""
+    unit_dir = Path(unit_dir)
+    found = []
+    for name, o in sorted(manifest["outputs"].items()):
+        path = unit_dir / name
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            found.append(f"output {name} was deleted")
+            continue
+        if st.st_size != o["bytes"]:
+            found.append(f"output {name} is {st.st_size} bytes, {o['bytes']} when written")
+        elif verify and cached_file_digest(path, st) != o["digest"]:
+            found.append(f"output {name} has other bytes than when written")
+    return found
 
 
 @contextmanager
@@ -204,7 +340,8 @@ def commit(unit_dir: Path, staged: dict[str, Path], manifest: dict) -> dict:
         dst = unit_dir / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
-        outputs[name] = {"digest": file_digest(dst), "bytes": dst.stat().st_size}
+        st = dst.stat()
+        outputs[name] = {"digest": cached_file_digest(dst, st), "bytes": st.st_size}
     manifest = {**manifest, "manifest_schema": MANIFEST_SCHEMA, "outputs": outputs}
     write_json_atomic(unit_dir / MANIFEST, manifest)
     shutil.rmtree(unit_dir / WORK, ignore_errors=True)
@@ -217,13 +354,16 @@ def outputs_digest(manifest: dict) -> str:
 
 
 def find_equivalent(runs_dir: Path, stage: str, split: str, fingerprint: Fingerprint, exclude: Path) -> Path | None:
-    """A complete unit of another pipeline with the same fingerprint, if any."""
+    """A complete, undamaged unit of another pipeline with the same fingerprint, if any.
+
+    Its outputs are hashed (once per process) before they are shared, so damage is never copied.
+    """
     for manifest_path in sorted(Path(runs_dir).glob(f"*/{stage}/{split}/{MANIFEST}")):
         unit = manifest_path.parent
         if unit.resolve() == Path(exclude).resolve():
             continue
         try:
-            status = unit_status(unit, fingerprint)
+            status = unit_status(unit, fingerprint, verify=True)
         except UserError:
             continue
         if status.state == "done":

@@ -1,14 +1,14 @@
 """What every stage shares: the run context and the skip / reuse / compute / commit cycle.
 
-A stage module declares ``NAME``, ``SCHEMA_VERSION``, ``CODE`` (the modules whose
-source defines its output), ``splits(ctx)``, ``params(ctx)``, ``inputs(ctx, split)``
-and ``compute(ctx, split, work) -> (outputs, metrics)``; :func:`run_stage` does the rest.
+A stage module declares ``NAME``, ``SCHEMA_VERSION``, ``splits(ctx)``, ``params(ctx)``,
+``inputs(ctx, split)`` and ``compute(ctx, split, work) -> (outputs, metrics)``;
+:func:`run_stage` does the rest. Its code identity is the stage module and every
+first-party module it imports (:mod:`rcnn.code_identity`); it reads upstream outputs
+only through readers that check them against their manifest (:func:`upstream_check`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import time
 from collections.abc import Callable
@@ -19,7 +19,7 @@ from types import ModuleType
 
 import click
 
-from rcnn import __version__, store
+from rcnn import __version__, code_identity, store
 from rcnn.config import PipelineConfig
 from rcnn.datasets import VOCDataset, check_pipeline_data, find_bad_images
 from rcnn.errors import UserError
@@ -91,6 +91,9 @@ class Context:
                 raise UserError(
                     f"model.weights is {w}, but pipeline '{other}' has no fine-tuned model yet; run `rcnn finetune {other}` first"
                 )
+            verify = store.Verifier(unit, manifest)
+            for name in manifest["outputs"]:  # the weights and their description, read by the model loader
+                verify(unit / name)
             return str(unit / "model.pt"), {"weights": store.outputs_digest(manifest)}
         if not Path(w).is_file():
             raise UserError(f"model.weights: file '{w}' does not exist")
@@ -138,21 +141,6 @@ class Context:
         return classes
 
 
-def untrained_model(ctx: Context, spp: bool):
-    """The configured backbone with fresh weights; with ``spp``, fc6 reads the configured pyramid
-    and windows are mapped with the configured offset (``spp.offset``: a number, or the trunk's own)."""
-    from dataclasses import replace
-
-    from rcnn.models import build_model
-
-    m = ctx.cfg.model
-    levels = ctx.cfg.spp.levels if spp else None
-    model = build_model(m.backbone, len(ctx.classes) + 1, m.input_size, m.fc_dim, m.seed, spp_levels=levels)
-    if spp and ctx.cfg.spp.offset != "trunk":
-        model.spec = replace(model.spec, offset=float(ctx.cfg.spp.offset))
-    return model
-
-
 def pending_images(ctx: Context, label: str, parts: Path, ids: list[str]) -> list[str]:
     """The ids without a complete per-image record in ``parts``, logging a resume when some have one."""
     from rcnn import records
@@ -175,23 +163,20 @@ def cached_mb(manifest: dict) -> float:
     return sum(o["bytes"] for o in manifest["outputs"].values()) / 2**20
 
 
-def code_digest(modules: tuple[str, ...]) -> str:
-    """Hash of the source files of ``modules``: a change to them makes the stage stale."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(modules):
-        module: ModuleType = importlib.import_module(name)
-        h.update(name.encode())
-        h.update(Path(module.__file__).read_bytes())
-    return h.hexdigest()
+def code_digests(stage: ModuleType) -> dict[str, str]:
+    """Digest of the stage module and of each first-party module it imports, transitively."""
+    return code_identity.module_digests(stage.__name__)
 
 
 def fingerprint(ctx: Context, stage: ModuleType, split: str) -> store.Fingerprint:
+    modules = code_digests(stage)
     return store.Fingerprint(
         stage=stage.NAME,
         schema_version=stage.SCHEMA_VERSION,
         params=stage.params(ctx),
         inputs=stage.inputs(ctx, split),
-        code=code_digest(stage.CODE),
+        code=code_identity.combined_digest(modules),
+        code_modules=modules,
     )
 
 
@@ -201,13 +186,23 @@ def upstream_digest(ctx: Context, stage: str, split: str) -> str:
     An upstream unit built from other data or another class list than this
     configuration's is refused (:class:`UpstreamMismatch`), never used.
     """
+    manifest = _completed(ctx, stage, split)
+    check_same_origin(ctx, stage, split, manifest)
+    return store.outputs_digest(manifest)
+
+
+def upstream_check(ctx: Context, stage: str, split: str) -> store.Verifier:
+    """What a reader of an upstream unit's files calls on each before using it (see :class:`rcnn.store.Verifier`)."""
+    return store.Verifier(ctx.unit_dir(stage, split), _completed(ctx, stage, split))
+
+
+def _completed(ctx: Context, stage: str, split: str) -> dict:
     manifest = store.read_manifest(ctx.unit_dir(stage, split))
     if manifest is None:
         raise UserError(
             f"stage '{stage}' ({split}) of pipeline '{ctx.cfg.name}' has not run yet; run `rcnn {stage} {ctx.cfg.name}` first"
         )
-    check_same_origin(ctx, stage, split, manifest)
-    return store.outputs_digest(manifest)
+    return manifest
 
 
 def check_same_origin(ctx: Context, stage: str, split: str, manifest: dict) -> None:
@@ -249,7 +244,8 @@ def check_same_origin(ctx: Context, stage: str, split: str, manifest: dict) -> N
         )
 
 
-def unit_status(ctx: Context, stage: ModuleType, split: str) -> store.UnitStatus:
+def unit_status(ctx: Context, stage: ModuleType, split: str, verify: bool = False) -> store.UnitStatus:
+    """Done, stale, missing or damaged (with ``verify``, every output is hashed against its digest)."""
     unit = ctx.unit_dir(stage.NAME, split)
     try:
         expected = fingerprint(ctx, stage, split)
@@ -260,7 +256,7 @@ def unit_status(ctx: Context, stage: ModuleType, split: str) -> store.UnitStatus
         except UserError:
             manifest = None
         return store.UnitStatus("stale" if manifest else "missing", [str(e)], manifest)
-    return store.unit_status(unit, expected)
+    return store.unit_status(unit, expected, verify)
 
 
 def run_stage(ctx: Context, stage: ModuleType) -> dict[str, dict]:
@@ -280,8 +276,8 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
         if status.state == "done" and not ctx.force:
             ctx.log(f"{label}: up to date, skipped")
             return status.manifest
-        if status.state == "stale" and not ctx.force:
-            ctx.log(f"{label}: stale ({'; '.join(status.reasons)}), recomputing")
+        if status.state in ("stale", "damaged") and not ctx.force:
+            ctx.log(f"{label}: {status.state} ({'; '.join(status.reasons)}), recomputing")
         if not ctx.force:
             twin = store.find_equivalent(ctx.runs_dir, stage.NAME, split, expected, exclude=unit)
             if twin is not None:
@@ -298,7 +294,7 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
             "fingerprint": expected.digest,
             "params": expected.params,
             "inputs": expected.inputs,
-            "code": {"version": __version__, "digest": expected.code, "modules": sorted(stage.CODE)},
+            "code": {"version": __version__, "digest": expected.code, "modules": expected.code_modules},
             "libraries": store.library_versions(),
             "timings": {"started": started, "wall_s": time.time() - started},
             "metrics": metrics,
@@ -365,7 +361,7 @@ def _checked_images_key() -> dict:
     import cv2
 
     # A change to the checks or the decoder invalidates what was remembered.
-    return {"code": code_digest(("rcnn.datasets",)), "opencv": cv2.__version__}
+    return {"code": code_identity.combined_digest(code_identity.module_digests("rcnn.datasets")), "opencv": cv2.__version__}
 
 
 def _read_checked_images(runs_dir: Path) -> set[str]:

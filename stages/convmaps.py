@@ -12,6 +12,7 @@ caches them for fine-tuning (``flip_finetune`` in its ``Script_spp_voc.m``).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +20,32 @@ import numpy as np
 from rcnn import records
 from rcnn.datasets import load_image
 from rcnn.inference import for_inference
-from rcnn.models import DetectorNet, device_for, device_label, initialise
+from rcnn.models import DetectorNet, build_model, device_for, device_label, initialise
 from rcnn.spp import image_scales
 from rcnn.spp_features import image_maps
 
-from .common import Context, cached_mb, pending_images, progress_bar, untrained_model
+from .common import Context, cached_mb, pending_images, progress_bar, upstream_check
 
 NAME = "convmaps"
 SCHEMA_VERSION = 2  # 2: maps stored channels last
-CODE = ("rcnn.models", "rcnn.inference", "rcnn.spp", "rcnn.spp_features", "rcnn.records", "rcnn.stages.convmaps")
 INDEX = "index.json"
 KIND = "convmaps"
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
     return ctx.splits
+
+
+def untrained_model(ctx: Context, spp: bool):
+    """The configured backbone with fresh weights (this stage's trunk; fine-tuning starts from it too);
+    with ``spp``, fc6 reads the configured pyramid and windows are mapped with the configured offset
+    (``spp.offset``: a number, or the trunk's own)."""
+    m = ctx.cfg.model
+    levels = ctx.cfg.spp.levels if spp else None
+    model = build_model(m.backbone, len(ctx.classes) + 1, m.input_size, m.fc_dim, m.seed, spp_levels=levels)
+    if spp and ctx.cfg.spp.offset != "trunk":
+        model.spec = replace(model.spec, offset=float(ctx.cfg.spp.offset))
+    return model
 
 
 def params(ctx: Context) -> dict:
@@ -108,7 +120,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
 
 
 def load(ctx: Context, split: str) -> records.RecordSet:
-    return records.RecordSet(ctx.unit_dir(NAME, split) / INDEX, KIND)
+    return records.RecordSet(ctx.unit_dir(NAME, split) / INDEX, KIND, verify=upstream_check(ctx, NAME, split))
 
 
 def image_record(rs: records.RecordSet, image_id: str, mirror: bool = False) -> tuple[list[np.ndarray], np.ndarray]:

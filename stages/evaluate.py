@@ -28,16 +28,6 @@ from .common import Context, upstream_digest
 
 NAME = "evaluate"
 SCHEMA_VERSION = 1
-CODE = (
-    "rcnn.evaluation",
-    "rcnn.nms",
-    "rcnn.detfiles",
-    "rcnn.scoring",
-    "rcnn.spp",
-    "rcnn.spp_features",
-    "rcnn.stages.features",
-    "rcnn.stages.evaluate",
-)
 VARIANTS = {"plain": "detections", "bbox": "detections-bbox"}
 RESULTS = "results.json"
 

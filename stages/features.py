@@ -27,21 +27,10 @@ from rcnn.regions import image_regions
 from rcnn.spp_features import as_map_tensors, pool_windows, spp_region_features
 
 from . import convmaps, finetune, proposals
-from .common import Context, cached_mb, pending_images, progress_bar, upstream_digest
+from .common import Context, cached_mb, pending_images, progress_bar, upstream_check, upstream_digest
 
 NAME = "features"
 SCHEMA_VERSION = 2
-CODE = (
-    "rcnn.models",
-    "rcnn.inference",
-    "rcnn.regions",
-    "rcnn.records",
-    "rcnn.warp",
-    "rcnn.detector",
-    "rcnn.spp",
-    "rcnn.spp_features",
-    "rcnn.stages.features",
-)
 INDEX = "index.json"
 KIND = "features"
 LAYERS = ("pool5", "fc6", "fc7")
@@ -145,8 +134,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
 
 
 def load(ctx: Context, split: str) -> records.RecordSet:
-    """Open the cached features of ``split``."""
-    return records.RecordSet(ctx.unit_dir(NAME, split) / INDEX, KIND)
+    """Open the cached features of ``split``, each part checked against the manifest when first read."""
+    return records.RecordSet(ctx.unit_dir(NAME, split) / INDEX, KIND, verify=upstream_check(ctx, NAME, split))
 
 
 def layer_inputs(ctx: Context, split: str, layer: str) -> dict[str, str]:

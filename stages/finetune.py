@@ -32,11 +32,10 @@ from rcnn.store import write_json_atomic
 from rcnn.warp import warp_regions
 
 from . import convmaps, proposals
-from .common import Context, progress_bar, untrained_model, upstream_digest
+from .common import Context, progress_bar, upstream_check, upstream_digest
 
 NAME = "finetune"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.models", "rcnn.regions", "rcnn.sampling", "rcnn.warp", "rcnn.spp", "rcnn.spp_features", "rcnn.stages.finetune")
 MODEL = "model.pt"
 VAL_REGIONS = 2048  # fixed validation set size: enough for +-1 % accuracy
 
@@ -228,7 +227,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         raise UserError(f"no foreground regions in '{split}': no proposal reaches IoU {ft.fg_threshold} with an object")
     val = _validation_set(labels, val_idx, ft.seed)
 
-    model = untrained_model(ctx, spp=cfg.method == "spp")
+    model = convmaps.untrained_model(ctx, spp=cfg.method == "spp")
     state_path = work / "train_state.pt"
     history_path = work / "history.json"
     start_iter, history, state = 0, [], None
@@ -400,14 +399,24 @@ def load(ctx: Context):
     """The fine-tuned model and its description."""
     from rcnn.models import load_checkpoint
 
-    return load_checkpoint(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL, device_for(ctx.cfg.model.device))
+    return load_checkpoint(_checked_model(ctx), device_for(ctx.cfg.model.device))
 
 
 def window_offset(ctx: Context) -> float:
     """The receptive-field offset the fine-tuned SPP-net model maps windows with (its spec's)."""
     from rcnn.models import checkpoint_description
 
-    return checkpoint_description(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL)[0].offset
+    return checkpoint_description(_checked_model(ctx))[0].offset
+
+
+def _checked_model(ctx: Context) -> Path:
+    """The fine-tuned weights' path, once they and their description match the manifest."""
+    split = ctx.cfg.data.trainval
+    verify = upstream_check(ctx, NAME, split)
+    path = ctx.unit_dir(NAME, split) / MODEL
+    verify(path)
+    verify(path.with_name(MODEL + ".json"))
+    return path
 
 
 def describe(manifest: dict) -> str:

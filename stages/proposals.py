@@ -21,11 +21,10 @@ from rcnn.datasets import ImageAnnotation, load_image
 from rcnn.recall import recall_summary
 from rcnn.selective_search import image_seed, search_size, selective_search
 
-from .common import Context, pending_images, progress_bar
+from .common import Context, pending_images, progress_bar, upstream_check
 
 NAME = "proposals"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.selective_search", "rcnn.records", "rcnn.datasets", "rcnn.stages.proposals")
 OUTPUT = "proposals.h5"
 KIND = "proposals"
 
@@ -128,7 +127,7 @@ def _quality(ctx: Context, split: str, path: Path) -> dict:
 
 def load(ctx: Context, split: str) -> records.RecordFile:
     """Open the proposals of ``split`` for reading by later stages."""
-    return records.RecordFile(ctx.unit_dir(NAME, split) / OUTPUT, KIND)
+    return records.RecordFile(ctx.unit_dir(NAME, split) / OUTPUT, KIND, verify=upstream_check(ctx, NAME, split))
 
 
 def describe(manifest: dict) -> str:

@@ -10,11 +10,10 @@ from rcnn.bbox_regression import BBoxRegParams, BBoxRegressor, mean_norm_scale, 
 from rcnn.config import fingerprint_params
 
 from . import features
-from .common import Context, upstream_digest
+from .common import Context, upstream_check, upstream_digest
 
 NAME = "train-bbox"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.bbox_regression", "rcnn.box_coding", "rcnn.spp", "rcnn.spp_features", "rcnn.stages.features", "rcnn.stages.train_bbox")
 MODEL = "bbox.npz"
 
 
@@ -91,7 +90,9 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
 
 
 def load(ctx: Context) -> BBoxRegressor:
-    return BBoxRegressor.load(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL)
+    path = ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL
+    upstream_check(ctx, NAME, ctx.cfg.data.trainval)(path)
+    return BBoxRegressor.load(path)
 
 
 def describe(manifest: dict) -> str:

@@ -13,11 +13,10 @@ from rcnn.config import fingerprint_params
 from rcnn.svm import ImageFeatures, SVMModel, SVMParams, thin_negatives, train_class_svms
 
 from . import features
-from .common import Context, upstream_digest
+from .common import Context, upstream_check, upstream_digest
 
 NAME = "train-svm"
 SCHEMA_VERSION = 1
-CODE = ("rcnn.svm", "rcnn.nms", "rcnn.stages.train_svm")
 MODEL = "svm.npz"
 HISTORY = "svm.history.json"
 
@@ -48,13 +47,16 @@ def svm_params(ctx: Context) -> SVMParams:
     )
 
 
-def read_images(index: Path, layer: str, neg_max_mutual_overlap: float | None = None) -> Iterator[ImageFeatures]:
+def read_images(
+    index: Path, layer: str, neg_max_mutual_overlap: float | None = None, verify: records.Verify | None = None
+) -> Iterator[ImageFeatures]:
     """The SVM's view of a feature cache, one image at a time (picklable for worker processes).
 
     With ``neg_max_mutual_overlap`` set, proposals overlapping an earlier one by more than that are
-    left out (SPP-net's thinning of negatives; see :func:`rcnn.svm.thin_negatives`).
+    left out (SPP-net's thinning of negatives; see :func:`rcnn.svm.thin_negatives`). ``verify``
+    vets each file before it is read (see :class:`rcnn.records.RecordSet`).
     """
-    with records.RecordSet(index, features.KIND) as rs:
+    with records.RecordSet(index, features.KIND, verify=verify) as rs:
         for image_id in rs.ids:
             gt_classes = rs.array(image_id, "gt_classes", np.int64, 1)
             rows = slice(None)
@@ -70,7 +72,8 @@ def read_images(index: Path, layer: str, neg_max_mutual_overlap: float | None = 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
     layer = ctx.cfg.svm.layer
     index = ctx.unit_dir(features.NAME, split) / features.INDEX
-    source = functools.partial(read_images, index, layer, ctx.cfg.svm.neg_max_mutual_overlap)
+    verify = upstream_check(ctx, features.NAME, split)
+    source = functools.partial(read_images, index, layer, ctx.cfg.svm.neg_max_mutual_overlap, verify)
     model = train_class_svms(
         source, len(ctx.classes), svm_params(ctx), n_jobs=ctx.cfg.svm.n_jobs, progress=ctx.progress, class_names=ctx.classes
     )
@@ -85,7 +88,11 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
 
 
 def load(ctx: Context) -> SVMModel:
-    return SVMModel.load(ctx.unit_dir(NAME, ctx.cfg.data.trainval) / MODEL)
+    split = ctx.cfg.data.trainval
+    path, verify = ctx.unit_dir(NAME, split) / MODEL, upstream_check(ctx, NAME, split)
+    verify(path)
+    verify(SVMModel.history_path(path))
+    return SVMModel.load(path)
 
 
 def describe(manifest: dict) -> str:

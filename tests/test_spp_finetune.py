@@ -14,7 +14,8 @@ from test_spp_features import random_boxes
 from rcnn.config import PipelineFile
 from rcnn.spp import bins_order, map_windows, select_scale
 from rcnn.stages import convmaps
-from rcnn.stages.common import Context, untrained_model
+from rcnn.stages.common import Context
+from rcnn.stages.convmaps import untrained_model
 from rcnn.stages.finetune import PooledRegions
 
 SIZE, FACTORS = 96, [0.5, 1.0]

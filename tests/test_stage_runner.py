@@ -141,12 +141,17 @@ def test_damaged_manifest_is_reported(pipelines_file, tmp_path):
     run_stage(ctx, proposals)
     path = ctx.unit_dir("proposals", "test") / "manifest.json"
     path.write_text(path.read_text()[:40])
-    with pytest.raises(UserError, match="manifest.json' is damaged"):
+    with pytest.raises(UserError, match=r"manifest.json' is damaged \(not valid JSON\); rerun `rcnn proposals tiny --force`$"):
         store.read_manifest(path.parent)
+    path.write_text("{}")
+    with pytest.raises(UserError, match=r"is not an rcnn manifest; rerun `rcnn proposals tiny --force`$"):
+        store.read_manifest(path.parent)
+    # evaluate has no command of its own: it is rerun within `rcnn run`.
+    assert store.rerun_hint(runs / "tiny" / "evaluate" / "test") == "rerun `rcnn evaluate tiny --force`"
 
 
 def test_spp_models_map_windows_with_the_configured_offset(pipelines_file, tmp_path):
-    from rcnn.stages.common import untrained_model
+    from rcnn.stages.convmaps import untrained_model
 
     ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp")
     assert ctx.cfg.spp.offset == "trunk"
