@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rcnn.config import PipelineFile  # noqa: E402
+from rcnn.crop_features import region_features  # noqa: E402
 from rcnn.datasets import load_image  # noqa: E402
-from rcnn.detector import region_features  # noqa: E402
 from rcnn.inference import for_inference, inference_autocast, to_float16  # noqa: E402
 from rcnn.models import device_for, initialise  # noqa: E402
 from rcnn.runtime import keep_freed_memory  # noqa: E402

@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 
 from rcnn import records, store
+from rcnn.crop_features import region_features
 from rcnn.datasets import load_image
-from rcnn.detector import region_features
 from rcnn.errors import UserError
 from rcnn.inference import for_inference
 from rcnn.models import device_label

@@ -10,8 +10,8 @@ import pytest
 from conftest import run_cli, write_pipelines
 from PIL import Image
 
-from rcnn.cli import main
 from rcnn import records
+from rcnn.cli import main
 from rcnn.config import PipelineFile
 from rcnn.datasets import VOCDataset, decode_image
 from rcnn.stages.common import Context
