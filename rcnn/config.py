@@ -108,7 +108,6 @@ class FinetuneConfig:
     eval_every: int = 1000  # an "epoch": validate and checkpoint this often
     val_fraction: float = 0.1  # trainval images held out for validation accuracy
     seed: int = 0
-    loader_workers: int = field(default=0, metadata=NO_FINGERPRINT)
 
 
 @dataclass(frozen=True)
