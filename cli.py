@@ -335,11 +335,15 @@ def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
     """Write a side-by-side report of two or more finished runs (the first is the baseline).
 
     Each RUN is a pipeline name (looked up in the runs folder) or a path to a run folder.
-    Reads only the artifact store and recomputes nothing: mAP with and without box
-    regression, per-class AP, precision-recall curves, per-stage wall time and
-    throughput, test time per image split into proposals / features / classification,
-    feature cache size, speed-up ratios and a grid of detections on the same test
-    images. Writes report.md, a self-contained report.html and figures/*.png. Example:
+    Runs no stage and changes nothing in the runs folder. From each run's manifests and
+    results.json: mAP with and without box regression, per-class AP, the settings that
+    differ, per-stage wall time and throughput, test time per image split into
+    proposals / features / classification, feature cache size and speed-up ratios. It
+    also reads the test split's annotations (in the data folder the manifests name) and
+    each run's box-regressed devkit detection files, re-scores those as the devkit does
+    to draw precision-recall curves, and decodes the first --images test images with
+    objects for a grid of detections. Writes report.md, a self-contained report.html
+    and figures/*.png. Example:
 
     \b
       rcnn compare demo demo-spp --label R-CNN --label SPP-net --out report/

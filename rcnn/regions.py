@@ -62,8 +62,30 @@ def image_regions(
 
 
 def finetune_labels(regions: ImageRegions, fg_threshold: float = 0.5, bg_low: float = 0.0) -> np.ndarray:
-    """Fine-tuning labels ``[N]``: 1 + class of the best ground truth when IoU >= ``fg_threshold``,
-    0 (background) when IoU is in ``[bg_low, fg_threshold)``, -1 (unused) below ``bg_low``."""
+    """Fine-tuning labels of an image's rows (R-CNN section 2.3; SPP-net and Fast R-CNN's ``bg_low``).
+
+    A row whose best IoU with any ground truth is ``>= fg_threshold`` gets ``1 + c``, ``c`` the class
+    (0-based) with the highest IoU; ties between classes go to the lower class index. A row with best IoU
+    in ``[bg_low, fg_threshold)`` is background (0); below ``bg_low`` it is unused (-1): R-CNN takes
+    every other proposal as background (``bg_low = 0``), SPP-net and Fast R-CNN skip the easy ones
+    (``bg_low = 0.1``). The IoU is the rows' float32 ``overlaps``, compared with the thresholds in
+    float32, so an IoU of exactly 0.5 or 0.1 is on the inclusive side. Ground-truth rows have IoU 1 with
+    themselves and so are positives of their own class; an image without objects has IoU 0 everywhere,
+    so its rows are background while ``bg_low == 0`` and unused otherwise.
+
+    Args:
+        regions: the rows of one image, from :func:`image_regions`.
+        fg_threshold: IoU from which a row is foreground (0.5 in R-CNN fine-tuning).
+        bg_low: IoU below which a row is unused (0.0 in R-CNN, 0.1 in SPP-net).
+
+    Returns:
+        int64 ``[N]`` in ``{-1, 0, 1..C}``.
+
+    Raises:
+        ValueError: unless ``0 <= bg_low <= fg_threshold``.
+    """
+    if not 0.0 <= bg_low <= fg_threshold:
+        raise ValueError(f"need 0 <= bg_low ({bg_low}) <= fg_threshold ({fg_threshold})")
     best = regions.max_overlap
     cls = regions.overlaps.argmax(axis=1) if regions.overlaps.shape[1] else np.zeros(len(best), np.int64)
     labels = np.where(best >= fg_threshold, cls + 1, 0).astype(np.int64)

@@ -1,7 +1,7 @@
-"""Fine-tuning targets: label proposals by their overlap with ground truth, and draw fg/bg mini-batches.
+"""Fine-tuning mini-batches: draw foreground and background regions in a fixed proportion.
 
-R-CNN (Girshick et al., CVPR 2014) section 2.3: IoU >= 0.5 with a ground-truth box is a positive of that
-box's class, everything else background; batches of 128 regions hold 32 positives.
+R-CNN (Girshick et al., CVPR 2014) section 2.3: batches of 128 regions hold 32 positives. The labels
+they are drawn from come from :func:`rcnn.regions.finetune_labels`.
 """
 
 from __future__ import annotations
@@ -9,72 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-
-from rcnn.boxes import as_boxes, box_iou
-
-#: Label of a region excluded from training (best IoU below ``bg_low``).
-IGNORE = -1
-#: Label of a background region; object classes are ``1..C``.
-BACKGROUND = 0
-
-
-def label_regions(
-    proposals: np.ndarray,
-    gt_boxes: np.ndarray,
-    gt_labels: np.ndarray,
-    fg_threshold: float = 0.5,
-    bg_threshold: float = 0.5,
-    bg_low: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label each proposal with the class of its best-overlapping ground-truth box, or background.
-
-    A proposal whose best IoU is ``>= fg_threshold`` gets ``gt_labels[best] + 1``; one in
-    ``[bg_low, bg_threshold)`` is background (0); anything else is ignored (-1): below ``bg_low``
-    (SPP-net and Fast R-CNN use 0.1 to skip easy background; R-CNN uses 0), or in the gap
-    ``[bg_threshold, fg_threshold)`` when the two differ. An image without ground truth has best IoU 0
-    everywhere, so its proposals are background only while ``bg_low == 0``. Ties between ground-truth
-    boxes go to the first. IoU is compared in float64 so that a hand-made IoU of exactly 0.5 is fg.
-
-    Ground-truth boxes are positives too: pass them among the proposals (R-CNN puts them first) and
-    they get their own class at IoU 1. Which ground truth to use is the caller's choice; R-CNN's
-    released code fine-tuned with every annotated object, VOC's "difficult" ones included.
-
-    Args:
-        proposals: ``[N, 4]`` in ``(x1, y1, x2, y2)``, continuous pixel coordinates.
-        gt_boxes: ``[G, 4]`` in ``(x1, y1, x2, y2)``, continuous pixel coordinates.
-        gt_labels: ``[G]`` 0-based class index of each ground-truth box.
-        fg_threshold: IoU from which a proposal is foreground (0.5 in R-CNN fine-tuning).
-        bg_threshold: IoU below which a proposal is background (0.5 in R-CNN fine-tuning).
-        bg_low: IoU below which a proposal is ignored (0.0 in R-CNN, 0.1 in SPP-net).
-
-    Returns:
-        ``(labels, best_iou, best_gt)``: int64 ``[N]`` in ``{-1, 0, 1..C}``; float32 ``[N]`` best IoU
-        (0 without ground truth); int64 ``[N]`` index of the best ground-truth box (-1 without any).
-    """
-    if not 0.0 <= bg_low <= bg_threshold <= fg_threshold:
-        raise ValueError(f"need 0 <= bg_low ({bg_low}) <= bg_threshold ({bg_threshold}) <= fg_threshold ({fg_threshold})")
-    proposals = as_boxes(proposals)
-    gt_boxes = as_boxes(gt_boxes)
-    gt_labels = np.asarray(gt_labels, dtype=np.int64).reshape(-1)
-    if len(gt_labels) != len(gt_boxes):
-        raise ValueError(f"got {len(gt_boxes)} ground-truth boxes but {len(gt_labels)} labels")
-    if np.any(gt_labels < 0):
-        raise ValueError("gt_labels must be 0-based class indices (>= 0)")
-
-    n = len(proposals)
-    if len(gt_boxes) == 0:
-        best_iou = np.zeros(n, dtype=np.float64)
-        best_gt = np.full(n, -1, dtype=np.int64)
-    else:
-        iou = box_iou(proposals.astype(np.float64), gt_boxes.astype(np.float64))
-        best_gt = iou.argmax(axis=1).astype(np.int64)
-        best_iou = iou[np.arange(n), best_gt]
-
-    labels = np.full(n, IGNORE, dtype=np.int64)
-    labels[(best_iou >= bg_low) & (best_iou < bg_threshold)] = BACKGROUND
-    fg = best_iou >= fg_threshold
-    labels[fg] = gt_labels[best_gt[fg]] + 1
-    return labels, best_iou.astype(np.float32), best_gt
 
 
 class _Cycle:

@@ -373,23 +373,6 @@ def _coarsen(fine: torch.Tensor, m: int) -> torch.Tensor:
     return out
 
 
-class SpatialPyramidPool(nn.Module):
-    """Module form of :func:`spp_pool`: ``forward(feature_map [C, H, W] or [1, C, H, W], rects [N, 4])``."""
-
-    def __init__(self, levels: Sequence[int] = PYRAMID_LEVELS):
-        super().__init__()
-        self.levels = _check_levels(levels)
-
-    def output_dim(self, channels: int) -> int:
-        return spp_dim(channels, self.levels)
-
-    def forward(self, feature_map: torch.Tensor, rects) -> torch.Tensor:
-        return spp_pool(feature_map, rects, self.levels)
-
-    def extra_repr(self) -> str:
-        return f"levels={self.levels}"
-
-
 # ----------------------------------------------------------------------------- scales
 
 

@@ -131,16 +131,11 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
 @quiet_matplotlib()
 def plot_pr_curves(evals: dict[str, EvalResult], folder: Path) -> dict[str, Path]:
     """One PNG per class with the precision-recall curves of both variants, plus an AP bar chart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     labels = {"plain": "SVM scores", "bbox": "SVM + box regression"}
     for name in evals["plain"].per_class:
-        fig, ax = plt.subplots(figsize=(4.5, 4))
+        fig, ax = _axes(4.5, 4)
         for variant, ev in evals.items():
             r = ev.per_class[name]
             if r.npos and len(r.recall):
@@ -150,10 +145,9 @@ def plot_pr_curves(evals: dict[str, EvalResult], folder: Path) -> dict[str, Path
         ax.legend(loc="lower left", fontsize=8)
         path = child_path(folder, f"{name}.png")
         fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
         out[f"pr/{name}.png"] = path
     names = list(evals["plain"].per_class)
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(names) + 2), 3.5))
+    fig, ax = _axes(max(5, 0.45 * len(names) + 2), 3.5)
     x = np.arange(len(names))
     for k, (variant, ev) in enumerate(evals.items()):
         aps = [np.nan_to_num(ev.per_class[n].ap) for n in names]
@@ -163,9 +157,21 @@ def plot_pr_curves(evals: dict[str, EvalResult], folder: Path) -> dict[str, Path
     ax.legend(fontsize=8)
     path = folder / "ap.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     out["pr/ap.png"] = path
     return out
+
+
+def _axes(width: float, height: float):
+    """A figure on its own Agg canvas and its one axes: matplotlib's object API, as rcnn.report_figures draws.
+
+    Not pyplot, whose global figure registry and backend switch would reach into any program that imports the stage.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
 
 
 def describe(manifest: dict) -> str:

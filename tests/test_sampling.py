@@ -1,82 +1,11 @@
-"""Proposal labelling against hand-computed overlaps, and the fg/bg mini-batch sampler's guarantees."""
+"""The fg/bg mini-batch sampler's guarantees."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rcnn.sampling import FgBgSampler, label_regions
-
-# --- label_regions ----------------------------------------------------------------------------
-
-GT = np.array([[0, 0, 10, 10]], np.float32)
-
-
-def test_iou_exactly_half_is_foreground():
-    # [0, 0, 10, 20] contains the gt: IoU = 100 / 200.
-    labels, iou, best = label_regions(np.array([[0, 0, 10, 20]], np.float32), GT, np.array([4]))
-    assert labels.tolist() == [5] and iou.tolist() == [0.5] and best.tolist() == [0]
-
-
-def test_just_below_half_is_background_and_below_bg_low_is_ignored():
-    proposals = np.array(
-        [
-            [0, 0, 10, 20.5],  # IoU 100 / 205 = 0.488
-            [0, 0, 10, 100],  # IoU 0.1 exactly: kept as background with bg_low 0.1
-            [0, 0, 10, 101],  # IoU 0.099
-            [50, 50, 60, 60],  # IoU 0
-        ],
-        np.float32,
-    )
-    labels, iou, _ = label_regions(proposals, GT, np.array([2]), bg_low=0.1)
-    np.testing.assert_allclose(iou, [100 / 205, 0.1, 100 / 1010, 0.0], rtol=1e-6)
-    assert labels.tolist() == [0, 0, -1, -1]
-    labels, _, _ = label_regions(proposals, GT, np.array([2]))
-    assert labels.tolist() == [0, 0, 0, 0]
-
-
-def test_gap_between_bg_and_fg_thresholds_is_ignored():
-    proposals = np.array([[0, 0, 10, 15], [0, 0, 10, 20], [0, 0, 10, 40]], np.float32)  # IoU 2/3, 1/2, 1/4
-    labels, _, _ = label_regions(proposals, GT, np.array([0]), fg_threshold=0.6, bg_threshold=0.3)
-    assert labels.tolist() == [1, -1, 0]
-
-
-def test_best_overlapping_gt_decides_the_class():
-    gts = np.array([[0, 0, 10, 10], [4, 0, 14, 10]], np.float32)
-    gt_labels = np.array([7, 2])
-    # [3, 0, 13, 10] overlaps gt 0 by 7/13 and gt 1 by 9/11; [1, 0, 11, 10] the other way round.
-    proposals = np.array([[3, 0, 13, 10], [1, 0, 11, 10]], np.float32)
-    labels, iou, best = label_regions(proposals, gts, gt_labels)
-    assert best.tolist() == [1, 0] and labels.tolist() == [3, 8]
-    np.testing.assert_allclose(iou, [9 / 11, 9 / 11], rtol=1e-6)
-
-
-def test_ground_truth_boxes_among_the_proposals_are_their_own_positives():
-    gts = np.array([[0, 0, 10, 10], [20, 20, 40, 30]], np.float32)
-    labels, iou, best = label_regions(np.concatenate([gts, [[100, 100, 110, 110]]]), gts, np.array([0, 19]))
-    assert labels.tolist() == [1, 20, 0] and iou[:2].tolist() == [1.0, 1.0] and best.tolist() == [0, 1, 0]
-
-
-def test_without_ground_truth_everything_is_background():
-    proposals = np.array([[0, 0, 10, 10], [5, 5, 50, 50]], np.float32)
-    labels, iou, best = label_regions(proposals, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
-    assert labels.tolist() == [0, 0] and iou.tolist() == [0, 0] and best.tolist() == [-1, -1]
-    assert labels.dtype == np.int64 and iou.dtype == np.float32 and best.dtype == np.int64
-
-
-def test_no_proposals():
-    labels, iou, best = label_regions(np.zeros((0, 4), np.float32), GT, np.array([0]))
-    assert labels.shape == iou.shape == best.shape == (0,)
-
-
-def test_rejects_inconsistent_arguments():
-    with pytest.raises(ValueError, match="labels"):
-        label_regions(GT, GT, np.array([0, 1]))
-    with pytest.raises(ValueError, match="bg_low"):
-        label_regions(GT, GT, np.array([0]), bg_low=0.6)
-
-
-# --- FgBgSampler ------------------------------------------------------------------------------
+from rcnn.sampling import FgBgSampler
 
 
 def make_labels(n_fg: int, n_bg: int, n_ignored: int = 0, seed: int = 0) -> np.ndarray:
