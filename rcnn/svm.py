@@ -250,7 +250,7 @@ def mine_hard_negatives(
     W = B = None
     it = _iterate(images)
     current = next(it, None)
-    bar = tqdm(desc="hard negatives", unit="image", disable=not progress)
+    bar = tqdm(desc="hard negatives", unit="image", disable=None if progress else True)
     i = 0
     while current is not None:
         upcoming = next(it, None)
@@ -380,7 +380,7 @@ def train_class_svms(
 
     positives: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     total, count = 0.0, 0
-    for img in tqdm(_iterate(images), desc="positives", unit="image", disable=not progress):
+    for img in tqdm(_iterate(images), desc="positives", unit="image", disable=None if progress else True):
         if img.overlaps.shape[1] != num_classes:
             raise UserError(f"images have overlaps for {img.overlaps.shape[1]} classes, expected {num_classes}")
         for c in np.unique(img.gt_classes[img.gt_classes >= 0]):

@@ -288,7 +288,7 @@ def _write_dataset(out: Path, n_images, seed, size, test_fraction, progress) -> 
     ids = [f"{i + 1:06d}" for i in range(n_images)]
     counts = dict.fromkeys(SYNTH_CLASSES, 0)
     truncated = difficult = 0
-    for i in tqdm(range(n_images), desc="synth", unit="img", disable=not progress):
+    for i in tqdm(range(n_images), desc="synth", unit="img", disable=None if progress else True):
         image, objects = render_image(_rng(seed, 0, i), size)
         ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
