@@ -20,33 +20,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-import torchvision
+from common import REPO, machine_info, machine_line, rcnn_image_features, spp_image_features, synchronize
+from rcnn.stages.common import Context
+from rcnn.stages.convmaps import untrained_model
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from rcnn.config import PipelineFile  # noqa: E402
-from rcnn.crop_features import region_features  # noqa: E402
-from rcnn.datasets import load_image  # noqa: E402
-from rcnn.inference import for_inference, inference_autocast, to_float16  # noqa: E402
-from rcnn.models import device_for, initialise  # noqa: E402
-from rcnn.runtime import keep_freed_memory  # noqa: E402
-from rcnn.selective_search import selective_search  # noqa: E402
-from rcnn.spp import image_scales  # noqa: E402
-from rcnn.spp_features import as_map_tensors, image_maps, pool_windows, spp_region_features  # noqa: E402
-from rcnn.stages.common import Context  # noqa: E402
-from rcnn.stages.convmaps import untrained_model  # noqa: E402
+from rcnn.config import PipelineFile
+from rcnn.datasets import load_image
+from rcnn.inference import for_inference, inference_autocast, to_float16
+from rcnn.models import device_for, initialise
+from rcnn.runtime import keep_freed_memory
+from rcnn.selective_search import selective_search
+from rcnn.spp import image_scales
+from rcnn.spp_features import as_map_tensors, image_maps, pool_windows
 
 
 def network(ctx: Context, spp: bool, device: torch.device):
@@ -57,11 +50,6 @@ def network(ctx: Context, spp: bool, device: torch.device):
     if spp and cfg.spp.fc6_input_rms is not None:
         model.fc6_input_scale.fill_(0.01)  # as fine-tuning sets it (for_inference folds it into fc6)
     return for_inference(model.to(device), whole_images=spp)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -111,14 +99,10 @@ def main() -> None:
                 n_boxes.append(len(boxes))
 
                 def rcnn(ann=ann, boxes=boxes):
-                    rgb = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
-                    region_features(r_net, rgb, boxes, ("pool5", "fc7"), rc.cfg.finetune.context_pad)
+                    rcnn_image_features(r_net, load_image(ann), boxes, rc.cfg.finetune.context_pad)
 
                 def spp(ann=ann, boxes=boxes):
-                    image = load_image(ann)
-                    factors = image_scales(ann.height, ann.width, s.scales, s.max_side)
-                    maps = image_maps(s_net, image, factors)
-                    spp_region_features(s_net, maps, factors, boxes, ("pool5", "fc7"), s.target_size)
+                    spp_image_features(s_net, load_image(ann), boxes, s.scales, s.max_side, s.target_size)
 
                 def spp_parts(ann=ann, boxes=boxes) -> dict[str, float]:
                     # spp_region_features again, its parts timed apart: trunk (resize, normalise, conv, float16
@@ -160,12 +144,7 @@ def main() -> None:
     print(f"ratio R-CNN / SPP-net: {r / q:.2f}x")
     breakdown = ", ".join(f"{k} {1000 * np.mean(v):.1f} ms" for k, v in parts.items())
     print(f"SPP-net's parts, timed apart (median per image): {breakdown}")
-    gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
-    print(
-        f"machine: {gpu}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
-        f"threads; Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"OpenCV {cv2.__version__}"
-    )
+    print(machine_line(machine_info(device)))
     print(f"allocator: {allocator}; peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import cv2
+from common import REPO, machine_info, machine_line, subset
 from joblib import Parallel, delayed
+from rcnn.stages import proposals
+from rcnn.stages.common import Context, run_stage
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from rcnn.config import PipelineFile  # noqa: E402
-from rcnn.stages import proposals  # noqa: E402
-from rcnn.stages.common import Context, run_stage  # noqa: E402
+from rcnn.config import PipelineFile
 
 
 def opencv_direct(path: str) -> int:
@@ -52,18 +48,6 @@ def opencv_direct(path: str) -> int:
     ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(c(), t(), s(), f()))
     ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(t(), s(), f()))
     return len(ss.process())
-
-
-def subset(data: Path, split: str, n: int, dst: Path) -> list[str]:
-    """A VOC folder of the first ``n`` images of ``split`` (symlinks, no copies)."""
-    ids = [x.strip() for x in (data / "ImageSets" / "Main" / f"{split}.txt").read_text().split()][:n]
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-    for i in ids:
-        os.symlink((data / "JPEGImages" / f"{i}.jpg").resolve(), dst / "JPEGImages" / f"{i}.jpg")
-        os.symlink((data / "Annotations" / f"{i}.xml").resolve(), dst / "Annotations" / f"{i}.xml")
-    (dst / "ImageSets" / "Main" / "bench.txt").write_text("\n".join(ids) + "\n")
-    return ids
 
 
 def main() -> None:
@@ -103,8 +87,8 @@ def main() -> None:
 
         b, s = statistics.median(base_t), statistics.median(stage_t)
         n = len(paths)
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}")
-        print(f"python {platform.python_version()}, opencv {cv2.__version__}, jobs={args.jobs}")
+        print(machine_line(machine_info()))
+        print(f"jobs={args.jobs}")
         print(f"images: {len(paths)} from {args.data} [{args.split}], repeats: {args.repeats}")
         print(f"opencv direct : {len(paths) / b:6.2f} img/s  (median {b:.2f} s; runs {', '.join(f'{x:.2f}' for x in base_t)})")
         print(f"proposals stage: {n / s:6.2f} img/s  (median {s:.2f} s; runs {', '.join(f'{x:.2f}' for x in stage_t)})")

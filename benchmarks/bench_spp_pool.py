@@ -15,25 +15,20 @@ of each is reported, with the ratios roi_pool / table.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
+from common import REPO, machine_info, machine_line
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from rcnn.datasets import decode_image  # noqa: E402
-from rcnn.models import build_model, initialise  # noqa: E402
-from rcnn.runtime import keep_freed_memory  # noqa: E402
-from rcnn.selective_search import selective_search  # noqa: E402
-from rcnn.spp import PYRAMID_LEVELS, image_scales, map_windows, spp_pool  # noqa: E402
-from rcnn.spp_features import as_map_tensors, image_maps  # noqa: E402
+from rcnn.datasets import decode_image
+from rcnn.models import build_model, initialise
+from rcnn.runtime import keep_freed_memory
+from rcnn.selective_search import selective_search
+from rcnn.spp import PYRAMID_LEVELS, image_scales, map_windows, spp_pool
+from rcnn.spp_features import as_map_tensors, image_maps
 
 
 def main() -> None:
@@ -82,11 +77,8 @@ def main() -> None:
             f"table {med['table']:.1f} ({med['roi_pool'] / med['table']:.2f}x), "
             f"table on float16 maps {med['table16']:.1f} ({med['roi_pool'] / med['table16']:.2f}x)"
         )
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}; "
-        f"allocator: {'freed memory kept' if kept else 'default'}"
-    )
+    print(machine_line(machine_info()))
+    print(f"allocator: {'freed memory kept' if kept else 'default'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,341 @@
+"""The measurements of ``run_all.py``: each runs one part of the library and its stock baseline
+(``stock.py``) on the same images, boxes and device, and returns their figures.
+
+A measurement takes a :class:`Bench` and returns ``{name: figures}``; figures hold ``ours`` and
+``stock`` in ``unit``, whether ``lower`` is better, and ``details``. The caller adds the ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import stock
+import torch
+from common import alternate, rcnn_image_features, spp_image_features, timed
+from rcnn.stages import convmaps
+from rcnn.stages.common import Context
+from rcnn.stages.convmaps import untrained_model
+from rcnn.stages.finetune import PooledRegions, WarpedRegions
+
+from rcnn import records
+from rcnn.config import DataConfig, FinetuneConfig, ModelConfig, PipelineConfig, SPPConfig
+from rcnn.datasets import ImageAnnotation
+from rcnn.inference import for_inference
+from rcnn.models import build_model, initialise
+from rcnn.regions import finetune_labels, image_regions
+from rcnn.sampling import FgBgSampler
+from rcnn.spp import PYRAMID_LEVELS, TARGET_SIZE, image_scales
+from rcnn.spp_features import image_maps
+from rcnn.svm import ImageFeatures, SVMParams, train_class_svms
+
+MAX_SIDE = SPPConfig().max_side  # the pipelines' cap on the longer side after resizing
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each measurement does."""
+
+    images: int  # images per measurement
+    boxes: int  # boxes per image
+    squeezenet_crop: int  # R-CNN crop side for SqueezeNet (AlexNet's fc6 needs its own 227)
+    scale: int  # SPP-net's single scale (shorter side)
+    scales: tuple[int, ...]  # SPP-net's five scales
+    image_size: int  # side of the synthetic images
+    finetune_batch: int  # regions per fine-tuning step
+    finetune_steps: int  # timed steps per method
+    svm_images: int  # images the SVMs train on (the stock fit on every negative grows with them)
+    svm_dim: int  # feature width the SVMs read (AlexNet's fc7: 4096)
+    repeats: int  # timed runs per image
+    warmup: bool = True  # one untimed run of each side first
+
+
+@dataclass
+class Bench:
+    """What every measurement shares: device, sizes, the images (decoded, BGR), their boxes and classes."""
+
+    device: torch.device
+    sizes: Sizes
+    voc: Path  # a VOC folder whose split "bench" lists the images
+    anns: list[ImageAnnotation]
+    images: list[np.ndarray]
+    boxes: list[np.ndarray]
+    classes: tuple[str, ...]
+    tmp: Path
+    squeezenet_weights: str | None = None
+    _networks: dict = field(default_factory=dict, repr=False)
+
+    def network(self, key: tuple, build):
+        """The network ``build()`` made for ``key``, built once: measurements share the inference networks."""
+        if key not in self._networks:
+            self._networks[key] = build()
+        return self._networks[key]
+
+
+def context_pad(crop: int) -> int:
+    """R-CNN's 16 px of context at 227 px, scaled to ``crop``."""
+    return round(16 * crop / 227)
+
+
+def _figures(ours: float, stock_value: float, unit: str, lower: bool = True, **details) -> dict:
+    return {"ours": ours, "stock": stock_value, "unit": unit, "lower": lower, "details": details}
+
+
+def _per_image(b: Bench, ours, baseline) -> tuple[float, float]:
+    """Mean over the images of the median milliseconds per image of ``ours(image, boxes)`` and ``baseline``."""
+    times: dict[str, list[float]] = {"ours": [], "stock": []}
+    for k, (image, boxes) in enumerate(zip(b.images, b.boxes)):
+        fns = {"ours": partial(ours, image, boxes), "stock": partial(baseline, image, boxes)}
+        for name, seconds in alternate(fns, b.sizes.repeats, b.device, warmup=k == 0 and b.sizes.warmup).items():
+            times[name].append(seconds)
+    return 1000 * float(np.mean(times["ours"])), 1000 * float(np.mean(times["stock"]))
+
+
+def _rcnn_net(b: Bench, backbone: str, crop: int, weights: str | None):
+    def build():
+        net = build_model(backbone, len(b.classes) + 1, crop)
+        if weights:
+            initialise(net, weights)
+        return for_inference(net.to(b.device))
+
+    return b.network(("rcnn", backbone, crop, weights), build)
+
+
+def _spp_net(b: Bench):
+    def build():
+        net = build_model("alexnet", len(b.classes) + 1, spp_levels=PYRAMID_LEVELS)
+        return for_inference(net.to(b.device), whole_images=True)
+
+    return b.network(("spp", "alexnet"), build)
+
+
+def _rcnn(b: Bench, backbone: str, crop: int, weights: str | None) -> dict:
+    pad = context_pad(crop)
+    net = _rcnn_net(b, backbone, crop, weights)
+    baseline = stock.RCNNFeatures(backbone, crop, pad, b.device, weights)
+    ours, base = _per_image(b, lambda im, bx: rcnn_image_features(net, im, bx, pad), baseline)
+    return _figures(ours, base, "ms/image", backbone=backbone, crop=crop, context_pad=pad, boxes=b.sizes.boxes)
+
+
+def rcnn_features(b: Bench) -> dict:
+    """R-CNN's pool5 and fc7 of every box of a decoded image: AlexNet at 227 px, SqueezeNet."""
+    return {
+        "rcnn_alexnet": _rcnn(b, "alexnet", 227, None),
+        "rcnn_squeezenet": _rcnn(b, "squeezenet1_0", b.sizes.squeezenet_crop, b.squeezenet_weights),
+    }
+
+
+def spp_features(b: Bench) -> dict:
+    """SPP-net's pyramids and fc7 of every box of a decoded image, at one scale and at five."""
+    net = _spp_net(b)
+    baseline = stock.SPPFeatures(MAX_SIDE, PYRAMID_LEVELS, TARGET_SIZE, b.device)
+    out = {}
+    for name, scales in (("spp_1_scale", (b.sizes.scale,)), ("spp_5_scales", b.sizes.scales)):
+        ours, base = _per_image(
+            b,
+            lambda im, bx, scales=scales: spp_image_features(net, im, bx, scales, MAX_SIDE, TARGET_SIZE),
+            lambda im, bx, scales=scales: baseline(im, bx, scales),
+        )
+        out[name] = _figures(ours, base, "ms/image", backbone="alexnet", scales=list(scales), levels=list(PYRAMID_LEVELS),
+                             boxes=b.sizes.boxes)  # fmt: skip
+    return out
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _write_records(folder: Path, kind: str, items: list[tuple[str, dict]]) -> int:
+    """Bytes of ``items`` written as the stages write them: record parts and their index."""
+    with records.RecordWriter(folder / "parts", kind, chunk_size=16) as writer:
+        for image_id, arrays in items:
+            writer.add(image_id, arrays)
+    records.write_index(folder / "parts", folder / "index.json", [i for i, _ in items], kind)
+    size = _folder_bytes(folder)
+    shutil.rmtree(folder)
+    return size
+
+
+def cache_bytes(b: Bench) -> dict:
+    """Feature cache per image: R-CNN's features records (pool5 and fc7 of every box, float16) and
+    SPP-net's conv-map records (one scale) plus its fc7 records; the stock cache is what the baseline
+    computes kept with ``torch.save``: float32 pool5 and fc7 of every box."""
+    n = min(2, len(b.images))
+    rcnn_net, spp_net = _rcnn_net(b, "alexnet", 227, None), _spp_net(b)
+    rcnn_items, spp_maps, spp_items, stock_bytes = [], [], [], 0
+    with torch.no_grad():
+        for ann, image, boxes in list(zip(b.anns, b.images, b.boxes))[:n]:
+            regions = image_regions(ann, boxes, b.classes)
+            rows = {"boxes": regions.boxes, "gt_classes": regions.gt_classes, "overlaps": regions.overlaps,
+                    "best_gt": regions.best_gt}  # fmt: skip
+            feats = rcnn_image_features(rcnn_net, image, regions.boxes, context_pad(227))
+            rcnn_items.append((ann.image_id, {**rows, **feats}))
+            factors = image_scales(ann.height, ann.width, (b.sizes.scale,), MAX_SIDE)
+            maps = image_maps(spp_net, image, factors)
+            conv = {f"conv{k}": m for k, m in enumerate(maps)}
+            spp_maps.append((ann.image_id, {"factors": np.asarray(factors, np.float32), **conv}))
+            fc7 = spp_image_features(spp_net, image, regions.boxes, (b.sizes.scale,), MAX_SIDE, TARGET_SIZE, ("fc7",))
+            spp_items.append((ann.image_id, {**rows, **fc7}))
+            path = b.tmp / "stock-cache.pt"
+            torch.save({k: torch.from_numpy(feats[k].astype(np.float32)) for k in ("pool5", "fc7")}, path)
+            stock_bytes += path.stat().st_size
+            path.unlink()
+    mb = 1 / (n * 2**20)
+    rcnn = _write_records(b.tmp / "cache-rcnn", "features", rcnn_items) * mb
+    spp_bytes = _write_records(b.tmp / "cache-maps", convmaps.KIND, spp_maps)
+    spp = (spp_bytes + _write_records(b.tmp / "cache-spp", "features", spp_items)) * mb
+    return {
+        "cache_rcnn": _figures(rcnn, stock_bytes * mb, "MB/image", layers=["pool5", "fc7"], boxes=b.sizes.boxes),
+        "cache_spp": _figures(spp, stock_bytes * mb, "MB/image", layers=["conv maps", "fc7"], scales=[b.sizes.scale]),
+    }
+
+
+def _context(b: Bench, method: str, pad: int, bg_low: float) -> Context:
+    """A pipeline over the bench images for the stages' own training objects (AlexNet, random init)."""
+    cfg = PipelineConfig(
+        name=f"bench-{method}",
+        method=method,
+        data=DataConfig(root=str(b.voc), trainval="bench", test="bench", classes=b.classes),
+        model=ModelConfig(backbone="alexnet", weights="scratch", device=b.device.type),
+        finetune=FinetuneConfig(context_pad=pad, bg_low=bg_low, batch_size=b.sizes.finetune_batch, mirror=False),
+        spp=SPPConfig(scales=(b.sizes.scale,), max_side=MAX_SIDE, levels=PYRAMID_LEVELS),
+    )
+    return Context(cfg=cfg, runs_dir=b.tmp / "runs", progress=False, log=lambda _: None)
+
+
+def _regions(b: Bench, ctx: Context) -> tuple[list[np.ndarray], FgBgSampler]:
+    ft = ctx.cfg.finetune
+    boxes, labels = [], []
+    for ann, proposals in zip(b.anns, b.boxes):
+        regions = image_regions(ann, proposals, b.classes)
+        boxes.append(regions.boxes)
+        labels.append(finetune_labels(regions, ft.fg_threshold, ft.bg_low))
+    return boxes, FgBgSampler.from_image_labels(labels, batch_size=ft.batch_size, fg_fraction=ft.fg_fraction)
+
+
+@contextlib.contextmanager
+def stage_cudnn(device: torch.device):
+    """cuDNN as the finetune stage sets it on a GPU (deterministic kernels, so that a resumed run equals an
+    unbroken one), for our steps only; the stock steps keep PyTorch's defaults."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBgSampler) -> dict:
+    """Regions per second of the stage's training step (the loop body of stages/finetune.py) and the stock one,
+    taking turns on the same mini-batches after one untimed step each."""
+    ft, device = ctx.cfg.finetune, b.device
+    optimizer = torch.optim.SGD(regions.trainable(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    spp = ctx.cfg.method == "spp"
+
+    def ours(it: int, batch: np.ndarray) -> float:
+        with stage_cudnn(device):
+            return _step(it, batch)
+
+    def _step(it: int, batch: np.ndarray) -> float:
+        model.train()
+        if spp:
+            model.trunk.eval()
+        img_idx, reg_idx = sampler.locate(batch)
+        target = torch.from_numpy(sampler.labels[batch]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = regions.logits(img_idx, reg_idx, it)
+            loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    steps, warmup = b.sizes.finetune_steps, b.sizes.warmup
+    times: dict[str, list[float]] = {"ours": [], "stock": []}
+    for it, batch in enumerate(sampler.epoch_batches(ft.seed, n_batches=steps + warmup)):
+        target = torch.from_numpy(sampler.labels[batch]).to(device)
+        fns = {"ours": partial(ours, it, batch), "stock": partial(baseline.step, batch, target)}
+        if warmup and it == 0:  # the first batch warms both sides up, untimed
+            for fn in fns.values():
+                timed(fn, device)
+            continue
+        for name, seconds in alternate(fns, 1, device).items():
+            times[name].append(seconds)
+    n = ft.batch_size
+    ours_rate, stock_rate = n / statistics.median(times["ours"]), n / statistics.median(times["stock"])
+    return _figures(ours_rate, stock_rate, "regions/s", lower=False, batch=n, steps=steps, regions=len(sampler.labels))
+
+
+def finetune_rcnn(b: Bench) -> dict:
+    """R-CNN fine-tuning of all of AlexNet on 227 px warped regions (R-CNN section 2.3), regions per second."""
+    ctx = _context(b, "rcnn", context_pad(227), bg_low=0.0)
+    boxes, sampler = _regions(b, ctx)
+    model = untrained_model(ctx, spp=False).to(b.device)
+    regions = WarpedRegions(ctx, b.anns, boxes, model)
+    for i in range(len(b.anns)):  # decoded once, as the stock side uploads every image first
+        regions.images[i]
+    baseline = stock.RCNNFinetune(b.images, sampler.image_index, np.concatenate(boxes), len(b.classes) + 1, 227,
+                                  context_pad(227), b.device)  # fmt: skip
+    return {"finetune_rcnn": _train_steps(b, ctx, regions, model, baseline, sampler)}
+
+
+def finetune_spp(b: Bench) -> dict:
+    """SPP-net fine-tuning of fc6, fc7 and the classifier on windows pooled from cached conv maps
+    (one scale), regions per second; the maps are computed first by the convmaps stage (not timed)."""
+    ctx = _context(b, "spp", context_pad(227), bg_low=0.1)  # SPP-net: background IoU in [0.1, 0.5)
+    work = ctx.unit_dir(convmaps.NAME, "bench")
+    work.mkdir(parents=True, exist_ok=True)
+    convmaps.compute(ctx, "bench", work)
+    boxes, sampler = _regions(b, ctx)
+    model = untrained_model(ctx, spp=True).to(b.device)
+    regions = PooledRegions(ctx, b.anns, boxes, model)
+    regions.pooled(np.arange(len(b.anns)), np.zeros(len(b.anns), np.int64))  # every image's maps loaded once
+    model.fc6_input_scale.fill_(regions.input_scale(sampler, ctx.cfg.finetune.seed + 1, ctx.cfg.spp.fc6_input_rms))
+    baseline = stock.SPPFinetune(b.images, sampler.image_index, np.concatenate(boxes), len(b.classes) + 1, b.sizes.scale,
+                                 MAX_SIDE, PYRAMID_LEVELS, b.device)  # fmt: skip
+    return {"finetune_spp": _train_steps(b, ctx, regions, model, baseline, sampler)}
+
+
+def svm_training(b: Bench) -> dict:
+    """Per-class SVMs with R-CNN's hard-negative mining (rcnn.svm, one worker) against one liblinear fit per
+    class on every negative, on the same features: synthetic, ``svm_dim`` wide, ReLU-like, each row carrying
+    its classes' signal in proportion to its overlap with their objects."""
+    rng = np.random.default_rng(0)
+    n = min(b.sizes.svm_images, len(b.anns))
+    regions = [image_regions(a, bx, b.classes) for a, bx in zip(b.anns[:n], b.boxes[:n])]
+    # Only classes with a ground-truth box here get an SVM (train_class_svms needs positives for each).
+    kept = sorted({int(c) for r in regions for c in r.gt_classes if c >= 0})
+    remap = np.full(len(b.classes) + 1, -1, np.int64)
+    remap[kept] = np.arange(len(kept))
+    signal = rng.standard_normal((len(kept), b.sizes.svm_dim), dtype=np.float32)
+    images = []
+    for r in regions:
+        overlaps = r.overlaps[:, kept]
+        x = rng.standard_normal((len(r.boxes), b.sizes.svm_dim), dtype=np.float32) + 2 * np.square(overlaps) @ signal
+        images.append(ImageFeatures(np.maximum(x, 0), remap[r.gt_classes], overlaps))
+    cpu = torch.device("cpu")
+    ours = timed(lambda: train_class_svms(images, len(kept), SVMParams(), n_jobs=1), cpu)
+    base = timed(lambda: stock.train_svms([i.features for i in images], [i.gt_classes for i in images],
+                                          [i.overlaps for i in images], len(kept)), cpu)  # fmt: skip
+    rows = sum(len(i.features) for i in images)
+    return {"svm": _figures(ours, base, "s", classes=len(kept), images=n, rows=rows, dim=b.sizes.svm_dim)}
+
+
+#: In the order they run; ``run_all.py --only`` takes these names.
+MEASUREMENTS = {
+    "rcnn": rcnn_features,
+    "spp": spp_features,
+    "cache": cache_bytes,
+    "finetune-rcnn": finetune_rcnn,
+    "finetune-spp": finetune_spp,
+    "svm": svm_training,
+}
