@@ -113,8 +113,9 @@ def _where(pfile: PipelineFile, name: str, key: str, path: str | None, when_none
 
 @cli.command("config")
 @click.argument("pipeline")
-@pipeline_options
-def config_cmd(pipeline, runs_dir, overrides, pipelines_file):
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one value (repeatable), as stages take it.")
+@click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help="The pipelines YAML.")
+def config_cmd(pipeline, overrides, pipelines_file):
     """Print PIPELINE's resolved configuration as YAML, each value marked with its origin.
 
     \b

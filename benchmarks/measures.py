@@ -19,7 +19,7 @@ import stock
 import torch
 from common import alternate, rcnn_image_features, spp_image_features, timed
 from rcnn.stages import convmaps
-from rcnn.stages.common import Context
+from rcnn.stages.common import Context, run_stage
 from rcnn.stages.convmaps import untrained_model
 from rcnn.stages.finetune import PooledRegions, WarpedRegions
 
@@ -292,9 +292,7 @@ def finetune_spp(b: Bench) -> dict:
     """SPP-net fine-tuning of fc6, fc7 and the classifier on windows pooled from cached conv maps
     (one scale), regions per second; the maps are computed first by the convmaps stage (not timed)."""
     ctx = _context(b, "spp", context_pad(227), bg_low=0.1)  # SPP-net: background IoU in [0.1, 0.5)
-    work = ctx.unit_dir(convmaps.NAME, "bench")
-    work.mkdir(parents=True, exist_ok=True)
-    convmaps.compute(ctx, "bench", work)
+    run_stage(ctx, convmaps)  # as a run writes them: manifest and digests, which the reader checks
     boxes, sampler = _regions(b, ctx)
     model = untrained_model(ctx, spp=True).to(b.device)
     regions = PooledRegions(ctx, b.anns, boxes, model)
