@@ -89,16 +89,35 @@ def cli():
 @cli.command("pipelines")
 @click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help="The pipelines YAML.")
 def pipelines_cmd(pipelines_file):
-    """List the pipelines defined in pipelines.yaml, and where each expects its data and weights."""
+    """List the pipelines defined in pipelines.yaml and what each needs: its data, its weights (and whether
+    they are here), and the hardware it is sized for (and whether a GPU is visible here)."""
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     click.echo(f"pipelines in {pfile.path.resolve()}:")
+    gpu_here = None
     for name in pfile.names:
         cfg = pfile.load(name)
         click.echo(f"  {name}: {cfg.description}")
         click.echo(f"      data: {_where(pfile, name, 'data.root', cfg.data.root, 'synthetic, generated under the runs folder')}")
         weights = cfg.model.weights
-        if weights not in ("imagenet", "scratch") and not weights.startswith("pipeline:"):
+        if weights == "imagenet":
+            from rcnn.models import imagenet_weights_file
+
+            url, path = imagenet_weights_file(cfg.model.backbone)
+            there = "" if path.is_file() else f" (not there: downloaded on first use; offline, put {url} there)"
+            click.echo(f"      weights: torchvision's ImageNet {cfg.model.backbone}, {path}{there}")
+        elif weights.startswith("pipeline:"):
+            click.echo(f"      weights: pipeline {weights.split(':', 1)[1]}'s fine-tuned model (run that pipeline first)")
+        elif weights != "scratch":
             click.echo(f"      weights: {_where(pfile, name, 'model.weights', weights, '')}")
+        if cfg.hardware == "gpu":
+            if gpu_here is None:
+                import torch
+
+                gpu_here = torch.cuda.is_available()
+            visible = "" if gpu_here else "; none is visible here (a CPU run would be far slower)"
+            click.echo(f"      hardware: a GPU (CUDA){visible}")
+        elif cfg.hardware == "cpu":
+            click.echo("      hardware: a CPU is enough")
 
 
 def _where(pfile: PipelineFile, name: str, key: str, path: str | None, when_none: str) -> str:
@@ -254,29 +273,79 @@ for _name in STAGE_HELP:
     _stage_command(_name)
 
 
+SEEDS_HELP = (
+    "Comma-separated seeds, e.g. 0,1,2: run PIPELINE once per seed k as PIPELINE@seed<k> (finetune.seed and "
+    "model.seed set to k), each in runs/PIPELINE@seed<k>/; what no seed touches (proposals, SPP-net's conv maps) "
+    "is computed once and shared."
+)
+
+
+def _seeded(pipeline: str, seeds: str | None) -> list[str]:
+    """The pipeline names ``--seeds`` stands for: ``demo@seed0, demo@seed1, ...``, or ``[pipeline]`` without it."""
+    from rcnn.seeds import parse_seeds, seeded_name, split_seeded_name
+
+    if seeds is None:
+        return [pipeline]
+    if split_seeded_name(pipeline)[1] is not None:
+        raise ConfigError(f"--seeds: '{pipeline}' already names one seed; give the pipeline, {split_seeded_name(pipeline)[0]}")
+    return [seeded_name(pipeline, k) for k in parse_seeds(seeds)]
+
+
 @cli.command("run")
 @click.argument("pipeline", default="demo")
 @click.option("--until", "until", default=None, help="Stop after this stage.")
+@click.option("--seeds", default=None, metavar="K,K,...", help=SEEDS_HELP)
 @stage_options
-def run_cmd(pipeline, until, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
-    """Run every stage of PIPELINE (default: demo) in order, skipping those up to date."""
+def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
+    """Run every stage of PIPELINE (default: demo) in order, skipping those up to date.
+
+    With --seeds, once per seed, then the AP of every class as mean ± sample standard deviation over the
+    seeds (`rcnn compare PIPELINE --seeds ...` writes the same as a report). Example:
+
+    \b
+      rcnn run voc07-mini --seeds 0,1,2
+    """
     from rcnn.stages import STAGES, pipeline_stages
     from rcnn.stages.common import skip_summary
 
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
-    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad)
-    ctx.ensure_data()
-    for name in pipeline_stages(ctx.cfg.method):
-        manifest = _run_one(name, ctx)
-        if name == until:
-            break
-    else:
-        from rcnn.stages import evaluate
+    names = _seeded(pipeline, seeds)
+    contexts = [make_context(name, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad) for name in names]
+    _warn_without_gpu(contexts[0].cfg)
+    results = []
+    for ctx in contexts:
+        if seeds is not None:
+            click.echo(f"== {ctx.cfg.name} ({ctx.root})")
+        ctx.ensure_data()
+        for name in pipeline_stages(ctx.cfg.method):
+            manifest = _run_one(name, ctx)
+            if name == until:
+                break
+        else:
+            from rcnn.stages import evaluate
 
-        click.echo(evaluate.table(ctx, manifest["test"] if "test" in manifest else next(iter(manifest.values()))))
-    for line in skip_summary(ctx):
-        click.echo(line)
+            manifest = manifest["test"] if "test" in manifest else next(iter(manifest.values()))
+            results.append(manifest["metrics"])
+            if seeds is None:
+                click.echo(evaluate.table(ctx, manifest))
+        for line in skip_summary(ctx):
+            click.echo(line)
+    if seeds is not None and results:
+        from rcnn.report_seeds import seeds_table
+        from rcnn.seeds import split_seeded_name
+
+        click.echo(f"{pipeline} over seeds:")
+        click.echo(seeds_table(contexts[0].classes, [split_seeded_name(c.cfg.name)[1] for c in contexts], results))
+
+
+def _warn_without_gpu(cfg) -> None:
+    if cfg.hardware != "gpu":
+        return
+    import torch
+
+    if cfg.model.device == "cpu" or not torch.cuda.is_available():
+        click.echo(f"note: pipeline '{cfg.name}' is sized for a GPU (hardware: gpu) but runs on the CPU: far slower", err=True)
 
 
 @cli.command("detect")
@@ -331,8 +400,15 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
 @click.option("--label", "labels", multiple=True, help="Display name per run, in order (e.g. --label R-CNN --label SPP-net).")
 @click.option("--images", "grid_images", default=6, show_default=True, help="Test images in the detection grid.")
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="K,K,...",
+    help="Compare each RUN over these seeds (its runs RUN@seed<k>, as `rcnn run RUN --seeds` writes them): AP as "
+    "mean ± sample standard deviation, with n and min–max; one RUN is enough.",
+)
 @click.option("--runs-dir", default=None, help=RUNS_DIR_HELP)
-def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
+def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
     """Write a side-by-side report of two or more finished runs (the first is the baseline).
 
     Each RUN is a pipeline name (looked up in the runs folder) or a path to a run folder.
@@ -348,28 +424,35 @@ def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
 
     \b
       rcnn compare demo demo-spp --label R-CNN --label SPP-net --out report/
+      rcnn compare voc07-mini voc07-mini-spp --seeds 0,1,2 --out report/
     """
     import dataclasses
 
     from rcnn.report import write_report
     from rcnn.report_data import load_run
 
-    if len(runs) < 2:
+    if len(runs) < (1 if seeds else 2):
         raise click.UsageError(
             f"give two or more RUNS to compare (the first is the baseline), got {len(runs)}", ctx=click.get_current_context()
         )
     if labels and len(labels) != len(runs):
         raise ConfigError(f"--label given {len(labels)} times for {len(runs)} runs")
-    summaries = []
+    groups = []
     for k, run in enumerate(runs):
         path = Path(run) if Path(run).is_dir() and not (_runs_dir(runs_dir) / run).is_dir() else _runs_dir(runs_dir) / run
-        summary = load_run(path)
-        if labels:
-            summary = dataclasses.replace(summary, label=labels[k])
-        summaries.append(summary)
-        for sentence in summary.missing:
-            click.echo(f"{summary.label}: {sentence}", err=True)
-    written = write_report(summaries, Path(out_dir), grid_images=grid_images)
+        group = []
+        for name in _seeded(path.name, seeds):
+            seed_path = path.with_name(name)
+            if seeds and not seed_path.is_dir():
+                raise UserError(f"run folder '{seed_path}' does not exist; `rcnn run {path.name} --seeds {seeds}` makes it")
+            summary = load_run(seed_path)
+            summary = dataclasses.replace(summary, label=labels[k] if labels else path.name if seeds else summary.label)
+            group.append(summary)
+            for sentence in summary.missing:
+                click.echo(f"{summary.name if seeds else summary.label}: {sentence}", err=True)
+        groups.append(group)
+    summaries = [group[0] for group in groups]
+    written = write_report(summaries, Path(out_dir), grid_images=grid_images, seed_runs=groups if seeds else None)
     click.echo(f"wrote {written.get('html', out_dir)} and {written.get('markdown', '')}")
 
 
@@ -381,18 +464,28 @@ def compare_cmd(runs, out_dir, labels, grid_images, runs_dir):
     help="Judge the stages as a run with --skip-bad would [default: so if the pipeline was built with it].",
 )
 @click.option("--verify", is_flag=True, help="Also hash every output and compare it with its manifest (reads every cached file).")
+@click.option("--seeds", default=None, metavar="K,K,...", help="Show PIPELINE's seed runs, PIPELINE@seed<k>.")
 @pipeline_options
-def status_cmd(pipeline, skip_bad, verify, runs_dir, overrides, pipelines_file):
-    """Show each stage of PIPELINE (default: every pipeline with a runs folder): done, stale and why, or missing.
+def status_cmd(pipeline, skip_bad, verify, seeds, runs_dir, overrides, pipelines_file):
+    """Show each stage of PIPELINE (default: every pipeline with a runs folder, seed runs included): done,
+    stale and why, or missing.
 
     An output whose size (or, with --verify, whose bytes) differ from what its manifest
     recorded shows the stage as damaged; rerun that stage with --force."""
+    from rcnn.seeds import split_seeded_name
     from rcnn.stages import pipeline_stages
     from rcnn.stages.common import built_with_skip_bad, skip_summary, unit_status
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     runs = _runs_dir(runs_dir)
-    names = [pipeline] if pipeline else [n for n in pfile.names if (runs / n).is_dir()]
+    if seeds is not None and pipeline is None:
+        raise ConfigError("--seeds: give the PIPELINE whose seed runs to show")
+    if pipeline:
+        names = _seeded(pipeline, seeds)
+    else:
+        folders = [p.name for p in runs.iterdir() if p.is_dir()] if runs.is_dir() else []
+        seed = lambda f: -1 if split_seeded_name(f)[1] is None else split_seeded_name(f)[1]  # noqa: E731
+        names = [f for n in pfile.names for f in sorted(folders, key=seed) if split_seeded_name(f)[0] == n]
     if not names:
         click.echo(f"no runs in {runs} yet; start one with `rcnn run`")
     for name in names:

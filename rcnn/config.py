@@ -20,6 +20,7 @@ import yaml
 
 from rcnn.errors import ConfigError
 from rcnn.filenames import name_problem
+from rcnn.seeds import SEED_KEYS, SEEDED_NAME, split_seeded_name
 
 # Every field is declared with :func:`setting`: its default, one line saying what it is and where the
 # default comes from (docs/pipelines.md is generated from these), the range a number must lie in, and
@@ -241,6 +242,12 @@ class PipelineConfig:
 
     name: str
     description: str = setting("", "one line shown by `rcnn pipelines`")
+    hardware: Literal["cpu", "gpu"] | None = setting(
+        None,
+        "what a run is sized for, shown by `rcnn pipelines` and `rcnn run`: gpu (CUDA; far slower on a CPU), "
+        "cpu (a CPU is enough); null: not stated. A statement, not a check",
+        fingerprint=False,
+    )
     method: Literal["rcnn", "spp"] = setting(
         "rcnn", "rcnn: warp every region through the whole CNN; spp: conv maps once per image, pyramid-pool each window"
     )
@@ -466,6 +473,8 @@ class PipelineFile:
         for name, section in self._raw.items():
             # A pipeline's name is its folder in the runs folder, beside the runs folder's own '_data'.
             problem = name_problem(name) or ("it starts with '_' or '.'" if name.startswith(("_", ".")) else None)
+            if problem is None and SEEDED_NAME.match(name):
+                problem = "NAME@seed<k> means pipeline NAME with seed k"
             if problem is not None:
                 raise ConfigError(f"{self.path}: pipeline name {name!r} cannot be a folder name ({problem})")
             if not isinstance(section, dict):
@@ -500,7 +509,7 @@ class PipelineFile:
 
     def environment_variables(self, name: str, dotted: str) -> list[str]:
         """The ``${VAR}`` names the raw (unexpanded) value of ``dotted`` reads, e.g. ``["RCNN_VOC07_MINI"]``."""
-        node: Any = self._resolved_raw(name)
+        node: Any = self._resolved_raw(split_seeded_name(name)[0])
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         return _ENV.findall(node) and [m[0] for m in _ENV.findall(node)] if isinstance(node, str) else []
@@ -510,6 +519,9 @@ class PipelineFile:
 
         Keys absent from the result keep their defaults.
         """
+        base, seed = split_seeded_name(name)
+        if seed is not None:
+            return {**self.origins(base, overrides), **dict.fromkeys(SEED_KEYS, f"name @seed{seed}")}
         chain, current = [], name
         while current is not None:
             chain.append(current)
@@ -529,7 +541,18 @@ class PipelineFile:
         return out
 
     def load(self, name: str, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
-        """Build pipeline ``name`` with ``--set`` style overrides applied, fully validated."""
+        """Build pipeline ``name`` with ``--set`` style overrides applied, fully validated.
+
+        ``NAME@seed<k>`` builds NAME with :data:`SEED_KEYS` set to k, named ``NAME@seed<k>``.
+        """
+        base, seed = split_seeded_name(name)
+        if seed is not None:
+            for text in overrides:
+                key = parse_override(text)[0]
+                if key in SEED_KEYS:
+                    raise ConfigError(f"--set {key}: pipeline '{name}' has seed {seed} by its name; run '{base}' to set it")
+            cfg = self.load(base, [*overrides, *(f"{key}={seed}" for key in SEED_KEYS)])
+            return dataclasses.replace(cfg, name=name)
         where = f"{self.path} (pipeline '{name}')"
         raw = self._resolved_raw(name)
         cfg = _build(PipelineConfig, {"name": name, **raw}, "", where, self.relative_to)

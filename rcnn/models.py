@@ -252,6 +252,14 @@ def _fc6_for_bins(weight: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
 # ----------------------------------------------------------------------------- weights
 
 
+def imagenet_weights_file(backbone: str) -> tuple[str, Path]:
+    """Where torchvision downloads ``backbone``'s ImageNet weights from, and the file it keeps them in."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(backbone).DEFAULT.url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights through its weights API, with an offline-friendly error."""
     import torchvision
@@ -260,11 +268,11 @@ def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # no network, proxy, truncated download...
-        folder = Path(torch.hub.get_dir()) / "checkpoints"
-        filename = os.path.basename(weights.url)
+        url, path = imagenet_weights_file(backbone)
+        reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the exception's text
         raise UserError(
-            f"cannot load ImageNet weights for {backbone} ({type(e).__name__}: {e}); download {weights.url} "
-            f"and put it in {folder}/{filename}, or set model.weights to a local .pth file"
+            f"cannot load ImageNet weights for {backbone} ({reason}); download {url} "
+            f"and put it in {path}, or set model.weights to a local .pth file"
         ) from None
 
 

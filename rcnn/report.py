@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rcnn import report_figures as figs
+from rcnn import report_seeds
 from rcnn.report_data import MAX_PR_CLASSES, RunSummary, number
 
 # ---------------------------------------------------------------------------------------
@@ -41,8 +42,9 @@ _NUMERIC = re.compile(r"^[-+]?\d")
 class _Study:
     """The runs being compared, their labels, and the figures written so far."""
 
-    def __init__(self, runs: list[RunSummary], figure_dir: Path):
+    def __init__(self, runs: list[RunSummary], figure_dir: Path, seed_runs: list[list[RunSummary]] | None = None):
         self.runs = runs
+        self.seed_runs = seed_runs  # per run, its seed runs (``runs`` holds the first of each)
         self.labels = _unique_labels(runs)
         self.figure_dir = figure_dir
         self.figures: dict[str, Path] = {}
@@ -86,9 +88,11 @@ def _ratio(baseline: float | None, value: float | None, faster: str = "faster", 
 def _section_compared(s: _Study) -> list:
     runs = s.runs
     names = ", ".join(f"`{run.name}`" for run in runs)
-    blocks: list = [
-        ("p", f"Compared {len(runs)} runs ({names}); differences and ratios are against the first, **{s.baseline}**."),
-    ]
+    if s.seed_runs:
+        names = "; ".join(f"{label}: " + ", ".join(f"`{r.name}`" for r in g) for label, g in zip(s.labels, s.seed_runs))
+        names = f"each over seeds, {names}; the table shows the first seed run"
+    compared = f"Compared {len(runs)} {'run' if len(runs) == 1 else 'runs'} ({names})"
+    blocks: list = [("p", f"{compared}; differences and ratios are against the first, **{s.baseline}**.")]
     rows = []
     for label, run in zip(s.labels, runs):
         devices: dict[str, list[str]] = {}
@@ -207,6 +211,32 @@ def _section_per_class(s: _Study) -> list:
     s.figures["ap_per_class"] = path
     caption = "AP per class and mAP, one bar per run: top without, bottom with box regression."
     return blocks + [("table", _Table(headers, rows)), ("figure", "ap_per_class", caption)]
+
+
+def _section_map_seeds(s: _Study) -> list:
+    table, each = report_seeds.map_tables(s.labels, s.seed_runs, _all_classes(s))
+    text = (
+        "Each run is a pipeline run once per seed (finetune.seed and model.seed; proposals and anything else no seed "
+        "touches shared). mAP is the mean ± sample standard deviation (divisor n - 1) over its n seed runs with "
+        "results, with the lowest and highest; the differences compare means. Every seed run's own mAP follows."
+    )
+    first = ", ".join(f"{label}: `{group[0].name}`" for label, group in zip(s.labels, s.seed_runs))
+    later = f"The settings, curves, times, cache and detections further down are each run's first seed run ({first})."
+    blocks = [("h2", "Mean average precision over seeds"), ("p", text), ("table", _Table(*table))]
+    return blocks + [("table", _Table(*each)), ("p", later)]
+
+
+def _section_per_class_seeds(s: _Study) -> list:
+    blocks: list = [("h2", "Average precision per class over seeds")]
+    classes = _all_classes(s)
+    if not classes or not any(r.results for group in s.seed_runs for r in group):
+        return blocks + [("p", "No run has evaluation results.")]
+    headers, rows, means, errors = report_seeds.per_class_table(s.labels, s.seed_runs, classes)
+    metric = next((r.results["metric"] for g in s.seed_runs for r in g if r.results and "metric" in r.results), "AP")
+    s.figures["ap_per_class"] = figs.ap_bars(s.figure_dir / "ap_per_class.png", s.labels, classes, means, metric, errors)
+    text = "Mean ± sample standard deviation over each run's seed runs; n/a: a class some seed run did not score."
+    caption = "Mean AP per class and mAP over the seeds, one bar per run, with one sample standard deviation either side."
+    return blocks + [("p", text), ("table", _Table(headers, rows)), ("figure", "ap_per_class", caption)]
 
 
 def _section_pr(s: _Study) -> list:
@@ -339,18 +369,23 @@ def _section_missing(s: _Study) -> list:
     return [("h2", "What is missing"), ("list", items)] if items else []
 
 
-def write_report(runs: list[RunSummary], out_dir: Path, grid_images: int = 6) -> dict[str, Path]:
+def write_report(
+    runs: list[RunSummary], out_dir: Path, grid_images: int = 6, seed_runs: list[list[RunSummary]] | None = None
+) -> dict[str, Path]:
     """Write ``report.md``, a self-contained ``report.html`` and ``figures/*.png`` into ``out_dir``.
 
-    The first run is the baseline. Returns ``{"markdown", "html", <figure name>...: path}``.
+    The first run is the baseline. With ``seed_runs`` (per run, its runs with each seed; ``runs`` holds the
+    first of each), mAP and per-class AP are the mean ± sample standard deviation over the seeds, and the
+    other sections show each run's first seed run. Returns ``{"markdown", "html", <figure name>...: path}``.
     """
     if not runs:
         raise ValueError("write_report needs at least one run")
     out_dir = Path(out_dir)
-    s = _Study(list(runs), out_dir / "figures")
-    title = "Detector comparison: " + " vs ".join(s.labels)
+    s = _Study(list(runs), out_dir / "figures", seed_runs)
+    title = "Detector comparison: " + " vs ".join(s.labels) + (" (over seeds)" if seed_runs else "")
     blocks: list = [("h1", title), ("h2", "What was compared"), *_section_compared(s)]
-    for section in (_section_map, _section_per_class, _section_pr, _section_stages, _section_test_time, _section_cache):
+    ap_sections = (_section_map_seeds, _section_per_class_seeds) if seed_runs else (_section_map, _section_per_class)
+    for section in (*ap_sections, _section_pr, _section_stages, _section_test_time, _section_cache):
         blocks += section(s)
     blocks += _section_grid(s, grid_images)
     blocks += _section_missing(s)

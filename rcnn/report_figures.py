@@ -136,10 +136,12 @@ def ap_bars(
     classes: Sequence[str],
     aps: Sequence[Mapping[str, Mapping[str, float | None]]],
     metric: str,
+    errors: Sequence[Mapping[str, Mapping[str, float | None]]] | None = None,
 ) -> Path:
     """Grouped bars of per-class AP and mAP, one bar per run, without and with box regression.
 
-    ``aps[r]`` maps ``"plain"`` and ``"bbox"`` to ``{class or "mAP": AP or None}``.
+    ``aps[r]`` maps ``"plain"`` and ``"bbox"`` to ``{class or "mAP": AP or None}``; ``errors``, laid out
+    the same, draws an error bar of that half-length on each bar (the spread over seeds).
     """
     groups = [*classes, "mAP"]
     n = len(labels)
@@ -155,7 +157,12 @@ def ap_bars(
             values = [aps[r].get(variant, {}).get(g) for g in groups]
             heights = [np.nan if v is None else v for v in values]
             shown = label if any(v is not None for v in values) else f"{label} (no results)"
-            bars = ax.bar(x + (r - (n - 1) / 2) * width, heights, width * 0.95, color=run_colour(r), label=shown)
+            yerr = None
+            if errors is not None:
+                yerr = [np.nan if e is None else e for e in (errors[r].get(variant, {}).get(g) for g in groups)]
+            bars = ax.bar(
+                x + (r - (n - 1) / 2) * width, heights, width * 0.95, yerr=yerr, capsize=2, color=run_colour(r), label=shown
+            )
             if len(groups) * n <= 48:
                 ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1, rotation=90 if n > 2 else 0)
         ax.set_ylim(0, 1.15)
