@@ -55,6 +55,13 @@ def stage_options(f):
     return pipeline_options(f)
 
 
+def ensure_data(ctx) -> None:
+    """Before a pipeline's first stage: its synthetic data generated if missing, its annotations checked."""
+    from rcnn.stages.prepare import ensure_data as prepare
+
+    prepare(ctx)
+
+
 def make_context(pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False, skip_bad=False):
     from rcnn.stages.common import Context
 
@@ -262,7 +269,7 @@ def _stage_command(stage_name: str):
     @click.argument("pipeline")
     def command(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
         ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad)
-        ctx.ensure_data()
+        ensure_data(ctx)
         _run_one(stage_name, ctx)
 
     command.__doc__ = STAGE_HELP[stage_name]
@@ -317,7 +324,7 @@ def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, 
     for ctx in contexts:
         if seeds is not None:
             click.echo(f"== {ctx.cfg.name} ({ctx.root})")
-        ctx.ensure_data()
+        ensure_data(ctx)
         for name in pipeline_stages(ctx.cfg.method):
             manifest = _run_one(name, ctx)
             if name == until:
@@ -617,7 +624,7 @@ def _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipeline
 
     overrides = (*overrides, f"evaluate.metric={metric}") if metric else overrides
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad)
-    ctx.ensure_data()
+    ensure_data(ctx)
     manifests = _run_one("evaluate", ctx)
     manifest = next(iter(manifests.values()))
     click.echo(evaluate.table(ctx, manifest))

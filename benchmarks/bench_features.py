@@ -29,8 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import REPO, machine_info, machine_line, rcnn_image_features, spp_image_features, synchronize
-from rcnn.stages.common import Context
-from rcnn.stages.convmaps import untrained_model
 
 from rcnn.config import PipelineFile
 from rcnn.datasets import load_image
@@ -40,6 +38,9 @@ from rcnn.runtime import keep_freed_memory
 from rcnn.selective_search import selective_search
 from rcnn.spp import image_scales
 from rcnn.spp_features import as_map_tensors, image_maps, pool_windows
+from rcnn.stages.common import Context
+from rcnn.stages.convmaps import untrained_model
+from rcnn.stages.prepare import ensure_data
 
 
 def network(ctx: Context, spp: bool, device: torch.device):
@@ -82,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as runs:
         rc = Context(cfg=pfile.load(args.rcnn, tuple(args.overrides)), runs_dir=Path(runs), progress=False, log=lambda _: None)
         sp = Context(cfg=pfile.load(args.spp, tuple(args.overrides)), runs_dir=Path(runs), progress=False, log=lambda _: None)
-        rc.ensure_data()
+        ensure_data(rc)
         dataset = rc.dataset(rc.cfg.data.test)
         device = device_for(args.device or rc.cfg.model.device)
         r_net, s_net = network(rc, False, device), network(sp, True, device)

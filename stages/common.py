@@ -21,7 +21,7 @@ import click
 
 from rcnn import __version__, code_identity, store
 from rcnn.config import PipelineConfig
-from rcnn.datasets import VOCDataset, check_pipeline_data, find_bad_images
+from rcnn.datasets import VOCDataset, find_bad_images
 from rcnn.errors import UserError
 
 # Content digests of images known to decode to their annotated size (see find_bad_images).
@@ -65,18 +65,6 @@ class Context:
         if synth is None:
             raise UserError(f"pipeline '{self.cfg.name}': set data.root or data.synthetic")
         return self.runs_dir / "_data" / f"synth-n{synth.images}-s{synth.seed}-px{synth.size}"
-
-    def ensure_data(self) -> None:
-        """Generate the pipeline's synthetic data if it is synthetic and not there yet; check every annotation."""
-        synth = self.cfg.data.synthetic
-        if self.cfg.data.root is None and synth is not None and not (self.data_root / "ImageSets").is_dir():
-            from rcnn.synth import generate_dataset
-
-            self.log(f"generating {synth.images} synthetic images in {self.data_root}")
-            generate_dataset(self.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=self.progress)
-        # What the annotations tell is checked before any stage starts its long work.
-        data = self.cfg.data
-        check_pipeline_data(self.dataset(data.trainval), self.dataset(data.test), self.classes, data.use_difficult)
 
     def weights(self) -> tuple[str, dict[str, str]]:
         """``model.weights`` as :func:`rcnn.models.initialise` takes it, and the input digest it adds."""

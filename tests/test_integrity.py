@@ -271,3 +271,14 @@ def test_each_file_is_hashed_once_per_process_and_workers_inherit_the_digests(tr
     for name in manifest["outputs"]:
         received(ctx.unit_dir("features", "trainval") / name)
     assert calls == []
+
+
+def test_the_data_generator_is_no_stages_code():
+    """Synthetic data is fingerprinted by its content, so the generator's source belongs to no stage's identity:
+    editing it must not make finished results stale on its own."""
+    from rcnn import code_identity
+    from rcnn.stages import STAGES
+
+    for stage in STAGES.values():
+        closure = code_identity.closure(stage.__name__)
+        assert "rcnn.synth" not in closure and "rcnn.stages.prepare" not in closure, stage.__name__

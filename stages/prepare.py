@@ -1,0 +1,24 @@
+"""What runs before a pipeline's first stage: its synthetic data generated if missing, its annotations checked.
+
+Apart from the stages on purpose: the generator's code is no stage's code (the data's content is fingerprinted
+instead), so a change to it makes no result stale by itself.
+"""
+
+from __future__ import annotations
+
+from rcnn.datasets import check_pipeline_data
+
+from .common import Context
+
+
+def ensure_data(ctx: Context) -> None:
+    """Generate the pipeline's synthetic data if it is synthetic and not there yet; check every annotation."""
+    synth = ctx.cfg.data.synthetic
+    if ctx.cfg.data.root is None and synth is not None and not (ctx.data_root / "ImageSets").is_dir():
+        from rcnn.synth import generate_dataset
+
+        ctx.log(f"generating {synth.images} synthetic images in {ctx.data_root}")
+        generate_dataset(ctx.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=ctx.progress)
+    # What the annotations tell is checked before any stage starts its long work.
+    data = ctx.cfg.data
+    check_pipeline_data(ctx.dataset(data.trainval), ctx.dataset(data.test), ctx.classes, data.use_difficult)
