@@ -239,16 +239,13 @@ def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBg
     ft, device = ctx.cfg.finetune, b.device
     optimizer = torch.optim.SGD(regions.trainable(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss()
-    spp = ctx.cfg.method == "spp"
 
     def ours(it: int, batch: np.ndarray) -> float:
         with stage_cudnn(device):
             return _step(it, batch)
 
     def _step(it: int, batch: np.ndarray) -> float:
-        model.train()
-        if spp:
-            model.trunk.eval()
+        regions.train_mode()
         img_idx, reg_idx = sampler.locate(batch)
         target = torch.from_numpy(sampler.labels[batch]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -1,8 +1,9 @@
 """Pipeline stages, in the order a run executes them."""
 
 from . import convmaps, evaluate, features, finetune, proposals, train_bbox, train_svm
+from .methods import method_named
 
-# Every stage in run order; `convmaps` belongs to SPP-net pipelines only.
+# Every stage in run order; `convmaps` belongs to SPP-net pipelines only (its method's extra stage).
 STAGES = {
     "proposals": proposals,
     "convmaps": convmaps,
@@ -12,9 +13,10 @@ STAGES = {
     "train-bbox": train_bbox,
     "evaluate": evaluate,
 }
-SPP_ONLY = ("convmaps",)
+METHOD_STAGES = ("convmaps",)  # run only by the methods naming them in their `extra_stages`
 
 
 def pipeline_stages(method: str) -> dict:
     """The stages a pipeline of ``method`` ("rcnn" or "spp") runs, in order."""
-    return {name: stage for name, stage in STAGES.items() if method == "spp" or name not in SPP_ONLY}
+    extra = method_named(method).extra_stages
+    return {name: stage for name, stage in STAGES.items() if name not in METHOD_STAGES or name in extra}

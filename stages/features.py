@@ -14,20 +14,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from rcnn import records, store
-from rcnn.crop_features import region_features
-from rcnn.datasets import load_image
 from rcnn.errors import UserError
 from rcnn.inference import for_inference
 from rcnn.models import device_label
 from rcnn.regions import image_regions
-from rcnn.spp_features import as_map_tensors, pool_windows, spp_region_features
+from rcnn.spp_features import as_map_tensors, pool_windows
 
 from . import convmaps, finetune, proposals
 from .common import Context, cached_mb, pending_images, progress_bar, upstream_check, upstream_digest
+from .methods import build_method
 
 NAME = "features"
 SCHEMA_VERSION = 2
@@ -46,12 +44,12 @@ def cached_layers(ctx: Context) -> tuple[str, ...]:
     if bad:
         raise UserError(f"features.layers: unknown layer '{bad[0]}' (choose from {', '.join(LAYERS)})")
     layers = tuple(ctx.cfg.features.layers)
-    return tuple(x for x in layers if x != "pool5") if ctx.cfg.method == "spp" else layers
+    return build_method(ctx.cfg).cached_layers(layers)
 
 
 def params(ctx: Context) -> dict:
     return {
-        "method": ctx.cfg.method,
+        "method": build_method(ctx.cfg).name,
         "layers": list(cached_layers(ctx)),
         "context_pad": ctx.cfg.finetune.context_pad,
         "classes": list(ctx.classes),
@@ -61,47 +59,42 @@ def params(ctx: Context) -> dict:
 
 def inputs(ctx: Context, split: str) -> dict[str, str]:
     trainval = ctx.cfg.data.trainval
-    out = {
+    return {
         f"data/{split}": ctx.dataset(split).fingerprint,
         f"proposals/{split}": upstream_digest(ctx, "proposals", split),
         "finetune": upstream_digest(ctx, "finetune", trainval),
+        **build_method(ctx.cfg).upstream_inputs(ctx, split),
     }
-    if ctx.cfg.method == "spp":
-        out[f"convmaps/{split}"] = upstream_digest(ctx, "convmaps", split)
-    return out
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
     cfg = ctx.cfg
     dataset = ctx.dataset(split)
     dataset.check(ctx.classes)
+    method = build_method(cfg)
     model, _ = finetune.load(ctx)
-    for_inference(model, whole_images=cfg.method == "spp")
+    for_inference(model, whole_images=method.whole_images)
     device = next(model.parameters()).device
     layers = cached_layers(ctx)
     # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
     # hands it to box regression; this stage computes it too but does not cache it (LayerReader pools
     # it again when a later stage needs it, timed apart).
-    computed = layers + (("pool5",) if cfg.method == "spp" and cfg.bbox.layer == "pool5" else ())
+    computed = method.computed_layers(layers, cfg.bbox.layer)
     parts = work / "parts"
     todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
     bar = progress_bar(ctx, len(todo), f"features {split}")
     start = time.perf_counter()
     n_boxes, compute = 0, 0.0
-    maps = convmaps.load(ctx, split) if cfg.method == "spp" else None
-    with proposals.load(ctx, split) as props, records.RecordWriter(parts, KIND, chunk_size=16) as writer:
+    with (
+        proposals.load(ctx, split) as props,
+        method.region_features(ctx, split) as region_features,
+        records.RecordWriter(parts, KIND, chunk_size=16) as writer,
+    ):
         for image_id in todo:
             ann = dataset.annotation(image_id)
             regions = image_regions(ann, props.array(image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
-            if maps is not None:
-                conv, factors = convmaps.image_record(maps, image_id)
-                tick = time.perf_counter()
-                feats = spp_region_features(model, conv, factors, regions.boxes, computed, cfg.spp.target_size)
-            else:
-                tick = time.perf_counter()
-                image = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
-                feats = region_features(model, image, regions.boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size)
-            compute += time.perf_counter() - tick
+            feats, seconds = region_features(model, ann, regions.boxes, computed)
+            compute += seconds
             writer.add(
                 image_id,
                 {

@@ -33,6 +33,7 @@ from rcnn.warp import warp_regions
 
 from . import convmaps, proposals
 from .common import Context, progress_bar, upstream_check, upstream_digest
+from .methods import build_method
 
 NAME = "finetune"
 SCHEMA_VERSION = 1
@@ -45,23 +46,24 @@ def splits(ctx: Context) -> tuple[str, ...]:
 
 
 def params(ctx: Context) -> dict:
-    out = {
-        "method": ctx.cfg.method,
+    method = build_method(ctx.cfg)
+    return {
+        "method": method.name,
         "model": fingerprint_params(ctx.cfg.model),
         "finetune": fingerprint_params(ctx.cfg.finetune),
         "classes": list(ctx.classes),
         "use_difficult": ctx.cfg.data.use_difficult,
+        **method.finetune_params(ctx),
     }
-    if ctx.cfg.method == "spp":
-        out["spp"] = fingerprint_params(ctx.cfg.spp)
-    return out
 
 
 def inputs(ctx: Context, split: str) -> dict[str, str]:
-    out = {f"data/{split}": ctx.dataset(split).fingerprint, f"proposals/{split}": upstream_digest(ctx, "proposals", split)}
-    if ctx.cfg.method == "spp":
-        out[f"convmaps/{split}"] = upstream_digest(ctx, "convmaps", split)
-    return {**out, **ctx.weights()[1]}
+    return {
+        f"data/{split}": ctx.dataset(split).fingerprint,
+        f"proposals/{split}": upstream_digest(ctx, "proposals", split),
+        **build_method(ctx.cfg).upstream_inputs(ctx, split),
+        **ctx.weights()[1],
+    }
 
 
 class RegionImages:
@@ -104,6 +106,10 @@ class WarpedRegions:
     def trainable(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
+    def train_mode(self) -> None:
+        """Put the model in training mode (dropout on) before a step."""
+        self.model.train()
+
     def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
         spec = self.model.spec
         crops = warp_batch(self.images, self.boxes, img_idx, reg_idx, spec, self.ft.context_pad)
@@ -136,6 +142,11 @@ class PooledRegions:
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for name, p in self.model.named_parameters() if not name.startswith("trunk.")]
+
+    def train_mode(self) -> None:
+        """Training mode for the fc layers; the fixed conv layers (and their batch-norm statistics, if any) stay in eval."""
+        self.model.train()
+        self.model.trunk.eval()
 
     def _image(self, i: int, mirror: bool = False) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
         """Image ``i``'s conv maps (of its mirror image with ``mirror``), the scale each of its regions
@@ -227,7 +238,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         raise UserError(f"no foreground regions in '{split}': no proposal reaches IoU {ft.fg_threshold} with an object")
     val = _validation_set(labels, val_idx, ft.seed)
 
-    model = convmaps.untrained_model(ctx, spp=cfg.method == "spp")
+    method = build_method(cfg)
+    model = method.untrained_model(ctx)
     state_path = work / "train_state.pt"
     history_path = work / "history.json"
     start_iter, history, state = 0, [], None
@@ -246,9 +258,9 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         )
     # The model moves first: loading optimizer state then puts its buffers on the same device.
     model.to(device)
-    regions = (PooledRegions if cfg.method == "spp" else WarpedRegions)(ctx, anns, boxes, model)
-    if cfg.method == "spp" and state is None and cfg.spp.fc6_input_rms is not None:
-        model.fc6_input_scale.fill_(regions.input_scale(sampler, ft.seed + 1, cfg.spp.fc6_input_rms))
+    regions = method.training_regions(ctx, anns, boxes, model)
+    if state is None:
+        method.prepare_training(ctx, regions, sampler)
     if ft.optimizer == "adam":
         optimizer = torch.optim.Adam(regions.trainable(), lr=ft.lr, weight_decay=ft.weight_decay)
     else:
@@ -273,9 +285,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     started = time.perf_counter()
     run_loss, run_acc, run_n = 0.0, 0.0, 0
     for it in range(start_iter, ft.max_iter):
-        model.train()
-        if cfg.method == "spp":
-            model.trunk.eval()  # fixed conv layers (and their batch-norm statistics, if any)
+        regions.train_mode()
         # Step schedule computed from the iteration alone, so resuming needs no scheduler state.
         for group in optimizer.param_groups:
             group["lr"] = ft.lr * ft.gamma ** (it // ft.step_size)
