@@ -512,7 +512,7 @@ class PipelineFile:
         node: Any = self._resolved_raw(split_seeded_name(name)[0])
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        return _ENV.findall(node) and [m[0] for m in _ENV.findall(node)] if isinstance(node, str) else []
+        return [m[0] for m in _ENV.findall(node)] if isinstance(node, str) else []
 
     def origins(self, name: str, overrides: typing.Sequence[str] = ()) -> dict[str, str]:
         """Where each dotted key that is set comes from: ``--set``, ``pipeline`` or ``parent NAME``.

@@ -50,6 +50,17 @@ def reference(medium_voc, tmp_path_factory) -> Path:
     return runs
 
 
+def start_until_first_part(runs: Path, common: list[str], **popen) -> subprocess.Popen:
+    """`rcnn proposals tiny` in a process group of its own, returned once its first per-image part is on disk
+    (or it ended, or two minutes passed)."""
+    parts = runs / "tiny" / "proposals" / "trainval" / ".work" / "parts"
+    proc = subprocess.Popen(rcnn("proposals", "tiny", "--runs-dir", str(runs), *common), cwd=CWD, start_new_session=True, **popen)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(parts.glob("part-*.h5")) and proc.poll() is None:
+        time.sleep(0.02)
+    return proc
+
+
 def test_sigkill_midway_then_resume_gives_identical_outputs(medium_voc, reference, tmp_path):
     pf = write_pipelines(tmp_path / "p.yaml", medium_voc)
     # `fast` mode on 36 trainval images takes a few seconds: long enough to kill midway.
@@ -57,16 +68,7 @@ def test_sigkill_midway_then_resume_gives_identical_outputs(medium_voc, referenc
     cwd = CWD
     runs = tmp_path / "runs"
     parts = runs / "tiny" / "proposals" / "trainval" / ".work" / "parts"
-    proc = subprocess.Popen(
-        rcnn("proposals", "tiny", "--runs-dir", str(runs), *common),
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(parts.glob("part-*.h5")):
-        time.sleep(0.05)
+    proc = start_until_first_part(runs, common, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_parts = list(parts.glob("part-*.h5"))
@@ -98,18 +100,7 @@ def test_ctrl_c_stops_the_workers_says_what_is_kept_and_a_rerun_resumes(medium_v
     pf = write_pipelines(tmp_path / "p.yaml", medium_voc)
     common = ["--pipelines-file", str(pf), *PROPOSALS, "--set", "proposals.n_jobs=2"]
     runs = tmp_path / "runs"
-    parts = runs / "tiny" / "proposals" / "trainval" / ".work" / "parts"
-    proc = subprocess.Popen(
-        rcnn("proposals", "tiny", "--runs-dir", str(runs), *common),
-        cwd=CWD,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(parts.glob("part-*.h5")) and proc.poll() is None:
-        time.sleep(0.02)
+    proc = start_until_first_part(runs, common, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.poll() is None, "the stage finished before it could be interrupted"
     # Ctrl-C in a terminal: SIGINT to the whole foreground process group, the workers too.
     os.killpg(proc.pid, signal.SIGINT)
