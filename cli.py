@@ -107,7 +107,7 @@ def pipelines_cmd(pipelines_file):
         click.echo(f"      data: {_where(pfile, name, 'data.root', cfg.data.root, 'synthetic, generated under the runs folder')}")
         weights = cfg.model.weights
         if weights == "imagenet":
-            from rcnn.models import imagenet_weights_file
+            from rcnn.modeling.models import imagenet_weights_file
 
             url, path = imagenet_weights_file(cfg.model.backbone)
             there = "" if path.is_file() else f" (not there: downloaded on first use; offline, put {url} there)"
@@ -139,18 +139,20 @@ def _where(pfile: PipelineFile, name: str, key: str, path: str | None, when_none
 
 @cli.command("config")
 @click.argument("pipeline")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one value (repeatable), as stages take it.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one value (repeatable), as stages take it."
+)
 @click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help="The pipelines YAML.")
 def config_cmd(pipeline, overrides, pipelines_file):
     """Print PIPELINE's resolved configuration as YAML, each value marked with its origin.
 
     \b
-    Origins: default (rcnn/config.py), pipeline (its own section of the pipelines
+    Origins: default (rcnn/config/schema.py), pipeline (its own section of the pipelines
     file), parent NAME (inherited through `extends`), --set (this command line).
     Relative paths are shown resolved. Example:
       rcnn config voc07-mini-spp --set finetune.lr=0.0005
     """
-    from rcnn.config_view import render_config
+    from rcnn.config.view import render_config
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     cfg = pfile.load(pipeline, overrides)
@@ -180,7 +182,7 @@ def data_synth(directory, images, seed, size, quiet):
     textured backgrounds, 1-6 per image, some overlapping or cut by the border.
     The result has JPEGImages/, Annotations/ and ImageSets/Main/{trainval,test}.txt.
     """
-    from rcnn.synth import generate_dataset
+    from rcnn.data.synth import generate_dataset
 
     summary = generate_dataset(Path(directory), n_images=images, seed=seed, size=size, progress=not quiet)
     click.echo(f"wrote {directory}: {summary}")
@@ -191,8 +193,8 @@ def data_synth(directory, images, seed, size, quiet):
 @click.option("--split", default="trainval", show_default=True, help="Split file name in ImageSets/Main.")
 def data_stats(directory, split):
     """Print images, objects per class, difficult counts and box sizes of a VOC split."""
-    from rcnn.datasets import VOCDataset
-    from rcnn.stats import dataset_stats, format_stats
+    from rcnn.data.datasets import VOCDataset
+    from rcnn.data.stats import dataset_stats, format_stats
 
     click.echo(format_stats(dataset_stats(VOCDataset(directory, split))))
 
@@ -289,7 +291,7 @@ SEEDS_HELP = (
 
 def _seeded(pipeline: str, seeds: str | None) -> list[str]:
     """The pipeline names ``--seeds`` stands for: ``demo@seed0, demo@seed1, ...``, or ``[pipeline]`` without it."""
-    from rcnn.seeds import parse_seeds, seeded_name, split_seeded_name
+    from rcnn.config.seeds import parse_seeds, seeded_name, split_seeded_name
 
     if seeds is None:
         return [pipeline]
@@ -339,8 +341,8 @@ def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, 
         for line in skip_summary(ctx):
             click.echo(line)
     if seeds is not None and results:
-        from rcnn.report_seeds import seeds_table
-        from rcnn.seeds import split_seeded_name
+        from rcnn.config.seeds import split_seeded_name
+        from rcnn.report.seeds import seeds_table
 
         click.echo(f"{pipeline} over seeds:")
         click.echo(seeds_table(contexts[0].classes, [split_seeded_name(c.cfg.name)[1] for c in contexts], results))
@@ -380,7 +382,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     \b
       rcnn detect demo runs/_data/synth-n60-s0-px256/JPEGImages/000003.jpg --out det/
     """
-    from rcnn.detector import detect_files
+    from rcnn.detection.detector import detect_files
     from rcnn.stages import evaluate, finetune
 
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
@@ -435,8 +437,8 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
     """
     import dataclasses
 
-    from rcnn.report import write_report
-    from rcnn.report_data import load_run
+    from rcnn.report.runs import load_run
+    from rcnn.report.study import write_report
 
     if len(runs) < (1 if seeds else 2):
         raise click.UsageError(
@@ -479,7 +481,7 @@ def status_cmd(pipeline, skip_bad, verify, seeds, runs_dir, overrides, pipelines
 
     An output whose size (or, with --verify, whose bytes) differ from what its manifest
     recorded shows the stage as damaged; rerun that stage with --force."""
-    from rcnn.seeds import split_seeded_name
+    from rcnn.config.seeds import split_seeded_name
     from rcnn.stages import pipeline_stages
     from rcnn.stages.common import built_with_skip_bad, skip_summary, unit_status
 
@@ -607,7 +609,7 @@ def evaluate_cmd(
         raise ConfigError(f"{', '.join(extra)} apply to a pipeline's evaluation: rcnn evaluate PIPELINE {extra[0]} ...")
     if data_dir is None or detections is None:
         raise ConfigError("give a PIPELINE, or --data VOCDIR and --detections PATH to score devkit files")
-    from rcnn.scoring import format_ap_table, score_devkit_detections
+    from rcnn.evaluation.scoring import format_ap_table, score_devkit_detections
 
     split = split or "test"
     wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes is not None else None
@@ -633,7 +635,7 @@ def _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipeline
 
 
 def _write_json(path: str, value: dict) -> None:
-    from rcnn.store import write_json_atomic
+    from rcnn.store.artifacts import write_json_atomic
 
     write_json_atomic(Path(path), value)
     click.echo(f"wrote {path}")

@@ -31,13 +31,13 @@ import torch
 from common import REPO, machine_info, machine_line, rcnn_image_features, spp_image_features, synchronize
 
 from rcnn.config import PipelineFile
-from rcnn.datasets import load_image
-from rcnn.inference import for_inference, inference_autocast, to_float16
-from rcnn.models import device_for, initialise
+from rcnn.data.datasets import load_image
+from rcnn.methods.spp_regions import as_map_tensors, image_maps, pool_windows
+from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
+from rcnn.modeling.models import device_for, initialise
+from rcnn.modeling.spp import image_scales
+from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
-from rcnn.selective_search import selective_search
-from rcnn.spp import image_scales
-from rcnn.spp_features import as_map_tensors, image_maps, pool_windows
 from rcnn.stages.common import Context
 from rcnn.stages.convmaps import untrained_model
 from rcnn.stages.prepare import ensure_data

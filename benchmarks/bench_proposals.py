@@ -23,10 +23,10 @@ from pathlib import Path
 import cv2
 from common import REPO, machine_info, machine_line, subset
 from joblib import Parallel, delayed
-from rcnn.stages import proposals
-from rcnn.stages.common import Context, run_stage
 
 from rcnn.config import PipelineFile
+from rcnn.stages import proposals
+from rcnn.stages.common import Context, run_stage
 
 
 def opencv_direct(path: str) -> int:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from common import REPO, machine_info, machine_line
 
-from rcnn.datasets import decode_image
-from rcnn.models import build_model, initialise
+from rcnn.data.datasets import decode_image
+from rcnn.methods.spp_regions import as_map_tensors, image_maps
+from rcnn.modeling.models import build_model, initialise
+from rcnn.modeling.spp import PYRAMID_LEVELS, image_scales, map_windows, spp_pool
+from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
-from rcnn.selective_search import selective_search
-from rcnn.spp import PYRAMID_LEVELS, image_scales, map_windows, spp_pool
-from rcnn.spp_features import as_map_tensors, image_maps
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ if str(REPO) not in sys.path:
 
 import cv2  # noqa: E402
 
-from rcnn.crop_features import region_features  # noqa: E402
-from rcnn.spp import image_scales  # noqa: E402
-from rcnn.spp_features import image_maps, spp_region_features  # noqa: E402
+from rcnn.methods.rcnn_regions import region_features  # noqa: E402
+from rcnn.methods.spp_regions import image_maps, spp_region_features  # noqa: E402
+from rcnn.modeling.spp import image_scales  # noqa: E402
 
 # ----------------------------------------------------------------------------- machine and versions
 

@@ -18,21 +18,21 @@ import numpy as np
 import stock
 import torch
 from common import alternate, rcnn_image_features, spp_image_features, timed
+
+from rcnn.config import DataConfig, FinetuneConfig, ModelConfig, PipelineConfig, SPPConfig
+from rcnn.data.datasets import ImageAnnotation
+from rcnn.learners.svm import ImageFeatures, SVMParams, train_class_svms
+from rcnn.methods.spp_regions import image_maps
+from rcnn.modeling.inference import for_inference
+from rcnn.modeling.models import build_model, initialise
+from rcnn.modeling.spp import PYRAMID_LEVELS, TARGET_SIZE, image_scales
 from rcnn.stages import convmaps
 from rcnn.stages.common import Context, run_stage
 from rcnn.stages.convmaps import untrained_model
 from rcnn.stages.finetune import PooledRegions, WarpedRegions
-
-from rcnn import records
-from rcnn.config import DataConfig, FinetuneConfig, ModelConfig, PipelineConfig, SPPConfig
-from rcnn.datasets import ImageAnnotation
-from rcnn.inference import for_inference
-from rcnn.models import build_model, initialise
-from rcnn.regions import finetune_labels, image_regions
-from rcnn.sampling import FgBgSampler
-from rcnn.spp import PYRAMID_LEVELS, TARGET_SIZE, image_scales
-from rcnn.spp_features import image_maps
-from rcnn.svm import ImageFeatures, SVMParams, train_class_svms
+from rcnn.store import records
+from rcnn.training.regions import finetune_labels, image_regions
+from rcnn.training.sampling import FgBgSampler
 
 MAX_SIDE = SPPConfig().max_side  # the pipelines' cap on the longer side after resizing
 
@@ -301,7 +301,7 @@ def finetune_spp(b: Bench) -> dict:
 
 
 def svm_training(b: Bench) -> dict:
-    """Per-class SVMs with R-CNN's hard-negative mining (rcnn.svm, one worker) against one liblinear fit per
+    """Per-class SVMs with R-CNN's hard-negative mining (rcnn.learners.svm, one worker) against one liblinear fit per
     class on every negative, on the same features: synthetic, ``svm_dim`` wide, ReLU-like, each row carrying
     its classes' signal in proportion to its overlap with their objects."""
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ for times and sizes and ours / stock for rates, so above 1 means the library is 
 Networks have random weights (AlexNet always; SqueezeNet unless --weights names a file): timing does
 not depend on them, and nothing here is accurate or meant to be.
 
-Without --data the images are synthetic (rcnn.synth, in a temporary folder); the boxes stand in for
+Without --data the images are synthetic (rcnn.data.synth, in a temporary folder); the boxes stand in for
 proposals (--proposals ss runs selective search instead). The full run uses the papers' settings:
 20 images, 2000 boxes per image, 227 px crops, SPP-net at 688 px and at 480..1200.
 
@@ -31,12 +31,12 @@ import torch
 from common import machine_info, machine_line, random_boxes, subset
 from measures import MEASUREMENTS, Bench, Sizes
 
-from rcnn.datasets import VOCDataset, load_image
+from rcnn.data.datasets import VOCDataset, load_image
+from rcnn.data.synth import generate_dataset
 from rcnn.errors import UserError
-from rcnn.models import device_for
+from rcnn.modeling.models import device_for
+from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
-from rcnn.selective_search import selective_search
-from rcnn.synth import generate_dataset
 
 FULL = Sizes(images=20, boxes=2000, squeezenet_crop=227, scale=688, scales=(480, 576, 688, 864, 1200), image_size=500,
              finetune_batch=128, finetune_steps=20, svm_images=10, svm_dim=4096, repeats=3)  # fmt: skip

@@ -3,7 +3,7 @@
 A stage module declares ``NAME``, ``SCHEMA_VERSION``, ``splits(ctx)``, ``params(ctx)``,
 ``inputs(ctx, split)`` and ``compute(ctx, split, work) -> (outputs, metrics)``;
 :func:`run_stage` does the rest. Its code identity is the stage module and every
-first-party module it imports (:mod:`rcnn.code_identity`); it reads upstream outputs
+first-party module it imports (:mod:`rcnn.store.code_identity`); it reads upstream outputs
 only through readers that check them against their manifest (:func:`upstream_check`).
 """
 
@@ -19,10 +19,12 @@ from types import ModuleType
 
 import click
 
-from rcnn import __version__, code_identity, store
+from rcnn import __version__
 from rcnn.config import PipelineConfig
-from rcnn.datasets import VOCDataset, find_bad_images
+from rcnn.data.datasets import VOCDataset, find_bad_images
 from rcnn.errors import UserError
+from rcnn.store import artifacts as store
+from rcnn.store import code_identity
 
 # Content digests of images known to decode to their annotated size (see find_bad_images).
 CHECKED_IMAGES = "_data/checked-images.json"
@@ -67,7 +69,7 @@ class Context:
         return self.runs_dir / "_data" / f"synth-n{synth.images}-s{synth.seed}-px{synth.size}"
 
     def weights(self) -> tuple[str, dict[str, str]]:
-        """``model.weights`` as :func:`rcnn.models.initialise` takes it, and the input digest it adds."""
+        """``model.weights`` as :func:`rcnn.modeling.models.initialise` takes it, and the input digest it adds."""
         w = self.cfg.model.weights
         if w in ("imagenet", "scratch"):
             return w, {}
@@ -131,7 +133,7 @@ class Context:
 
 def pending_images(ctx: Context, label: str, parts: Path, ids: list[str]) -> list[str]:
     """The ids without a complete per-image record in ``parts``, logging a resume when some have one."""
-    from rcnn import records
+    from rcnn.store import records
 
     done = records.completed_parts(parts)
     if done:
@@ -180,7 +182,7 @@ def upstream_digest(ctx: Context, stage: str, split: str) -> str:
 
 
 def upstream_check(ctx: Context, stage: str, split: str) -> store.Verifier:
-    """What a reader of an upstream unit's files calls on each before using it (see :class:`rcnn.store.Verifier`)."""
+    """What a reader of an upstream unit's files calls on each before using it (see :class:`rcnn.store.artifacts.Verifier`)."""
     return store.Verifier(ctx.unit_dir(stage, split), _completed(ctx, stage, split))
 
 
@@ -349,7 +351,7 @@ def _checked_images_key() -> dict:
     import cv2
 
     # A change to the checks or the decoder invalidates what was remembered.
-    return {"code": code_identity.combined_digest(code_identity.module_digests("rcnn.datasets")), "opencv": cv2.__version__}
+    return {"code": code_identity.combined_digest(code_identity.module_digests("rcnn.data.datasets")), "opencv": cv2.__version__}
 
 
 def _read_checked_images(runs_dir: Path) -> set[str]:

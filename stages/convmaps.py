@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn import records
-from rcnn.datasets import load_image
-from rcnn.inference import for_inference
-from rcnn.models import DetectorNet, build_model, device_for, device_label, initialise
-from rcnn.spp import image_scales
-from rcnn.spp_features import image_maps
+from rcnn.data.datasets import load_image
+from rcnn.methods.spp_regions import image_maps
+from rcnn.modeling.inference import for_inference
+from rcnn.modeling.models import DetectorNet, build_model, device_for, device_label, initialise
+from rcnn.modeling.spp import image_scales
+from rcnn.store import records
 
 from .common import Context, cached_mb, pending_images, progress_bar, upstream_check
 

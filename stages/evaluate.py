@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.bbox_regression import BBoxRegressor
-from rcnn.detector import ClassDetections, per_class_nms
-from rcnn.detfiles import devkit_filename, write_devkit_file
-from rcnn.evaluation import Detections, EvalResult, evaluate
-from rcnn.filenames import child_path
+from rcnn.data.filenames import child_path
+from rcnn.detection.detector import ClassDetections, per_class_nms
+from rcnn.evaluation.detfiles import devkit_filename, write_devkit_file
+from rcnn.evaluation.scoring import ground_truth_by_class
+from rcnn.evaluation.voc import Detections, EvalResult, evaluate
+from rcnn.learners.bbox_regression import BBoxRegressor
+from rcnn.learners.svm import SVMModel
 from rcnn.runtime import one_blas_thread, quiet_matplotlib
-from rcnn.scoring import ground_truth_by_class
-from rcnn.store import write_json_atomic
-from rcnn.svm import SVMModel
+from rcnn.store.artifacts import write_json_atomic
 
 from . import features, train_bbox, train_svm
 from .common import Context, upstream_digest
@@ -162,7 +162,7 @@ def plot_pr_curves(evals: dict[str, EvalResult], folder: Path) -> dict[str, Path
 
 
 def _axes(width: float, height: float):
-    """A figure on its own Agg canvas and its one axes: matplotlib's object API, as rcnn.report_figures draws.
+    """A figure on its own Agg canvas and its one axes: matplotlib's object API, as rcnn.report.figures draws.
 
     Not pyplot, whose global figure registry and backend switch would reach into any program that imports the stage.
     """
@@ -192,8 +192,8 @@ def table(ctx: Context, manifest: dict) -> str:
 
 
 def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = True):
-    """The trained pipeline as a :class:`rcnn.detector.Detector` for new images (``rcnn detect``)."""
-    from rcnn.detector import Detector
+    """The trained pipeline as a :class:`rcnn.detection.detector.Detector` for new images (``rcnn detect``)."""
+    from rcnn.detection.detector import Detector
 
     cfg = ctx.cfg
     return Detector(

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn import records, store
 from rcnn.errors import UserError
-from rcnn.inference import for_inference
-from rcnn.models import device_label
-from rcnn.regions import image_regions
-from rcnn.spp_features import as_map_tensors, pool_windows
+from rcnn.methods.spp_regions import as_map_tensors, pool_windows
+from rcnn.modeling.inference import for_inference
+from rcnn.modeling.models import device_label
+from rcnn.store import artifacts as store
+from rcnn.store import records
+from rcnn.training.regions import image_regions
 
 from . import convmaps, finetune, proposals
 from .common import Context, cached_mb, pending_images, progress_bar, upstream_check, upstream_digest

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from rcnn.config import fingerprint_params
-from rcnn.datasets import ImageAnnotation, load_image
+from rcnn.data.datasets import ImageAnnotation, load_image
 from rcnn.errors import UserError
-from rcnn.models import DetectorNet, device_for, device_label, initialise, normalise_crops, save_checkpoint
-from rcnn.regions import finetune_labels, image_regions
-from rcnn.sampling import FgBgSampler
-from rcnn.store import write_json_atomic
-from rcnn.warp import warp_regions
+from rcnn.modeling.models import DetectorNet, device_for, device_label, initialise, normalise_crops, save_checkpoint
+from rcnn.modeling.warp import warp_regions
+from rcnn.store.artifacts import write_json_atomic
+from rcnn.training.regions import finetune_labels, image_regions
+from rcnn.training.sampling import FgBgSampler
 
 from . import convmaps, proposals
 from .common import Context, progress_bar, upstream_check, upstream_digest
@@ -153,9 +153,9 @@ class PooledRegions:
         is pooled at, and each region's cell rectangle at every scale ``[K, N, 4]`` (placed once)."""
         key = (i, mirror)
         if key not in self._cache:
-            from rcnn.boxes import mirror_boxes
-            from rcnn.spp import select_scale
-            from rcnn.spp_features import as_map_tensors, scale_cells
+            from rcnn.methods.spp_regions import as_map_tensors, scale_cells
+            from rcnn.modeling.spp import select_scale
+            from rcnn.structures.boxes import mirror_boxes
 
             maps, factors = convmaps.image_record(self.maps, self.ids[i], mirror)
             # Channels first: training batches hold a window or two per image, pooled by roi_pool from a
@@ -175,7 +175,7 @@ class PooledRegions:
         """Pyramids ``[B, D]`` of the regions ``reg_idx`` of images ``img_idx``, in batch order: from
         their mirror images where ``mirror`` is set, and with ``draw`` (uniform in ``[0, 1)``, one per
         region) at a random scale instead of the closest one."""
-        from rcnn.spp_features import pool_cells
+        from rcnn.methods.spp_regions import pool_cells
 
         mirror = np.zeros(len(img_idx), bool) if mirror is None else np.asarray(mirror, bool)
         # Pool the batch grouped by image (rows come back in `order`), then restore the batch order.
@@ -407,14 +407,14 @@ def load_train_state(path: Path) -> dict:
 
 def load(ctx: Context):
     """The fine-tuned model and its description."""
-    from rcnn.models import load_checkpoint
+    from rcnn.modeling.models import load_checkpoint
 
     return load_checkpoint(_checked_model(ctx), device_for(ctx.cfg.model.device))
 
 
 def window_offset(ctx: Context) -> float:
     """The receptive-field offset the fine-tuned SPP-net model maps windows with (its spec's)."""
-    from rcnn.models import checkpoint_description
+    from rcnn.modeling.models import checkpoint_description
 
     return checkpoint_description(_checked_model(ctx))[0].offset
 

@@ -16,10 +16,10 @@ from contextlib import AbstractContextManager
 import cv2
 import numpy as np
 
-from rcnn.crop_features import region_features
-from rcnn.datasets import load_image
+from rcnn.data.datasets import load_image
 from rcnn.errors import ConfigError
-from rcnn.spp_features import spp_region_features
+from rcnn.methods.rcnn_regions import region_features
+from rcnn.methods.spp_regions import spp_region_features
 
 from . import convmaps
 from .common import Context, upstream_digest

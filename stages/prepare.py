@@ -6,7 +6,7 @@ instead), so a change to it makes no result stale by itself.
 
 from __future__ import annotations
 
-from rcnn.datasets import check_pipeline_data
+from rcnn.data.datasets import check_pipeline_data
 
 from .common import Context
 
@@ -15,7 +15,7 @@ def ensure_data(ctx: Context) -> None:
     """Generate the pipeline's synthetic data if it is synthetic and not there yet; check every annotation."""
     synth = ctx.cfg.data.synthetic
     if ctx.cfg.data.root is None and synth is not None and not (ctx.data_root / "ImageSets").is_dir():
-        from rcnn.synth import generate_dataset
+        from rcnn.data.synth import generate_dataset
 
         ctx.log(f"generating {synth.images} synthetic images in {ctx.data_root}")
         generate_dataset(ctx.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=ctx.progress)

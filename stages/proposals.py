@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 from joblib import Parallel, delayed
 
-from rcnn import records
 from rcnn.config import ProposalsConfig, fingerprint_params
-from rcnn.datasets import ImageAnnotation, load_image
-from rcnn.recall import recall_summary
-from rcnn.selective_search import image_seed, search_size, selective_search
+from rcnn.data.datasets import ImageAnnotation, load_image
+from rcnn.proposals.recall import recall_summary
+from rcnn.proposals.selective_search import image_seed, search_size, selective_search
+from rcnn.store import records
 
 from .common import Context, pending_images, progress_bar, upstream_check
 

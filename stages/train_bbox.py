@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.bbox_regression import BBoxRegParams, BBoxRegressor, mean_norm_scale, train_bbox_regressors
 from rcnn.config import fingerprint_params
+from rcnn.learners.bbox_regression import BBoxRegParams, BBoxRegressor, mean_norm_scale, train_bbox_regressors
 
 from . import features
 from .common import Context, upstream_check, upstream_digest

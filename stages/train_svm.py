@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn import records
 from rcnn.config import fingerprint_params
-from rcnn.svm import ImageFeatures, SVMModel, SVMParams, thin_negatives, train_class_svms
+from rcnn.learners.svm import ImageFeatures, SVMModel, SVMParams, thin_negatives, train_class_svms
+from rcnn.store import records
 
 from . import features
 from .common import Context, upstream_check, upstream_digest
@@ -53,8 +53,8 @@ def read_images(
     """The SVM's view of a feature cache, one image at a time (picklable for worker processes).
 
     With ``neg_max_mutual_overlap`` set, proposals overlapping an earlier one by more than that are
-    left out (SPP-net's thinning of negatives; see :func:`rcnn.svm.thin_negatives`). ``verify``
-    vets each file before it is read (see :class:`rcnn.records.RecordSet`).
+    left out (SPP-net's thinning of negatives; see :func:`rcnn.learners.svm.thin_negatives`). ``verify``
+    vets each file before it is read (see :class:`rcnn.store.records.RecordSet`).
     """
     with records.RecordSet(index, features.KIND, verify=verify) as rs:
         for image_id in rs.ids:

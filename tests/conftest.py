@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rcnn.synth import generate_dataset
+from rcnn.data.synth import generate_dataset
 
 
 @pytest.fixture(scope="session")

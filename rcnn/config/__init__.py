@@ -1,0 +1,44 @@
+"""Pipeline configuration: typed dataclasses loaded once from pipelines.yaml, ``--set`` overrides, readable views.
+
+``fields`` declares how a setting is described, ``schema`` holds the sections, ``loading`` reads and checks
+a pipelines file, ``seeds`` names seed runs and ``view`` prints configurations for people.
+"""
+
+from rcnn.config.fields import Range, setting
+from rcnn.config.loading import SHIPPED_PIPELINES, PipelineFile, default_pipelines_file, fingerprint_params, parse_override
+from rcnn.config.schema import (
+    INPUT_SIZES,
+    BBoxConfig,
+    DataConfig,
+    EvaluateConfig,
+    FeaturesConfig,
+    FinetuneConfig,
+    ModelConfig,
+    PipelineConfig,
+    ProposalsConfig,
+    SPPConfig,
+    SVMConfig,
+    SyntheticConfig,
+)
+
+__all__ = [
+    "INPUT_SIZES",
+    "SHIPPED_PIPELINES",
+    "BBoxConfig",
+    "DataConfig",
+    "EvaluateConfig",
+    "FeaturesConfig",
+    "FinetuneConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "PipelineFile",
+    "ProposalsConfig",
+    "Range",
+    "SPPConfig",
+    "SVMConfig",
+    "SyntheticConfig",
+    "default_pipelines_file",
+    "fingerprint_params",
+    "parse_override",
+    "setting",
+]

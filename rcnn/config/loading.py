@@ -1,0 +1,356 @@
+"""Pipeline configuration: ``pipelines.yaml`` loaded into frozen, typed dataclasses.
+
+The file is read once; unknown keys, wrong types and bad choices are rejected with
+the key and the file named. ``--set key=value`` overrides are typed the same way.
+Nothing mutates a configuration after loading; stages receive plain values from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rcnn.config.fields import Range
+from rcnn.config.schema import INPUT_SIZES, PipelineConfig
+from rcnn.config.seeds import SEED_KEYS, SEEDED_NAME, split_seeded_name
+from rcnn.data.filenames import name_problem
+from rcnn.errors import ConfigError
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: str, where: str) -> str:
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+        return default
+
+    return _ENV.sub(sub, value)
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    if tp in names:
+        return names[tp]
+    if typing.get_origin(tp) is tuple:
+        return "a list"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return "a mapping" if dataclasses.is_dataclass(tp) else str(tp)
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str, base: Path | None) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it; raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        alternatives = [a for a in args if a is not type(None)]
+        if len(alternatives) == 1 and dataclasses.is_dataclass(alternatives[0]):  # an optional section: its key's error
+            return _coerce(alternatives[0], value, key, where, base)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, where, base)
+            except ConfigError as e:
+                errors.append(str(e))
+        allowed = " or ".join(_type_name(a) for a in args if a is not type(None))
+        allowed += " or null" if type(None) in args else ""
+        raise ConfigError(f"{where}: '{key}' must be {allowed}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(item, v, f"{key}[{i}]", where, base) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key, where, base)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        return _expand_env(value, where)
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, raw: dict, prefix: str, where: str, base: Path | None) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{where}: unknown key '{full}' (known keys here: {known})")
+        value = _coerce(hints[key], value, full, where, base)
+        keywords = fields[key].metadata.get("keywords", ())
+        is_keyword = value in keywords or (isinstance(value, str) and value.startswith("pipeline:"))
+        if fields[key].metadata.get("path") and isinstance(value, str) and base is not None and not is_keyword:
+            value = str((base / value).resolve()) if not os.path.isabs(value) else value
+        _check_range(fields[key].metadata.get("range"), value, full, where)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"{where}: {prefix or 'pipeline'}: {e}") from None
+
+
+def _check_range(allowed: Range | None, value: Any, key: str, where: str) -> None:
+    """Refuse a number (or a list's number) outside the field's range, naming the key, the value and the range."""
+    if allowed is None:
+        return
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v != v or v not in allowed):
+            raise ConfigError(f"{where}: '{key}' must be {allowed}; got {v!r}")
+
+
+def _check_together(cfg: PipelineConfig, where: str) -> None:
+    """Rules between settings, checked once the whole configuration is built."""
+    ft, m = cfg.finetune, cfg.model
+    if ft.bg_low >= ft.fg_threshold:
+        raise ConfigError(
+            f"{where}: 'finetune.bg_low' ({ft.bg_low:g}) must be below 'finetune.fg_threshold' ({ft.fg_threshold:g})"
+        )
+    if cfg.svm.evict_threshold >= cfg.svm.hard_threshold:
+        raise ConfigError(
+            f"{where}: 'svm.evict_threshold' ({cfg.svm.evict_threshold:g}) must be below "
+            f"'svm.hard_threshold' ({cfg.svm.hard_threshold:g}), or evicted negatives would count as hard"
+        )
+    sizes = INPUT_SIZES[m.backbone]
+    if m.input_size is not None and m.input_size not in sizes:
+        raise ConfigError(f"{where}: 'model.input_size' must be {sizes} for backbone {m.backbone}; got {m.input_size}")
+
+
+def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
+    """The leaf keys of a nested mapping, dotted (``{"a": {"b": 1}}`` -> ``["a.b"]``)."""
+    keys = []
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        keys.extend(_dotted_keys(value, full + ".") if isinstance(value, dict) and value else [full])
+    return keys
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _check_override_path(cls: type, dotted: str) -> None:
+    """Reject ``--set`` keys that name no field, naming the first wrong part."""
+    tp: Any = cls
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        # Unwrap Optional[Dataclass] so nested optional sections can be overridden.
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:i])}' is not a section")
+        hints = typing.get_type_hints(tp)
+        if part not in hints or part == "name":
+            known = ", ".join(h for h in hints if h != "name")
+            raise ConfigError(f"--set {dotted}: unknown key '{part}' (known keys here: {known})")
+        tp = hints[part]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value)`` with the value parsed as YAML (so 3 is an int)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_override(raw: dict, dotted: str, value: Any) -> dict:
+    parts = dotted.split(".")
+    node = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        node = {part: node}
+    return _merge(raw, node)
+
+
+class PipelineFile:
+    """The parsed ``pipelines.yaml``: raw sections per pipeline, built on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"pipeline file '{self.path}' does not exist")
+        try:
+            doc = yaml.safe_load(self.path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{self.path}: not valid YAML{at}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("pipelines"), dict):
+            raise ConfigError(f"{self.path}: expected a top-level 'pipelines:' mapping")
+        unknown = set(doc) - {"pipelines"}
+        if unknown:
+            raise ConfigError(f"{self.path}: unknown top-level key '{sorted(unknown)[0]}' (only 'pipelines')")
+        self._raw: dict[str, dict] = doc["pipelines"]
+        for name, section in self._raw.items():
+            # A pipeline's name is its folder in the runs folder, beside the runs folder's own '_data'.
+            problem = name_problem(name) or ("it starts with '_' or '.'" if name.startswith(("_", ".")) else None)
+            if problem is None and SEEDED_NAME.match(name):
+                problem = "NAME@seed<k> means pipeline NAME with seed k"
+            if problem is not None:
+                raise ConfigError(f"{self.path}: pipeline name {name!r} cannot be a folder name ({problem})")
+            if not isinstance(section, dict):
+                raise ConfigError(f"{self.path}: pipeline '{name}' must be a mapping")
+
+    @property
+    def relative_to(self) -> Path:
+        """The folder relative paths in the file are resolved against: the file's own, except for the copy
+        installed inside the package, whose relative paths can only mean the working directory."""
+        folder = self.path.resolve().parent
+        return Path.cwd() if folder == SHIPPED_PIPELINES.parent.resolve() else folder
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._raw)
+
+    def _resolved_raw(self, name: str, seen: tuple[str, ...] = ()) -> dict:
+        if name not in self._raw:
+            known = ", ".join(self._raw)
+            raise ConfigError(f"unknown pipeline '{name}' in {self.path} (known: {known})")
+        if name in seen:
+            raise ConfigError(f"{self.path}: pipeline '{name}' extends itself through {' -> '.join(seen)}")
+        raw = dict(self._raw[name])
+        parent = raw.pop("extends", None)
+        if parent is None:
+            return raw
+        if not isinstance(parent, str):
+            raise ConfigError(f"{self.path}: '{name}.extends' must be a pipeline name")
+        base = self._resolved_raw(parent, seen + (name,))
+        base.pop("description", None)
+        return _merge(base, raw)
+
+    def environment_variables(self, name: str, dotted: str) -> list[str]:
+        """The ``${VAR}`` names the raw (unexpanded) value of ``dotted`` reads, e.g. ``["RCNN_VOC07_MINI"]``."""
+        node: Any = self._resolved_raw(split_seeded_name(name)[0])
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return [m[0] for m in _ENV.findall(node)] if isinstance(node, str) else []
+
+    def origins(self, name: str, overrides: typing.Sequence[str] = ()) -> dict[str, str]:
+        """Where each dotted key that is set comes from: ``--set``, ``pipeline`` or ``parent NAME``.
+
+        Keys absent from the result keep their defaults.
+        """
+        base, seed = split_seeded_name(name)
+        if seed is not None:
+            return {**self.origins(base, overrides), **dict.fromkeys(SEED_KEYS, f"name @seed{seed}")}
+        chain, current = [], name
+        while current is not None:
+            chain.append(current)
+            current = self._raw[current].get("extends") if current in self._raw else None
+        out: dict[str, str] = {}
+        for k, section in enumerate(reversed(chain)):  # the farthest ancestor first, so nearer ones win
+            origin = "pipeline" if k == len(chain) - 1 else f"parent {section}"
+            raw = {key: v for key, v in self._raw[section].items() if key != "extends"}
+            if section != name:
+                raw.pop("description", None)
+            out.update(dict.fromkeys(_dotted_keys(raw), origin))
+        for text in overrides:
+            key, value = parse_override(text)
+            if not isinstance(value, dict):  # a mapping merges into the section; anything else replaces it whole
+                out = {k: v for k, v in out.items() if k != key and not k.startswith(key + ".")}
+            out.update(dict.fromkeys(_dotted_keys({key: value}), "--set"))
+        return out
+
+    def load(self, name: str, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+        """Build pipeline ``name`` with ``--set`` style overrides applied, fully validated.
+
+        ``NAME@seed<k>`` builds NAME with :data:`SEED_KEYS` set to k, named ``NAME@seed<k>``.
+        """
+        base, seed = split_seeded_name(name)
+        if seed is not None:
+            for text in overrides:
+                key = parse_override(text)[0]
+                if key in SEED_KEYS:
+                    raise ConfigError(f"--set {key}: pipeline '{name}' has seed {seed} by its name; run '{base}' to set it")
+            cfg = self.load(base, [*overrides, *(f"{key}={seed}" for key in SEED_KEYS)])
+            return dataclasses.replace(cfg, name=name)
+        where = f"{self.path} (pipeline '{name}')"
+        raw = self._resolved_raw(name)
+        cfg = _build(PipelineConfig, {"name": name, **raw}, "", where, self.relative_to)
+        if not overrides:
+            _check_together(cfg, where)
+            return cfg
+        # Overrides are resolved against the working directory, as a user typing
+        # a path on the command line expects; values from the file were already
+        # resolved against the file's folder above.
+        raw = dataclasses.asdict(cfg)
+        for text in overrides:
+            key, value = parse_override(text)
+            _check_override_path(PipelineConfig, key)
+            raw = _apply_override(raw, key, value)
+        where = f"--set on pipeline '{name}'"
+        cfg = _build(PipelineConfig, raw, "", where, Path.cwd())
+        _check_together(cfg, where)
+        return cfg
+
+
+def fingerprint_params(section: Any) -> dict:
+    """The fields of a config section that change a stage's output, as plain JSON values."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if not f.metadata.get("fingerprint", True):
+            continue
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            value = fingerprint_params(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+# The pipelines shipped with the package (in a checkout, a link to the top-level pipelines.yaml).
+SHIPPED_PIPELINES = Path(__file__).parent.parent / "pipelines.yaml"
+
+
+def default_pipelines_file() -> Path:
+    """``$RCNN_PIPELINES``, else ``./pipelines.yaml``, else the one shipped with the package."""
+    env = os.environ.get("RCNN_PIPELINES")
+    if env:
+        return Path(env)
+    local = Path("pipelines.yaml")
+    if local.is_file():
+        return local
+    return SHIPPED_PIPELINES

@@ -1,0 +1,214 @@
+"""The pipeline configuration's shape: one frozen dataclass per section, every field declared with its default,
+its doc and its range (:func:`rcnn.config.fields.setting`); docs/pipelines.md is generated from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rcnn.config.fields import Range, setting
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Synthetic shapes data, generated under the runs folder when missing."""
+
+    images: int = setting(60, "number of images, a third of them the test split", ge=2)
+    seed: int = setting(0, "the same seed gives identical files", ge=0)
+    size: int = setting(256, "image side in pixels", ge=64)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A VOC-layout dataset: a root folder and the names of its two splits."""
+
+    root: str | None = setting(None, "dataset folder (JPEGImages/, Annotations/, ImageSets/Main/); null: synthetic", path=True)
+    trainval: str = setting("trainval", "split the detector learns from (ImageSets/Main/NAME.txt)")
+    test: str = setting("test", "split it is scored on")
+    classes: tuple[str, ...] | None = setting(None, "class names; null: the sorted object names of the trainval split")
+    synthetic: SyntheticConfig | None = setting(None, "generate shapes data under the runs folder when root is null")
+    use_difficult: bool = setting(
+        False, "train on objects marked difficult too (py-faster-rcnn: no); scoring always ignores them, as the devkit"
+    )
+
+
+@dataclass(frozen=True)
+class ProposalsConfig:
+    """Selective search (Uijlings et al., IJCV 2013) as R-CNN ran it."""
+
+    mode: Literal["fast", "opencv-fast", "opencv-quality", "single"] = setting(
+        "fast", "fast: Uijlings' fast mode as R-CNN ran it (HSV+Lab, k = 50/100, two strategies); single: one strategy"
+    )
+    resize_width: int | None = setting(
+        None, "resize to this width before the search, boxes mapped back (R-CNN's release: 500); null: as is", ge=16
+    )
+    # The search's time and memory grow faster than the pixel count (a 6000 x 6000 photo: 14 min, 6.3 GB), and
+    # Uijlings' segment sizes (k = 50/100) were set for VOC's 500 x 375 (0.19 Mpx); 1 Mpx leaves VOC and the demo as is.
+    max_pixels: int | None = setting(
+        1_000_000,
+        "an image over this many pixels (after resize_width) is searched scaled down to it, boxes mapped back, "
+        "with a log line; null: no limit",
+        ge=64,
+    )
+    min_size: float = setting(20.0, "drop boxes narrower or shorter than this, in pixels (Uijlings' demo: 20)", ge=0)
+    max_proposals: int | None = setting(None, "keep at most this many boxes in the search's own ranking; null: all (R-CNN)", ge=1)
+    seed: int = setting(0, "seed of the search's random ranking", ge=0)
+    n_jobs: int = setting(-1, "worker processes; -1: all cores", ge=1, also=(-1,), fingerprint=False)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The CNN: backbone, its initialisation and where it runs."""
+
+    backbone: Literal["alexnet", "vgg16", "squeezenet1_0", "tiny"] = setting(
+        "alexnet", "the CNN (R-CNN: AlexNet, 'T-Net', or VGG16, 'O-Net'; tiny: a small CNN for the demo)"
+    )
+    weights: str = setting(
+        "imagenet",
+        "imagenet (torchvision's weights), scratch, a state-dict file, or pipeline:NAME (another pipeline's fine-tuned model)",
+        path=True,
+        keywords=("imagenet", "scratch"),
+    )
+    input_size: int | None = setting(
+        None, "side of the warped region; null: the backbone's own (227 AlexNet as R-CNN, 224 VGG16, 64 tiny)", ge=16
+    )
+    fc_dim: int | None = setting(None, "width of fc6/fc7 where the head is new (squeezenet1_0, tiny); null: 4096 / 256", ge=1)
+    seed: int = setting(0, "seed of the weights drawn afresh", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when present, else the CPU", fingerprint=False)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning on warped regions (R-CNN section 2.3)."""
+
+    context_pad: int = setting(16, "pixels of context around each warped region (R-CNN appendix A: p = 16)", ge=0)
+    fg_threshold: float = setting(0.5, "IoU with an object at which a region is that class (R-CNN: 0.5)", gt=0, le=1)
+    bg_low: float = setting(0.0, "least IoU of a background region (R-CNN: 0, every other region; SPP-net: 0.1)", ge=0, lt=1)
+    batch_size: int = setting(128, "regions per mini-batch (R-CNN: 128)", ge=1)
+    fg_fraction: float = setting(0.25, "share of foreground regions in a mini-batch (R-CNN: 32 of 128)", gt=0, le=1)
+    mirror: bool = setting(
+        True, "horizontal flips (R-CNN's data layer mirrors crops; SPP-net's code fine-tunes on the mirror images' maps)"
+    )
+    optimizer: Literal["sgd", "adam"] = setting("sgd", "sgd as R-CNN; adam for small networks trained from scratch (demo)")
+    lr: float = setting(0.001, "learning rate (R-CNN: 0.001, a tenth of the pre-training rate)", gt=0)
+    momentum: float = setting(0.9, "SGD momentum (R-CNN: 0.9)", ge=0, lt=1)
+    weight_decay: float = setting(0.0005, "weight decay (R-CNN: 0.0005)", ge=0)
+    max_iter: int = setting(40000, "SGD iterations", ge=1)
+    step_size: int = setting(20000, "multiply lr by gamma every step_size iterations", ge=1)
+    gamma: float = setting(0.1, "learning-rate decay factor", gt=0, le=1)
+    eval_every: int = setting(1000, "validate and checkpoint every this many iterations", ge=1)
+    val_fraction: float = setting(0.1, "share of trainval images held out for validation accuracy", ge=0, lt=1)
+    seed: int = setting(0, "seed of sampling, flips and the new layers' weights", ge=0)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Cached CNN features of every proposal and ground-truth box."""
+
+    layers: tuple[str, ...] = setting(("pool5", "fc7"), "layers cached (R-CNN: fc7 for the SVMs, pool5 for box regression)")
+    batch_size: int = setting(256, "regions per forward pass", ge=1, fingerprint=False)
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    """Per-class linear SVMs with hard-negative mining (R-CNN's released rcnn_train.m)."""
+
+    layer: str = setting("fc7", "feature the SVMs read (R-CNN: fc7 of the fine-tuned network)")
+    C: float = setting(0.001, "liblinear's C (R-CNN: 0.001)", gt=0)
+    pos_loss_weight: float = setting(2.0, "weight of positives' loss (R-CNN: 2)", gt=0)
+    bias_mult: float = setting(10.0, "bias feature value, so the bias is barely regularised (R-CNN: 10)", gt=0)
+    neg_overlap: float = setting(
+        0.3, "proposals below this IoU with every object of the class are negatives (R-CNN: 0.3)", ge=0, le=1
+    )
+    neg_max_mutual_overlap: float | None = setting(
+        None, "drop negatives overlapping another negative by more than this (SPP-net: 0.7); null: keep all", gt=0, le=1
+    )
+    hard_threshold: float = setting(-1.0001, "a negative scoring above this is hard and joins the cache (R-CNN: -1.0001)")
+    evict_threshold: float = setting(-1.2, "cached negatives scoring below this are evicted (R-CNN: -1.2)")
+    retrain_limit: int = setting(2000, "retrain once this many new hard negatives are found (R-CNN: 2000)", ge=1)
+    target_norm: float = setting(20.0, "features scaled to this mean norm (R-CNN: 20)", gt=0)
+    n_jobs: int = setting(-1, "classes trained in parallel; -1: all cores", ge=1, also=(-1,), fingerprint=False)
+
+
+@dataclass(frozen=True)
+class BBoxConfig:
+    """Class-specific ridge box regression from pool5 (R-CNN appendix C)."""
+
+    layer: str = setting("pool5", "feature the regressors read (R-CNN: pool5)")
+    min_overlap: float = setting(
+        0.6, "train on proposals with at least this IoU with an object (R-CNN: 0.6; SPP-net: 0.5)", ge=0, le=1
+    )
+    ridge_lambda: float = setting(1000.0, "ridge penalty (R-CNN: 1000)", ge=0)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Test-time detection and scoring."""
+
+    nms_threshold: float = setting(0.3, "per-class greedy NMS IoU (R-CNN: 0.3)", gt=0, le=1)
+    max_per_image: int = setting(100, "detections kept per class and image", ge=1)
+    metric: Literal["voc07", "voc10"] = setting("voc07", "voc07: 11-point AP (VOC2007 devkit); voc10: all-point AP")
+
+
+@dataclass(frozen=True)
+class SPPConfig:
+    """SPP-net (He et al., ECCV 2014): conv maps once per image, windows pooled from them."""
+
+    levels: tuple[int, ...] = setting((6, 3, 2, 1), "pyramid levels, n x n bins each (SPP-net: 6, 3, 2, 1; 50 bins)", ge=1)
+    scales: tuple[int, ...] = setting(
+        (688,), "shorter image side of each scale (SPP-net: 688, or 480, 576, 688, 864, 1200 for five)", ge=16
+    )
+    max_side: int | None = setting(2000, "cap on the longer side after resizing; null: none", ge=16)
+    target_size: int = setting(
+        224, "pool each window at the scale where its area is closest to this squared (SPP-net: 224)", ge=1
+    )
+    fc6_input_rms: float | None = setting(
+        1.0,
+        "not from the paper: fc6's input scaled to this RMS, measured on training windows (SqueezeNet's pyramids "
+        "have norms ~17,000); null: unscaled",
+        gt=0,
+    )
+    offset: float | Literal["trunk"] = setting(
+        "trunk",
+        "where conv cell j centres: stride * j + offset; trunk: worked out from the layers, as SPP-net's appendix says "
+        "(tiny 3, AlexNet 15, VGG16 7.5, SqueezeNet 17); 0: the formula as printed",
+    )
+    random_scale: bool = setting(
+        False, "fine-tuning pools each window at a random scale (SPP-net's code: random_scale = 1); off: the closest"
+    )
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One named pipeline: everything a run needs, resolved."""
+
+    name: str
+    description: str = setting("", "one line shown by `rcnn pipelines`")
+    hardware: Literal["cpu", "gpu"] | None = setting(
+        None,
+        "what a run is sized for, shown by `rcnn pipelines` and `rcnn run`: gpu (CUDA; far slower on a CPU), "
+        "cpu (a CPU is enough); null: not stated. A statement, not a check",
+        fingerprint=False,
+    )
+    method: Literal["rcnn", "spp"] = setting(
+        "rcnn", "rcnn: warp every region through the whole CNN; spp: conv maps once per image, pyramid-pool each window"
+    )
+    data: DataConfig = setting(DataConfig(), "the dataset")
+    proposals: ProposalsConfig = setting(ProposalsConfig(), "selective search")
+    model: ModelConfig = setting(ModelConfig(), "the CNN")
+    finetune: FinetuneConfig = setting(FinetuneConfig(), "fine-tuning")
+    features: FeaturesConfig = setting(FeaturesConfig(), "the feature cache")
+    svm: SVMConfig = setting(SVMConfig(), "the class SVMs")
+    bbox: BBoxConfig = setting(BBoxConfig(), "box regression")
+    evaluate: EvaluateConfig = setting(EvaluateConfig(), "detection and scoring")
+    spp: SPPConfig = setting(SPPConfig(), "SPP-net (method: spp)")
+
+
+# The warped-region sizes each backbone accepts: fc6 of AlexNet and VGG16 is ImageNet's and reads a 6 x 6 / 7 x 7
+# pool5 grid; SqueezeNet and tiny need their layers to leave at least one cell.
+INPUT_SIZES = {
+    "alexnet": Range(ge=223, le=254),
+    "vgg16": Range(ge=224, le=255),
+    "squeezenet1_0": Range(ge=48),
+    "tiny": Range(ge=16),
+}

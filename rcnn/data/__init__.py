@@ -1,0 +1,1 @@
+"""Datasets in PASCAL VOC layout: the reader, the synthetic generator, statistics and safe file names."""

@@ -1,0 +1,337 @@
+"""PASCAL VOC-layout datasets: a root folder plus a split name.
+
+This is the one place where VOC's 1-based inclusive pixel boxes become the
+project's float32 ``(x1, y1, x2, y2)`` continuous boxes (see :mod:`rcnn.structures.boxes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from rcnn.data.filenames import name_problem
+from rcnn.errors import UserError
+from rcnn.structures.boxes import from_voc_pixels
+
+
+@dataclass(frozen=True)
+class ImageAnnotation:
+    """Ground truth of one image.
+
+    ``boxes`` is float32 ``[N, 4]`` in (x1, y1, x2, y2) continuous pixels;
+    ``labels`` holds the N class names and ``difficult`` is bool ``[N]``.
+    """
+
+    image_id: str
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: tuple[str, ...]
+    difficult: np.ndarray
+
+    def label_indices(self, classes: tuple[str, ...]) -> np.ndarray:
+        """Class indices ``[N]`` (int64) into ``classes``."""
+        index = {c: i for i, c in enumerate(classes)}
+        return np.array([index[c] for c in self.labels], dtype=np.int64)
+
+
+def _text(node: ET.Element, tag: str, xml_path: Path) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        raise UserError(f"{xml_path}: missing <{tag}>")
+    return child.text.strip()
+
+
+def _number(node: ET.Element, tag: str, xml_path: Path) -> float:
+    text = _text(node, tag, xml_path)
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"{xml_path}: <{tag}> is not a number: {text!r}") from None
+
+
+def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnotation:
+    """Read one VOC annotation file; raise :class:`UserError` naming the file on any defect."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        raise UserError(f"annotation '{xml_path}' is missing (listed in the split file)") from None
+    except ET.ParseError as e:
+        raise UserError(f"{xml_path}: malformed XML ({e})") from None
+    size = root.find("size")
+    if size is None:
+        raise UserError(f"{xml_path}: missing <size>")
+    width, height = int(_number(size, "width", xml_path)), int(_number(size, "height", xml_path))
+    if width <= 0 or height <= 0:
+        raise UserError(f"{xml_path}: image size {width}x{height} is not positive")
+    voc, labels, difficult = [], [], []
+    for k, obj in enumerate(root.findall("object")):
+        name = _text(obj, "name", xml_path)
+        problem = name_problem(name)
+        if problem is not None:
+            # Class names become file names (devkit results, plots): one that is not a plain name could write anywhere.
+            raise UserError(f"{xml_path}: object {k} has class name {name!r}, which cannot be a file name ({problem}); rename it")
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise UserError(f"{xml_path}: object {k} ({name}) has no <bndbox>")
+        box = [_number(bb, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax")]
+        if box[2] < box[0] or box[3] < box[1]:
+            raise UserError(f"{xml_path}: object {k} ({name}) has an inverted box {box} (xmax < xmin or ymax < ymin)")
+        if box[0] < 1 or box[1] < 1 or box[2] > width or box[3] > height:
+            raise UserError(
+                f"{xml_path}: object {k} ({name}) box {box} lies outside the {width}x{height} image "
+                "(VOC boxes are 1-based pixels inside the image); fix the box or the <size>"
+            )
+        diff = obj.find("difficult")
+        voc.append(box)
+        labels.append(name)
+        difficult.append(diff is not None and (diff.text or "0").strip() == "1")
+    return ImageAnnotation(
+        image_id=image_id,
+        path=image_path,
+        width=width,
+        height=height,
+        boxes=from_voc_pixels(np.array(voc, dtype=np.float64).reshape(-1, 4)),
+        labels=tuple(labels),
+        difficult=np.array(difficult, dtype=bool),
+    )
+
+
+def _read_split_file(split_file: Path) -> list[str]:
+    """The image ids of a split file: one per line, or VOC's per-class layout ``<id> <-1|0|1>``."""
+    ids = []
+    for lineno, line in enumerate(split_file.read_text().splitlines(), start=1):
+        fields = line.split()
+        if len(fields) == 2 and fields[1] in ("-1", "0", "1"):
+            fields = fields[:1]
+        if len(fields) > 1:
+            # Cutting at the space would report an image "missing" that is there.
+            raise UserError(
+                f"{split_file}, line {lineno}: {line.strip()!r} is not one image id; ids cannot contain "
+                "whitespace (the devkit's result files separate fields by it): rename the image and its annotation"
+            )
+        ids += fields
+    return ids
+
+
+class VOCDataset:
+    """Images and annotations of one split of a VOC-layout folder.
+
+    ``root/ImageSets/Main/<split>.txt`` lists the ids; ``root/Annotations/<id>.xml``
+    and ``root/JPEGImages/<id>.jpg`` hold the data. Annotations are parsed lazily
+    and cached.
+
+    ``skip`` maps ids listed in the split to why they are left out (as
+    :func:`find_bad_images` returns it): they are not in ``ids`` and not read by
+    :attr:`fingerprint`, and stay named in ``skipped``.
+    """
+
+    def __init__(self, root: str | Path, split: str, skip: Mapping[str, str] | None = None):
+        self.root = Path(root)
+        self.split = split
+        if not self.root.is_dir():
+            raise UserError(f"dataset root '{self.root}' does not exist (set data.root, e.g. --set data.root=PATH)")
+        problem = name_problem(split)
+        if problem is not None:
+            folder = self.root / "ImageSets" / "Main"
+            raise UserError(f"split name {split!r} cannot be a file name ({problem}); name a file in {folder}")
+        split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        if not split_file.is_file():
+            raise UserError(f"split file '{split_file}' does not exist (is '{split}' the right split name?)")
+        self.split_file = split_file
+        ids = _read_split_file(split_file)
+        seen: set[str] = set()
+        for image_id in ids:
+            problem = name_problem(image_id) or ("it starts with '.'" if image_id.startswith(".") else None)
+            if problem is not None:
+                raise UserError(f"{split_file}: image id {image_id!r} is not a plain file name ({problem})")
+            if image_id in seen:
+                raise UserError(f"{split_file}: image id {image_id!r} is listed twice; remove the duplicate line")
+            seen.add(image_id)
+        skip = skip or {}
+        self.skipped: dict[str, str] = {i: skip[i] for i in ids if i in skip}
+        self.ids: list[str] = [i for i in ids if i not in self.skipped]
+        self._cache: dict[str, ImageAnnotation] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def annotation(self, image_id: str) -> ImageAnnotation:
+        if image_id not in self._cache:
+            xml_path = self.root / "Annotations" / f"{image_id}.xml"
+            self._cache[image_id] = parse_voc_xml(xml_path, self.image_path(image_id), image_id)
+        return self._cache[image_id]
+
+    def annotations(self) -> list[ImageAnnotation]:
+        return [self.annotation(i) for i in self.ids]
+
+    def classes(self) -> tuple[str, ...]:
+        """Sorted object class names found in this split."""
+        return tuple(sorted({name for a in self.annotations() for name in a.labels}))
+
+    def problem(self, image_id: str, classes: tuple[str, ...] | None = None) -> str | None:
+        """What makes one image unusable short of decoding it, as one line naming the file; None if nothing.
+
+        The annotation must parse, the image file must exist and, given ``classes``,
+        every object's class must be one of them. :meth:`decode_problem` does the rest.
+        """
+        try:
+            ann = self.annotation(image_id)
+        except UserError as e:
+            return str(e)
+        if not ann.path.is_file():
+            return f"image '{ann.path}' is listed in {self.split_file} but missing"
+        unknown = [name for name in ann.labels if classes is not None and name not in classes]
+        if unknown:
+            return (
+                f"{self.root / 'Annotations' / (image_id + '.xml')}: class '{unknown[0]}' is not in the "
+                f"pipeline's class list ({', '.join(classes)}); add it to data.classes"
+            )
+        return None
+
+    def decode_problem(self, image_id: str) -> str | None:
+        """Why the image does not decode, or decodes to another size than its annotation says; None if it is fine."""
+        try:
+            load_image(self.annotation(image_id))
+        except UserError as e:
+            return str(e)
+        return None
+
+    def content_digest(self, image_id: str) -> str:
+        """Hash of one image's annotation and image bytes (the key under which its decoding is remembered)."""
+        h = hashlib.blake2b(digest_size=16)
+        for path in (self.root / "Annotations" / f"{image_id}.xml", self.image_path(image_id)):
+            data = path.read_bytes()
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        return h.hexdigest()
+
+    def check(self, classes: tuple[str, ...] | None = None) -> None:
+        """Parse every annotation and confirm every image exists, before long work starts."""
+        for image_id in self.ids:
+            reason = self.problem(image_id, classes)
+            if reason is not None:
+                raise UserError(reason)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Content hash of the split file, every annotation and every image of the split.
+
+        Skipped images are not read; their ids are hashed instead, so the fingerprint
+        changes when one is repaired (and equals an unskipped split's when none is skipped).
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.split_file.read_bytes())
+        for image_id in self.ids:
+            for path in (self.root / "Annotations" / f"{image_id}.xml", self.image_path(image_id)):
+                try:
+                    h.update(path.read_bytes())
+                except FileNotFoundError:
+                    raise UserError(f"'{path}' is listed in {self.split_file} but missing") from None
+        if self.skipped:
+            h.update(("skipped:" + "\n".join(self.skipped)).encode())
+        return h.hexdigest()
+
+
+def find_bad_images(
+    dataset: VOCDataset, classes: tuple[str, ...] | None = None, known_good: set[str] | None = None
+) -> dict[str, str]:
+    """Every unusable image of ``dataset``: id -> the one-line reason, in split order.
+
+    An image is unusable when :meth:`VOCDataset.problem` (annotation, file, class) or
+    :meth:`VOCDataset.decode_problem` (decoding, size) says so: exactly the checks a
+    stage would fail on. Decoding is the slow part, so ``known_good`` may hold the
+    :meth:`VOCDataset.content_digest` of images already found to decode to their
+    annotated size; those are not decoded again, and the ones that decode now are added.
+    """
+    bad = {}
+    for image_id in dataset.ids:
+        reason = dataset.problem(image_id, classes)
+        if reason is None:
+            try:
+                digest = dataset.content_digest(image_id) if known_good is not None else None
+            except OSError:  # unreadable: decoding below says so in its words
+                digest = None
+            if digest is None or digest not in known_good:
+                reason = dataset.decode_problem(image_id)
+                if reason is None and digest is not None:
+                    known_good.add(digest)
+        if reason is not None:
+            bad[image_id] = reason
+    return bad
+
+
+def check_pipeline_data(trainval: VOCDataset, test: VOCDataset, classes: tuple[str, ...], use_difficult: bool = False) -> None:
+    """Everything about a pipeline's data that its annotations tell, checked before the first long stage.
+
+    Every annotation of both splits parses, every image file exists and every object's
+    class is one of ``classes`` (:meth:`VOCDataset.check`); every class name can be a
+    file name; and every class has an object to train on in ``trainval`` (one not
+    marked difficult, unless ``use_difficult``), which the class SVMs need (R-CNN trains
+    one per class). Decoding every image is left to the stages (or ``--skip-bad``).
+
+    Raises:
+        UserError: the first defect, in one line naming the file or the classes.
+    """
+    for name in classes:
+        problem = name_problem(name)
+        if problem is not None:
+            raise UserError(f"class name {name!r} of the pipeline's class list cannot be a file name ({problem})")
+    trainval.check(classes)
+    test.check(classes)
+    usable: set[str] = set()
+    difficult_only: set[str] = set()
+    for ann in trainval.annotations():
+        for name, hard in zip(ann.labels, ann.difficult.tolist()):
+            (difficult_only if hard and not use_difficult else usable).add(name)
+    missing = [name for name in classes if name not in usable]
+    if missing:
+        hard = [name for name in missing if name in difficult_only]
+        why = f" ({', '.join(hard)}: only objects marked difficult; data.use_difficult: true trains on them)" if hard else ""
+        which = f"class {missing[0]} has" if len(missing) == 1 else f"classes {', '.join(missing)} have"
+        raise UserError(
+            f"{which} no object to train on in split '{trainval.split}' of {trainval.root}{why}; "
+            "annotate some, or leave them out of data.classes"
+        )
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """Decode an image file as BGR uint8 ``[H, W, 3]``, in its stored pixel order.
+
+    EXIF orientation is ignored on purpose: VOC annotations, like the VOC tools,
+    refer to the stored pixels. Grayscale, CMYK and alpha images become 3-channel
+    BGR. A JPEG cut short (no end-of-image marker) is refused rather than silently
+    decoded with a grey lower part.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"image '{path}' is missing") from None
+    except OSError as e:
+        raise UserError(f"image '{path}' cannot be read ({e.strerror})") from None
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
+        raise UserError(f"image '{path}' is a truncated JPEG (no end-of-image marker); replace the file")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise UserError(f"image '{path}' cannot be decoded (corrupt or not an image)")
+    return image
+
+
+def load_image(ann: ImageAnnotation) -> np.ndarray:
+    """Decode the image of ``ann`` as a BGR uint8 ``[H, W, 3]`` array, checking its size against the XML."""
+    image = decode_image(ann.path)
+    h, w = image.shape[:2]
+    if (w, h) != (ann.width, ann.height):
+        raise UserError(f"image '{ann.path}' is {w}x{h} but its annotation says {ann.width}x{ann.height}")
+    return image

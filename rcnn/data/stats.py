@@ -1,0 +1,72 @@
+"""Dataset statistics for `rcnn data stats`: images, objects per class, difficult counts, box sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rcnn.data.datasets import VOCDataset
+from rcnn.structures.boxes import box_area
+
+# COCO's size buckets (Lin et al., 2014), by box area in pixels.
+SIZE_BUCKETS = (("small", 0, 32**2), ("medium", 32**2, 96**2), ("large", 96**2, float("inf")))
+
+
+def dataset_stats(dataset: VOCDataset) -> dict:
+    """Counts per class and the distribution of box sizes over one split."""
+    per_class: dict[str, dict] = {}
+    sides, rel = [], []
+    n_objects = 0
+    empty = 0
+    for ann in dataset.annotations():
+        if len(ann.labels) == 0:
+            empty += 1
+        areas = box_area(ann.boxes)
+        for name, diff, area in zip(ann.labels, ann.difficult, areas):
+            c = per_class.setdefault(name, {"objects": 0, "difficult": 0, "images": set()})
+            c["objects"] += 1
+            c["difficult"] += int(diff)
+            c["images"].add(ann.image_id)
+            sides.append(float(np.sqrt(area)))
+            rel.append(float(np.sqrt(area / (ann.width * ann.height))))
+            n_objects += 1
+    sides_a, rel_a = np.array(sides), np.array(rel)
+    buckets = {name: int(((sides_a**2 >= lo) & (sides_a**2 < hi)).sum()) for name, lo, hi in SIZE_BUCKETS}
+    quantiles = (0.1, 0.5, 0.9)
+    return {
+        "root": str(dataset.root),
+        "split": dataset.split,
+        "images": len(dataset),
+        "images_without_objects": empty,
+        "objects": n_objects,
+        "difficult": sum(c["difficult"] for c in per_class.values()),
+        "per_class": {
+            k: {"objects": v["objects"], "difficult": v["difficult"], "images": len(v["images"])}
+            for k, v in sorted(per_class.items())
+        },
+        "box_side_px": dict(zip(("p10", "p50", "p90"), np.quantile(sides_a, quantiles).tolist())) if n_objects else {},
+        "box_side_rel": dict(zip(("p10", "p50", "p90"), np.quantile(rel_a, quantiles).tolist())) if n_objects else {},
+        "size_buckets": buckets,
+    }
+
+
+def format_stats(s: dict) -> str:
+    """The statistics as a plain-text table."""
+    lines = [
+        f"{s['root']} [{s['split']}]: {s['images']} images ({s['images_without_objects']} without objects), "
+        f"{s['objects']} objects, {s['difficult']} difficult",
+        "",
+        f"  {'class':<16}{'objects':>9}{'difficult':>11}{'images':>8}",
+    ]
+    for name, c in s["per_class"].items():
+        lines.append(f"  {name:<16}{c['objects']:>9}{c['difficult']:>11}{c['images']:>8}")
+    if s["objects"]:
+        px, rel = s["box_side_px"], s["box_side_rel"]
+        lines += [
+            "",
+            "  box side sqrt(w*h):  p10 {p10:.0f} px, median {p50:.0f} px, p90 {p90:.0f} px".format(**px),
+            "  relative to image:   p10 {p10:.2f}, median {p50:.2f}, p90 {p90:.2f}".format(**rel),
+            "  COCO size buckets:   "
+            + ", ".join(f"{k} {v}" for k, v in s["size_buckets"].items())
+            + "  (small < 32^2 px, large >= 96^2 px)",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The trained detector at test time, and non-maximum suppression."""

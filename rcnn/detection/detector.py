@@ -1,0 +1,201 @@
+"""The trained R-CNN detector at test time: proposals -> CNN features -> SVM scores -> box regression -> NMS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from rcnn.detection.nms import nms
+from rcnn.learners.bbox_regression import BBoxRegressor
+from rcnn.learners.svm import SVMModel
+from rcnn.methods.rcnn_regions import region_features
+from rcnn.modeling.inference import for_inference
+from rcnn.modeling.models import DetectorNet
+from rcnn.proposals.selective_search import selective_search
+from rcnn.structures.boxes import clip_boxes
+
+
+@dataclass
+class ClassDetections:
+    """Detections of one image, per class: ``boxes[c]`` float32 ``[K, 4]`` (x1, y1, x2, y2), ``scores[c]`` ``[K]``."""
+
+    boxes: list[np.ndarray]
+    scores: list[np.ndarray]
+
+
+def per_class_nms(
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    width: int,
+    height: int,
+    nms_threshold: float,
+    max_per_image: int,
+    refine: Callable[[int], np.ndarray] | None = None,
+) -> ClassDetections:
+    """Greedy NMS per class over scored boxes, keeping the ``max_per_image`` best of each class.
+
+    Args:
+        scores: ``[N, C]`` class scores of ``boxes [N, 4]`` (x1, y1, x2, y2).
+        refine: optional ``refine(c) -> [N, 4]``, the boxes regressed for class ``c``
+            (clipped to the image before NMS).
+    """
+    out = ClassDetections([], [])
+    for c in range(scores.shape[1]):
+        b = boxes if refine is None else clip_boxes(refine(c), width, height)
+        keep = nms(b, scores[:, c], nms_threshold)[:max_per_image]
+        out.boxes.append(b[keep])
+        out.scores.append(scores[keep, c].astype(np.float32))
+    return out
+
+
+@dataclass
+class Detector:
+    """Everything a trained pipeline needs to detect objects in a new image."""
+
+    model: DetectorNet
+    svm: SVMModel
+    bbox: BBoxRegressor | None
+    classes: tuple[str, ...]
+    context_pad: int
+    svm_layer: str = "fc7"
+    bbox_layer: str = "pool5"
+    proposal_mode: str = "fast"
+    resize_width: int | None = None
+    max_pixels: int | None = 1_000_000  # as ProposalsConfig.max_pixels
+    min_size: float = 20.0
+    max_proposals: int | None = None
+    nms_threshold: float = 0.3
+    max_per_image: int = 100
+    # SPP-net models (``model.spec.spp_levels`` set): scales of the conv maps and the pooling target.
+    spp_scales: tuple[int, ...] = (688,)
+    spp_max_side: int | None = None
+    spp_target: float = 224.0
+
+    def __post_init__(self) -> None:
+        for_inference(self.model, whole_images=bool(self.model.spec.spp_levels))
+
+    def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
+        """Detections of one BGR image ``[H, W, 3]``."""
+        h, w = image_bgr.shape[:2]
+        proposals = selective_search(
+            image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed, self.max_pixels
+        )
+        layers = tuple(dict.fromkeys([self.svm_layer] + ([self.bbox_layer] if self.bbox else [])))
+        if self.model.spec.spp_levels:
+            from rcnn.methods.spp_regions import image_maps, spp_region_features
+            from rcnn.modeling.spp import image_scales
+
+            factors = image_scales(h, w, self.spp_scales, self.spp_max_side)
+            maps = image_maps(self.model, image_bgr, factors)
+            feats = spp_region_features(self.model, maps, factors, proposals, layers, self.spp_target)
+        else:
+            rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+            feats = region_features(self.model, rgb, proposals, layers, self.context_pad)
+        scores = self.svm.scores(feats[self.svm_layer])
+        refine = None
+        if self.bbox is not None:
+            pool5 = feats[self.bbox_layer].astype(np.float32)
+            refine = lambda c: self.bbox.predict(pool5, proposals, c)  # noqa: E731
+        return per_class_nms(scores, proposals, w, h, self.nms_threshold, self.max_per_image, refine)
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What :func:`detect_files` made of one input: its output name and detections, or why it has none."""
+
+    path: str | Path
+    # Outputs are ``<output>.det.jpg`` and ``<output>.json``; None when the image could not be read.
+    output: str | None
+    detections: list[dict]
+    error: str | None = None
+
+
+def output_names(paths: Iterable[str | Path]) -> list[str]:
+    """One distinct output name per input: its file name's stem, ``-2``, ``-3``, ... added to later equal ones.
+
+    Names are compared case-blind, so that no two collide on a case-insensitive filesystem either;
+    characters that are not printable become ``_``.
+    """
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        stem = "".join(c if c.isprintable() else "_" for c in Path(path).stem).strip() or "image"
+        while len(stem.encode()) > 200:  # room for the suffixes within 255 bytes
+            stem = stem[:-1]
+        name, k = stem, 1
+        while name.casefold() in used:
+            k += 1
+            name = f"{stem}-{k}"
+        used.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def detect_files(
+    detector: Detector, paths: Sequence[str | Path], out: Path, threshold: float, seed: int = 0
+) -> Iterator[FileResult]:
+    """Run ``detector`` on each image file; write ``<name>.det.jpg`` (boxes drawn) and ``<name>.json`` to ``out``.
+
+    ``<name>`` is the file's stem, made distinct within the batch by :func:`output_names`, so
+    that no output replaces another. An image that cannot be read or decoded is reported in
+    its :class:`FileResult` (``error``) and the others are still processed. Yields one result
+    per path, in order, with the detections scoring at least ``threshold`` (class, score, box).
+    """
+    from rcnn.data.datasets import decode_image
+    from rcnn.data.filenames import child_path
+    from rcnn.errors import UserError
+    from rcnn.runtime import one_blas_thread
+    from rcnn.store.artifacts import write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    with one_blas_thread():  # numpy's idle BLAS threads would slow torch's (see rcnn.runtime)
+        for path, name in zip(paths, output_names(paths)):
+            try:
+                image = decode_image(Path(path))
+            except UserError as e:
+                yield FileResult(path, None, [], str(e))
+                continue
+            canvas, found = draw_detections(image, detector(image, seed=seed), detector.classes, threshold)
+            ok, jpeg = cv2.imencode(".jpg", canvas)
+            if not ok:
+                raise RuntimeError(f"OpenCV could not encode the drawn detections of {path}")
+            child_path(out, f"{name}.det.jpg").write_bytes(jpeg.tobytes())
+            info = {"image": str(path), "width": image.shape[1], "height": image.shape[0], "threshold": threshold}
+            write_json_atomic(child_path(out, f"{name}.json"), {**info, "detections": found})
+            yield FileResult(path, name, found)
+
+
+def draw_detections(
+    image_bgr: np.ndarray, dets: ClassDetections, classes: tuple[str, ...], threshold: float
+) -> tuple[np.ndarray, list[dict]]:
+    """The image with every detection scoring at least ``threshold`` drawn and labelled, and those detections."""
+    canvas = image_bgr.copy()
+    found = []
+    palette = _palette(len(classes))
+    for c, name in enumerate(classes):
+        for box, score in zip(dets.boxes[c], dets.scores[c]):
+            if score < threshold:
+                continue
+            found.append({"class": name, "score": float(score), "box": [round(float(v), 1) for v in box]})
+    thickness = max(1, round(max(image_bgr.shape[:2]) / 300))
+    for det in sorted(found, key=lambda d: d["score"]):
+        x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
+        colour = palette[classes.index(det["class"])]
+        cv2.rectangle(canvas, (x1, y1), (x2 - 1, y2 - 1), colour, thickness)
+        label = f"{det['class']} {det['score']:.2f}"
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        ty = max(y1, th + base + 2)
+        cv2.rectangle(canvas, (x1, ty - th - base - 2), (x1 + tw + 2, ty), colour, -1)
+        cv2.putText(canvas, label, (x1 + 1, ty - base - 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    found.sort(key=lambda d: -d["score"])
+    return canvas, found
+
+
+def _palette(n: int) -> list[tuple[int, int, int]]:
+    hsv = np.stack([np.linspace(0, 179, n, endpoint=False), np.full(n, 200), np.full(n, 200)], 1).astype(np.uint8)
+    bgr = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2BGR)[0]
+    return [tuple(int(v) for v in c) for c in bgr]

@@ -1,0 +1,1 @@
+"""PASCAL VOC scoring: devkit average precision, devkit result files, AP tables."""

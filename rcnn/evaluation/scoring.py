@@ -1,0 +1,55 @@
+"""Scoring detections of a VOC split: ground truth per class, devkit files in, AP table out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rcnn.data.datasets import ImageAnnotation, VOCDataset
+from rcnn.errors import UserError
+from rcnn.evaluation.detfiles import detection_file_classes, read_detections
+from rcnn.evaluation.voc import ClassGroundTruth, EvalResult, evaluate
+
+
+def ground_truth_by_class(annotations: list[ImageAnnotation], classes: tuple[str, ...]) -> dict[str, ClassGroundTruth]:
+    """Per-class ground truth over a split; every image appears for every class (maybe with no boxes)."""
+    out = {}
+    for name in classes:
+        boxes, difficult = {}, {}
+        for ann in annotations:
+            keep = np.array([label == name for label in ann.labels], dtype=bool)
+            boxes[ann.image_id] = ann.boxes[keep] if len(keep) else ann.boxes
+            difficult[ann.image_id] = ann.difficult[keep] if len(keep) else ann.difficult
+        out[name] = ClassGroundTruth(boxes=boxes, difficult=difficult)
+    return out
+
+
+def score_devkit_detections(
+    data_root: Path, split: str, detections: Path, metric: str = "voc07", classes: tuple[str, ...] | None = None
+) -> EvalResult:
+    """Score devkit result files in ``detections`` against ``split`` of the VOC folder ``data_root``.
+
+    ``classes`` None scores the classes of the split's objects and those the files name; a class
+    without objects in the split has AP nan (the devkit's n/a) and stays out of the mean.
+    """
+    dataset = VOCDataset(data_root, split)
+    if classes is None:
+        if not Path(detections).exists():
+            raise UserError(f"detections path {detections} does not exist")
+        classes = tuple(sorted(set(dataset.classes()) | set(detection_file_classes(detections, split))))
+    gt = ground_truth_by_class(dataset.annotations(), classes)
+    dets = read_detections(detections, split, classes)
+    return evaluate(dets, {name: gt[name] for name in dets}, metric=metric)
+
+
+def format_ap_table(result: EvalResult, title: str = "") -> str:
+    """Per-class AP, detection and object counts, and the mean, as a plain-text table."""
+    lines = [title] if title else []
+    lines.append(f"  {'class':<16}{'AP':>8}{'objects':>9}{'detections':>12}")
+    for name, r in result.per_class.items():
+        ap = "n/a" if np.isnan(r.ap) else f"{r.ap:.4f}"
+        lines.append(f"  {name:<16}{ap:>8}{r.npos:>9}{r.n_detections:>12}")
+    label = {"voc07": "VOC07 11-point", "voc10": "VOC10 all-point"}.get(result.metric, result.metric)
+    lines.append(f"  {'mAP':<16}{result.mAP:>8.4f}   ({label}, IoU >= {result.iou_threshold:g})")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""What is learnt on cached features: per-class linear SVMs and ridge box regressors."""

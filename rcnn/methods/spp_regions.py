@@ -1,0 +1,205 @@
+"""SPP-net features of many windows from one pass of the conv trunk per image and scale."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from rcnn.modeling.inference import inference_autocast, to_float16
+from rcnn.modeling.models import PYRAMID_LAYOUT, DetectorNet, pixel_affine
+from rcnn.modeling.spp import map_windows, select_scale, spp_pool
+
+#: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
+MANY_WINDOWS = 16
+
+
+@torch.no_grad()
+def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float]) -> list[np.ndarray]:
+    """float16 conv maps of one BGR image resized by each factor in ``factors``, channels last: ``[H_k, W_k, C]``.
+
+    Channels last is the layout the trunk computes in (see :func:`rcnn.modeling.inference.for_inference`) and
+    the one pooling reads (each cell's channels side by side), so no copy ever transposes a map.
+    :func:`as_map_tensors` gives them the ``[C, H_k, W_k]`` shape the rest of the code indexes.
+    """
+    spec = model.spec
+    device = next(model.parameters()).device
+    rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    scale, shift = pixel_affine(spec, device)
+    h, w = rgb.shape[:2]
+    maps = []
+    for f in factors:
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else rgb
+        x = torch.from_numpy(np.ascontiguousarray(resized)).to(device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
+        with inference_autocast(device):
+            fmap = model.trunk(x[None])[0]
+        maps.append(to_float16(fmap.permute(1, 2, 0)))
+    return maps
+
+
+def as_map_tensors(maps: Sequence[np.ndarray], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Cached float16 ``[H, W, C]`` maps (see :func:`image_maps`) as ``[C, H, W]`` tensors on ``device``.
+
+    The tensors are views of the channels-last data (no copy on the CPU), still float16: maxima are
+    exact in any precision, and half the bytes make pooling's tables about 2x faster.
+    """
+    return [torch.from_numpy(np.asarray(m, np.float16)).to(device).permute(2, 0, 1) for m in maps]
+
+
+def window_cells(
+    shapes: Sequence[Sequence[int]],
+    factors: Sequence[float],
+    boxes: np.ndarray,
+    stride: int,
+    target: float,
+    offset: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scale each window is pooled at and its inclusive cell rectangle on that scale's map.
+
+    ``shapes`` are the ``[C, H_k, W_k]`` map shapes, ``factors`` their resize factors and ``boxes``
+    ``[N, 4]`` the windows in original pixels; ``stride`` and ``offset`` place the trunk's cells
+    (:func:`rcnn.modeling.spp.map_windows`). Returns int64 ``[N]`` scale indices (SPP-net's rule:
+    the scale where the window's area is closest to ``target``²) and int64 ``[N, 4]`` rectangles.
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scale = select_scale(boxes, list(factors), target)
+    rects = np.zeros((len(boxes), 4), np.int64)
+    for k in np.unique(scale):
+        sel = scale == k
+        rects[sel] = map_windows(boxes[sel] * np.float32(factors[k]), stride, shapes[k][-2], shapes[k][-1], offset)
+    return scale, rects
+
+
+def scale_cells(
+    shapes: Sequence[Sequence[int]], factors: Sequence[float], boxes: np.ndarray, stride: int, offset: float = 0.0
+) -> np.ndarray:
+    """Every window's inclusive cell rectangle on every scale's map: int64 ``[K, N, 4]`` (arguments as
+    in :func:`window_cells`), for callers that choose the scale themselves (fine-tuning's random scales)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return np.stack([map_windows(boxes * np.float32(f), stride, s[-2], s[-1], offset) for f, s in zip(factors, shapes)])
+
+
+def pool_images(
+    items: Sequence[tuple[Sequence[torch.Tensor], Sequence[float], np.ndarray]],
+    stride: int,
+    levels: Sequence[int],
+    target: float = 224.0,
+    offset: float = 0.0,
+) -> torch.Tensor:
+    """Pyramid-pooled vectors of the windows of several images, in one pooling call.
+
+    Each item is ``(maps, factors, boxes)``: one ``[C, H_k, W_k]`` map per scale, the resize
+    factor of each, and the image's windows ``[N, 4]`` (x1, y1, x2, y2, original pixels). Each
+    window is pooled from the map of the scale where its area is closest to ``target``² (SPP-net's
+    multi-scale rule; with one scale, that scale). Returns float32 ``[sum N, C * sum(n^2)]`` in
+    item order, each level flattened bin-major (:data:`rcnn.modeling.models.PYRAMID_LAYOUT`).
+    """
+    cells = [
+        (maps, *window_cells([m.shape for m in maps], factors, boxes, stride, target, offset)) for maps, factors, boxes in items
+    ]
+    return pool_cells(cells, levels)
+
+
+def pool_cells(
+    items: Sequence[tuple[Sequence[torch.Tensor], np.ndarray, np.ndarray]],
+    levels: Sequence[int],
+    dtype: torch.dtype | None = torch.float32,
+) -> torch.Tensor:
+    """:func:`pool_images` for windows already placed by :func:`window_cells`: items ``(maps, scale, rects)``.
+
+    ``dtype`` of the result: float32 by default, or ``None`` for the maps' own (float16 for cached
+    maps: the same numbers, since maxima are exact, in half the bytes).
+    """
+    channels = items[0][0][0].shape[0]
+    device = items[0][0][0].device
+    dim = channels * sum(n * n for n in levels)
+    dtype = dtype or items[0][0][0].dtype
+    out = torch.empty((sum(len(scale) for _, scale, _ in items), dim), dtype=dtype, device=device)
+    # Maps with many windows (test time: every proposal of an image) are pooled one at a time, each
+    # with its own sparse table; the rest (fine-tuning batches: a window or two from each of many
+    # images) in one batched call over the cells their windows touch.
+    batched_maps: list[torch.Tensor] = []
+    rects, owner, order = [], [], []
+    offset = 0
+    for maps, scale, cells in items:
+        for k in np.unique(scale):
+            sel = np.flatnonzero(scale == k)
+            fmap, r = maps[k], cells[sel]
+            if len(sel) >= MANY_WINDOWS:
+                if sel[-1] - sel[0] + 1 == len(sel):  # a block of rows (pool_windows sorts by scale): pooled in place
+                    spp_pool(fmap, r, levels, out=out[offset + sel[0] : offset + sel[-1] + 1], layout=PYRAMID_LAYOUT)
+                else:
+                    out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels, layout=PYRAMID_LAYOUT).to(dtype)
+                continue
+            x0, y0 = r[:, 0].min(), r[:, 1].min()
+            rects.append(r - np.array([x0, y0, x0, y0]))
+            owner.append(np.full(len(sel), len(batched_maps)))
+            order.append(offset + sel)
+            batched_maps.append(fmap[:, y0 : r[:, 3].max() + 1, x0 : r[:, 2].max() + 1])
+        offset += len(scale)
+    if not batched_maps:
+        return out
+    height = max(m.shape[1] for m in batched_maps)
+    width = max(m.shape[2] for m in batched_maps)
+    # Channels first: with a window or two per map these are pooled by roi_pool, which reads that layout.
+    batch = torch.zeros((len(batched_maps), channels, height, width), dtype=batched_maps[0].dtype, device=device)
+    for i, m in enumerate(batched_maps):  # zero padding to a common size: no window reaches it
+        batch[i, :, : m.shape[1], : m.shape[2]] = m
+    pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner), layout=PYRAMID_LAYOUT)
+    out[torch.from_numpy(np.concatenate(order)).to(device)] = pooled.to(dtype)
+    return out
+
+
+@torch.no_grad()
+def pool_windows(
+    maps: Sequence[torch.Tensor],
+    factors: Sequence[float],
+    boxes: np.ndarray,
+    stride: int,
+    levels: Sequence[int],
+    target: float,
+    dtype: torch.dtype | None = torch.float32,
+    offset: float = 0.0,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Pyramids of one image's distinct windows, and for each of ``boxes`` the row of its pyramid.
+
+    Windows that fall on the same cells of the same scale have identical pyramids, so each such
+    group is pooled once (about 1 in 7 of the demo's proposals is a repeat): ``pooled[inverse]`` is
+    the ``[N, D]`` of :func:`pool_images` for these boxes (``dtype`` as in :func:`pool_cells`).
+    """
+    scale, rects = window_cells([m.shape for m in maps], factors, boxes, stride, target, offset)
+    if len(rects) and int(rects.max()) >= 1 << 12:
+        raise ValueError(f"feature maps over {1 << 12} cells across are not supported")
+    # One integer per (scale, rectangle): cell indices are below 2^12, so five fields fit in 63 bits.
+    key = scale.astype(np.int64)
+    for column in rects.T:
+        key = (key << 12) | column
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return pool_cells([(maps, scale[first], rects[first])], levels, dtype), inverse.reshape(-1)
+
+
+@torch.no_grad()
+def spp_region_features(
+    model: DetectorNet,
+    maps: Sequence[np.ndarray],
+    factors: Sequence[float],
+    boxes: np.ndarray,
+    layers: tuple[str, ...],
+    target: float = 224.0,
+) -> dict[str, np.ndarray]:
+    """SPP-net's counterpart of :func:`rcnn.detection.detector.region_features`: float16 ``[N, D]`` per layer.
+
+    ``pool5`` here is the pyramid-pooled window vector that fc6 reads. Repeated windows (see
+    :func:`pool_windows`) go through the fc layers once.
+    """
+    device = next(model.parameters()).device
+    maps = as_map_tensors(maps, device)
+    spec = model.spec
+    pooled, inverse = pool_windows(maps, factors, boxes, spec.stride, spec.spp_levels, target, dtype=None, offset=spec.offset)
+    with inference_autocast(device):
+        out = model.head(pooled, layers)
+    out["pool5"] = pooled
+    return {k: to_float16(out[k])[inverse] for k in layers}

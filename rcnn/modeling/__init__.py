@@ -1,0 +1,1 @@
+"""Networks: backbones and checkpoints, region warping, SPP pooling, inference preparation."""

@@ -1,0 +1,443 @@
+"""SPP-net's spatial pyramid pooling for detection: windows mapped onto a conv feature map, pooled into a pyramid.
+
+He, Zhang, Ren, Sun, "Spatial Pyramid Pooling in Deep Convolutional Networks for Visual Recognition", ECCV 2014.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import roi_pool
+
+from rcnn.structures.boxes import as_boxes, box_area
+
+#: The paper's 4-level pyramid for detection, {6x6, 3x3, 2x2, 1x1}: 50 bins (12,800-d on 256 conv5 channels).
+PYRAMID_LEVELS: tuple[int, ...] = (6, 3, 2, 1)
+#: The paper's single-scale setting: shorter image side 688.
+SINGLE_SCALE: tuple[int, ...] = (688,)
+#: The paper's multi-scale setting: shorter image side s in {480, 576, 688, 864, 1200}.
+MULTI_SCALES: tuple[int, ...] = (480, 576, 688, 864, 1200)
+#: Each window is pooled at the scale where its area is closest to 224 x 224, the networks' training size.
+TARGET_SIZE = 224
+#: How each level's ``n x n x C`` maxima are flattened: ``"channels"``, channel-major ``(C, n, n)`` as
+#: Caffe flattens a blob (SPP-net's own layout); ``"bins"``, bin-major ``(n, n, C)``, each bin's channels
+#: side by side, as the table method computes them (no transpose: faster).
+LAYOUTS = ("channels", "bins")
+
+
+# ----------------------------------------------------------------------------- window mapping
+
+
+def map_windows(boxes, stride: int, feature_h: int, feature_w: int, offset: float = 0.0) -> np.ndarray:
+    """Map image windows to inclusive rectangles of feature-map cells (the paper's appendix A).
+
+    The paper pads every layer by ``floor(p/2)`` for a ``p x p`` filter, so that the response at
+    0-based cell ``x'`` has its receptive field centred on 0-based image *pixel index* ``S x'``
+    (``S`` = ``stride``, the product of all strides). A window's left corner pixel ``x`` maps to cell
+    ``floor(x / S) + 1`` and its right corner pixel to ``ceil(x / S) - 1``: the kept cells are those
+    whose centre lies strictly between the window's two corner pixels.
+
+    In this project's continuous convention pixel index ``i`` spans ``[i, i + 1]``, so cell ``j``'s
+    receptive-field centre is at ``S j + 1/2`` and a box ``(x1, x2)`` has corner pixels ``x1`` and
+    ``x2 - 1``. Hence, per axis::
+
+        left  = floor(x1 / S) + 1
+        right = ceil((x2 - 1) / S) - 1
+
+    i.e. the cells with ``x1 + 1/2 < S j + 1/2 < x2 - 1/2``. For example, with ``S = 16`` the
+    window ``x1 = 0, x2 = 224`` maps to cells 1..13 (cell 0's centre sits exactly on the corner pixel
+    0 and is excluded by the strict inequality; cell 14's centre is pixel 224, outside the window).
+    Non-integer coordinates (boxes scaled to a resized image) use the same formulas.
+
+    Degenerate windows: when no cell centre lies inside (``right < left``: windows narrower than
+    about ``S`` pixels, empty or inverted boxes), the window collapses to the single cell whose centre
+    is nearest the window's centre, ``floor((x1 + x2 - 1) / (2 S) + 1/2)`` (halves round up). Finally
+    both ends are clamped to ``[0, feature_w - 1]`` (``[0, feature_h - 1]`` for y), so windows partly
+    or wholly outside the map still give a rectangle of at least 1 x 1 cells inside it.
+
+    Args:
+        boxes: ``[N, 4]`` windows in ``(x1, y1, x2, y2)`` continuous pixel coordinates of the image
+            the feature map was computed from (numpy array or tensor).
+        stride: the trunk's total stride ``S`` (:attr:`rcnn.modeling.models.BackboneSpec.stride`).
+        feature_h, feature_w: size of the feature map, in cells.
+        offset: where the trunk centres cell 0, as an image pixel index (cell ``j`` on ``S j + offset``;
+            :attr:`rcnn.modeling.models.BackboneSpec.offset`). The formulas above are for the paper's padding,
+            offset 0; "if the padding is not floor(p/2), we need to add a proper offset": they are
+            applied to the window moved by ``-offset``, so the kept cells are still those whose
+            centres lie strictly between its corner pixels.
+
+    Returns:
+        int64 ``[N, 4]`` inclusive cell rectangles ``(x1, y1, x2, y2)`` with
+        ``0 <= x1 <= x2 < feature_w`` and ``0 <= y1 <= y2 < feature_h``.
+    """
+    if stride < 1 or feature_h < 1 or feature_w < 1:
+        raise ValueError(f"stride and feature map size must be positive, got {stride}, {feature_h} x {feature_w}")
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.detach().cpu().numpy()
+    b = as_boxes(boxes).astype(np.float64)
+    if not np.all(np.isfinite(b)):
+        raise ValueError("boxes must be finite")
+    first_pixel, last_pixel = b[:, :2] - offset, b[:, 2:] - 1.0 - offset
+    lo = np.floor(first_pixel / stride) + 1
+    hi = np.ceil(last_pixel / stride) - 1
+    nearest = np.floor((first_pixel + last_pixel) / (2 * stride) + 0.5)
+    empty = hi < lo
+    lo = np.where(empty, nearest, lo)
+    hi = np.where(empty, nearest, hi)
+    limit = np.array([feature_w - 1, feature_h - 1], dtype=np.float64)
+    lo = np.clip(lo, 0, limit)
+    hi = np.clip(hi, 0, limit)
+    return np.concatenate([lo, hi], axis=1).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- pyramid pooling
+
+
+def bins_order(channels: int, levels: Sequence[int] = PYRAMID_LEVELS) -> torch.Tensor:
+    """Positions in a ``"channels"`` pyramid vector of each entry of the ``"bins"`` one.
+
+    ``bins = channels_vec[..., order]`` converts a pooled vector, and ``weight[:, order]`` the weights of
+    a layer reading it (``W x`` is unchanged).
+    """
+    parts, start = [], 0
+    for n in _check_levels(levels):
+        parts.append(start + torch.arange(channels * n * n).view(channels, n, n).permute(1, 2, 0).reshape(-1))
+        start += channels * n * n
+    return torch.cat(parts)
+
+
+def spp_dim(channels: int, levels: Sequence[int] = PYRAMID_LEVELS) -> int:
+    """Length of a pooled window's feature: ``channels * sum(n * n for n in levels)``."""
+    return channels * sum(n * n for n in _check_levels(levels))
+
+
+def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
+    levels = tuple(int(n) for n in levels)
+    if not levels or min(levels) < 1:
+        raise ValueError(f"pyramid levels must be a non-empty sequence of positive ints, got {levels}")
+    return levels
+
+
+def _roi_pool_inexact(rects: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[N]`` bool: windows where ``roi_pool``'s floating-point bins differ from the integer ones.
+
+    ``roi_pool`` computes bin ``i`` of ``n`` over ``h`` cells as ``floor(i * (h / n))`` to
+    ``ceil((i + 1) * (h / n))`` in the input's dtype. Rounding in ``h / n`` can push the last bin one
+    cell past the window (e.g. n = 7, h = 57 in float32); this repeats that arithmetic to find where.
+    For n in 1..6 it cannot happen below three million cells (checked exhaustively), so the paper's
+    levels always take the fast path.
+    """
+    sizes = (rects[:, 2:] - rects[:, :2] + 1).reshape(-1, 1)  # [2N, 1]: widths and heights
+    i = torch.arange(n, device=rects.device)
+    bin_size = sizes.to(dtype) / torch.tensor(float(n), dtype=dtype, device=rects.device)
+    start = torch.floor(i.to(dtype) * bin_size).long()
+    end = torch.ceil((i + 1).to(dtype) * bin_size).long()
+    exact_start = i * sizes // n
+    exact_end = -(-(i + 1) * sizes // n)
+    wrong = (start != exact_start) | (end != exact_end)
+    return wrong.reshape(-1, 2 * n).any(dim=1)
+
+
+def spp_pool(
+    feature_map: torch.Tensor,
+    rects,
+    levels: Sequence[int] = PYRAMID_LEVELS,
+    batch_index=None,
+    method: str = "auto",
+    out: torch.Tensor | None = None,
+    layout: str = "channels",
+) -> torch.Tensor:
+    """Max-pool each cell rectangle of a feature map into an ``n x n`` grid per pyramid level.
+
+    For a rectangle ``h`` cells tall, bin ``i`` of ``n`` spans rows ``[floor(i h / n), ceil((i+1) h / n))``
+    counted from its top (columns likewise), the SPP / RoI-pooling convention; bins overlap by a cell
+    where ``n`` does not divide ``h`` and repeat cells when ``h < n``.
+
+    Two methods give identical results (max is exact in any order):
+
+    - ``"table"``: 2-D sparse tables of the map (the max over every ``2^a x 2^b`` block) answer
+      each bin with four lookups; a level that divides a finer one (3, 2 and 1 divide 6) is the max
+      over that level's bins, which tile it exactly. 7x to 19x faster than ``"roi_pool"`` on a CPU for
+      the paper's levels, the most on float16 maps (``benchmarks/bench_spp_pool.py``).
+    - ``"roi_pool"``: :func:`torchvision.ops.roi_pool` per level (``spatial_scale=1``, which treats box
+      corners as inclusive cell indices); the rare windows where its floating-point bin edges are off
+      by a cell (only for levels above 6) are pooled with
+      :func:`torch.nn.functional.adaptive_max_pool2d` instead. The reference the table is tested against.
+
+    Args:
+        feature_map: ``[C, H, W]`` or ``[B, C, H, W]``. Half and bfloat16 maps are pooled in their own
+            dtype by the table method (max is exact, and fewer bytes are faster), in float32 by
+            ``roi_pool``, and returned in their own dtype. Several maps of different sizes can be
+            pooled in one call by zero-padding them to a common size: rectangles never reach the padding.
+        rects: int64 ``[N, 4]`` inclusive cell rectangles ``(x1, y1, x2, y2)`` inside the map, as
+            returned by :func:`map_windows` (numpy array or tensor).
+        levels: pyramid levels ``n``, each giving ``n x n`` bins; the paper's ``(6, 3, 2, 1)`` by default.
+        batch_index: int64 ``[N]``, the map of ``[B, C, H, W]`` each rectangle belongs to (default: map 0).
+        method: ``"table"``, ``"roi_pool"`` or ``"auto"`` (the default): the table when there are at
+            least 4 windows per map, else ``roi_pool``.
+        out: optional ``[N, C * sum(n^2)]`` tensor (any float dtype, rows contiguous) to write the
+            result into and return, saving a copy when the caller gathers several calls' results.
+        layout: how each level is flattened (:data:`LAYOUTS`): ``"channels"`` (the default, SPP-net's
+            Caffe order) or ``"bins"`` (each bin's channels together; skips the table method's
+            transpose, which is a fifth of its time on the demo). :func:`bins_order` converts.
+
+    Returns:
+        ``[N, C * sum(n^2)]``: the levels in the given order, each flattened ``(C, n, n)`` (or
+        ``(n, n, C)`` for ``layout="bins"``), on the feature map's device and in its dtype.
+    """
+    levels = _check_levels(levels)
+    if method not in ("auto", "table", "roi_pool"):
+        raise ValueError(f"method must be 'auto', 'table' or 'roi_pool', got {method!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    fmap = feature_map if feature_map.dim() == 4 else feature_map.unsqueeze(0)
+    if fmap.dim() != 4:
+        raise ValueError(f"feature_map must be [C, H, W] or [B, C, H, W], got {tuple(feature_map.shape)}")
+    out_dtype = fmap.dtype
+    _, channels, height, width = fmap.shape
+    rects = torch.as_tensor(rects, device=fmap.device).reshape(-1, 4).long()
+    if out is not None and tuple(out.shape) != (len(rects), spp_dim(channels, levels)):
+        raise ValueError(f"out must be [{len(rects)}, {spp_dim(channels, levels)}], got {tuple(out.shape)}")
+    if len(rects) == 0:
+        return out if out is not None else fmap.new_zeros((0, spp_dim(channels, levels)), dtype=out_dtype)
+    x1, y1, x2, y2 = rects.unbind(1)
+    if bool(((x1 < 0) | (y1 < 0) | (x2 >= width) | (y2 >= height) | (x2 < x1) | (y2 < y1)).any()):
+        raise ValueError(f"rects must be inclusive cell rectangles inside the {height} x {width} feature map")
+    if batch_index is None:
+        batch_index = rects.new_zeros(len(rects))
+    batch_index = torch.as_tensor(batch_index, device=fmap.device).reshape(-1).long()
+    if len(batch_index) != len(rects) or bool(((batch_index < 0) | (batch_index >= fmap.shape[0])).any()):
+        raise ValueError(f"batch_index must hold one map index in [0, {fmap.shape[0]}) per rectangle")
+    derive = method == "auto"  # an explicit "roi_pool" pools every level itself: the reference
+    if method == "auto":
+        method = "table" if len(rects) >= 4 * fmap.shape[0] else "roi_pool"
+    if method == "roi_pool" or (fmap.requires_grad and torch.is_grad_enabled()):
+        pooled = _roi_pool_levels(fmap, rects, levels, batch_index, layout, derive)
+    else:
+        pooled = _table_pool_levels(fmap, rects, levels, batch_index, layout, out)
+    if out is None:
+        return pooled.to(out_dtype)
+    return out if pooled is out else out.copy_(pooled)
+
+
+def _coarser_sources(levels: tuple[int, ...]) -> dict[int, int | None]:
+    """For each level, the smallest finer level it divides (its bins are unions of that level's), or None.
+
+    Bin i of m over h cells equals the union of bins k i .. k i + k - 1 of n = k m: floor(k i h / n)
+    = floor(i h / m), and likewise the ceilings.
+    """
+    return {m: min((n for n in levels if n > m and n % m == 0), default=None) for m in set(levels)}
+
+
+def _roi_pool_levels(
+    fmap: torch.Tensor,
+    rects: torch.Tensor,
+    levels: tuple[int, ...],
+    batch_index: torch.Tensor,
+    layout: str = "channels",
+    derive: bool = False,
+) -> torch.Tensor:
+    """``roi_pool`` per level; with ``derive``, only the levels no finer one tiles, the rest as maxima
+    over their bins (3, 2 and 1 from 6: a quarter of the work for the paper's pyramid)."""
+    if fmap.dtype not in (torch.float32, torch.float64):
+        fmap = fmap.float()  # roi_pool's CPU kernel has no half precision; the result is exact either way
+    rois = torch.cat([batch_index[:, None], rects], dim=1).to(fmap.dtype)
+    source = _coarser_sources(levels) if derive else dict.fromkeys(levels)
+    pooled: dict[int, torch.Tensor] = {}  # [N, C, n, n]
+    for n in sorted(source, reverse=True):
+        if source[n] is not None:
+            pooled[n] = _coarsen(pooled[source[n]].permute(0, 2, 3, 1).contiguous(), n).permute(0, 3, 1, 2)
+            continue
+        out = roi_pool(fmap, rois, (n, n), spatial_scale=1.0)
+        inexact = torch.nonzero(_roi_pool_inexact(rects, n, fmap.dtype)).flatten()
+        if len(inexact):
+            exact = torch.stack(
+                [
+                    nn.functional.adaptive_max_pool2d(fmap[b, :, r[1] : r[3] + 1, r[0] : r[2] + 1], n)
+                    for b, r in zip(batch_index[inexact].tolist(), rects[inexact].tolist())
+                ]
+            )
+            out = out.index_copy(0, inexact, exact)
+        pooled[n] = out
+    return torch.cat([(pooled[n].permute(0, 2, 3, 1) if layout == "bins" else pooled[n]).flatten(1) for n in levels], dim=1)
+
+
+#: Rows of map cells gathered per chunk by the table method (bounds its temporary memory).
+_TABLE_CHUNK_VALUES = 1 << 24
+#: Above this many table values (in the map's dtype) the table method falls back to ``roi_pool``.
+_TABLE_MAX_VALUES = 1 << 28
+
+
+def _bin_edges(lo: np.ndarray, hi: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last (inclusive) cell of each of ``n`` bins over ``[lo, hi]``: int64 ``[N, n]`` each."""
+    size = (hi - lo + 1)[:, None]
+    i = np.arange(n)
+    first = lo[:, None] + i * size // n
+    last = lo[:, None] + (-(-(i + 1) * size // n)) - 1
+    return first, last
+
+
+def _floor_log2(x: np.ndarray) -> np.ndarray:
+    """``floor(log2(x))`` of positive int64 ``x`` below 2^53, exactly: ``x = m 2^e`` with ``0.5 <= m < 1``."""
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64) - 1
+
+
+def _table_pool_levels(
+    fmap: torch.Tensor,
+    rects: torch.Tensor,
+    levels: tuple[int, ...],
+    batch_index: torch.Tensor,
+    layout: str = "channels",
+    into: torch.Tensor | None = None,
+) -> torch.Tensor:
+    batch, channels, height, width = fmap.shape
+    source = _coarser_sources(levels)  # a level that divides a finer one is derived from it
+    direct = sorted(m for m, n in source.items() if n is None)
+    # The bookkeeping (bins, block sizes, row numbers) is small integer arithmetic: numpy on the host
+    # does it several times faster than a chain of tiny tensor operations; the table and the lookups
+    # stay on the map's device.
+    x1, y1, x2, y2 = rects.cpu().numpy().T
+    owner = batch_index.cpu().numpy()
+    edges = {n: (_bin_edges(y1, y2, n), _bin_edges(x1, x2, n)) for n in direct}
+    log_h = {n: _floor_log2(e[0][1] - e[0][0] + 1) for n, e in edges.items()}
+    log_w = {n: _floor_log2(e[1][1] - e[1][0] + 1) for n, e in edges.items()}
+    rows = max(int(v.max()) for v in log_h.values()) + 1
+    cols = max(int(v.max()) for v in log_w.values()) + 1
+    if rows * cols * fmap.numel() > _TABLE_MAX_VALUES:
+        return _roi_pool_levels(fmap, rects, levels, batch_index, layout)
+    # table[b, a, i, y, x] = max of map i over rows y .. y + 2^a - 1 and columns x .. x + 2^b - 1, channels
+    # last so each lookup is one contiguous row. Entries where that block does not fit the map are never
+    # read: the row steps leave them uninitialised, and the column steps (one call for every a at once)
+    # fill them with maxima of whatever is there.
+    table = fmap.new_empty((cols, rows, batch, height, width, channels))
+    table[0, 0] = fmap.permute(0, 2, 3, 1)
+    for a in range(1, rows):
+        fit_h, d = height - (1 << a) + 1, 1 << (a - 1)
+        torch.maximum(table[0, a - 1, :, :fit_h], table[0, a - 1, :, d : d + fit_h], out=table[0, a, :, :fit_h])
+    for b in range(1, cols):
+        fit_w, d = width - (1 << b) + 1, 1 << (b - 1)
+        torch.maximum(table[b - 1, :, :, :, :fit_w], table[b - 1, :, :, :, d : d + fit_w], out=table[b, :, :, :, :fit_w])
+    flat = table.view(-1, channels)
+    pooled: dict[int, torch.Tensor] = {}
+    chunk = max(1, _TABLE_CHUNK_VALUES // (channels * max(n * n for n in direct)))
+    for n in direct:
+        (top, bottom), (left, right) = edges[n]
+        a, b = log_h[n], log_w[n]
+        parts = []
+        for s in range(0, len(rects), chunk):
+            sl = slice(s, s + chunk)
+            # Each bin is the max of four blocks of 2^a x 2^b cells at its corners (overlapping where
+            # the bin is not that size); a corner at a time keeps the gathered rows in cache.
+            base = ((b[sl][:, None, :] * rows + a[sl][:, :, None]) * batch + owner[sl][:, None, None]) * height
+            y_first, y_last = top[sl][:, :, None], (bottom[sl] - (1 << a[sl]) + 1)[:, :, None]
+            x_first, x_last = left[sl][:, None, :], (right[sl] - (1 << b[sl]) + 1)[:, None, :]
+            corners = ((y_first, x_first), (y_last, x_first), (y_first, x_last), (y_last, x_last))
+            index = torch.from_numpy(np.stack([(base + yy) * width + xx for yy, xx in corners]).reshape(4, -1))
+            index = index.to(fmap.device)
+            out = flat.index_select(0, index[0])
+            for k in range(1, 4):
+                torch.maximum(out, flat.index_select(0, index[k]), out=out)
+            parts.append(out.view(-1, n, n, channels))
+        pooled[n] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    for m in sorted(source, reverse=True):
+        if m not in pooled:
+            pooled[m] = _coarsen(pooled[source[m]], m)
+    # Each level flattened in the layout asked for, written straight into its columns of the result.
+    result = into if into is not None else fmap.new_empty((len(rects), channels * sum(n * n for n in levels)))
+    start = 0
+    for n in levels:
+        block = result[:, start : start + channels * n * n]
+        if layout == "bins":
+            block.view(len(rects), n, n, channels).copy_(pooled[n])
+        else:
+            block.view(len(rects), channels, n, n).copy_(pooled[n].permute(0, 3, 1, 2))
+        start += channels * n * n
+    return result
+
+
+def _coarsen(fine: torch.Tensor, m: int) -> torch.Tensor:
+    """``[N, m, m, C]`` maxima over ``k x k`` groups of the ``[N, n, n, C]`` bins, ``n = k m``."""
+    count, n, _, channels = fine.shape
+    k = n // m
+    grouped = fine.view(count, m, k, n, channels)
+    rows = grouped[:, :, 0]
+    for j in range(1, k):
+        rows = torch.maximum(rows, grouped[:, :, j])
+    grouped = rows.view(count, m, m, k, channels)
+    out = grouped[:, :, :, 0]
+    for j in range(1, k):
+        out = torch.maximum(out, grouped[:, :, :, j])
+    return out
+
+
+# ----------------------------------------------------------------------------- scales
+
+
+def image_scales(height: int, width: int, scales: Sequence[int] = SINGLE_SCALE, max_side: float | None = None) -> list[float]:
+    """Resize factor for each target shorter side: ``s / min(height, width)`` for ``s`` in ``scales``.
+
+    ``max_side`` (not in the paper; Fast R-CNN caps at 1000) lowers a factor so that the longer side
+    becomes at most ``max_side``: ``min(s / min(h, w), max_side / max(h, w))``. Scales are those of
+    the paper by default: :data:`SINGLE_SCALE` (688), or :data:`MULTI_SCALES`.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height} x {width}")
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be a non-empty sequence of positive sizes, got {scales}")
+    factors = [s / min(height, width) for s in scales]
+    if max_side is not None:
+        factors = [min(f, max_side / max(height, width)) for f in factors]
+    return factors
+
+
+def select_scale(boxes, factors: Sequence[float], target: float = TARGET_SIZE) -> np.ndarray:
+    """Index into ``factors`` of the scale at which each window's area is closest to ``target ** 2``.
+
+    The paper's multi-scale rule: minimise ``|area * f^2 - target^2|`` with ``area = (x2 - x1) * (y2 - y1)``
+    of ``boxes [N, 4]`` in the original image's ``(x1, y1, x2, y2)`` continuous pixel coordinates.
+    Ties go to the smaller factor (less computation, and the paper's scales are ordered that way), so
+    empty windows, which tie everywhere, take the smallest scale.
+
+    Returns:
+        int64 ``[N]`` indices into ``factors`` (not necessarily sorted).
+    """
+    f = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if len(f) == 0 or not np.all(f > 0):
+        raise ValueError(f"factors must be a non-empty sequence of positive numbers, got {factors}")
+    area = box_area(as_boxes(boxes).astype(np.float64))
+    order = np.argsort(f, kind="stable")
+    gap = np.abs(area[:, None] * f[order] ** 2 - float(target) ** 2)
+    return order[np.argmin(gap, axis=1)].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- convenience
+
+
+def spp_features(
+    trunk: nn.Module,
+    image: torch.Tensor,
+    boxes_scaled,
+    stride: int,
+    levels: Sequence[int] = PYRAMID_LEVELS,
+    offset: float = 0.0,
+) -> torch.Tensor:
+    """Run ``trunk`` once on one image and pyramid-pool every window from its feature map.
+
+    Args:
+        trunk: image ``[1, 3, H, W]`` -> feature map ``[1, C, H', W']`` (:attr:`DetectorNet.trunk`).
+        image: normalised RGB ``[3, H, W]``, already resized to one scale.
+        boxes_scaled: ``[N, 4]`` windows in ``(x1, y1, x2, y2)`` continuous pixel coordinates of the
+            resized image.
+        stride: the trunk's total stride.
+        levels: pyramid levels (the paper's ``(6, 3, 2, 1)`` by default).
+        offset: the trunk's receptive-field offset (:func:`map_windows`).
+
+    Returns:
+        ``[N, C * sum(n^2)]``. Gradients flow unless the caller wraps this in ``torch.no_grad()``.
+    """
+    fmap = trunk(image.unsqueeze(0))
+    rects = map_windows(boxes_scaled, stride, fmap.shape[-2], fmap.shape[-1], offset)
+    return spp_pool(fmap, rects, levels)

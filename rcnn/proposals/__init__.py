@@ -1,0 +1,1 @@
+"""Region proposals: selective search through OpenCV, and proposal recall."""

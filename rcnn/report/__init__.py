@@ -1,0 +1,1 @@
+"""The `rcnn compare` study: runs read from their manifests, tables, figures and seed summaries."""

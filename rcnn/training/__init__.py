@@ -1,0 +1,1 @@
+"""Fine-tuning: region labels, fg/bg mini-batches and the training loop."""

@@ -1,0 +1,123 @@
+"""benchmarks/run_all.py: one run measures every figure with its stock baseline and writes them as JSON;
+the stock baselines' own geometry agrees with the library's. No timing is judged here."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rcnn.modeling.spp import image_scales, select_scale
+from rcnn.modeling.warp import warp_geometry
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+MEASUREMENTS = {
+    "rcnn_alexnet": "ms/image",
+    "rcnn_squeezenet": "ms/image",
+    "spp_1_scale": "ms/image",
+    "spp_5_scales": "ms/image",
+    "cache_rcnn": "MB/image",
+    "cache_spp": "MB/image",
+    "finetune_rcnn": "regions/s",
+    "finetune_spp": "regions/s",
+    "svm": "s",
+}
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+    import stock
+
+    return common, stock
+
+
+def run_all(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_run_all_measures_everything_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_all("--tiny", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    figures = report["measurements"]
+    assert set(figures) == set(MEASUREMENTS)
+    for name, fig in figures.items():
+        assert fig["unit"] == MEASUREMENTS[name], name
+        for key in ("ours", "stock", "ratio"):
+            assert math.isfinite(fig[key]) and fig[key] > 0, (name, key, fig[key])
+        # Above 1 means the library is better: stock / ours for costs, ours / stock for rates.
+        expected = fig["stock"] / fig["ours"] if fig["lower"] else fig["ours"] / fig["stock"]
+        assert fig["ratio"] == pytest.approx(expected), name
+        assert fig["lower"] == (not name.startswith("finetune")), name
+    # An uncompressed float32 cache of pool5 (9216) and fc7 (4096) holds at least 4 bytes per value per box.
+    stock_mb = figures["cache_rcnn"]["stock"]
+    assert stock_mb >= report["sizes"]["boxes"] * (9216 + 4096) * 4 / 2**20
+    assert report["mode"] == "tiny" and report["device"] == "cpu" and report["images"] == report["sizes"]["images"]
+    machine = report["machine"]
+    for key in ("cpu", "cores", "python", "torch", "torchvision", "opencv", "numpy", "commit"):
+        assert machine[key], key
+    # The printed table: a row per measurement with its ratio, then the machine and versions.
+    for title in ("R-CNN features, AlexNet", "SPP-net features, 5 scales", "fine-tuning, SPP-net (fc)", "SVMs"):
+        assert title in done.stdout
+    assert f"{figures['svm']['ratio']:.2f}x" in done.stdout
+    assert "torchvision" in done.stdout and "random" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_without_a_gpu_is_one_line():
+    done = run_all("--tiny", "--device", "cuda")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no CUDA GPU" in done.stderr
+
+
+def test_data_without_the_split_is_one_line(tmp_path):
+    done = run_all("--tiny", "--data", str(tmp_path), "--only", "svm")
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "trainval.txt" in done.stderr
+
+
+def test_random_boxes_stay_inside_the_image(bench_modules):
+    common, _ = bench_modules
+    rng = np.random.default_rng(1)
+    objects = np.array([[10, 20, 60, 90], [0, 0, 120, 30]], np.float32)
+    boxes = common.random_boxes(rng, 120, 100, 500, objects)
+    assert boxes.shape == (500, 4) and boxes.dtype == np.float32
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 100).all()
+    assert (boxes[:, 2:] - boxes[:, :2] >= 1 - 1e-5).all()
+    # Half are jittered objects: about half the boxes overlap one of them by IoU >= 0.5.
+    from rcnn.structures.boxes import box_iou
+
+    assert 0.3 < (box_iou(boxes, objects).max(axis=1) >= 0.5).mean() < 0.8
+
+
+def test_alternate_times_each_function_repeats_times_after_one_warmup(bench_modules):
+    common, _ = bench_modules
+    calls = {"a": 0, "b": 0}
+    fns = {k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}
+    medians = common.alternate(fns, 3, torch.device("cpu"), warmup=True)
+    assert calls == {"a": 4, "b": 4}
+    assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
+
+
+def test_stock_scales_and_context_match_the_library(bench_modules):
+    _, stock = bench_modules
+    rng = np.random.default_rng(2)
+    for h, w in ((375, 500), (500, 333), (100, 2000)):
+        for scales in ((688,), (480, 576, 688, 864, 1200)):
+            assert stock.factors_of(h, w, scales, 2000) == pytest.approx(image_scales(h, w, scales, 2000))
+    xy = rng.uniform(100, 300, (200, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 150, (200, 2))], axis=1).astype(np.float32)
+    factors = image_scales(375, 500, (480, 576, 688, 864, 1200))
+    np.testing.assert_array_equal(stock.closest_scale(boxes, factors, 224), select_scale(boxes, factors, 224))
+    # Boxes whose context stays inside the image: the library's sampled region is the stock's grown box.
+    src, _ = warp_geometry(boxes, 10_000, 10_000, 227, 16)
+    np.testing.assert_allclose(stock.with_context(boxes, 227, 16), src, rtol=1e-6, atol=1e-3)

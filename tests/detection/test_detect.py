@@ -1,0 +1,84 @@
+"""`rcnn detect` on a batch of files: outputs never collide, a bad image costs only itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from rcnn.detection.detector import ClassDetections, detect_files, output_names
+
+
+class WholeImageDetector:
+    """Stands in for a trained pipeline: one box over the whole image, scored by its mean brightness."""
+
+    classes = ("bright",)
+
+    def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
+        h, w = image_bgr.shape[:2]
+        return ClassDetections([np.array([[0, 0, w, h]], np.float32)], [np.array([image_bgr.mean() / 255], np.float32)])
+
+
+def _image(path: Path, width: int, height: int, level: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((height, width, 3), level, np.uint8))
+    return path
+
+
+@pytest.fixture
+def batch(tmp_path) -> list[Path]:
+    """Three images named x in different folders (one as X.png), an undecodable one, and one after it."""
+    bad = tmp_path / "in" / "bad" / "y.jpg"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an image at all" * 8)
+    return [
+        _image(tmp_path / "in" / "a" / "x.jpg", 30, 20, 40),
+        _image(tmp_path / "in" / "b" / "x.jpg", 10, 40, 200),
+        _image(tmp_path / "in" / "c" / "X.png", 16, 16, 120),
+        bad,
+        _image(tmp_path / "in" / "d" / "z.jpg", 12, 14, 90),
+    ]
+
+
+def test_output_names_are_distinct_even_case_blind():
+    assert output_names(["a/x.jpg", "b/x.jpg", "c/X.png", "x-2.jpg", "d/z.jpg"]) == ["x", "x-2", "X-3", "x-2-2", "z"]
+    assert output_names(["a/x.jpg", "b/y.jpg"]) == ["x", "y"]  # nothing renamed without a collision
+
+
+def test_same_names_never_overwrite_and_a_bad_image_costs_only_itself(batch, tmp_path):
+    out = tmp_path / "out"
+    results = list(detect_files(WholeImageDetector(), batch, out, threshold=0.0))
+    assert [r.path for r in results] == batch
+    assert [r.output for r in results] == ["x", "x-2", "X-3", None, "z"]
+    bad = results[3]
+    assert bad.error is not None and str(batch[3]) in bad.error and "cannot be decoded" in bad.error
+    # Each JSON is its own image's: the size written and the brightness it was scored by.
+    for r, (w, h, level) in zip([*results[:3], results[4]], [(30, 20, 40), (10, 40, 200), (16, 16, 120), (12, 14, 90)]):
+        saved = json.loads((out / f"{r.output}.json").read_text())
+        assert saved["image"] == str(r.path) and (saved["width"], saved["height"]) == (w, h)
+        assert saved["detections"][0]["score"] == pytest.approx(level / 255, abs=1e-3)
+        assert cv2.imread(str(out / f"{r.output}.det.jpg")).shape[:2] == (h, w)
+    expected = [f"{n}{ext}" for n in ("x", "x-2", "X-3", "z") for ext in (".json", ".det.jpg")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+
+
+def test_detect_command_reports_each_bad_image_and_fails_at_the_end(batch, tmp_path, capsys, monkeypatch, pipelines_file):
+    from rcnn.stages import evaluate, finetune
+
+    monkeypatch.setattr(finetune, "load", lambda ctx: (None, {"classes": list(WholeImageDetector.classes)}))
+    monkeypatch.setattr(evaluate, "build_detector", lambda ctx, model, classes, bbox=True: WholeImageDetector())
+    out = tmp_path / "out"
+    argv = ["detect", "tiny", *map(str, batch), "--out", str(out), "--pipelines-file", str(pipelines_file)]
+    code, stdout, stderr = run_cli([*argv, "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2, stderr
+    assert lines[0].startswith("skipped: ") and str(batch[3]) in lines[0] and "cannot be decoded" in lines[0]
+    assert lines[1] == f"rcnn: error: 1 of 5 image(s) could not be read (each named above); the others are in {out}"
+    assert f"{batch[1]}: 1 detections (bright 0.78) -> x-2.json" in stdout
+    assert f"{batch[0]}: 1 detections (bright 0.16)\n" in stdout  # its own name: nothing to say
+    assert json.loads((out / "z.json").read_text())["image"] == str(batch[4])  # processed after the bad one

@@ -1,0 +1,34 @@
+"""The detection method is one object chosen from the configuration; nothing else tests the method's name."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rcnn.stages import pipeline_stages
+from rcnn.stages.methods import RCNN, SPPNet, method_named
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_each_method_owns_its_stages_and_cached_layers():
+    assert isinstance(method_named("rcnn"), RCNN) and isinstance(method_named("spp"), SPPNet)
+    assert "convmaps" not in pipeline_stages("rcnn") and "convmaps" in pipeline_stages("spp")
+    assert list(pipeline_stages("spp")).index("convmaps") < list(pipeline_stages("spp")).index("finetune")
+    # SPP-net pools pool5 again from the conv maps when box regression needs it, so it never caches it.
+    assert method_named("rcnn").cached_layers(("pool5", "fc7")) == ("pool5", "fc7")
+    assert method_named("spp").cached_layers(("pool5", "fc7")) == ("fc7",)
+
+
+def test_only_the_method_builder_tests_the_methods_name():
+    pattern = re.compile(r"""\.method\s*[!=]=|[!=]=\s*["'](spp|rcnn)["']|["'](spp|rcnn)["']\s*[!=]=""")
+    hits = []
+    for folder in ("rcnn", "stages", "benchmarks"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.name == "methods.py" or path.is_symlink():
+                continue
+            hits += [
+                f"{path.relative_to(REPO)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)
+            ]
+    hits += [f"cli.py:{i}" for i, line in enumerate((REPO / "cli.py").read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []

@@ -1,0 +1,163 @@
+"""The skip / stale / reuse / resume cycle, driven through the proposals stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rcnn.config import PipelineFile
+from rcnn.errors import UserError
+from rcnn.stages import proposals
+from rcnn.stages.common import Context, fingerprint, run_stage, unit_status
+from rcnn.store import artifacts as store
+from rcnn.store import records
+
+
+def make_ctx(pipelines_file, runs, name="tiny", overrides=(), **kw) -> tuple[Context, list[str]]:
+    logs: list[str] = []
+    cfg = PipelineFile(pipelines_file).load(name, overrides)
+    return Context(cfg=cfg, runs_dir=runs, progress=False, log=logs.append, **kw), logs
+
+
+def test_first_run_computes_second_skips(pipelines_file, tmp_path):
+    runs = tmp_path / "runs"
+    ctx, logs = make_ctx(pipelines_file, runs)
+    first = run_stage(ctx, proposals)
+    assert set(first) == {"trainval", "test"}
+    m = first["test"]
+    assert m["metrics"]["images"] == len(ctx.dataset("test"))
+    assert 0 < m["metrics"]["boxes_per_image"] <= 50
+    assert m["params"]["max_proposals"] == 50 and "n_jobs" not in m["params"]
+    assert set(m["libraries"]) >= {"torch", "opencv", "numpy"}
+    unit = ctx.unit_dir("proposals", "test")
+    assert json.loads((unit / "manifest.json").read_text())["fingerprint"] == m["fingerprint"]
+    assert not (unit / ".work").exists()
+
+    ctx2, logs2 = make_ctx(pipelines_file, runs)
+    again = run_stage(ctx2, proposals)
+    assert all("up to date, skipped" in line for line in logs2)
+    assert again["test"]["fingerprint"] == m["fingerprint"]
+
+
+def test_parameter_change_makes_stale_with_reason(pipelines_file, tmp_path):
+    runs = tmp_path / "runs"
+    run_stage(make_ctx(pipelines_file, runs)[0], proposals)
+    ctx, logs = make_ctx(pipelines_file, runs, overrides=["proposals.max_proposals=20"])
+    st = unit_status(ctx, proposals, "test")
+    assert st.state == "stale" and st.reasons == ["parameter max_proposals: 50 -> 20"]
+    out = run_stage(ctx, proposals)
+    assert any("stale (parameter max_proposals: 50 -> 20)" in line for line in logs)
+    assert out["test"]["metrics"]["boxes_per_image"] <= 20
+    # n_jobs does not change outputs, so it does not make the stage stale.
+    ctx3, _ = make_ctx(pipelines_file, runs, overrides=["proposals.max_proposals=20", "proposals.n_jobs=2"])
+    assert unit_status(ctx3, proposals, "test").state == "done"
+
+
+def test_data_change_and_deleted_output_make_stale(pipelines_file, tmp_path, voc_copy):
+    from conftest import write_pipelines
+
+    pf = write_pipelines(tmp_path / "p.yaml", voc_copy)
+    runs = tmp_path / "runs"
+    ctx, _ = make_ctx(pf, runs)
+    run_stage(ctx, proposals)
+    xml = next((voc_copy / "Annotations").glob("*.xml"))
+    xml.write_text(xml.read_text() + "\n")
+    ctx2, _ = make_ctx(pf, runs)
+    reasons = [r for s in ctx2.splits for r in unit_status(ctx2, proposals, s).reasons]
+    assert any(r.startswith("input data/") for r in reasons)
+    run_stage(ctx2, proposals)
+    (ctx2.unit_dir("proposals", "test") / "proposals.h5").unlink()
+    st = unit_status(make_ctx(pf, runs)[0], proposals, "test")
+    assert st.state == "stale" and "deleted" in st.reasons[0]
+
+
+def test_force_recomputes_identically(pipelines_file, tmp_path):
+    runs = tmp_path / "runs"
+    first = run_stage(make_ctx(pipelines_file, runs)[0], proposals)
+    ctx, logs = make_ctx(pipelines_file, runs, force=True)
+    again = run_stage(ctx, proposals)
+    assert not any("skipped" in line for line in logs)
+    # Seeded search: recomputation gives byte-identical records.
+    for split in ("trainval", "test"):
+        a, b = first[split]["outputs"], again[split]["outputs"]
+        assert a["proposals.h5"]["digest"] == b["proposals.h5"]["digest"]
+
+
+def test_identical_pipeline_reuses_proposals(pipelines_file, tmp_path):
+    runs = tmp_path / "runs"
+    run_stage(make_ctx(pipelines_file, runs)[0], proposals)
+    twin, logs = make_ctx(pipelines_file, runs, name="tiny-twin")
+    out = run_stage(twin, proposals)
+    assert all("reused its outputs" in line for line in logs)
+    assert out["test"]["reused_from"].endswith("tiny/proposals/test")
+    a = runs / "tiny" / "proposals" / "test" / "proposals.h5"
+    b = runs / "tiny-twin" / "proposals" / "test" / "proposals.h5"
+    assert a.stat().st_ino == b.stat().st_ino  # hard link: no second copy on disk
+    assert unit_status(twin, proposals, "test").state == "done"
+
+
+def test_resume_uses_completed_records(pipelines_file, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    ctx, logs = make_ctx(pipelines_file, runs)
+    ids = ctx.dataset("test").ids
+    # Simulate a run killed after one image: its record exists under .work.
+    fp = fingerprint(ctx, proposals, "test")
+    work = store.work_dir(ctx.unit_dir("proposals", "test"), fp)
+    marker = np.array([[1, 2, 3, 4]], np.float32)
+    with records.RecordWriter(work / "parts", proposals.KIND) as w:
+        w.add(ids[0], {"boxes": marker})
+    out = run_stage(ctx, proposals)
+    assert out["test"]["metrics"]["images_computed"] == len(ids) - 1
+    assert any("resuming, 1 of" in line for line in logs)
+    with proposals.load(ctx, "test") as f:
+        np.testing.assert_array_equal(f.array(ids[0], "boxes"), marker)
+        assert len(f.array(ids[-1], "boxes")) > 1
+
+
+def test_work_from_other_parameters_is_discarded(pipelines_file, tmp_path):
+    runs = tmp_path / "runs"
+    ctx, _ = make_ctx(pipelines_file, runs)
+    unit = ctx.unit_dir("proposals", "test")
+    stale = store.Fingerprint("proposals", 1, {"other": 1}, {}, "x")
+    with records.RecordWriter(store.work_dir(unit, stale) / "parts", proposals.KIND) as w:
+        w.add(ctx.dataset("test").ids[0], {"boxes": np.zeros((1, 4), np.float32)})
+    out = run_stage(ctx, proposals)
+    assert out["test"]["metrics"]["images_computed"] == len(ctx.dataset("test"))
+
+
+def test_lock_refuses_second_writer(pipelines_file, tmp_path):
+    runs = tmp_path / "runs"
+    ctx, _ = make_ctx(pipelines_file, runs)
+    unit = ctx.unit_dir("proposals", "trainval")
+    with store.unit_lock(unit):
+        with pytest.raises(UserError, match="another rcnn process is writing proposals/trainval.*--wait"):
+            run_stage(ctx, proposals)
+
+
+def test_damaged_manifest_is_reported(pipelines_file, tmp_path):
+    runs = tmp_path / "runs"
+    ctx, _ = make_ctx(pipelines_file, runs)
+    run_stage(ctx, proposals)
+    path = ctx.unit_dir("proposals", "test") / "manifest.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(UserError, match=r"manifest.json' is damaged \(not valid JSON\); rerun `rcnn proposals tiny --force`$"):
+        store.read_manifest(path.parent)
+    path.write_text("{}")
+    with pytest.raises(UserError, match=r"is not an rcnn manifest; rerun `rcnn proposals tiny --force`$"):
+        store.read_manifest(path.parent)
+    # evaluate has no command of its own: it is rerun within `rcnn run`.
+    assert store.rerun_hint(runs / "tiny" / "evaluate" / "test") == "rerun `rcnn evaluate tiny --force`"
+
+
+def test_spp_models_map_windows_with_the_configured_offset(pipelines_file, tmp_path):
+    from rcnn.stages.convmaps import untrained_model
+
+    ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp")
+    assert ctx.cfg.spp.offset == "trunk"
+    assert untrained_model(ctx, spp=True).spec.offset == 3.0  # the tiny trunk's own
+    ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp", ["spp.offset=0"])
+    assert untrained_model(ctx, spp=True).spec.offset == 0.0  # the paper's formula as printed
+    ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp", ["spp.offset=2.5"])
+    assert untrained_model(ctx, spp=True).spec.offset == 2.5

@@ -1,0 +1,71 @@
+"""Per-image record parts: atomic flushes, resume bookkeeping, consolidation and validation."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from rcnn.errors import UserError
+from rcnn.store import records
+
+
+def test_parts_consolidate_in_split_order(tmp_path):
+    parts = tmp_path / "parts"
+    with records.RecordWriter(parts, "k", chunk_size=2) as w:
+        for i in range(5):
+            w.add(f"im{i}", {"boxes": np.full((i, 4), i, np.float32)}, {"seconds": 0.1 * i})
+    assert len(list(parts.glob("part-*.h5"))) == 3
+    assert set(records.completed_parts(parts)) == {f"im{i}" for i in range(5)}
+    out = tmp_path / "all.h5"
+    order = ["im3", "im0", "im4", "im1", "im2"]
+    records.consolidate(parts, out, order, "k")
+    with records.RecordFile(out, "k") as f:
+        assert f.ids == order
+        assert f.array("im3", "boxes", np.float32, 2).shape == (3, 4)
+        assert f.record_attrs("im4")["seconds"] == pytest.approx(0.4)
+        with pytest.raises(UserError, match="dtype"):
+            f.array("im3", "boxes", np.float64)
+
+
+def test_interrupted_flush_and_damaged_part_are_recomputed(tmp_path):
+    parts = tmp_path / "parts"
+    with records.RecordWriter(parts, "k", chunk_size=1) as w:
+        w.add("a", {"x": np.zeros(1)})
+        w.add("b", {"x": np.zeros(1)})
+    (parts / "part-0-000009.h5.tmp").write_bytes(b"half written")
+    victim = sorted(parts.glob("part-*.h5"))[1]
+    victim.write_bytes(b"\x89HDF garbage")
+    assert set(records.completed_parts(parts)) == {"a"}
+    assert not victim.exists() and not list(parts.glob("*.tmp"))
+
+
+def test_consolidate_refuses_missing_records(tmp_path):
+    with records.RecordWriter(tmp_path / "p", "k") as w:
+        w.add("a", {"x": np.zeros(1)})
+    with pytest.raises(RuntimeError, match="missing"):
+        records.consolidate(tmp_path / "p", tmp_path / "o.h5", ["a", "b"], "k")
+
+
+def test_reader_rejects_foreign_or_truncated_files(tmp_path):
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(UserError, match="not a readable HDF5"):
+        records.RecordFile(junk, "k")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as h5:
+        h5.attrs["schema"] = "something else"
+    with pytest.raises(UserError, match="not an rcnn 'k' record file"):
+        records.RecordFile(other, "k")
+    with records.RecordWriter(tmp_path / "p", "k") as w:
+        w.add("a", {"x": np.zeros(1)})
+    good = tmp_path / "good.h5"
+    records.consolidate(tmp_path / "p", good, ["a"], "k")
+    with h5py.File(good, "a") as h5:
+        h5.attrs["schema_version"] = 99
+    with pytest.raises(UserError, match="schema version 99"):
+        records.RecordFile(good, "k")
+    truncated = tmp_path / "trunc.h5"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(UserError):
+        records.RecordFile(truncated, "k")
