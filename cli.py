@@ -63,7 +63,7 @@ def ensure_data(ctx) -> None:
 
 
 def make_context(pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False, skip_bad=False):
-    from rcnn.stages.common import Context
+    from rcnn.stages.context import Context
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     cfg = pfile.load(pipeline, overrides)
@@ -204,7 +204,7 @@ def data_stats(directory, split):
 
 def _run_one(stage_name: str, ctx) -> None:
     from rcnn.stages import STAGES, pipeline_stages
-    from rcnn.stages.common import run_stage
+    from rcnn.stages.runner import run_stage
 
     if stage_name not in pipeline_stages(ctx.cfg.method):
         raise ConfigError(f"stage '{stage_name}' belongs to SPP-net pipelines; '{ctx.cfg.name}' is an R-CNN pipeline")
@@ -315,7 +315,7 @@ def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, 
       rcnn run voc07-mini --seeds 0,1,2
     """
     from rcnn.stages import STAGES, pipeline_stages
-    from rcnn.stages.common import skip_summary
+    from rcnn.stages.context import skip_summary
 
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
@@ -483,7 +483,9 @@ def status_cmd(pipeline, skip_bad, verify, seeds, runs_dir, overrides, pipelines
     recorded shows the stage as damaged; rerun that stage with --force."""
     from rcnn.config.seeds import split_seeded_name
     from rcnn.stages import pipeline_stages
-    from rcnn.stages.common import built_with_skip_bad, skip_summary, unit_status
+    from rcnn.stages.context import skip_summary
+    from rcnn.stages.provenance import built_with_skip_bad
+    from rcnn.stages.runner import unit_status
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     runs = _runs_dir(runs_dir)

@@ -38,7 +38,7 @@ from rcnn.modeling.models import device_for, initialise
 from rcnn.modeling.spp import image_scales
 from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
-from rcnn.stages.common import Context
+from rcnn.stages.context import Context
 from rcnn.stages.convmaps import untrained_model
 from rcnn.stages.prepare import ensure_data
 

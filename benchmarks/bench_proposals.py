@@ -26,7 +26,8 @@ from joblib import Parallel, delayed
 
 from rcnn.config import PipelineFile
 from rcnn.stages import proposals
-from rcnn.stages.common import Context, run_stage
+from rcnn.stages.context import Context
+from rcnn.stages.runner import run_stage
 
 
 def opencv_direct(path: str) -> int:

@@ -27,9 +27,10 @@ from rcnn.modeling.inference import for_inference
 from rcnn.modeling.models import build_model, initialise
 from rcnn.modeling.spp import PYRAMID_LEVELS, TARGET_SIZE, image_scales
 from rcnn.stages import convmaps
-from rcnn.stages.common import Context, run_stage
+from rcnn.stages.context import Context
 from rcnn.stages.convmaps import untrained_model
 from rcnn.stages.finetune import PooledRegions, WarpedRegions
+from rcnn.stages.runner import run_stage
 from rcnn.store import records
 from rcnn.training.regions import finetune_labels, image_regions
 from rcnn.training.sampling import FgBgSampler

@@ -24,7 +24,9 @@ from rcnn.modeling.models import DetectorNet, build_model, device_for, device_la
 from rcnn.modeling.spp import image_scales
 from rcnn.store import records
 
-from .common import Context, cached_mb, pending_images, progress_bar, upstream_check
+from .context import Context
+from .provenance import cached_mb, upstream_check
+from .runner import pending_images, progress_bar
 
 NAME = "convmaps"
 SCHEMA_VERSION = 2  # 2: maps stored channels last

@@ -24,7 +24,8 @@ from rcnn.runtime import one_blas_thread, quiet_matplotlib
 from rcnn.store.artifacts import write_json_atomic
 
 from . import features, train_bbox, train_svm
-from .common import Context, upstream_digest
+from .context import Context
+from .provenance import upstream_digest
 
 NAME = "evaluate"
 SCHEMA_VERSION = 1

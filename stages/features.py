@@ -25,8 +25,10 @@ from rcnn.store import records
 from rcnn.training.regions import image_regions
 
 from . import convmaps, finetune, proposals
-from .common import Context, cached_mb, pending_images, progress_bar, upstream_check, upstream_digest
+from .context import Context
 from .methods import build_method
+from .provenance import cached_mb, upstream_check, upstream_digest
+from .runner import pending_images, progress_bar
 
 NAME = "features"
 SCHEMA_VERSION = 2

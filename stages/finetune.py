@@ -32,8 +32,10 @@ from rcnn.training.regions import finetune_labels, image_regions
 from rcnn.training.sampling import FgBgSampler
 
 from . import convmaps, proposals
-from .common import Context, progress_bar, upstream_check, upstream_digest
+from .context import Context
 from .methods import build_method
+from .provenance import upstream_check, upstream_digest
+from .runner import progress_bar
 
 NAME = "finetune"
 SCHEMA_VERSION = 1

@@ -22,7 +22,8 @@ from rcnn.methods.rcnn_regions import region_features
 from rcnn.methods.spp_regions import spp_region_features
 
 from . import convmaps
-from .common import Context, upstream_digest
+from .context import Context
+from .provenance import upstream_digest
 
 # (features of the layers asked for, seconds of compute) for an image's annotation and its regions' boxes.
 FeatureFn = Callable[..., tuple[dict[str, np.ndarray], float]]

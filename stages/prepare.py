@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rcnn.data.datasets import check_pipeline_data
 
-from .common import Context
+from .context import Context
 
 
 def ensure_data(ctx: Context) -> None:

@@ -21,7 +21,9 @@ from rcnn.proposals.recall import recall_summary
 from rcnn.proposals.selective_search import image_seed, search_size, selective_search
 from rcnn.store import records
 
-from .common import Context, pending_images, progress_bar, upstream_check
+from .context import Context
+from .provenance import upstream_check
+from .runner import pending_images, progress_bar
 
 NAME = "proposals"
 SCHEMA_VERSION = 1

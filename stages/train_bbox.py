@@ -10,7 +10,8 @@ from rcnn.config import fingerprint_params
 from rcnn.learners.bbox_regression import BBoxRegParams, BBoxRegressor, mean_norm_scale, train_bbox_regressors
 
 from . import features
-from .common import Context, upstream_check, upstream_digest
+from .context import Context
+from .provenance import upstream_check, upstream_digest
 
 NAME = "train-bbox"
 SCHEMA_VERSION = 1

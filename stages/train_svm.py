@@ -13,7 +13,8 @@ from rcnn.learners.svm import ImageFeatures, SVMModel, SVMParams, thin_negatives
 from rcnn.store import records
 
 from . import features
-from .common import Context, upstream_check, upstream_digest
+from .context import Context
+from .provenance import upstream_check, upstream_digest
 
 NAME = "train-svm"
 SCHEMA_VERSION = 1

@@ -77,7 +77,7 @@ def test_default_limit_applies_to_a_6000_px_image(tiny_voc, monkeypatch, search_
 def test_detect_searches_under_the_pipelines_limit(pipelines_file, tmp_path, monkeypatch, search_sizes):
     from rcnn.modeling.models import build_model
     from rcnn.stages import evaluate
-    from rcnn.stages.common import Context
+    from rcnn.stages.context import Context
 
     cfg = PipelineFile(pipelines_file).load("tiny", ["proposals.max_pixels=2304"])
     monkeypatch.setattr(evaluate.train_svm, "load", lambda ctx: None)

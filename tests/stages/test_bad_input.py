@@ -13,7 +13,7 @@ from PIL import Image
 from rcnn.cli import main
 from rcnn.config import PipelineFile
 from rcnn.data.datasets import VOCDataset, decode_image
-from rcnn.stages.common import Context
+from rcnn.stages.context import Context
 from rcnn.store import records
 
 CLASSES = "[circle, square, triangle, star, cross]"

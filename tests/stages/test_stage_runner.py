@@ -10,7 +10,9 @@ import pytest
 from rcnn.config import PipelineFile
 from rcnn.errors import UserError
 from rcnn.stages import proposals
-from rcnn.stages.common import Context, fingerprint, run_stage, unit_status
+from rcnn.stages.context import Context
+from rcnn.stages.provenance import fingerprint
+from rcnn.stages.runner import run_stage, unit_status
 from rcnn.store import artifacts as store
 from rcnn.store import records
 

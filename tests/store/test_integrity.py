@@ -20,7 +20,9 @@ import rcnn
 import rcnn.stages
 from rcnn.config import PipelineFile
 from rcnn.stages import STAGES, evaluate, features, pipeline_stages, proposals
-from rcnn.stages.common import Context, run_stage, unit_status, upstream_check
+from rcnn.stages.context import Context
+from rcnn.stages.provenance import upstream_check
+from rcnn.stages.runner import run_stage, unit_status
 from rcnn.store import artifacts as store
 from rcnn.store import code_identity
 
@@ -71,7 +73,7 @@ def traced(tmp_path_factory, tiny_voc):
         ctx = context(pf, runs, name)
         for stage_name, stage in pipeline_stages(ctx.cfg.method).items():
             seen: set[str] = set()
-            sys.setprofile(lambda frame, event, arg: seen.add(frame.f_code.co_filename) if event == "call" else None)
+            sys.setprofile(lambda frame, event, arg, seen=seen: seen.add(frame.f_code.co_filename) if event == "call" else None)
             try:
                 run_stage(ctx, stage)
             finally:

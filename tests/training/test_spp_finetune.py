@@ -13,7 +13,7 @@ from oracles import random_boxes, slow_spp
 from rcnn.config import PipelineFile
 from rcnn.modeling.spp import bins_order, map_windows, select_scale
 from rcnn.stages import convmaps
-from rcnn.stages.common import Context
+from rcnn.stages.context import Context
 from rcnn.stages.convmaps import untrained_model
 from rcnn.stages.finetune import PooledRegions
 

@@ -1,0 +1,113 @@
+"""The skip / reuse / compute / commit cycle every stage goes through, and the helpers of per-image stages.
+
+A stage module declares ``NAME``, ``SCHEMA_VERSION``, ``splits(ctx)``, ``params(ctx)``,
+``inputs(ctx, split)`` and ``compute(ctx, split, work) -> (outputs, metrics)``;
+:func:`run_stage` does the rest. Its code identity is the stage module and every
+first-party module it imports (:mod:`rcnn.store.code_identity`); it reads upstream outputs
+only through readers that check them against their manifest (:func:`rcnn.stages.provenance.upstream_check`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import ModuleType
+
+from rcnn import __version__
+from rcnn.errors import UserError
+from rcnn.store import artifacts as store
+
+from .context import Context, data_record
+from .provenance import fingerprint
+
+
+def unit_status(ctx: Context, stage: ModuleType, split: str, verify: bool = False) -> store.UnitStatus:
+    """Done, stale, missing or damaged (with ``verify``, every output is hashed against its digest)."""
+    unit = ctx.unit_dir(stage.NAME, split)
+    try:
+        expected = fingerprint(ctx, stage, split)
+    except UserError as e:
+        # A unit that completed but can no longer be vouched for (its input changed or is gone) is stale.
+        try:
+            manifest = store.read_manifest(unit)
+        except UserError:
+            manifest = None
+        return store.UnitStatus("stale" if manifest else "missing", [str(e)], manifest)
+    return store.unit_status(unit, expected, verify)
+
+
+def run_stage(ctx: Context, stage: ModuleType) -> dict[str, dict]:
+    """Bring every split of ``stage`` up to date; return each split's manifest."""
+    manifests = {}
+    for split in stage.splits(ctx):
+        manifests[split] = _run_unit(ctx, stage, split)
+    return manifests
+
+
+def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
+    unit = ctx.unit_dir(stage.NAME, split)
+    label = f"{stage.NAME}/{split}"
+    expected = fingerprint(ctx, stage, split)
+    with store.unit_lock(unit, wait=ctx.wait, what=f"{label} of pipeline '{ctx.cfg.name}'"):
+        status = store.unit_status(unit, expected)
+        if status.state == "done" and not ctx.force:
+            ctx.log(f"{label}: up to date, skipped")
+            return status.manifest
+        if status.state in ("stale", "damaged") and not ctx.force:
+            ctx.log(f"{label}: {status.state} ({'; '.join(status.reasons)}), recomputing")
+        if not ctx.force:
+            twin = store.find_equivalent(ctx.runs_dir, stage.NAME, split, expected, exclude=unit)
+            if twin is not None:
+                return _reuse(ctx, unit, twin, label)
+        started = time.time()
+        work = store.work_dir(unit, expected)
+        outputs, metrics = stage.compute(ctx, split, work)
+        manifest = {
+            "stage": stage.NAME,
+            "split": split,
+            "pipeline": ctx.cfg.name,
+            "data": data_record(ctx, split),
+            "schema_version": stage.SCHEMA_VERSION,
+            "fingerprint": expected.digest,
+            "params": expected.params,
+            "inputs": expected.inputs,
+            "code": {"version": __version__, "digest": expected.code, "modules": expected.code_modules},
+            "libraries": store.library_versions(),
+            "timings": {"started": started, "wall_s": time.time() - started},
+            "metrics": metrics,
+        }
+        manifest = store.commit(unit, outputs, manifest)
+        ctx.log(f"{label}: done in {manifest['timings']['wall_s']:.1f} s")
+        return manifest
+
+
+def _reuse(ctx: Context, unit: Path, twin: Path, label: str) -> dict:
+    """Share a twin unit's outputs (hard links) instead of computing them again."""
+    manifest = store.read_manifest(twin)
+    staging = store.work_dir(unit, store.Fingerprint("reuse", 0, {}, {}, twin.as_posix()))
+    staged = {}
+    for name in manifest["outputs"]:
+        store.link_or_copy(twin / name, staging / name)
+        staged[name] = staging / name
+    reused = {**manifest, "pipeline": ctx.cfg.name, "data": data_record(ctx, unit.name), "reused_from": str(twin)}
+    reused.pop("outputs")
+    out = store.commit(unit, staged, reused)
+    ctx.log(f"{label}: identical inputs and parameters to {twin}, reused its outputs")
+    return out
+
+
+def pending_images(ctx: Context, label: str, parts: Path, ids: list[str]) -> list[str]:
+    """The ids without a complete per-image record in ``parts``, logging a resume when some have one."""
+    from rcnn.store import records
+
+    done = records.completed_parts(parts)
+    if done:
+        ctx.log(f"{label}: resuming, {len(done)} of {len(ids)} images already done")
+    return [i for i in ids if i not in done]
+
+
+def progress_bar(ctx: Context, total: int, desc: str, unit: str = "img"):
+    """A tqdm bar that is off with --quiet and when the output is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if ctx.progress else True, leave=False)
