@@ -63,7 +63,7 @@ def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_pat
 
 def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
     """SPP's pool5 read back for box regression equals what the test-time detector pools for the same boxes."""
-    from rcnn.cli import make_context
+    from rcnn.commands.shared import make_context
     from rcnn.methods.spp_regions import spp_region_features
     from rcnn.stages import convmaps, features, finetune
 
@@ -89,7 +89,7 @@ def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
 
 def assert_mirror_maps_cached_for_fine_tuning_only(pipelines_file, runs_dir):
     """With finetune.mirror the trainval records also hold the flipped images' maps; the test records do not."""
-    from rcnn.cli import make_context
+    from rcnn.commands.shared import make_context
     from rcnn.data.datasets import load_image
     from rcnn.errors import UserError
     from rcnn.methods.spp_regions import image_maps

@@ -1,0 +1,1 @@
+"""The subcommands of `rcnn` beyond running one stage; `cli.py` adds them to its group."""

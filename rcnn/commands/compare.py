@@ -1,0 +1,71 @@
+"""`rcnn compare`: the side-by-side report of finished runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rcnn.commands.shared import RUNS_DIR_HELP, runs_dir_path, seeded_names
+from rcnn.errors import ConfigError, UserError
+
+
+@click.command("compare")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
+@click.option("--label", "labels", multiple=True, help="Display name per run, in order (e.g. --label R-CNN --label SPP-net).")
+@click.option("--images", "grid_images", default=6, show_default=True, help="Test images in the detection grid.")
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="K,K,...",
+    help="Compare each RUN over these seeds (its runs RUN@seed<k>, as `rcnn run RUN --seeds` writes them): AP as "
+    "mean ± sample standard deviation, with n and min–max; one RUN is enough.",
+)
+@click.option("--runs-dir", default=None, help=RUNS_DIR_HELP)
+def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
+    """Write a side-by-side report of two or more finished runs (the first is the baseline).
+
+    Each RUN is a pipeline name (looked up in the runs folder) or a path to a run folder.
+    Runs no stage and changes nothing in the runs folder. From each run's manifests and
+    results.json: mAP with and without box regression, per-class AP, the settings that
+    differ, per-stage wall time and throughput, test time per image split into
+    proposals / features / classification, feature cache size and speed-up ratios. It
+    also reads the test split's annotations (in the data folder the manifests name) and
+    each run's box-regressed devkit detection files, re-scores those as the devkit does
+    to draw precision-recall curves, and decodes the first --images test images with
+    objects for a grid of detections. Writes report.md, a self-contained report.html
+    and figures/*.png. Example:
+
+    \b
+      rcnn compare demo demo-spp --label R-CNN --label SPP-net --out report/
+      rcnn compare voc07-mini voc07-mini-spp --seeds 0,1,2 --out report/
+    """
+    import dataclasses
+
+    from rcnn.report.runs import load_run
+    from rcnn.report.study import write_report
+
+    if len(runs) < (1 if seeds else 2):
+        raise click.UsageError(
+            f"give two or more RUNS to compare (the first is the baseline), got {len(runs)}", ctx=click.get_current_context()
+        )
+    if labels and len(labels) != len(runs):
+        raise ConfigError(f"--label given {len(labels)} times for {len(runs)} runs")
+    groups = []
+    for k, run in enumerate(runs):
+        path = Path(run) if Path(run).is_dir() and not (runs_dir_path(runs_dir) / run).is_dir() else runs_dir_path(runs_dir) / run
+        group = []
+        for name in seeded_names(path.name, seeds):
+            seed_path = path.with_name(name)
+            if seeds and not seed_path.is_dir():
+                raise UserError(f"run folder '{seed_path}' does not exist; `rcnn run {path.name} --seeds {seeds}` makes it")
+            summary = load_run(seed_path)
+            summary = dataclasses.replace(summary, label=labels[k] if labels else path.name if seeds else summary.label)
+            group.append(summary)
+            for sentence in summary.missing:
+                click.echo(f"{summary.name if seeds else summary.label}: {sentence}", err=True)
+        groups.append(group)
+    summaries = [group[0] for group in groups]
+    written = write_report(summaries, Path(out_dir), grid_images=grid_images, seed_runs=groups if seeds else None)
+    click.echo(f"wrote {written.get('html', out_dir)} and {written.get('markdown', '')}")

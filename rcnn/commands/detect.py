@@ -1,0 +1,57 @@
+"""`rcnn detect`: a trained pipeline's detector run on any image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rcnn.commands.shared import make_context, pipeline_options
+from rcnn.errors import UserError
+
+
+@click.command("detect")
+@click.argument("pipeline")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the drawn images and JSON.")
+@click.option(
+    "--threshold",
+    default=0.0,
+    show_default=True,
+    help="Draw and list detections with an SVM score at least this (0 is the SVM margin).",
+)
+@click.option("--no-bbox-reg", is_flag=True, help="Skip box regression.")
+@pipeline_options
+def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, overrides, pipelines_file):
+    """Run PIPELINE's trained detector on any IMAGES.
+
+    Proposals are computed on the fly with the pipeline's settings; each image is
+    written to --out with its labelled boxes drawn (<name>.det.jpg) beside a JSON of
+    its detections (<name>.json: class, score, box as x1 y1 x2 y2 pixels); images of
+    the same name get <name>-2, <name>-3, ... An image that cannot be read is named on
+    stderr and the rest are processed; the exit status is then 1. Images are only
+    read, never executed or trusted beyond decoding. Example:
+
+    \b
+      rcnn detect demo runs/_data/synth-n60-s0-px256/JPEGImages/000003.jpg --out det/
+    """
+    from rcnn.detection.detector import detect_files
+    from rcnn.stages import evaluate, finetune
+
+    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
+    model, meta = finetune.load(ctx)
+    detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
+    out = Path(out_dir)
+    failed = 0
+    for r in detect_files(detector, images, out, threshold, ctx.cfg.proposals.seed):
+        if r.error is not None:
+            failed += 1
+            click.echo(f"skipped: {r.error}", err=True)
+            continue
+        found = r.detections
+        best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
+        line = f"{r.path}: {len(found)} detections{(' (' + best + (', ...' if len(found) > 5 else '') + ')') if found else ''}"
+        click.echo(line + (f" -> {r.output}.json" if r.output != Path(r.path).stem else ""))
+    if failed:
+        raise UserError(f"{failed} of {len(images)} image(s) could not be read (each named above); the others are in {out}")
+    click.echo(f"wrote {out}")

@@ -1,0 +1,123 @@
+"""What the subcommands share: the pipeline and stage options, the run context, running one stage, seed names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from rcnn.config import PipelineFile, default_pipelines_file
+from rcnn.errors import ConfigError
+
+RUNS_DIR_HELP = "Folder holding one sub-folder per pipeline [default: $RCNN_RUNS_DIR or ./runs]."
+
+
+def runs_dir_path(value: str | None) -> Path:
+    return Path(value or os.environ.get("RCNN_RUNS_DIR", "runs"))
+
+
+def pipeline_options(f):
+    """Options shared by every command that runs or inspects a pipeline's stages."""
+    f = click.option(
+        "--pipelines-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="The pipelines YAML [default: $RCNN_PIPELINES, ./pipelines.yaml, or the one shipped].",
+    )(f)
+    f = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one configuration value, e.g. --set proposals.max_proposals=2000 (repeatable).",
+    )(f)
+    f = click.option("--runs-dir", default=None, help=RUNS_DIR_HELP)(f)
+    return f
+
+
+SKIP_BAD_HELP = (
+    "Leave out images whose data is bad (missing or undecodable image, malformed XML, size or box errors, "
+    "unknown class) instead of stopping: each is logged and listed in the manifests and the summary."
+)
+
+
+def stage_options(f):
+    f = click.option("--skip-bad", is_flag=True, help=SKIP_BAD_HELP)(f)
+    f = click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")(f)
+    f = click.option(
+        "--wait", is_flag=True, help="If another process is writing the same stage, wait for it instead of refusing."
+    )(f)
+    f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+    return pipeline_options(f)
+
+
+SEEDS_HELP = (
+    "Comma-separated seeds, e.g. 0,1,2: run PIPELINE once per seed k as PIPELINE@seed<k> (finetune.seed and "
+    "model.seed set to k), each in runs/PIPELINE@seed<k>/; what no seed touches (proposals, SPP-net's conv maps) "
+    "is computed once and shared."
+)
+
+
+def ensure_data(ctx) -> None:
+    """Before a pipeline's first stage: its synthetic data generated if missing, its annotations checked."""
+    from rcnn.stages.prepare import ensure_data as prepare
+
+    prepare(ctx)
+
+
+def make_context(pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False, skip_bad=False):
+    from rcnn.stages.context import Context
+
+    pfile = PipelineFile(pipelines_file or default_pipelines_file())
+    cfg = pfile.load(pipeline, overrides)
+    return Context(cfg=cfg, runs_dir=runs_dir_path(runs_dir), force=force, wait=wait, progress=not quiet, skip_bad=skip_bad)
+
+
+def seeded_names(pipeline: str, seeds: str | None) -> list[str]:
+    """The pipeline names ``--seeds`` stands for: ``demo@seed0, demo@seed1, ...``, or ``[pipeline]`` without it."""
+    from rcnn.config.seeds import parse_seeds, seeded_name, split_seeded_name
+
+    if seeds is None:
+        return [pipeline]
+    if split_seeded_name(pipeline)[1] is not None:
+        raise ConfigError(f"--seeds: '{pipeline}' already names one seed; give the pipeline, {split_seeded_name(pipeline)[0]}")
+    return [seeded_name(pipeline, k) for k in parse_seeds(seeds)]
+
+
+def run_one(stage_name: str, ctx) -> None:
+    from rcnn.stages import STAGES, pipeline_stages
+    from rcnn.stages.runner import run_stage
+
+    if stage_name not in pipeline_stages(ctx.cfg.method):
+        raise ConfigError(f"stage '{stage_name}' belongs to SPP-net pipelines; '{ctx.cfg.name}' is an R-CNN pipeline")
+    stage = STAGES[stage_name]
+    manifests = run_stage(ctx, stage)
+    for split, manifest in manifests.items():
+        skipped = manifest.get("data", {}).get("images_skipped")
+        click.echo(f"{stage_name}/{split}: {stage.describe(manifest)}" + (f"; {skipped} bad image(s) skipped" if skipped else ""))
+    return manifests
+
+
+def write_json(path: str, value: dict) -> None:
+    from rcnn.store.artifacts import write_json_atomic
+
+    write_json_atomic(Path(path), value)
+    click.echo(f"wrote {path}")
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def warn_without_gpu(cfg) -> None:
+    if cfg.hardware != "gpu":
+        return
+    import torch
+
+    if cfg.model.device == "cpu" or not torch.cuda.is_available():
+        click.echo(f"note: pipeline '{cfg.name}' is sized for a GPU (hardware: gpu) but runs on the CPU: far slower", err=True)
