@@ -25,8 +25,10 @@ from common import REPO, machine_info, machine_line
 
 from rcnn.data.datasets import decode_image
 from rcnn.methods.spp_regions import as_map_tensors, image_maps
-from rcnn.modeling.models import build_model, initialise
-from rcnn.modeling.spp import PYRAMID_LEVELS, image_scales, map_windows, spp_pool
+from rcnn.modeling.checkpoints import initialise
+from rcnn.modeling.models import build_model
+from rcnn.modeling.spp import PYRAMID_LEVELS, spp_pool
+from rcnn.modeling.spp_geometry import image_scales, map_windows
 from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
 

@@ -27,7 +27,7 @@ import cv2  # noqa: E402
 
 from rcnn.methods.rcnn_regions import region_features  # noqa: E402
 from rcnn.methods.spp_regions import image_maps, spp_region_features  # noqa: E402
-from rcnn.modeling.spp import image_scales  # noqa: E402
+from rcnn.modeling.spp_geometry import image_scales  # noqa: E402
 
 # ----------------------------------------------------------------------------- machine and versions
 

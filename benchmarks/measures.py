@@ -23,13 +23,14 @@ from rcnn.config import DataConfig, FinetuneConfig, ModelConfig, PipelineConfig,
 from rcnn.data.datasets import ImageAnnotation
 from rcnn.learners.svm import ImageFeatures, SVMParams, train_class_svms
 from rcnn.methods.spp_regions import image_maps
+from rcnn.modeling.checkpoints import initialise
 from rcnn.modeling.inference import for_inference
-from rcnn.modeling.models import build_model, initialise
-from rcnn.modeling.spp import PYRAMID_LEVELS, TARGET_SIZE, image_scales
+from rcnn.modeling.models import build_model
+from rcnn.modeling.spp import PYRAMID_LEVELS
+from rcnn.modeling.spp_geometry import TARGET_SIZE, image_scales
 from rcnn.stages import convmaps
 from rcnn.stages.context import Context
-from rcnn.stages.convmaps import untrained_model
-from rcnn.stages.finetune import PooledRegions, WarpedRegions
+from rcnn.stages.methods import build_method
 from rcnn.stages.runner import run_stage
 from rcnn.store import records
 from rcnn.training.regions import finetune_labels, image_regions
@@ -277,8 +278,8 @@ def finetune_rcnn(b: Bench) -> dict:
     """R-CNN fine-tuning of all of AlexNet on 227 px warped regions (R-CNN section 2.3), regions per second."""
     ctx = _context(b, "rcnn", context_pad(227), bg_low=0.0)
     boxes, sampler = _regions(b, ctx)
-    model = untrained_model(ctx, spp=False).to(b.device)
-    regions = WarpedRegions(ctx, b.anns, boxes, model)
+    model = build_method(ctx.cfg).untrained_model(ctx).to(b.device)
+    regions = build_method(ctx.cfg).training_regions(ctx, b.anns, boxes, model)
     for i in range(len(b.anns)):  # decoded once, as the stock side uploads every image first
         regions.images[i]
     baseline = stock.RCNNFinetune(b.images, sampler.image_index, np.concatenate(boxes), len(b.classes) + 1, 227,
@@ -292,8 +293,8 @@ def finetune_spp(b: Bench) -> dict:
     ctx = _context(b, "spp", context_pad(227), bg_low=0.1)  # SPP-net: background IoU in [0.1, 0.5)
     run_stage(ctx, convmaps)  # as a run writes them: manifest and digests, which the reader checks
     boxes, sampler = _regions(b, ctx)
-    model = untrained_model(ctx, spp=True).to(b.device)
-    regions = PooledRegions(ctx, b.anns, boxes, model)
+    model = build_method(ctx.cfg).untrained_model(ctx).to(b.device)
+    regions = build_method(ctx.cfg).training_regions(ctx, b.anns, boxes, model)
     regions.pooled(np.arange(len(b.anns)), np.zeros(len(b.anns), np.int64))  # every image's maps loaded once
     model.fc6_input_scale.fill_(regions.input_scale(sampler, ctx.cfg.finetune.seed + 1, ctx.cfg.spp.fc6_input_rms))
     baseline = stock.SPPFinetune(b.images, sampler.image_index, np.concatenate(boxes), len(b.classes) + 1, b.sizes.scale,

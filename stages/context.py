@@ -59,7 +59,7 @@ class Context:
         return self.runs_dir / "_data" / f"synth-n{synth.images}-s{synth.seed}-px{synth.size}"
 
     def weights(self) -> tuple[str, dict[str, str]]:
-        """``model.weights`` as :func:`rcnn.modeling.models.initialise` takes it, and the input digest it adds."""
+        """``model.weights`` as :func:`rcnn.modeling.checkpoints.initialise` takes it, and the input digest it adds."""
         w = self.cfg.model.weights
         if w in ("imagenet", "scratch"):
             return w, {}

@@ -19,9 +19,10 @@ import numpy as np
 
 from rcnn.data.datasets import load_image
 from rcnn.methods.spp_regions import image_maps
+from rcnn.modeling.checkpoints import initialise
 from rcnn.modeling.inference import for_inference
-from rcnn.modeling.models import DetectorNet, build_model, device_for, device_label, initialise
-from rcnn.modeling.spp import image_scales
+from rcnn.modeling.models import DetectorNet, build_model, device_for, device_label
+from rcnn.modeling.spp_geometry import image_scales
 from rcnn.store import records
 
 from .context import Context

@@ -25,6 +25,7 @@ from rcnn.store.artifacts import write_json_atomic
 
 from . import features, train_bbox, train_svm
 from .context import Context
+from .methods import build_method
 from .provenance import upstream_digest
 
 NAME = "evaluate"
@@ -75,7 +76,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     seconds, pooling = [], []
     with (
         features.load(ctx, split) as rs,
-        features.LayerReader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer,
+        features.layer_reader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer,
         one_blas_thread(),
     ):
         for image_id in dataset.ids:
@@ -198,11 +199,10 @@ def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = T
 
     cfg = ctx.cfg
     return Detector(
-        model=model,
+        features=build_method(cfg).test_features(cfg, model),
         svm=train_svm.load(ctx),
         bbox=train_bbox.load(ctx) if bbox else None,
         classes=classes,
-        context_pad=cfg.finetune.context_pad,
         svm_layer=cfg.svm.layer,
         bbox_layer=cfg.bbox.layer,
         proposal_mode=cfg.proposals.mode,
@@ -212,7 +212,4 @@ def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = T
         max_proposals=cfg.proposals.max_proposals,
         nms_threshold=cfg.evaluate.nms_threshold,
         max_per_image=cfg.evaluate.max_per_image,
-        spp_scales=cfg.spp.scales,
-        spp_max_side=cfg.spp.max_side,
-        spp_target=cfg.spp.target_size,
     )

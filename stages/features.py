@@ -5,7 +5,7 @@ int64 ``[N]`` (-1 for proposals), ``overlaps`` float32 ``[N, C]``, ``best_gt`` i
 and one float16 ``[N, D]`` array per cached layer (R-CNN: pool5 for box regression and
 fc7 for the SVMs, as R-CNN cached them). SPP-net does not cache its pooled pyramid
 (``pool5`` here, up to 25,600-d): it is cheap to pool again from the cached conv maps
-whenever a later stage needs it (:class:`LayerReader`). Records stay in their parts,
+whenever a later stage needs it (:func:`layer_reader`). Records stay in their parts,
 joined by ``index.json``; a killed run resumes at the first image without a record.
 """
 
@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.errors import UserError
-from rcnn.methods.spp_regions import as_map_tensors, pool_windows
 from rcnn.modeling.inference import for_inference
-from rcnn.modeling.models import device_label
-from rcnn.store import artifacts as store
+from rcnn.modeling.models import FEATURE_LAYERS, device_label
 from rcnn.store import records
 from rcnn.training.regions import image_regions
 
-from . import convmaps, finetune, proposals
+from . import finetune, proposals
 from .context import Context
 from .methods import build_method
 from .provenance import cached_mb, upstream_check, upstream_digest
@@ -34,7 +32,7 @@ NAME = "features"
 SCHEMA_VERSION = 2
 INDEX = "index.json"
 KIND = "features"
-LAYERS = ("pool5", "fc6", "fc7")
+LAYERS = FEATURE_LAYERS
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
@@ -80,7 +78,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     device = next(model.parameters()).device
     layers = cached_layers(ctx)
     # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
-    # hands it to box regression; this stage computes it too but does not cache it (LayerReader pools
+    # hands it to box regression; this stage computes it too but does not cache it (layer_reader pools
     # it again when a later stage needs it, timed apart).
     computed = method.computed_layers(layers, cfg.bbox.layer)
     parts = work / "parts"
@@ -135,58 +133,15 @@ def load(ctx: Context, split: str) -> records.RecordSet:
 
 
 def layer_inputs(ctx: Context, split: str, layer: str) -> dict[str, str]:
-    """Upstream digests a reader of ``layer`` depends on beyond the features: SPP-net's conv maps for pool5."""
-    if layer in cached_layers(ctx):
-        return {}
-    return {f"convmaps/{split}": upstream_digest(ctx, "convmaps", split)}
+    """Upstream digests a reader of ``layer`` depends on beyond the features (SPP-net's conv maps for pool5)."""
+    return build_method(ctx.cfg).layer_inputs(ctx, split, layer)
 
 
-class LayerReader:
-    """One layer's float32 ``[K, D]`` features of chosen windows of an image of ``split``.
-
-    A cached layer is read from the features records; SPP-net's ``pool5`` (the pyramid fc6
-    reads) is pooled again from the cached conv maps, exactly as the features stage pooled it.
-    Use as a context manager.
-    """
-
-    def __init__(self, ctx: Context, split: str, layer: str):
-        if layer not in LAYERS:
-            raise UserError(f"unknown feature layer '{layer}' (choose from {', '.join(LAYERS)})")
-        self.layer = layer
-        self.maps = None
-        self.compute_seconds = 0.0  # of the last call to rows(): pooling the pyramid (0 when read from the cache)
-        if layer not in cached_layers(ctx):
-            if layer != "pool5":
-                raise UserError(f"layer '{layer}' is not in features.layers ({', '.join(ctx.cfg.features.layers)}); add it")
-            manifest = store.read_manifest(ctx.unit_dir(convmaps.NAME, split)) or {}
-            self.stride = int(manifest.get("metrics", {}).get("stride", 0))
-            if self.stride < 1:
-                raise UserError(f"the conv maps of {split} are missing or incomplete: run `rcnn convmaps {ctx.cfg.name}`")
-            self.offset = finetune.window_offset(ctx)  # where the fine-tuned model placed its windows
-            self.levels = tuple(ctx.cfg.spp.levels)
-            self.target = ctx.cfg.spp.target_size
-            self.maps = convmaps.load(ctx, split)
-
-    def __enter__(self) -> LayerReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.maps is not None:
-            self.maps.close()
-
-    def rows(self, rs: records.RecordSet, image_id: str, rows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """``layer`` of the windows ``rows`` (indices or a boolean mask) of ``image_id``'s record in ``rs``,
-        whose ``boxes`` the caller has read."""
-        self.compute_seconds = 0.0
-        if self.maps is None:
-            return rs.array(image_id, self.layer, np.float16, 2)[rows].astype(np.float32)
-        conv, factors = convmaps.image_record(self.maps, image_id)
-        tick = time.perf_counter()
-        pooled, inverse = pool_windows(
-            as_map_tensors(conv), factors, boxes, self.stride, self.levels, self.target, offset=self.offset
-        )
-        self.compute_seconds = time.perf_counter() - tick
-        return pooled.numpy()[inverse]  # maxima of float16 maps: the same numbers a float16 cache would hold
+def layer_reader(ctx: Context, split: str, layer: str):
+    """A reader of ``layer``'s float32 ``[K, D]`` features of chosen windows of ``split``'s images: from the
+    records when cached, else recomputed as the method says (SPP-net pools its pyramid again from the conv
+    maps). A context manager with ``rows(rs, image_id, rows, boxes)`` and ``compute_seconds``."""
+    return build_method(ctx.cfg).layer_reader(ctx, split, layer, lambda: finetune.window_offset(ctx))
 
 
 def describe(manifest: dict) -> str:

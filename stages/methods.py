@@ -17,9 +17,11 @@ import cv2
 import numpy as np
 
 from rcnn.data.datasets import load_image
-from rcnn.errors import ConfigError
-from rcnn.methods.rcnn_regions import region_features
-from rcnn.methods.spp_regions import spp_region_features
+from rcnn.errors import ConfigError, UserError
+from rcnn.methods.rcnn_regions import WarpedRegionFeatures, WarpedRegions, region_features
+from rcnn.methods.spp_regions import PooledRegionFeatures, PooledRegions, as_map_tensors, pool_windows, spp_region_features
+from rcnn.modeling.models import FEATURE_LAYERS
+from rcnn.store import artifacts as store
 
 from . import convmaps
 from .context import Context
@@ -57,10 +59,9 @@ class Method:
         return {}
 
     def training_regions(self, ctx: Context, anns, boxes: list[np.ndarray], model):
-        """Fine-tuning's inputs: an object whose ``logits(img_idx, reg_idx, iteration)`` are trained."""
-        from .finetune import WarpedRegions
-
-        return WarpedRegions(ctx, anns, boxes, model)
+        """Fine-tuning's inputs: the ``regions`` :func:`rcnn.training.finetune.fine_tune` trains."""
+        ft = ctx.cfg.finetune
+        return WarpedRegions(anns, boxes, model, ft.context_pad, ft.mirror, ft.seed)
 
     def prepare_training(self, ctx: Context, regions, sampler) -> None:
         """Initialise what the method sets from the data before the first step of a fresh run."""
@@ -68,6 +69,19 @@ class Method:
     def region_features(self, ctx: Context, split: str) -> AbstractContextManager[FeatureFn]:
         """A context manager giving ``features(model, ann, boxes, layers)`` for the regions of ``split``'s images."""
         return _Warped(ctx)
+
+    def layer_inputs(self, ctx: Context, split: str, layer: str) -> dict[str, str]:
+        """Upstream digests a reader of the feature ``layer`` depends on beyond the features themselves."""
+        return {}
+
+    def layer_reader(self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float]) -> LayerReader:
+        """A reader of one feature layer of chosen windows of ``split``'s images (a context manager);
+        ``window_offset()`` gives the fine-tuned model's receptive-field offset, asked only if windows are pooled."""
+        return LayerReader(ctx, split, layer)
+
+    def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
+        """What the detector computes features with on a new image: ``features(image_bgr, boxes, layers)``."""
+        return WarpedRegionFeatures(model, cfg.finetune.context_pad, cfg.features.batch_size)
 
 
 class RCNN(Method):
@@ -103,9 +117,10 @@ class SPPNet(Method):
         return {"spp": fingerprint_params(ctx.cfg.spp)}
 
     def training_regions(self, ctx: Context, anns, boxes: list[np.ndarray], model):
-        from .finetune import PooledRegions
-
-        return PooledRegions(ctx, anns, boxes, model)
+        maps = convmaps.load(ctx, ctx.cfg.data.trainval)
+        ft, spp = ctx.cfg.finetune, ctx.cfg.spp
+        maps_of = lambda image_id, mirror: convmaps.image_record(maps, image_id, mirror)  # noqa: E731
+        return PooledRegions(maps_of, anns, boxes, model, spp.target_size, ft.mirror, ft.seed, spp.random_scale)
 
     def prepare_training(self, ctx: Context, regions, sampler) -> None:
         rms = ctx.cfg.spp.fc6_input_rms
@@ -114,6 +129,20 @@ class SPPNet(Method):
 
     def region_features(self, ctx: Context, split: str) -> AbstractContextManager[FeatureFn]:
         return _Pooled(ctx, split)
+
+    def layer_inputs(self, ctx: Context, split: str, layer: str) -> dict[str, str]:
+        # The pyramid is not cached: a reader pools it again from the conv maps.
+        if layer in self.cached_layers(ctx.cfg.features.layers):
+            return {}
+        return {f"convmaps/{split}": upstream_digest(ctx, "convmaps", split)}
+
+    def layer_reader(self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float]) -> LayerReader:
+        if layer in self.cached_layers(ctx.cfg.features.layers) or layer != "pool5":
+            return LayerReader(ctx, split, layer)
+        return PyramidReader(ctx, split, window_offset())
+
+    def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
+        return PooledRegionFeatures(model, cfg.spp.scales, cfg.spp.max_side, cfg.spp.target_size)
 
 
 class _Warped:
@@ -154,6 +183,59 @@ class _Pooled:
         tick = time.perf_counter()
         feats = spp_region_features(model, conv, factors, boxes, layers, self.ctx.cfg.spp.target_size)
         return feats, time.perf_counter() - tick
+
+
+class LayerReader:
+    """One cached layer's float32 ``[K, D]`` features of chosen windows of an image of ``split``, read from the
+    features records. Use as a context manager."""
+
+    compute_seconds = 0.0  # of the last call to rows(): nothing is computed, the layer is read
+
+    def __init__(self, ctx: Context, split: str, layer: str):
+        if layer not in FEATURE_LAYERS:
+            raise UserError(f"unknown feature layer '{layer}' (choose from {', '.join(FEATURE_LAYERS)})")
+        if layer not in ctx.cfg.features.layers:
+            raise UserError(f"layer '{layer}' is not in features.layers ({', '.join(ctx.cfg.features.layers)}); add it")
+        self.layer = layer
+
+    def __enter__(self) -> LayerReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def rows(self, rs, image_id: str, rows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """``layer`` of the windows ``rows`` (indices or a boolean mask) of ``image_id``'s record in ``rs``,
+        whose ``boxes`` the caller has read."""
+        return rs.array(image_id, self.layer, np.float16, 2)[rows].astype(np.float32)
+
+
+class PyramidReader(LayerReader):
+    """SPP-net's ``pool5`` (the pyramid fc6 reads, not cached): pooled again from the cached conv maps,
+    exactly as the features stage pooled it."""
+
+    def __init__(self, ctx: Context, split: str, window_offset: float):
+        self.layer = "pool5"
+        manifest = store.read_manifest(ctx.unit_dir(convmaps.NAME, split)) or {}
+        self.stride = int(manifest.get("metrics", {}).get("stride", 0))
+        if self.stride < 1:
+            raise UserError(f"the conv maps of {split} are missing or incomplete: run `rcnn convmaps {ctx.cfg.name}`")
+        self.offset = window_offset  # where the fine-tuned model placed its windows
+        self.levels = tuple(ctx.cfg.spp.levels)
+        self.target = ctx.cfg.spp.target_size
+        self.maps = convmaps.load(ctx, split)
+
+    def __exit__(self, *exc) -> None:
+        self.maps.close()
+
+    def rows(self, rs, image_id: str, rows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        conv, factors = convmaps.image_record(self.maps, image_id)
+        tick = time.perf_counter()
+        pooled, inverse = pool_windows(
+            as_map_tensors(conv), factors, boxes, self.stride, self.levels, self.target, offset=self.offset
+        )
+        self.compute_seconds = time.perf_counter() - tick
+        return pooled.numpy()[inverse]  # maxima of float16 maps: the same numbers a float16 cache would hold
 
 
 METHODS = {m.name: m for m in (RCNN, SPPNet)}

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.config import fingerprint_params
-from rcnn.learners.bbox_regression import BBoxRegParams, BBoxRegressor, mean_norm_scale, train_bbox_regressors
+from rcnn.learners.bbox_regression import BBoxRegParams, BBoxRegressor, mean_norm_scale
+from rcnn.learners.bbox_training import train_bbox_regressors
 
 from . import features
 from .context import Context
@@ -39,7 +40,7 @@ def training_rows(ctx: Context, split: str) -> dict[str, np.ndarray]:
     b = ctx.cfg.bbox
     dataset = ctx.dataset(split)
     feats, props, gts, classes, overlaps = [], [], [], [], []
-    with features.load(ctx, split) as rs, features.LayerReader(ctx, split, b.layer) as layer:
+    with features.load(ctx, split) as rs, features.layer_reader(ctx, split, b.layer) as layer:
         for image_id in rs.ids:
             ann = dataset.annotation(image_id)
             labels = ann.label_indices(ctx.classes)
@@ -77,7 +78,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         scale = mean_norm_scale(rows["features"], ctx.cfg.svm.target_norm)
         model = train_bbox_regressors(**rows, num_classes=len(ctx.classes), params=bp, feature_scale=scale)
     else:
-        with features.load(ctx, split) as rs, features.LayerReader(ctx, split, b.layer) as layer:
+        with features.load(ctx, split) as rs, features.layer_reader(ctx, split, b.layer) as layer:
             dim = layer.rows(rs, rs.ids[0], np.zeros(0, np.int64), np.zeros((0, 4), np.float32)).shape[1]
         model = BBoxRegressor.identity(len(ctx.classes), dim, 1.0, bp)
     out = work / MODEL

@@ -25,7 +25,7 @@ def pipelines_cmd(pipelines_file):
         click.echo(f"      data: {_where(pfile, name, 'data.root', cfg.data.root, 'synthetic, generated under the runs folder')}")
         weights = cfg.model.weights
         if weights == "imagenet":
-            from rcnn.modeling.models import imagenet_weights_file
+            from rcnn.modeling.checkpoints import imagenet_weights_file
 
             url, path = imagenet_weights_file(cfg.model.backbone)
             there = "" if path.is_file() else f" (not there: downloaded on first use; offline, put {url} there)"

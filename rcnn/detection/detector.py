@@ -1,4 +1,4 @@
-"""The trained R-CNN detector at test time: proposals -> CNN features -> SVM scores -> box regression -> NMS."""
+"""The trained detector at test time: proposals -> the method's region features -> SVM scores -> box regression -> NMS."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import numpy as np
 from rcnn.detection.nms import nms
 from rcnn.learners.bbox_regression import BBoxRegressor
 from rcnn.learners.svm import SVMModel
-from rcnn.methods.rcnn_regions import region_features
-from rcnn.modeling.inference import for_inference
-from rcnn.modeling.models import DetectorNet
 from rcnn.proposals.selective_search import selective_search
 from rcnn.structures.boxes import clip_boxes
 
@@ -52,15 +49,21 @@ def per_class_nms(
     return out
 
 
+# ``features(image_bgr, boxes, layers)``: each layer's float16 ``[N, D]`` for the boxes ``[N, 4]`` (x1, y1, x2, y2)
+# of one BGR image; the detection method's test-time half (:class:`rcnn.methods.rcnn_regions.WarpedRegionFeatures`,
+# :class:`rcnn.methods.spp_regions.PooledRegionFeatures`), which also owns the network.
+RegionFeatures = Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]
+
+
 @dataclass
 class Detector:
-    """Everything a trained pipeline needs to detect objects in a new image."""
+    """Everything a trained pipeline needs to detect objects in a new image: proposals, the method's region
+    features, the SVMs, the optional box regressors and NMS."""
 
-    model: DetectorNet
+    features: RegionFeatures
     svm: SVMModel
     bbox: BBoxRegressor | None
     classes: tuple[str, ...]
-    context_pad: int
     svm_layer: str = "fc7"
     bbox_layer: str = "pool5"
     proposal_mode: str = "fast"
@@ -70,13 +73,6 @@ class Detector:
     max_proposals: int | None = None
     nms_threshold: float = 0.3
     max_per_image: int = 100
-    # SPP-net models (``model.spec.spp_levels`` set): scales of the conv maps and the pooling target.
-    spp_scales: tuple[int, ...] = (688,)
-    spp_max_side: int | None = None
-    spp_target: float = 224.0
-
-    def __post_init__(self) -> None:
-        for_inference(self.model, whole_images=bool(self.model.spec.spp_levels))
 
     def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
         """Detections of one BGR image ``[H, W, 3]``."""
@@ -85,16 +81,7 @@ class Detector:
             image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed, self.max_pixels
         )
         layers = tuple(dict.fromkeys([self.svm_layer] + ([self.bbox_layer] if self.bbox else [])))
-        if self.model.spec.spp_levels:
-            from rcnn.methods.spp_regions import image_maps, spp_region_features
-            from rcnn.modeling.spp import image_scales
-
-            factors = image_scales(h, w, self.spp_scales, self.spp_max_side)
-            maps = image_maps(self.model, image_bgr, factors)
-            feats = spp_region_features(self.model, maps, factors, proposals, layers, self.spp_target)
-        else:
-            rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-            feats = region_features(self.model, rgb, proposals, layers, self.context_pad)
+        feats = self.features(image_bgr, proposals, layers)
         scores = self.svm.scores(feats[self.svm_layer])
         refine = None
         if self.bbox is not None:

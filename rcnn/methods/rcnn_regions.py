@@ -1,11 +1,21 @@
-"""R-CNN's features: every region warped to the network's input size, with context, and run through the CNN."""
+"""R-CNN's regions: every region warped to the network's input size, with context, and run through the whole CNN.
+
+At test time :class:`WarpedRegionFeatures` gives the detector its features; in fine-tuning
+:class:`WarpedRegions` gives the training loop its class scores (Girshick et al. 2014, sections 2.1 and 2.3).
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import cv2
 import numpy as np
 import torch
+from torch import nn
 
-from rcnn.modeling.inference import inference_autocast, to_float16
+from rcnn.data.datasets import ImageAnnotation, load_image
+from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
 from rcnn.modeling.models import DetectorNet, normalise_crops
 from rcnn.modeling.warp import warp_regions
 
@@ -26,3 +36,82 @@ def region_features(
             out[layer].append(to_float16(feats[layer]))
     dims = {"pool5": spec.pool5_dim, "fc6": spec.fc_dim, "fc7": spec.fc_dim}
     return {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float16) for k, v in out.items()}
+
+
+@dataclass
+class WarpedRegionFeatures:
+    """R-CNN at test time: ``features(image_bgr, boxes, layers)`` warps each box ``[N, 4]`` (x1, y1, x2, y2)
+    of a BGR image with ``context_pad`` pixels of context and returns each layer's float16 ``[N, D]``.
+
+    The model is made ready for inference (:func:`rcnn.modeling.inference.for_inference`) once, here.
+    """
+
+    model: DetectorNet
+    context_pad: int
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for_inference(self.model, whole_images=False)
+
+    def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+        return region_features(self.model, rgb, boxes, layers, self.context_pad, self.batch_size)
+
+
+class RegionImages:
+    """Decoded RGB images, most recently used kept (fine-tuning revisits images constantly)."""
+
+    def __init__(self, annotations: list[ImageAnnotation], capacity: int = 2000):
+        self.annotations = annotations
+        self.capacity = capacity
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        image = cv2.cvtColor(load_image(self.annotations[index]), cv2.COLOR_BGR2RGB)
+        self._cache[index] = image
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return image
+
+
+def warp_batch(
+    images: RegionImages, boxes: list[np.ndarray], batch_img: np.ndarray, batch_reg: np.ndarray, spec, context_pad: int
+) -> np.ndarray:
+    """Warped crops ``[B, S, S, 3]`` for the regions ``(batch_img[k], batch_reg[k])``, in batch order."""
+    crops = np.empty((len(batch_img), spec.input_size, spec.input_size, 3), np.uint8)
+    for i in np.unique(batch_img):
+        sel = np.flatnonzero(batch_img == i)
+        crops[sel] = warp_regions(images[i], boxes[i][batch_reg[sel]], spec.input_size, context_pad, spec.mean_pixel)
+    return crops
+
+
+class WarpedRegions:
+    """R-CNN's training inputs (see :mod:`rcnn.training.finetune`): warped, optionally mirrored crops of
+    ``boxes[i]`` (float32 ``[N_i, 4]``, x1, y1, x2, y2) of image ``anns[i]`` through the whole network."""
+
+    def __init__(
+        self, anns: list[ImageAnnotation], boxes: list[np.ndarray], model: DetectorNet, context_pad: int, mirror: bool, seed: int
+    ):
+        self.images = RegionImages(anns)
+        self.boxes, self.model = boxes, model
+        self.context_pad, self.mirror, self.seed = context_pad, mirror, seed
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def train_mode(self) -> None:
+        """Put the model in training mode (dropout on) before a step."""
+        self.model.train()
+
+    def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+        spec = self.model.spec
+        crops = warp_batch(self.images, self.boxes, img_idx, reg_idx, spec, self.context_pad)
+        if self.mirror and iteration is not None:
+            # Flips come from a generator keyed by the iteration, so a resumed run flips the same crops.
+            flip = np.random.default_rng([self.seed, iteration]).random(len(crops)) < 0.5
+            crops[flip] = crops[flip, :, ::-1]
+        device = next(self.model.parameters()).device
+        return self.model(normalise_crops(crops, spec, device))

@@ -1,16 +1,26 @@
-"""SPP-net features of many windows from one pass of the conv trunk per image and scale."""
+"""SPP-net's windows: conv maps computed once per image and scale, every window pyramid-pooled from them
+(He et al. 2014, section 3.1).
+
+At test time :class:`PooledRegionFeatures` gives the detector its features; in fine-tuning
+:class:`PooledRegions` gives the training loop its class scores from the cached maps (only the fc layers learn).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
-from rcnn.modeling.inference import inference_autocast, to_float16
+from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
 from rcnn.modeling.models import PYRAMID_LAYOUT, DetectorNet, pixel_affine
-from rcnn.modeling.spp import map_windows, select_scale, spp_pool
+from rcnn.modeling.spp import spp_pool
+from rcnn.modeling.spp_geometry import image_scales, map_windows, select_scale
+from rcnn.structures.boxes import mirror_boxes
+from rcnn.training.sampling import FgBgSampler
 
 #: From this many windows on one map, pooling them alone (with the sparse-table method) beats batching.
 MANY_WINDOWS = 16
@@ -61,7 +71,7 @@ def window_cells(
 
     ``shapes`` are the ``[C, H_k, W_k]`` map shapes, ``factors`` their resize factors and ``boxes``
     ``[N, 4]`` the windows in original pixels; ``stride`` and ``offset`` place the trunk's cells
-    (:func:`rcnn.modeling.spp.map_windows`). Returns int64 ``[N]`` scale indices (SPP-net's rule:
+    (:func:`rcnn.modeling.spp_geometry.map_windows`). Returns int64 ``[N]`` scale indices (SPP-net's rule:
     the scale where the window's area is closest to ``target``²) and int64 ``[N, 4]`` rectangles.
     """
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
@@ -203,3 +213,128 @@ def spp_region_features(
         out = model.head(pooled, layers)
     out["pool5"] = pooled
     return {k: to_float16(out[k])[inverse] for k in layers}
+
+
+@dataclass
+class PooledRegionFeatures:
+    """SPP-net at test time: ``features(image_bgr, boxes, layers)`` runs the conv trunk once per scale of
+    ``scales`` (shorter side; longer side at most ``max_side``) and pools each box ``[N, 4]`` (x1, y1, x2, y2)
+    from the scale that brings it closest to ``target`` pixels; each layer float16 ``[N, D]``.
+
+    The model is made ready for inference on whole images once, here.
+    """
+
+    model: DetectorNet
+    scales: tuple[int, ...] = (688,)
+    max_side: int | None = None
+    target: float = 224.0
+
+    def __post_init__(self) -> None:
+        for_inference(self.model, whole_images=True)
+
+    def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
+        h, w = image_bgr.shape[:2]
+        factors = image_scales(h, w, self.scales, self.max_side)
+        maps = image_maps(self.model, image_bgr, factors)
+        return spp_region_features(self.model, maps, factors, boxes, layers, self.target)
+
+
+# ``maps_of(image_id, mirror)``: an image's float16 conv maps ``[H_k, W_k, C]`` (of its mirror image with
+# ``mirror``) and their resize factors ``[K]``, as the conv maps stage cached them.
+MapsOf = Callable[[str, bool], tuple[list[np.ndarray], np.ndarray]]
+
+
+class PooledRegions:
+    """SPP-net's training inputs (see :mod:`rcnn.training.finetune`): windows ``boxes[i]`` (float32 ``[N_i, 4]``,
+    x1, y1, x2, y2) of image ``anns[i]`` pooled from its cached conv maps; only fc6, fc7, fc8 learn.
+
+    With ``mirror`` each training window is, with probability 1/2, pooled from the maps of the flipped
+    image instead, at the mirrored place: SPP-net's released code fine-tunes on the trainval images and
+    their mirror images (``flip_finetune = true`` in ``Script_spp_voc.m``). With ``random_scale`` a window
+    is pooled at a random scale instead of the one closest to ``target`` (also from the released code).
+    """
+
+    def __init__(
+        self,
+        maps_of: MapsOf,
+        anns: list,
+        boxes: list[np.ndarray],
+        model: DetectorNet,
+        target: float,
+        mirror: bool,
+        seed: int,
+        random_scale: bool = False,
+    ):
+        self.maps_of = maps_of
+        self.ids = [a.image_id for a in anns]
+        self.widths = [a.width for a in anns]
+        self.boxes, self.model, self.target = boxes, model, target
+        self.mirror, self.seed, self.random_scale = mirror, seed, random_scale
+        self._cache: OrderedDict[tuple[int, bool], tuple[list[torch.Tensor], np.ndarray, np.ndarray]] = OrderedDict()
+        self.device = next(model.parameters()).device
+        for p in model.trunk.parameters():
+            p.requires_grad_(False)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for name, p in self.model.named_parameters() if not name.startswith("trunk.")]
+
+    def train_mode(self) -> None:
+        """Training mode for the fc layers; the fixed conv layers (and their batch-norm statistics, if any) stay in eval."""
+        self.model.train()
+        self.model.trunk.eval()
+
+    def _image(self, i: int, mirror: bool = False) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
+        """Image ``i``'s conv maps (of its mirror image with ``mirror``), the scale each of its regions
+        is pooled at, and each region's cell rectangle at every scale ``[K, N, 4]`` (placed once)."""
+        key = (i, mirror)
+        if key not in self._cache:
+            maps, factors = self.maps_of(self.ids[i], mirror)
+            # Channels first: training batches hold a window or two per image, pooled by roi_pool from a
+            # batch of crops in its layout, and cropping channels-last maps into it would transpose them.
+            maps = [m.contiguous() for m in as_map_tensors(maps, self.device)]
+            boxes = mirror_boxes(self.boxes[i], self.widths[i]) if mirror else self.boxes[i]
+            spec = self.model.spec
+            rects = scale_cells([m.shape for m in maps], factors, boxes, spec.stride, spec.offset)
+            self._cache[key] = (maps, select_scale(boxes, list(factors), self.target), rects)
+            if len(self._cache) > 4000:
+                self._cache.popitem(last=False)
+        return self._cache[key]
+
+    def pooled(
+        self, img_idx: np.ndarray, reg_idx: np.ndarray, mirror: np.ndarray | None = None, draw: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Pyramids ``[B, D]`` of the regions ``reg_idx`` of images ``img_idx``, in batch order: from
+        their mirror images where ``mirror`` is set, and with ``draw`` (uniform in ``[0, 1)``, one per
+        region) at a random scale instead of the closest one."""
+        mirror = np.zeros(len(img_idx), bool) if mirror is None else np.asarray(mirror, bool)
+        # Pool the batch grouped by image (rows come back in `order`), then restore the batch order.
+        key = img_idx.astype(np.int64) * 2 + mirror
+        order = np.argsort(key, kind="stable")
+        items = []
+        for k in np.unique(key):
+            maps, scale, rects = self._image(int(k) // 2, bool(k % 2))
+            rows = order[key[order] == k]
+            regions = reg_idx[rows]
+            at = scale[regions] if draw is None else np.minimum((draw[rows] * len(maps)).astype(np.int64), len(maps) - 1)
+            items.append((maps, at, rects[at, regions]))
+        pooled = pool_cells(items, self.model.spec.spp_levels)
+        return pooled[torch.from_numpy(np.argsort(order)).to(self.device)]
+
+    def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+        mirror = draw = None
+        if iteration is not None:
+            # As R-CNN's crop flips: drawn from a generator keyed by the iteration, so a resumed run draws the same.
+            rng = np.random.default_rng([self.seed, iteration])
+            mirror = rng.random(len(img_idx)) < 0.5 if self.mirror else None
+            draw = rng.random(len(img_idx)) if self.random_scale else None
+        fc7 = self.model.head(self.pooled(img_idx, reg_idx, mirror, draw))["fc7"]
+        return self.model.classifier(self.model.dropout(fc7))
+
+    @torch.no_grad()
+    def input_scale(self, sampler: FgBgSampler, seed: int, rms: float, n_batches: int = 8) -> float:
+        """The factor giving fc6's input a root-mean-square value of ``rms`` over a sample of training batches."""
+        norms = []
+        for batch in sampler.epoch_batches(seed, n_batches=n_batches):
+            norms.append(self.pooled(*sampler.locate(batch)).norm(dim=1))
+        mean_norm = float(torch.cat(norms).mean())
+        return rms * self.model.spec.pool5_dim**0.5 / mean_norm if mean_norm > 0 else 1.0

@@ -24,7 +24,7 @@ from rcnn.evaluation.voc import ClassResult, Detections, evaluate
 from rcnn.runtime import quiet_matplotlib
 
 if TYPE_CHECKING:
-    from rcnn.report.study import RunSummary
+    from rcnn.report.runs import RunSummary
 
 DPI = 100
 CELL_INCHES = 3.2  # one image of the detection grid

@@ -5,38 +5,17 @@ The runs come from :func:`rcnn.report.runs.load_run`; the PNGs from :mod:`rcnn.r
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import os
-import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from rcnn.report import figures as figs
 from rcnn.report import seeds as report_seeds
+from rcnn.report.render import Table, html_page, markdown, write_text
 from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, number
 
 # ---------------------------------------------------------------------------------------
 # The report: a list of blocks, rendered once as Markdown and once as HTML.
-
-
-@dataclass(frozen=True)
-class _Table:
-    headers: list[str]
-    rows: list[list[str]]
-
-    def numeric(self) -> list[bool]:
-        """Per column: whether it holds numbers (right-aligned)."""
-        cells = list(zip(*self.rows)) if self.rows else [()] * len(self.headers)
-        return [
-            i > 0 and all(_NUMERIC.match(c.strip("*")) or c in ("", "n/a", "baseline") for c in col)
-            for i, col in enumerate(cells)
-        ]
-
-
-_NUMERIC = re.compile(r"^[-+]?\d")
 
 
 class _Study:
@@ -107,7 +86,7 @@ def _section_compared(s: _Study) -> list:
             [label, f"`{run.run_dir}`", root, run.test_split or "n/a", test_images, str(len(run.classes)), metric, device]
         )
     blocks.append(
-        ("table", _Table(["run", "folder", "data root", "test split", "test images", "classes", "metric", "devices"], rows))
+        ("table", Table(["run", "folder", "data root", "test split", "test images", "classes", "metric", "devices"], rows))
     )
     if len({(run.data_root, run.test_split) for run in runs}) > 1:
         blocks.append(("p", "**The runs were tested on different data or splits: their numbers are not like for like.**"))
@@ -118,7 +97,7 @@ def _section_compared(s: _Study) -> list:
                 versions.setdefault(lib, [[] for _ in runs])[r].append(str(v))
     if versions:
         rows = [[lib, *(" / ".join(sorted(set(v))) or "n/a" for v in per_run)] for lib, per_run in sorted(versions.items())]
-        blocks += [("p", "Library versions recorded in the manifests:"), ("table", _Table(["library", *s.labels], rows))]
+        blocks += [("p", "Library versions recorded in the manifests:"), ("table", Table(["library", *s.labels], rows))]
     return blocks + _settings(s)
 
 
@@ -140,7 +119,7 @@ def _settings(s: _Study) -> list:
     if not rows:
         return [("p", "Every setting the stages recorded is the same in all runs.")]
     intro = "Settings that differ between the runs, as each stage recorded them (- where a run has no such stage or setting):"
-    return [("p", intro), ("table", _Table(["stage: setting", *s.labels], rows))]
+    return [("p", intro), ("table", Table(["stage: setting", *s.labels], rows))]
 
 
 def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
@@ -177,7 +156,7 @@ def _section_map(s: _Study) -> list:
             diffs.append("baseline" if run is s.runs[0] else "n/a" if a is None or b is None else f"{a - b:+.4f}")
         rows.append([label, str(res.get("metric", "n/a")), _fmt(res.get("mAP")), diffs[0], _fmt(res.get("mAP_bbox")), diffs[1]])
     headers = ["run", "metric", "mAP", f"Δ vs {s.baseline}", "mAP +bbox", f"Δ vs {s.baseline}"]
-    blocks.append(("table", _Table(headers, rows)))
+    blocks.append(("table", Table(headers, rows)))
     if len({(run.results or {}).get("metric") for run in s.runs if run.results}) > 1:
         blocks.append(("p", "**The runs use different AP metrics (voc07 / voc10): their mAPs are not comparable.**"))
     if any(run.results is None for run in s.runs):
@@ -210,7 +189,7 @@ def _section_per_class(s: _Study) -> list:
     path = figs.ap_bars(s.figure_dir / "ap_per_class.png", s.labels, classes, aps, metric)
     s.figures["ap_per_class"] = path
     caption = "AP per class and mAP, one bar per run: top without, bottom with box regression."
-    return blocks + [("table", _Table(headers, rows)), ("figure", "ap_per_class", caption)]
+    return blocks + [("table", Table(headers, rows)), ("figure", "ap_per_class", caption)]
 
 
 def _section_map_seeds(s: _Study) -> list:
@@ -222,8 +201,8 @@ def _section_map_seeds(s: _Study) -> list:
     )
     first = ", ".join(f"{label}: `{group[0].name}`" for label, group in zip(s.labels, s.seed_runs))
     later = f"The settings, curves, times, cache and detections further down are each run's first seed run ({first})."
-    blocks = [("h2", "Mean average precision over seeds"), ("p", text), ("table", _Table(*table))]
-    return blocks + [("table", _Table(*each)), ("p", later)]
+    blocks = [("h2", "Mean average precision over seeds"), ("p", text), ("table", Table(*table))]
+    return blocks + [("table", Table(*each)), ("p", later)]
 
 
 def _section_per_class_seeds(s: _Study) -> list:
@@ -236,7 +215,7 @@ def _section_per_class_seeds(s: _Study) -> list:
     s.figures["ap_per_class"] = figs.ap_bars(s.figure_dir / "ap_per_class.png", s.labels, classes, means, metric, errors)
     text = "Mean ± sample standard deviation over each run's seed runs; n/a: a class some seed run did not score."
     caption = "Mean AP per class and mAP over the seeds, one bar per run, with one sample standard deviation either side."
-    return blocks + [("p", text), ("table", _Table(headers, rows)), ("figure", "ap_per_class", caption)]
+    return blocks + [("p", text), ("table", Table(headers, rows)), ("figure", "ap_per_class", caption)]
 
 
 def _section_pr(s: _Study) -> list:
@@ -282,7 +261,7 @@ def _section_stages(s: _Study) -> list:
         "Wall time of every stage and split as recorded in its manifest. A unit *shared with* another pipeline reused "
         "that pipeline's outputs (same inputs and parameters); its time is the other pipeline's and is left out of the total."
     )
-    return [("h2", "Stages: wall time and throughput"), ("p", text), ("table", _Table(headers, rows))]
+    return [("h2", "Stages: wall time and throughput"), ("p", text), ("table", Table(headers, rows))]
 
 
 def _section_test_time(s: _Study) -> list:
@@ -321,7 +300,7 @@ def _section_test_time(s: _Study) -> list:
         "which the pipeline does not cache and so pools a second time from the conv maps while evaluating; a "
         "detector keeps the one it pooled for fc6. A detector pays neither, so neither is in the total."
     )
-    blocks += [("p", text), ("table", _Table(headers, rows))]
+    blocks += [("p", text), ("table", Table(headers, rows))]
     if sentences:
         blocks.append(("list", sentences))
     if any(t.total is None for t in times):
@@ -346,7 +325,7 @@ def _section_cache(s: _Study) -> list:
             sentences.append(f"{label}'s feature cache is {_ratio(base, size, 'smaller', 'larger')} than {s.baseline}'s.")
     text = "Bytes on disk of the feature-caching stages' outputs (every split), from the manifests."
     blocks: list = [("h2", "Feature cache on disk"), ("p", text)]
-    blocks.append(("table", _Table(["run", "units", "size", f"size / {s.baseline}"], rows)))
+    blocks.append(("table", Table(["run", "units", "size", f"size / {s.baseline}"], rows)))
     return blocks + ([("list", sentences)] if sentences else [])
 
 
@@ -390,84 +369,6 @@ def write_report(
     blocks += _section_grid(s, grid_images)
     blocks += _section_missing(s)
     paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html"}
-    _write_text(paths["markdown"], _markdown(blocks, s.figures, out_dir))
-    _write_text(paths["html"], _html(title, blocks, s.figures))
+    write_text(paths["markdown"], markdown(blocks, s.figures, out_dir))
+    write_text(paths["html"], html_page(title, blocks, s.figures))
     return {**paths, **s.figures}
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _markdown(blocks: list, figures: dict[str, Path], out_dir: Path) -> str:
-    out = []
-    for kind, *args in blocks:
-        if kind in ("h1", "h2"):
-            out.append(f"{'#' * int(kind[1])} {args[0]}")
-        elif kind == "p":
-            out.append(args[0])
-        elif kind == "list":
-            out.append("\n".join(f"- {item}" for item in args[0]))
-        elif kind == "table":
-            t: _Table = args[0]
-
-            def row(cells):
-                return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-            rule = "|" + "|".join("---:" if num else "---" for num in t.numeric()) + "|"
-            out.append("\n".join([row(t.headers), rule] + [row(r) for r in t.rows]))
-        elif kind == "figure":
-            rel = figures[args[0]].relative_to(out_dir).as_posix()
-            out.append(f"![{args[0]}]({rel})\n\n*{args[1]}*")
-    return "\n\n".join(out) + "\n"
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; }
-th { background: #f2f2f2; text-align: left; } .num { text-align: right; }
-tr:nth-child(even) td { background: #fafafa; }
-code { font-size: 0.9em; background: #f4f4f4; padding: 0 0.2em; }
-figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 0.9em; color: #555; }
-"""
-
-
-def _inline(text: str) -> str:
-    """The little Markdown the report uses (``code``, **bold**, *italic*) as HTML."""
-    text = html.escape(text)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", text)
-
-
-def _html(title: str, blocks: list, figures: dict[str, Path]) -> str:
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-    ]
-    for kind, *args in blocks:
-        if kind in ("h1", "h2"):
-            out.append(f"<{kind}>{_inline(args[0])}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline(args[0])}</p>")
-        elif kind == "list":
-            out.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in args[0]) + "</ul>")
-        elif kind == "table":
-            t: _Table = args[0]
-            align = [' class="num"' if num else "" for num in t.numeric()]
-            head = "".join(f"<th{a}>{_inline(h)}</th>" for h, a in zip(t.headers, align))
-            body = "".join("<tr>" + "".join(f"<td{a}>{_inline(c)}</td>" for c, a in zip(r, align)) + "</tr>" for r in t.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "figure":
-            data = base64.b64encode(figures[args[0]].read_bytes()).decode("ascii")
-            img = f'<img src="data:image/png;base64,{data}" alt="{html.escape(args[1], quote=True)}">'
-            out.append(f"<figure>{img}<figcaption>{_inline(args[1])}</figcaption></figure>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"

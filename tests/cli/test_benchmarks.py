@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcnn.modeling.spp import image_scales, select_scale
+from rcnn.modeling.spp_geometry import image_scales, select_scale
 from rcnn.modeling.warp import warp_geometry
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"

@@ -177,7 +177,7 @@ def test_imagenet_weights_offline_is_one_line_naming_the_file(devkit, tmp_path, 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
-    from rcnn.modeling.models import imagenet_state_dict
+    from rcnn.modeling.checkpoints import imagenet_state_dict
 
     with pytest.raises(UserError) as e:
         imagenet_state_dict("alexnet")

@@ -12,10 +12,10 @@ from rcnn.learners.bbox_regression import (
     fit_target_whitening,
     mean_norm_scale,
     select_examples,
-    train_bbox_regressors,
     unwhiten_targets,
     whiten_targets,
 )
+from rcnn.learners.bbox_training import train_bbox_regressors
 from rcnn.structures.box_coding import decode, encode
 from rcnn.structures.boxes import box_iou
 

@@ -21,7 +21,7 @@ def test_each_method_owns_its_stages_and_cached_layers():
 
 
 def test_only_the_method_builder_tests_the_methods_name():
-    pattern = re.compile(r"""\.method\s*[!=]=|[!=]=\s*["'](spp|rcnn)["']|["'](spp|rcnn)["']\s*[!=]=""")
+    pattern = re.compile(r"""\bmethod\s*[!=]=|[!=]=\s*["'](spp|rcnn)["']|["'](spp|rcnn)["']\s*[!=]=""")
     hits = []
     for folder in ("rcnn", "stages", "benchmarks"):
         for path in sorted((REPO / folder).rglob("*.py")):

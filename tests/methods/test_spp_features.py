@@ -8,7 +8,8 @@ from oracles import random_boxes, slow_spp
 
 from rcnn.methods.spp_regions import MANY_WINDOWS, pool_images, spp_region_features
 from rcnn.modeling.models import build_model
-from rcnn.modeling.spp import bins_order, map_windows, select_scale, spp_pool
+from rcnn.modeling.spp import bins_order, spp_pool
+from rcnn.modeling.spp_geometry import map_windows, select_scale
 
 
 def test_pool_images_matches_one_window_at_a_time():
@@ -70,7 +71,7 @@ def test_float16_maps_pool_to_the_same_maxima_as_float32():
     rng = np.random.default_rng(4)
     fmap = rng.standard_normal((5, 20, 24)).astype(np.float16)
     rects = map_windows(random_boxes(rng, 40, 160), 8, 20, 24)
-    half = spp_pool(torch.from_numpy(fmap), rects, (6, 3, 2, 1), method="table")
-    full = spp_pool(torch.from_numpy(fmap.astype(np.float32)), rects, (6, 3, 2, 1), method="table")
+    half = spp_pool(torch.from_numpy(fmap), rects, (6, 3, 2, 1), algorithm="table")
+    full = spp_pool(torch.from_numpy(fmap.astype(np.float32)), rects, (6, 3, 2, 1), algorithm="table")
     assert half.dtype == torch.float16
     assert torch.equal(half.float(), full)

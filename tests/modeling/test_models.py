@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from rcnn.errors import UserError
-from rcnn.modeling.models import (
-    build_model,
-    initialise,
-    load_checkpoint,
-    load_weights_file,
-    normalise_crops,
-    save_checkpoint,
-)
+from rcnn.modeling.checkpoints import initialise, load_checkpoint, load_weights_file, save_checkpoint
+from rcnn.modeling.models import build_model, normalise_crops
 
 
 @pytest.mark.parametrize(

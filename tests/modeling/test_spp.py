@@ -12,18 +12,8 @@ from torch import nn
 from torchvision.ops import roi_pool
 
 from rcnn.modeling.models import build_model
-from rcnn.modeling.spp import (
-    MULTI_SCALES,
-    PYRAMID_LEVELS,
-    _roi_pool_inexact,
-    bins_order,
-    image_scales,
-    map_windows,
-    select_scale,
-    spp_dim,
-    spp_features,
-    spp_pool,
-)
+from rcnn.modeling.spp import PYRAMID_LEVELS, _roi_pool_inexact, bins_order, spp_dim, spp_features, spp_pool
+from rcnn.modeling.spp_geometry import MULTI_SCALES, image_scales, map_windows, select_scale
 
 # ----------------------------------------------------------------------------- window mapping
 
@@ -183,17 +173,17 @@ def random_rects(rng: np.random.Generator, n: int, height: int, width: int) -> n
     return np.concatenate([np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1), special]).astype(np.int64)
 
 
-METHODS = ("table", "roi_pool")
+ALGORITHMS = ("table", "roi_pool")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("seed", range(4))
-def test_spp_pool_matches_slow_loop(seed, method):
+def test_spp_pool_matches_slow_loop(seed, algorithm):
     rng = np.random.default_rng(seed)
     channels, height, width = 3, int(rng.integers(6, 20)), int(rng.integers(6, 20))
     fmap = torch.from_numpy(rng.standard_normal((channels, height, width)).astype(np.float32))
     rects = random_rects(rng, 12, height, width)
-    out = spp_pool(fmap, rects, method=method)
+    out = spp_pool(fmap, rects, algorithm=algorithm)
     assert out.shape == (len(rects), spp_dim(channels))
     assert out.dtype == torch.float32
     assert np.array_equal(out.numpy(), slow_spp(fmap.numpy(), rects, PYRAMID_LEVELS))
@@ -207,50 +197,52 @@ def test_bins_order_hand_case():
     assert sorted(order.tolist()) == list(range(spp_dim(5)))  # a permutation
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_spp_pool_bins_layout_is_the_channel_layout_rearranged(method, dtype):
+def test_spp_pool_bins_layout_is_the_channel_layout_rearranged(algorithm, dtype):
     rng = np.random.default_rng(11)
     fmap = torch.from_numpy(rng.standard_normal((4, 13, 17)).astype(np.float32)).to(dtype)
     rects = random_rects(rng, 30, 13, 17)
     for levels in (PYRAMID_LEVELS, (4, 3, 1), (7,)):  # derived levels, direct ones, roi_pool's exact fix-up
-        channels = spp_pool(fmap, rects, levels, method=method)
-        bins = spp_pool(fmap, rects, levels, method=method, layout="bins")
+        channels = spp_pool(fmap, rects, levels, algorithm=algorithm)
+        bins = spp_pool(fmap, rects, levels, algorithm=algorithm, layout="bins")
         assert torch.equal(bins, channels[:, bins_order(4, levels)])
         into = torch.empty_like(bins)
-        assert spp_pool(fmap, rects, levels, method=method, layout="bins", out=into) is into and torch.equal(into, bins)
+        assert spp_pool(fmap, rects, levels, algorithm=algorithm, layout="bins", out=into) is into and torch.equal(into, bins)
     # a channels-last map (as the conv-map cache holds them) pools to the same numbers
     last = fmap.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    assert torch.equal(spp_pool(last, rects, method=method, layout="bins"), spp_pool(fmap, rects, method=method, layout="bins"))
+    assert torch.equal(
+        spp_pool(last, rects, algorithm=algorithm, layout="bins"), spp_pool(fmap, rects, algorithm=algorithm, layout="bins")
+    )
     with pytest.raises(ValueError, match="layout"):
         spp_pool(fmap, rects, layout="rows")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_spp_pool_writes_into_a_given_block_of_rows(method):
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_spp_pool_writes_into_a_given_block_of_rows(algorithm):
     rng = np.random.default_rng(7)
     fmap = torch.from_numpy(rng.standard_normal((3, 15, 11)).astype(np.float32)).half()
     rects = random_rects(rng, 20, 15, 11)
     n = len(rects)
     whole = torch.full((n + 10, spp_dim(3)), -1.0)
     block = whole[4 : 4 + n]
-    assert spp_pool(fmap, rects, method=method, out=block) is block
+    assert spp_pool(fmap, rects, algorithm=algorithm, out=block) is block
     expected = slow_spp(fmap.float().numpy(), rects, PYRAMID_LEVELS)
     assert np.array_equal(whole[4 : 4 + n].numpy(), expected)
     assert (whole[:4] == -1).all() and (whole[4 + n :] == -1).all()  # the rest untouched
     with pytest.raises(ValueError, match="out must be"):
-        spp_pool(fmap, rects, method=method, out=whole)
+        spp_pool(fmap, rects, algorithm=algorithm, out=whole)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("levels", [(1, 4, 2), (5, 4, 2, 1), (3, 6), (7,), (1,)])
-def test_spp_pool_other_levels_orders_and_batched_input(levels, method):
+def test_spp_pool_other_levels_orders_and_batched_input(levels, algorithm):
     rng = np.random.default_rng(7)
     fmap = torch.from_numpy(rng.standard_normal((2, 9, 11)).astype(np.float32))
     rects = random_rects(rng, 8, 9, 11)
     expected = slow_spp(fmap.numpy(), rects, levels)
-    assert np.array_equal(spp_pool(fmap, rects, levels, method=method).numpy(), expected)
-    assert np.array_equal(spp_pool(fmap[None], torch.from_numpy(rects), levels, method=method).numpy(), expected)
+    assert np.array_equal(spp_pool(fmap, rects, levels, algorithm=algorithm).numpy(), expected)
+    assert np.array_equal(spp_pool(fmap[None], torch.from_numpy(rects), levels, algorithm=algorithm).numpy(), expected)
 
 
 @settings(max_examples=40, deadline=None)
@@ -261,7 +253,7 @@ def test_spp_pool_other_levels_orders_and_batched_input(levels, method):
     levels=st.lists(st.integers(1, 8), min_size=1, max_size=4, unique=True),
     maps=st.integers(1, 3),
 )
-def test_table_method_equals_roi_pool_reference(seed, height, width, levels, maps):
+def test_table_algorithm_equals_roi_pool_reference(seed, height, width, levels, maps):
     rng = np.random.default_rng(seed)
     fmap = torch.from_numpy(rng.standard_normal((maps, 3, height, width)).astype(np.float32))
     rects = random_rects(rng, 10, height, width) if height >= 6 and width >= 6 else np.zeros((0, 4), np.int64)
@@ -269,12 +261,12 @@ def test_table_method_equals_roi_pool_reference(seed, height, width, levels, map
     y = np.sort(rng.integers(0, height, size=(10, 2)), axis=1)
     rects = np.concatenate([rects, np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1)]).astype(np.int64)
     owner = rng.integers(0, maps, size=len(rects))
-    table = spp_pool(fmap, rects, levels, owner, method="table")
-    reference = spp_pool(fmap, rects, levels, owner, method="roi_pool")
+    table = spp_pool(fmap, rects, levels, owner, algorithm="table")
+    reference = spp_pool(fmap, rects, levels, owner, algorithm="roi_pool")
     assert torch.equal(table, reference)
 
 
-def test_table_method_falls_back_when_the_table_would_be_too_big(monkeypatch):
+def test_table_algorithm_falls_back_when_the_table_would_be_too_big(monkeypatch):
     import rcnn.modeling.spp as spp
 
     rng = np.random.default_rng(2)
@@ -292,7 +284,7 @@ def test_table_method_falls_back_when_the_table_would_be_too_big(monkeypatch):
     assert len(calls) == 2
 
 
-def test_table_method_gathers_in_chunks(monkeypatch):
+def test_table_algorithm_gathers_in_chunks(monkeypatch):
     import rcnn.modeling.spp as spp
 
     rng = np.random.default_rng(4)
@@ -302,9 +294,9 @@ def test_table_method_gathers_in_chunks(monkeypatch):
     assert np.array_equal(spp_pool(fmap, rects).numpy(), slow_spp(fmap.numpy(), rects, PYRAMID_LEVELS))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_spp_pool_is_exact_where_roi_pool_bins_overshoot(dtype, method):
+def test_spp_pool_is_exact_where_roi_pool_bins_overshoot(dtype, algorithm):
     # roi_pool's last 7-bin of a 57-cell window (float32; 29 cells in float64) ends one cell past the
     # window; a large value just below it exposes the difference.
     h = 57 if dtype == torch.float32 else 29
@@ -316,16 +308,16 @@ def test_spp_pool_is_exact_where_roi_pool_bins_overshoot(dtype, method):
     raw = roi_pool(fmap[None], torch.tensor([[0, *rects[0]]], dtype=dtype), (7, 7), 1.0)
     assert raw.max() == 100.0  # the bug this guards against
     levels = (7, 6, 1)
-    out = spp_pool(fmap, rects, levels, method=method)
+    out = spp_pool(fmap, rects, levels, algorithm=algorithm)
     assert np.array_equal(out.numpy(), slow_spp(fmap.numpy(), rects, levels))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_spp_pool_half_precision_pools_in_float32(method):
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_spp_pool_half_precision_pools_in_float32(algorithm):
     rng = np.random.default_rng(3)
     fmap = torch.from_numpy(rng.standard_normal((2, 8, 8)).astype(np.float32)).half()
     rects = random_rects(rng, 4, 8, 8)
-    out = spp_pool(fmap, rects, method=method)
+    out = spp_pool(fmap, rects, algorithm=algorithm)
     assert out.dtype == torch.float16
     assert np.array_equal(out.float().numpy(), slow_spp(fmap.float().numpy(), rects, PYRAMID_LEVELS))
 
@@ -342,8 +334,8 @@ def test_spp_pool_empty_and_invalid_rects():
         spp_pool(torch.zeros(2, 4, 5, 6), np.array([[0, 0, 1, 1]]), batch_index=[2])
     with pytest.raises(ValueError, match="levels"):
         spp_pool(fmap, np.array([[0, 0, 1, 1]]), levels=(6, 0))
-    with pytest.raises(ValueError, match="method"):
-        spp_pool(fmap, np.array([[0, 0, 1, 1]]), method="fast")
+    with pytest.raises(ValueError, match="algorithm"):
+        spp_pool(fmap, np.array([[0, 0, 1, 1]]), algorithm="fast")
 
 
 def test_spp_dim():
@@ -437,8 +429,8 @@ def test_spp_features_with_the_tiny_backbone():
     assert out.shape == (2, spp_dim(model.spec.trunk_channels))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_batched_maps_pool_like_one_map_at_a_time(method):
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_batched_maps_pool_like_one_map_at_a_time(algorithm):
     # Two maps of different sizes, zero-padded into one batch: each rectangle pools only its own map.
     rng = np.random.default_rng(7)
     a, b = (
@@ -450,9 +442,9 @@ def test_batched_maps_pool_like_one_map_at_a_time(method):
     batch[1, :, :5, :11] = b
     rects_a = np.array([[0, 0, 6, 8], [2, 3, 4, 4]])
     rects_b = np.array([[0, 0, 10, 4], [5, 1, 5, 1]])
-    out = spp_pool(batch, np.concatenate([rects_a, rects_b]), batch_index=[0, 0, 1, 1], method=method)
-    torch.testing.assert_close(out[:2], spp_pool(a, rects_a, method=method), rtol=0, atol=0)
-    torch.testing.assert_close(out[2:], spp_pool(b, rects_b, method=method), rtol=0, atol=0)
+    out = spp_pool(batch, np.concatenate([rects_a, rects_b]), batch_index=[0, 0, 1, 1], algorithm=algorithm)
+    torch.testing.assert_close(out[:2], spp_pool(a, rects_a, algorithm=algorithm), rtol=0, atol=0)
+    torch.testing.assert_close(out[2:], spp_pool(b, rects_b, algorithm=algorithm), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["channels", "bins"])
@@ -468,7 +460,7 @@ def test_few_windows_per_map_pool_the_finest_level_and_take_the_others_from_it(m
     monkeypatch.setattr(spp, "roi_pool", lambda *a, **k: sizes.append(a[2]) or real(*a, **k))
     out = spp_pool(fmap, rects, PYRAMID_LEVELS, owner, layout=layout)  # one window per map: roi_pool's way
     assert sizes == [(6, 6)]  # 3, 2 and 1 come from the 6 x 6 bins
-    reference = spp_pool(fmap, rects, PYRAMID_LEVELS, owner, method="roi_pool", layout=layout)
+    reference = spp_pool(fmap, rects, PYRAMID_LEVELS, owner, algorithm="roi_pool", layout=layout)
     assert sizes[1:] == [(6, 6), (3, 3), (2, 2), (1, 1)]  # the reference pools every level itself
     assert torch.equal(out, reference)
     expected = np.stack([slow_spp(fmap[i].numpy(), rects[i : i + 1], PYRAMID_LEVELS)[0] for i in range(maps)])
@@ -477,8 +469,8 @@ def test_few_windows_per_map_pool_the_finest_level_and_take_the_others_from_it(m
     assert np.array_equal(out.numpy(), expected)
     # gradients reach the map through the derived levels as through the pooled ones
     grads = []
-    for method in ("auto", "roi_pool"):
+    for algorithm in ("auto", "roi_pool"):
         x = fmap.clone().requires_grad_(True)
-        spp_pool(x, rects, PYRAMID_LEVELS, owner, method=method, layout=layout).sum().backward()
+        spp_pool(x, rects, PYRAMID_LEVELS, owner, algorithm=algorithm, layout=layout).sum().backward()
         grads.append(x.grad)
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])

@@ -73,7 +73,7 @@ def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
     with (
         features.load(ctx, "test") as rs,
         convmaps.load(ctx, "test") as maps,
-        features.LayerReader(ctx, "test", "pool5") as layer,
+        features.layer_reader(ctx, "test", "pool5") as layer,
     ):
         image_id = rs.ids[0]
         boxes = rs.array(image_id, "boxes", np.float32, 2)

@@ -11,11 +11,13 @@ import torch
 from oracles import random_boxes, slow_spp
 
 from rcnn.config import PipelineFile
-from rcnn.modeling.spp import bins_order, map_windows, select_scale
+from rcnn.methods.spp_regions import PooledRegions
+from rcnn.modeling.spp import bins_order
+from rcnn.modeling.spp_geometry import map_windows, select_scale
 from rcnn.stages import convmaps
 from rcnn.stages.context import Context
 from rcnn.stages.convmaps import untrained_model
-from rcnn.stages.finetune import PooledRegions
+from rcnn.stages.methods import build_method
 
 SIZE, FACTORS = 96, [0.5, 1.0]
 
@@ -39,7 +41,7 @@ def regions(pipelines_file, tmp_path, monkeypatch):
         monkeypatch.setattr(convmaps, "image_record", lambda rs, i, mirror=False: (maps[i, mirror], np.float32(FACTORS)))
         boxes = [random_boxes(rng, 60, SIZE) for _ in ids]
         anns = [SimpleNamespace(image_id=i, width=SIZE) for i in ids]
-        return PooledRegions(ctx, anns, boxes, untrained_model(ctx, spp=True)), maps, boxes
+        return build_method(cfg).training_regions(ctx, anns, boxes, untrained_model(ctx, spp=True)), maps, boxes
 
     return make
 

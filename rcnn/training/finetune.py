@@ -1,0 +1,206 @@
+"""The fine-tuning loop: SGD (or Adam) on fg/bg mini-batches of regions, with a step learning-rate schedule,
+periodic validation and checkpoints from which a killed run resumes exactly (R-CNN section 2.3).
+
+What a region *is* belongs to the method: :func:`fine_tune` trains any ``regions`` object with
+
+- ``model``: the :class:`~rcnn.modeling.models.DetectorNet` being trained;
+- ``trainable()``: the parameters that learn (R-CNN: all; SPP-net: fc6, fc7 and the classifier);
+- ``train_mode()``: the model's modules put in training mode before each step;
+- ``logits(img_idx, reg_idx, iteration)``: class scores ``[B, C + 1]`` of regions ``reg_idx`` of images
+  ``img_idx``; ``iteration`` keys the random flips (None at validation: no augmentation).
+
+It is :class:`rcnn.methods.rcnn_regions.WarpedRegions` for R-CNN and
+:class:`rcnn.methods.spp_regions.PooledRegions` for SPP-net.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rcnn.errors import UserError
+from rcnn.training.sampling import FgBgSampler
+
+VAL_REGIONS = 2048  # fixed validation set size: enough for +-1 % accuracy
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The optimiser and its schedule (defaults: R-CNN's, section 2.3 and its released solver)."""
+
+    max_iter: int
+    lr: float = 0.001
+    optimizer: str = "sgd"  # or "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    step_size: int = 20000  # lr multiplied by gamma every step_size iterations
+    gamma: float = 0.1
+    eval_every: int = 1000  # validate and checkpoint this often
+    seed: int = 0  # of the mini-batch order
+
+    def lr_at(self, iteration: int) -> float:
+        # From the iteration alone, so that resuming needs no scheduler state.
+        return self.lr * self.gamma ** (iteration // self.step_size)
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to continue exactly where a checkpoint left off."""
+
+    iteration: int
+    model: dict
+    optimizer: dict
+    torch_rng: torch.Tensor
+    cuda_rng: torch.Tensor | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        """Write the state (tensors and plain containers only) under a temporary name, then rename it."""
+        state = {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "torch_rng": self.torch_rng,
+            "iteration": self.iteration,
+        }
+        if self.cuda_rng is not None:
+            state["cuda_rng"] = self.cuda_rng
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged state is recomputed rather than trusted
+            raise UserError(f"training state '{path}' is damaged ({e}); rerun with --force") from None
+        return cls(int(raw["iteration"]), raw["model"], raw["optimizer"], raw["torch_rng"], raw.get("cuda_rng"))
+
+
+def split_validation(n_images: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the training and the held-out images (``fraction`` of ``n_images``, at least one left to train)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_images)
+    n_val = int(round(fraction * n_images)) if n_images > 1 else 0
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def validation_set(labels: list[np.ndarray], val_idx: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to VAL_REGIONS held-out regions, a quarter foreground when possible: (image, region) arrays."""
+    pairs = [(i, r, int(labels[i][r] > 0)) for i in val_idx for r in np.flatnonzero(labels[i] >= 0)]
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    arr = np.array(pairs, np.int64)
+    rng = np.random.default_rng(seed + 1)
+    fg, bg = arr[arr[:, 2] == 1], arr[arr[:, 2] == 0]
+    fg = fg[rng.permutation(len(fg))[: VAL_REGIONS // 4]]
+    bg = bg[rng.permutation(len(bg))[: VAL_REGIONS - len(fg)]]
+    both = np.concatenate([fg, bg])
+    return both[:, 0], both[:, 1]
+
+
+@torch.no_grad()
+def accuracy(regions, labels: list[np.ndarray], val: tuple[np.ndarray, np.ndarray], device: torch.device) -> float | None:
+    """Classification accuracy of the model on the held-out regions ``val`` (None when there are none)."""
+    img_idx, reg_idx = val
+    if len(img_idx) == 0:
+        return None
+    regions.model.eval()
+    correct = 0
+    for start in range(0, len(img_idx), 256):
+        bi, br = img_idx[start : start + 256], reg_idx[start : start + 256]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = regions.logits(bi, br, None).argmax(1).cpu().numpy()
+        correct += int((pred == np.array([labels[i][r] for i, r in zip(bi, br)])).sum())
+    return correct / len(img_idx)
+
+
+def fine_tune(
+    regions,
+    sampler: FgBgSampler,
+    schedule: Schedule,
+    device: torch.device,
+    validate: Callable[[], float | None],
+    checkpoint: Callable[[TrainState], None],
+    resume: TrainState | None = None,
+    progress=None,
+    log: Callable[[str], None] = lambda line: None,
+) -> list[dict]:
+    """Train ``regions.model`` (already on ``device``) for ``schedule.max_iter`` iterations; return the history.
+
+    Every ``schedule.eval_every`` iterations and at the end, ``validate()`` gives the validation accuracy and
+    ``checkpoint(state)`` receives the state to keep; a run started with ``resume`` (a state written by
+    ``checkpoint``) continues from it and ends with the same weights as an unbroken run. On a GPU the forward
+    pass runs under bfloat16 autocast and cuDNN's deterministic kernels are chosen, so that a resumed run does
+    not drift from an unbroken one. ``progress`` is a tqdm-like bar (``update``, ``set_postfix``), or None.
+    """
+    params = regions.trainable()
+    if schedule.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    start_iter, history = 0, []
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.torch_rng)
+        if device.type == "cuda" and resume.cuda_rng is not None:  # dropout masks on the GPU come from its own generator
+            torch.cuda.set_rng_state(resume.cuda_rng, device)
+        start_iter, history = resume.iteration, list(resume.history)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    loss_fn = nn.CrossEntropyLoss()
+    amp = device.type == "cuda"
+    batches = sampler.epoch_batches(schedule.seed, n_batches=schedule.max_iter)
+    for _ in range(start_iter):
+        next(batches)
+
+    if progress is not None:
+        progress.update(start_iter)
+    started = time.perf_counter()
+    run_loss, run_acc, run_n = 0.0, 0.0, 0
+    for it in range(start_iter, schedule.max_iter):
+        regions.train_mode()
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr_at(it)
+        batch = next(batches)
+        img_idx, reg_idx = sampler.locate(batch)
+        target = torch.from_numpy(sampler.labels[batch]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = regions.logits(img_idx, reg_idx, it)
+            loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run_loss += float(loss.detach())
+        run_acc += float((logits.argmax(1) == target).float().mean())
+        run_n += 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
+        if (it + 1) % schedule.eval_every == 0 or it + 1 == schedule.max_iter:
+            val_acc = validate()
+            history.append(
+                {
+                    "iteration": it + 1,
+                    "loss": run_loss / run_n,
+                    "train_acc": run_acc / run_n,
+                    "val_acc": val_acc,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            log(
+                f"iteration {it + 1}/{schedule.max_iter}  loss {run_loss / run_n:.3f}  "
+                f"train acc {run_acc / run_n:.3f}  val acc {'n/a' if val_acc is None else f'{val_acc:.3f}'}"
+            )
+            run_loss, run_acc, run_n = 0.0, 0.0, 0
+            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            model_state = regions.model.state_dict()
+            checkpoint(TrainState(it + 1, model_state, optimizer.state_dict(), torch.get_rng_state(), cuda_rng, list(history)))
+    return history
