@@ -81,7 +81,7 @@ class Method:
 
     def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
         """What the detector computes features with on a new image: ``features(image_bgr, boxes, layers)``."""
-        return WarpedRegionFeatures(model, cfg.finetune.context_pad, cfg.features.batch_size)
+        return WarpedRegionFeatures(model, cfg.finetune.context_pad, cfg.features.batch_size, cfg.features.warp)
 
 
 class RCNN(Method):
@@ -161,7 +161,7 @@ class _Warped:
         cfg = self.ctx.cfg
         tick = time.perf_counter()
         image = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
-        feats = region_features(model, image, boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size)
+        feats = region_features(model, image, boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size, cfg.features.warp)
         return feats, time.perf_counter() - tick
 
 

@@ -107,6 +107,11 @@ class FeaturesConfig:
 
     layers: tuple[str, ...] = setting(("pool5", "fc7"), "layers cached (R-CNN: fc7 for the SVMs, pool5 for box regression)")
     batch_size: int = setting(256, "regions per forward pass", ge=1, fingerprint=False)
+    warp: Literal["auto", "opencv", "torch"] = setting(
+        "auto",
+        "R-CNN: where regions are warped; opencv on the host (uint8 crops), torch on the model's device "
+        "(torchvision roi_align, float crops), auto: OpenCV on a CPU, torch on a GPU",
+    )
 
 
 @dataclass(frozen=True)

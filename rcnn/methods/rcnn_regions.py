@@ -16,22 +16,52 @@ from torch import nn
 
 from rcnn.data.datasets import ImageAnnotation, load_image
 from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
-from rcnn.modeling.models import DetectorNet, normalise_crops
-from rcnn.modeling.warp import warp_regions
+from rcnn.modeling.models import DetectorNet, normalise_crops, pixel_affine
+from rcnn.modeling.warp import warp_regions, warp_regions_torch
+
+#: How regions are warped: ``"opencv"`` on the host (uint8 crops, :func:`rcnn.modeling.warp.warp_regions`),
+#: ``"torch"`` on the model's device (float crops, :func:`rcnn.modeling.warp.warp_regions_torch`: the image
+#: goes to the device once instead of every crop), ``"auto"`` the faster for the device: OpenCV on a CPU.
+WARPS = ("auto", "opencv", "torch")
+
+
+def warp_on_device(warp: str, device: torch.device) -> bool:
+    """Whether ``warp`` warps on the model's device (``"auto"``: on a GPU, not on a CPU)."""
+    if warp not in WARPS:
+        raise ValueError(f"warp must be one of {', '.join(WARPS)}, got {warp!r}")
+    return warp == "torch" or (warp == "auto" and device.type != "cpu")
 
 
 @torch.no_grad()
 def region_features(
-    model: DetectorNet, image_rgb: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...], context_pad: int, batch_size: int = 256
+    model: DetectorNet,
+    image_rgb: np.ndarray,
+    boxes: np.ndarray,
+    layers: tuple[str, ...],
+    context_pad: int,
+    batch_size: int = 256,
+    warp: str = "auto",
 ) -> dict[str, np.ndarray]:
-    """Layer outputs (float16 ``[N, D]``) of the warped ``boxes [N, 4]`` (x1, y1, x2, y2) of one RGB image."""
+    """Layer outputs (float16 ``[N, D]``) of the warped ``boxes [N, 4]`` (x1, y1, x2, y2) of one RGB image.
+
+    Both warps sample the same places (see :func:`rcnn.modeling.warp.warp_regions_torch`); the device warp
+    keeps its samples in floating point where OpenCV rounds them to uint8, so features differ slightly.
+    """
     spec = model.spec
     device = next(model.parameters()).device
+    on_device = warp_on_device(warp, device)
+    if on_device:
+        scale, shift = pixel_affine(spec, device)
+        image = torch.from_numpy(np.ascontiguousarray(image_rgb)).to(device).permute(2, 0, 1).float()
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     for start in range(0, len(boxes), batch_size):
-        crops = warp_regions(image_rgb, boxes[start : start + batch_size], spec.input_size, context_pad, spec.mean_pixel)
+        chunk = boxes[start : start + batch_size]
+        if on_device:
+            x = warp_regions_torch(image, chunk, spec.input_size, context_pad, spec.mean_pixel).mul_(scale).sub_(shift)
+        else:
+            x = normalise_crops(warp_regions(image_rgb, chunk, spec.input_size, context_pad, spec.mean_pixel), spec, device)
         with inference_autocast(device):
-            feats = model.extract(normalise_crops(crops, spec, device), layers)
+            feats = model.extract(x, layers)
         for layer in layers:
             out[layer].append(to_float16(feats[layer]))
     dims = {"pool5": spec.pool5_dim, "fc6": spec.fc_dim, "fc7": spec.fc_dim}
@@ -49,13 +79,14 @@ class WarpedRegionFeatures:
     model: DetectorNet
     context_pad: int
     batch_size: int = 256
+    warp: str = "auto"  # see WARPS
 
     def __post_init__(self) -> None:
         for_inference(self.model, whole_images=False)
 
     def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        return region_features(self.model, rgb, boxes, layers, self.context_pad, self.batch_size)
+        return region_features(self.model, rgb, boxes, layers, self.context_pad, self.batch_size, self.warp)
 
 
 class RegionImages:
