@@ -53,6 +53,7 @@ def params(ctx: Context) -> dict:
         "method": build_method(ctx.cfg).name,
         "layers": list(cached_layers(ctx)),
         "context_pad": ctx.cfg.finetune.context_pad,
+        "warp": ctx.cfg.model.warp,
         "classes": list(ctx.classes),
         "use_difficult": ctx.cfg.data.use_difficult,
     }

@@ -61,7 +61,7 @@ class Method:
     def training_regions(self, ctx: Context, anns, boxes: list[np.ndarray], model):
         """Fine-tuning's inputs: the ``regions`` :func:`rcnn.training.finetune.fine_tune` trains."""
         ft = ctx.cfg.finetune
-        return WarpedRegions(anns, boxes, model, ft.context_pad, ft.mirror, ft.seed)
+        return WarpedRegions(anns, boxes, model, ft.context_pad, ft.mirror, ft.seed, ctx.cfg.model.warp)
 
     def prepare_training(self, ctx: Context, regions, sampler) -> None:
         """Initialise what the method sets from the data before the first step of a fresh run."""
@@ -81,7 +81,7 @@ class Method:
 
     def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
         """What the detector computes features with on a new image: ``features(image_bgr, boxes, layers)``."""
-        return WarpedRegionFeatures(model, cfg.finetune.context_pad, cfg.features.batch_size, cfg.features.warp)
+        return WarpedRegionFeatures(model, cfg.finetune.context_pad, cfg.features.batch_size, cfg.model.warp)
 
 
 class RCNN(Method):
@@ -161,7 +161,7 @@ class _Warped:
         cfg = self.ctx.cfg
         tick = time.perf_counter()
         image = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
-        feats = region_features(model, image, boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size, cfg.features.warp)
+        feats = region_features(model, image, boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size, cfg.model.warp)
         return feats, time.perf_counter() - tick
 
 

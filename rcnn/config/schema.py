@@ -75,6 +75,11 @@ class ModelConfig:
     fc_dim: int | None = setting(None, "width of fc6/fc7 where the head is new (squeezenet1_0, tiny); null: 4096 / 256", ge=1)
     seed: int = setting(0, "seed of the weights drawn afresh", ge=0)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when present, else the CPU", fingerprint=False)
+    warp: Literal["auto", "opencv", "torch"] = setting(
+        "auto",
+        "R-CNN, fine-tuning and features: where regions are warped; opencv on the host (uint8 crops), torch on the "
+        "model's device (torchvision roi_align, float crops), auto: OpenCV on a CPU, torch on a GPU",
+    )
 
 
 @dataclass(frozen=True)
@@ -107,11 +112,6 @@ class FeaturesConfig:
 
     layers: tuple[str, ...] = setting(("pool5", "fc7"), "layers cached (R-CNN: fc7 for the SVMs, pool5 for box regression)")
     batch_size: int = setting(256, "regions per forward pass", ge=1, fingerprint=False)
-    warp: Literal["auto", "opencv", "torch"] = setting(
-        "auto",
-        "R-CNN: where regions are warped; opencv on the host (uint8 crops), torch on the model's device "
-        "(torchvision roi_align, float crops), auto: OpenCV on a CPU, torch on a GPU",
-    )
 
 
 @dataclass(frozen=True)

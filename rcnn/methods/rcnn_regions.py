@@ -121,14 +121,29 @@ def warp_batch(
 
 class WarpedRegions:
     """R-CNN's training inputs (see :mod:`rcnn.training.finetune`): warped, optionally mirrored crops of
-    ``boxes[i]`` (float32 ``[N_i, 4]``, x1, y1, x2, y2) of image ``anns[i]`` through the whole network."""
+    ``boxes[i]`` (float32 ``[N_i, 4]``, x1, y1, x2, y2) of image ``anns[i]`` through the whole network.
+
+    ``warp`` (see :data:`WARPS`) picks where crops are made: on the host with OpenCV, or on the model's
+    device from images kept there (the most recently used ``device_images``), so that a GPU is not fed
+    crop by crop over the bus.
+    """
 
     def __init__(
-        self, anns: list[ImageAnnotation], boxes: list[np.ndarray], model: DetectorNet, context_pad: int, mirror: bool, seed: int
+        self,
+        anns: list[ImageAnnotation],
+        boxes: list[np.ndarray],
+        model: DetectorNet,
+        context_pad: int,
+        mirror: bool,
+        seed: int,
+        warp: str = "auto",
+        device_images: int = 512,
     ):
         self.images = RegionImages(anns)
         self.boxes, self.model = boxes, model
-        self.context_pad, self.mirror, self.seed = context_pad, mirror, seed
+        self.context_pad, self.mirror, self.seed, self.warp = context_pad, mirror, seed, warp
+        self._on_device: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.device_images = device_images
 
     def trainable(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
@@ -137,12 +152,44 @@ class WarpedRegions:
         """Put the model in training mode (dropout on) before a step."""
         self.model.train()
 
-    def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+    def _device_image(self, i: int, device: torch.device) -> torch.Tensor:
+        """Image ``i`` as float ``[3, H, W]`` (0-255 RGB) on ``device``, most recently used kept."""
+        if i in self._on_device:
+            self._on_device.move_to_end(i)
+            return self._on_device[i]
+        image = torch.from_numpy(self.images[i]).to(device).permute(2, 0, 1).float()
+        self._on_device[i] = image
+        if len(self._on_device) > self.device_images:
+            self._on_device.popitem(last=False)
+        return image
+
+    def inputs(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+        """The normalised network inputs ``[B, 3, S, S]`` of the regions, in batch order; with an
+        ``iteration`` (training), each mirrored with probability 1/2 when ``mirror`` is set."""
         spec = self.model.spec
-        crops = warp_batch(self.images, self.boxes, img_idx, reg_idx, spec, self.context_pad)
+        device = next(self.model.parameters()).device
+        flip = None
         if self.mirror and iteration is not None:
             # Flips come from a generator keyed by the iteration, so a resumed run flips the same crops.
-            flip = np.random.default_rng([self.seed, iteration]).random(len(crops)) < 0.5
-            crops[flip] = crops[flip, :, ::-1]
-        device = next(self.model.parameters()).device
-        return self.model(normalise_crops(crops, spec, device))
+            flip = np.random.default_rng([self.seed, iteration]).random(len(img_idx)) < 0.5
+        if not warp_on_device(self.warp, device):
+            crops = warp_batch(self.images, self.boxes, img_idx, reg_idx, spec, self.context_pad)
+            if flip is not None:
+                crops[flip] = crops[flip, :, ::-1]
+            return normalise_crops(crops, spec, device)
+        x = torch.empty((len(img_idx), 3, spec.input_size, spec.input_size), device=device)
+        for i in np.unique(img_idx):
+            sel = np.flatnonzero(img_idx == i)
+            boxes = self.boxes[i][reg_idx[sel]]
+            image = self._device_image(int(i), device)
+            x[torch.from_numpy(sel).to(device)] = warp_regions_torch(
+                image, boxes, spec.input_size, self.context_pad, spec.mean_pixel
+            )
+        if flip is not None and flip.any():
+            rows = torch.from_numpy(np.flatnonzero(flip)).to(device)
+            x[rows] = x[rows].flip(-1)
+        scale, shift = pixel_affine(spec, device)
+        return x.mul_(scale).sub_(shift)
+
+    def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
+        return self.model(self.inputs(img_idx, reg_idx, iteration))

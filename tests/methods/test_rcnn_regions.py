@@ -49,3 +49,34 @@ def test_each_device_picks_its_faster_warp():
     assert warp_on_device("torch", torch.device("cpu")) and not warp_on_device("opencv", torch.device("cuda"))
     with pytest.raises(ValueError, match="warp"):
         warp_on_device("fast", torch.device("cpu"))
+
+
+def test_training_crops_on_the_device_match_the_host_crops_and_flip_alike():
+    from types import SimpleNamespace
+
+    from rcnn.methods.rcnn_regions import WarpedRegions
+
+    rng = np.random.default_rng(1)
+    images = [blocky_image(rng, 96, 128), blocky_image(rng, 64, 80)]
+    boxes = [
+        np.concatenate([xy := rng.uniform(-5, 60, (20, 2)), xy + rng.uniform(3, 50, (20, 2))], axis=1).astype(np.float32)
+        for _ in images
+    ]
+    model = build_model("tiny", 3, 32)
+    made = {}
+    for warp in ("opencv", "torch"):
+        regions = WarpedRegions([SimpleNamespace() for _ in images], boxes, model, 3, mirror=True, seed=5, warp=warp)
+        regions.images._cache.update(enumerate(images))
+        img_idx = np.array([1, 0, 0, 1, 0, 1, 1, 0])
+        reg_idx = np.array([3, 0, 19, 7, 7, 0, 12, 5])
+        made[warp] = (regions.inputs(img_idx, reg_idx, None), regions.inputs(img_idx, reg_idx, 11))
+    plain, device = made["opencv"], made["torch"]
+    # One grey level of the 0-255 scale, in the network's normalised units (std about 0.23): uint8 rounding.
+    level = 1 / (255 * 0.224)
+    for a, b in zip(plain, device):
+        assert a.shape == b.shape == (8, 3, 32, 32)
+        assert (a - b).abs().max() <= 1.01 * level
+    # Both flip the same crops: the iteration's draw mirrors some, and not all.
+    flipped = [(f - u).abs().amax(dim=(1, 2, 3)) > 2 * level for u, f in ((plain[0], plain[1]), (device[0], device[1]))]
+    assert torch.equal(flipped[0], flipped[1]) and 0 < int(flipped[0].sum()) < 8
+    assert (device[1][flipped[1]] - device[0][flipped[1]].flip(-1)).abs().max() < 1e-5
