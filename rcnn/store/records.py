@@ -74,7 +74,9 @@ class RecordWriter:
         self.max_seconds = max_seconds
         self._buffer: list[tuple[str, dict, dict]] = []
         self._last_flush = time.monotonic()
-        self._seq = len(list(self.parts_dir.glob(f"part-{shard}-*.h5")))
+        # After the last part of this name, not after their count: a cluster run may have left gaps.
+        seqs = [int(p.stem.rsplit("-", 1)[1]) for p in self.parts_dir.glob(f"part-{shard}-*.h5")]
+        self._seq = max(seqs, default=-1) + 1
 
     def add(self, image_id: str, arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> None:
         self._buffer.append((image_id, dict(arrays), dict(attrs or {})))
@@ -86,13 +88,7 @@ class RecordWriter:
         self._last_flush = time.monotonic()
         if not self._buffer:
             return
-        final = self.parts_dir / f"part-{self.shard}-{self._seq:06d}.h5"
-        tmp = final.with_suffix(".h5.tmp")
-        with h5py.File(tmp, "w") as h5:
-            _stamp(h5, self.kind)
-            _write_groups(h5, self._buffer, self.compress)
-        _fsync(tmp)
-        os.replace(tmp, final)
+        write_part(self.parts_dir / part_name(self.shard, self._seq), self.kind, self._buffer, self.compress)
         self._seq += 1
         self._buffer.clear()
 
@@ -102,6 +98,27 @@ class RecordWriter:
     def __exit__(self, *exc) -> None:
         # Whatever was computed before an exception is still worth keeping.
         self.flush()
+
+
+def part_name(shard: str, seq: int) -> str:
+    return f"part-{shard}-{seq:06d}.h5"
+
+
+def write_part(
+    path: Path, kind: str, records: Iterable[tuple[str, Mapping[str, np.ndarray], Mapping]], compress: Iterable[str] = ()
+) -> None:
+    """Write one complete part file atomically: under a temporary name of this process's own, then renamed.
+
+    Two processes writing the same part (a task rerun while its first worker still runs) write the same
+    records, so whichever rename comes last leaves a whole, equal file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with h5py.File(tmp, "w") as h5:
+        _stamp(h5, kind)
+        _write_groups(h5, records, frozenset(compress))
+    _fsync(tmp)
+    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:

@@ -69,3 +69,20 @@ def test_reader_rejects_foreign_or_truncated_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     with pytest.raises(UserError):
         records.RecordFile(truncated, "k")
+
+
+def test_a_writer_after_parts_with_gaps_overwrites_none_of_them(tmp_path):
+    # Parts written per group by a cluster run can leave gaps (groups 0 and 2 done, 1 not): a plain run
+    # resuming after them must number its parts past the last one, not by their count.
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    records.write_part(parts / records.part_name("0", 0), "t", [("a", {"x": np.zeros(1)}, {})])
+    records.write_part(parts / records.part_name("0", 2), "t", [("c", {"x": np.zeros(1)}, {})])
+    with records.RecordWriter(parts, "t", chunk_size=1) as w:
+        w.add("b", {"x": np.ones(1)})
+    assert sorted(p.name for p in parts.iterdir()) == ["part-0-000000.h5", "part-0-000002.h5", "part-0-000003.h5"]
+    assert {i: p.name for i, p in records.completed_parts(parts).items()} == {
+        "a": "part-0-000000.h5",
+        "b": "part-0-000003.h5",
+        "c": "part-0-000002.h5",
+    }
