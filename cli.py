@@ -89,8 +89,8 @@ STAGE_HELP = {
 def _stage_command(stage_name: str):
     @stage_options
     @click.argument("pipeline")
-    def command(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
-        ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad)
+    def command(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster):
+        ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster)
         ensure_data(ctx)
         run_one(stage_name, ctx)
 
@@ -120,7 +120,7 @@ for _command in (
 @click.option("--until", "until", default=None, help="Stop after this stage.")
 @click.option("--seeds", default=None, metavar="K,K,...", help=SEEDS_HELP)
 @stage_options
-def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
+def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster):
     """Run every stage of PIPELINE (default: demo) in order, skipping those up to date.
 
     With --seeds, once per seed, then the AP of every class as mean ± sample standard deviation over the
@@ -135,7 +135,7 @@ def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, 
     if until is not None and until not in STAGES:
         raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
     names = seeded_names(pipeline, seeds)
-    contexts = [make_context(name, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad) for name in names]
+    contexts = [make_context(name, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster) for name in names]
     warn_without_gpu(contexts[0].cfg)
     results = []
     for ctx in contexts:

@@ -39,7 +39,13 @@ class Context:
     progress: bool = True
     log: Callable[[str], None] = field(default=click.echo)
     skip_bad: bool = False
+    # A connected rcnn.cluster.session.ClusterSession with --cluster: the per-image and per-class work runs there.
+    cluster: object | None = None
     _datasets: dict[str, VOCDataset] = field(default_factory=dict, init=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        # Sent to cluster workers: the client stays here, and the log is the worker's own (click.echo).
+        return {**self.__dict__, "cluster": None, "log": click.echo}
 
     @property
     def root(self) -> Path:

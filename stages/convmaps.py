@@ -27,12 +27,13 @@ from rcnn.store import records
 
 from .context import Context
 from .provenance import cached_mb, upstream_check
-from .runner import pending_images, progress_bar
+from .runner import add_info, pending_images, progress_bar
 
 NAME = "convmaps"
 SCHEMA_VERSION = 2  # 2: maps stored channels last
 INDEX = "index.json"
 KIND = "convmaps"
+PART_SIZE = 16  # images per part file
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
@@ -78,46 +79,63 @@ def trunk_model(ctx: Context) -> DetectorNet:
     return for_inference(model.to(device_for(ctx.cfg.model.device)), whole_images=True)
 
 
+def image_records(ctx: Context, split: str, ids: list[str]):
+    """The records of ``ids``, in their order: ``(image_id, arrays, info)``, info holding the compute seconds
+    (decoding and the trunk, no writing), the device and the trunk's stride and channels."""
+    dataset = ctx.dataset(split)
+    model = trunk_model(ctx)
+    info = {"device": device_label(next(model.parameters()).device)}
+    mirror = mirrored(ctx, split)
+    for image_id in ids:
+        ann = dataset.annotation(image_id)
+        tick = time.perf_counter()
+        factors = image_scales(ann.height, ann.width, ctx.cfg.spp.scales, ctx.cfg.spp.max_side)
+        image = load_image(ann)
+        maps = image_maps(model, image, factors)
+        record = {"factors": np.asarray(factors, np.float32), **{f"conv{k}": m for k, m in enumerate(maps)}}
+        if mirror:
+            flipped = image_maps(model, np.ascontiguousarray(image[:, ::-1]), factors)
+            record.update({f"mirror{k}": m for k, m in enumerate(flipped)})
+        yield image_id, record, {"images": 1, "compute": time.perf_counter() - tick, **info}
+
+
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
     dataset = ctx.dataset(split)
     dataset.check(ctx.classes)
-    model = trunk_model(ctx)
-    device = next(model.parameters()).device
+    spec = untrained_model(ctx, spp=True).spec  # the stride and channels pooling reads, without loading weights
     parts = work / "parts"
-    todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
     mirror = mirrored(ctx, split)
-    bar = progress_bar(ctx, len(todo), f"convmaps {split}" + (" (and mirrored)" if mirror else ""))
     start = time.perf_counter()
-    compute = 0.0
-    with records.RecordWriter(parts, KIND, chunk_size=16) as writer:
-        for image_id in todo:
-            ann = dataset.annotation(image_id)
-            tick = time.perf_counter()
-            factors = image_scales(ann.height, ann.width, ctx.cfg.spp.scales, ctx.cfg.spp.max_side)
-            image = load_image(ann)
-            maps = image_maps(model, image, factors)
-            record = {"factors": np.asarray(factors, np.float32), **{f"conv{k}": m for k, m in enumerate(maps)}}
-            if mirror:
-                flipped = image_maps(model, np.ascontiguousarray(image[:, ::-1]), factors)
-                record.update({f"mirror{k}": m for k, m in enumerate(flipped)})
-            compute += time.perf_counter() - tick
-            writer.add(image_id, record)
-            bar.update(1)
-    bar.close()
+    if ctx.cluster is not None:
+        from rcnn.cluster.shards import run_image_shards
+
+        # Shards of whole 16-image parts, named as this process names them: the same files either way.
+        totals = run_image_shards(ctx, NAME, split, parts, dataset.ids, KIND, part_size=PART_SIZE, gpu=True)
+    else:
+        totals = {}
+        todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
+        bar = progress_bar(ctx, len(todo), f"convmaps {split}" + (" (and mirrored)" if mirror else ""))
+        with records.RecordWriter(parts, KIND, chunk_size=PART_SIZE) as writer:
+            for image_id, record, info in image_records(ctx, split, todo):
+                writer.add(image_id, record)
+                add_info(totals, info)
+                bar.update(1)
+        bar.close()
     wall = time.perf_counter() - start
     index = work / INDEX
     outputs = records.write_index(parts, index, dataset.ids, KIND)
     outputs[INDEX] = index
+    done = int(totals.get("images", 0))
     metrics = {
         "images": len(dataset),
-        "images_computed": len(todo),
+        "images_computed": done,
         "scales": list(ctx.cfg.spp.scales),
         "mirrored": mirror,
-        "device": device_label(device),
-        "seconds_per_image": wall / len(todo) if todo else None,
-        "compute_seconds_per_image": compute / len(todo) if todo else None,  # decoding and the trunk, no writing
-        "stride": model.spec.stride,
-        "channels": model.spec.trunk_channels,
+        "device": totals.get("device"),
+        "seconds_per_image": wall / done if done else None,
+        "compute_seconds_per_image": totals["compute"] / done if done else None,  # decoding and the trunk, no writing
+        "stride": spec.stride,
+        "channels": spec.trunk_channels,
     }
     return outputs, metrics
 

@@ -67,7 +67,9 @@ def detections_by_class(per_image: dict[str, ClassDetections], classes: tuple[st
     }
 
 
-def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+def detect_images(ctx: Context, split: str, ids: list[str]) -> tuple[dict, list[float], list[float]]:
+    """The detections of ``ids`` (per variant, per image, in the order of ``ids``), and per image the seconds
+    of classifying (SVMs, box regression, NMS) and of feature work done here."""
     e = ctx.cfg.evaluate
     dataset = ctx.dataset(split)
     svm: SVMModel = train_svm.load(ctx)
@@ -79,7 +81,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         features.layer_reader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer,
         one_blas_thread(),
     ):
-        for image_id in dataset.ids:
+        for image_id in ids:
             ann = dataset.annotation(image_id)
             # Reading cached features is not timed: a detector has them in memory. SPP-net's pyramid, which
             # box regression reads and the features stage does not cache, is pooled again from the conv maps
@@ -103,6 +105,24 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             )
             seconds.append(time.perf_counter() - start)
             results["plain"][image_id] = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image)
+    return results, seconds, pooling
+
+
+def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+    e = ctx.cfg.evaluate
+    dataset = ctx.dataset(split)
+    if ctx.cluster is None:
+        results, seconds, pooling = detect_images(ctx, split, dataset.ids)
+    else:
+        from rcnn.cluster.shards import map_image_shards
+
+        # The detection pass in shards; the detections (small) come back, and are scored here.
+        results, seconds, pooling = {v: {} for v in VARIANTS}, [], []
+        for found, took, pooled in map_image_shards(ctx, NAME, split, detect_images, dataset.ids):
+            for v in VARIANTS:
+                results[v].update(found[v])
+            seconds += took
+            pooling += pooled
     gt = ground_truth_by_class(dataset.annotations(), ctx.classes)
     outputs: dict[str, Path] = {}
     evals: dict[str, EvalResult] = {}

@@ -26,13 +26,14 @@ from . import finetune, proposals
 from .context import Context
 from .methods import build_method
 from .provenance import cached_mb, upstream_check, upstream_digest
-from .runner import pending_images, progress_bar
+from .runner import add_info, pending_images, progress_bar
 
 NAME = "features"
 SCHEMA_VERSION = 2
 INDEX = "index.json"
 KIND = "features"
 LAYERS = FEATURE_LAYERS
+PART_SIZE = 16  # images per part file
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
@@ -69,61 +70,71 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
     }
 
 
-def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+def image_records(ctx: Context, split: str, ids: list[str]):
+    """The records of ``ids``, in their order: ``(image_id, arrays, info)``, info holding the image's
+    box count, compute seconds and device (what this process or a cluster worker runs)."""
     cfg = ctx.cfg
     dataset = ctx.dataset(split)
-    dataset.check(ctx.classes)
     method = build_method(cfg)
     model, _ = finetune.load(ctx)
     for_inference(model, whole_images=method.whole_images)
-    device = next(model.parameters()).device
+    device = device_label(next(model.parameters()).device)
     layers = cached_layers(ctx)
     # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
     # hands it to box regression; this stage computes it too but does not cache it (layer_reader pools
     # it again when a later stage needs it, timed apart).
     computed = method.computed_layers(layers, cfg.bbox.layer)
-    parts = work / "parts"
-    todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
-    bar = progress_bar(ctx, len(todo), f"features {split}")
-    start = time.perf_counter()
-    n_boxes, compute = 0, 0.0
-    with (
-        proposals.load(ctx, split) as props,
-        method.region_features(ctx, split) as region_features,
-        records.RecordWriter(parts, KIND, chunk_size=16) as writer,
-    ):
-        for image_id in todo:
+    with proposals.load(ctx, split) as props, method.region_features(ctx, split) as region_features:
+        for image_id in ids:
             ann = dataset.annotation(image_id)
             regions = image_regions(ann, props.array(image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
             feats, seconds = region_features(model, ann, regions.boxes, computed)
-            compute += seconds
-            writer.add(
-                image_id,
-                {
-                    "boxes": regions.boxes,
-                    "gt_classes": regions.gt_classes,
-                    "overlaps": regions.overlaps,
-                    "best_gt": regions.best_gt,
-                    **{k: feats[k] for k in layers},
-                },
-            )
-            n_boxes += len(regions.boxes)
-            bar.update(1)
-            bar.set_postfix(boxes=len(regions.boxes))
-    bar.close()
+            arrays = {
+                "boxes": regions.boxes,
+                "gt_classes": regions.gt_classes,
+                "overlaps": regions.overlaps,
+                "best_gt": regions.best_gt,
+                **{k: feats[k] for k in layers},
+            }
+            yield image_id, arrays, {"images": 1, "boxes": len(regions.boxes), "compute": seconds, "device": device}
+
+
+def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
+    dataset = ctx.dataset(split)
+    dataset.check(ctx.classes)
+    layers = cached_layers(ctx)
+    parts = work / "parts"
+    start = time.perf_counter()
+    if ctx.cluster is not None:
+        from rcnn.cluster.shards import run_image_shards
+
+        # Shards of whole 16-image parts, named as this process names them: the same files either way.
+        totals = run_image_shards(ctx, NAME, split, parts, dataset.ids, KIND, part_size=PART_SIZE, gpu=True)
+    else:
+        totals = {}
+        todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
+        bar = progress_bar(ctx, len(todo), f"features {split}")
+        with records.RecordWriter(parts, KIND, chunk_size=PART_SIZE) as writer:
+            for image_id, arrays, info in image_records(ctx, split, todo):
+                writer.add(image_id, arrays)
+                add_info(totals, info)
+                bar.update(1)
+                bar.set_postfix(boxes=info["boxes"])
+        bar.close()
     wall = time.perf_counter() - start
     index = work / INDEX
     outputs = records.write_index(parts, index, dataset.ids, KIND)
     outputs[INDEX] = index
+    done = int(totals.get("images", 0))
     metrics = {
         "images": len(dataset),
-        "images_computed": len(todo),
+        "images_computed": done,
         "layers": list(layers),
-        "device": device_label(device),
-        "seconds_per_image": wall / len(todo) if todo else None,
+        "device": totals.get("device"),
+        "seconds_per_image": wall / done if done else None,
         # what a detector computes (decoding and warping, or pooling from the maps in memory, and the CNN), no I/O
-        "compute_seconds_per_image": compute / len(todo) if todo else None,
-        "boxes_per_s": n_boxes / wall if todo and wall > 0 else None,
+        "compute_seconds_per_image": totals["compute"] / done if done else None,
+        "boxes_per_s": totals["boxes"] / wall if done and wall > 0 else None,
     }
     return outputs, metrics
 

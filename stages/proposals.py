@@ -61,6 +61,14 @@ def _propose(ann: ImageAnnotation, p: ProposalsConfig) -> tuple[str, np.ndarray,
     return ann.image_id, boxes, time.perf_counter() - start, note
 
 
+def image_records(ctx: Context, split: str, ids: list[str]):
+    """One cluster shard's records, in the order of ``ids``: ``(image_id, {"boxes": ...}, info)``."""
+    dataset, p = ctx.dataset(split), ctx.cfg.proposals
+    for image_id in ids:
+        _, boxes, took, note = _propose(dataset.annotation(image_id), p)
+        yield image_id, {"boxes": boxes}, {"images": 1, "seconds": took, **({"note": f"{NAME}/{split}: {note}"} if note else {})}
+
+
 def n_workers(n_jobs: int) -> int:
     return max(1, os.cpu_count() or 1) if n_jobs in (-1, 0) else max(1, n_jobs)
 
@@ -69,10 +77,31 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     dataset = ctx.dataset(split)
     # Every later stage needs these checks; failing here saves the hours of search.
     dataset.check(ctx.classes)
-    p = ctx.cfg.proposals
     parts = work / "parts"
-    todo = [dataset.annotation(i) for i in pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)]
     start = time.perf_counter()
+    if ctx.cluster is not None:
+        from rcnn.cluster.shards import run_image_shards
+
+        # Parts of two images balance the shards; named apart from a local run's, as this stage joins them anyway.
+        totals = run_image_shards(ctx, NAME, split, parts, dataset.ids, KIND, part_size=2, prefix="c")
+        done, seconds = int(totals.get("images", 0)), totals.get("seconds", 0.0)
+    else:
+        done, seconds = _compute_here(ctx, split, parts)
+    wall = time.perf_counter() - start
+    out = work / OUTPUT
+    records.consolidate(parts, out, dataset.ids, KIND)
+    metrics = _quality(ctx, split, out)
+    metrics["images_computed"] = done
+    metrics["images_per_s"] = done / wall if done and wall > 0 else None
+    metrics["seconds_per_image_worker"] = seconds / done if done else None
+    return {OUTPUT: out}, metrics
+
+
+def _compute_here(ctx: Context, split: str, parts: Path) -> tuple[int, float]:
+    """The proposals of the images without a record in ``parts``, in ``proposals.n_jobs`` processes of
+    this machine; returns how many images were done and their summed seconds."""
+    dataset, p = ctx.dataset(split), ctx.cfg.proposals
+    todo = [dataset.annotation(i) for i in pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)]
     seconds = []
     if todo:
         jobs = n_workers(p.n_jobs)
@@ -101,14 +130,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             raise
         finally:
             bar.close()
-    wall = time.perf_counter() - start
-    out = work / OUTPUT
-    records.consolidate(parts, out, dataset.ids, KIND)
-    metrics = _quality(ctx, split, out)
-    metrics["images_computed"] = len(todo)
-    metrics["images_per_s"] = len(todo) / wall if todo and wall > 0 else None
-    metrics["seconds_per_image_worker"] = float(np.mean(seconds)) if seconds else None
-    return {OUTPUT: out}, metrics
+    return len(todo), float(np.sum(seconds))
 
 
 def _quality(ctx: Context, split: str, path: Path) -> dict:

@@ -76,6 +76,8 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
             "timings": {"started": started, "wall_s": time.time() - started},
             "metrics": metrics,
         }
+        if ctx.cluster is not None:  # where the work ran; not in the fingerprint, so either run is up to date for the other
+            manifest["cluster"] = ctx.cluster.record(label)
         manifest = store.commit(unit, outputs, manifest)
         ctx.log(f"{label}: done in {manifest['timings']['wall_s']:.1f} s")
         return manifest
@@ -111,3 +113,10 @@ def progress_bar(ctx: Context, total: int, desc: str, unit: str = "img"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=None if ctx.progress else True, leave=False)
+
+
+def add_info(totals: dict, info: dict) -> dict:
+    """Sum an image's numbers (``image_records``' info) into ``totals``; a text value (the device) is kept as is."""
+    for k, v in info.items():
+        totals[k] = v if isinstance(v, str) else totals.get(k, 0) + v
+    return totals

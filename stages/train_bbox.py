@@ -76,7 +76,13 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     bp = BBoxRegParams(min_overlap=b.min_overlap, ridge_lambda=b.ridge_lambda)
     if rows:
         scale = mean_norm_scale(rows["features"], ctx.cfg.svm.target_norm)
-        model = train_bbox_regressors(**rows, num_classes=len(ctx.classes), params=bp, feature_scale=scale)
+        if ctx.cluster is None:
+            model = train_bbox_regressors(**rows, num_classes=len(ctx.classes), params=bp, feature_scale=scale)
+        else:
+            from rcnn.cluster.classes import fit_per_class
+
+            fit = train_bbox_regressors
+            model = fit_per_class(ctx.cluster, f"{NAME}/{split}", fit, rows, len(ctx.classes), params=bp, feature_scale=scale)
     else:
         with features.load(ctx, split) as rs, features.layer_reader(ctx, split, b.layer) as layer:
             dim = layer.rows(rs, rs.ids[0], np.zeros(0, np.int64), np.zeros((0, 4), np.float32)).shape[1]

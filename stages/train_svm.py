@@ -75,9 +75,17 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     index = ctx.unit_dir(features.NAME, split) / features.INDEX
     verify = upstream_check(ctx, features.NAME, split)
     source = functools.partial(read_images, index, layer, ctx.cfg.svm.neg_max_mutual_overlap, verify)
-    model = train_class_svms(
-        source, len(ctx.classes), svm_params(ctx), n_jobs=ctx.cfg.svm.n_jobs, progress=ctx.progress, class_names=ctx.classes
-    )
+    if ctx.cluster is None:
+        model = train_class_svms(
+            source, len(ctx.classes), svm_params(ctx), n_jobs=ctx.cfg.svm.n_jobs, progress=ctx.progress, class_names=ctx.classes
+        )
+    else:
+        from rcnn.cluster.classes import joblib_on_cluster
+
+        # One mining task per class, each reading the features from the shared store.
+        ctx.cluster.note(f"{NAME}/{split}", len(ctx.classes), 0)
+        with joblib_on_cluster(ctx.cluster):
+            model = train_class_svms(source, len(ctx.classes), svm_params(ctx), n_jobs=len(ctx.classes), class_names=ctx.classes)
     out = work / MODEL
     model.save(out)
     per_class = {}

@@ -47,6 +47,7 @@ def evaluate_cmd(
     wait,
     quiet,
     skip_bad,
+    cluster,
 ):
     """Detect on PIPELINE's test split and score it, or score any detector's devkit files.
 
@@ -76,7 +77,7 @@ def evaluate_cmd(
                 f"{', '.join(extra)} score devkit files without a pipeline; with PIPELINE the data and split are the "
                 "pipeline's (see `rcnn config PIPELINE`)"
             )
-        _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad)
+        _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster)
         return
     given = {
         "--set": overrides,
@@ -86,6 +87,7 @@ def evaluate_cmd(
         "--wait": wait,
         "--quiet": quiet,
         "--skip-bad": skip_bad,
+        "--cluster": cluster,
     }
     extra = [name for name, value in given.items() if value]
     if extra:
@@ -104,11 +106,11 @@ def evaluate_cmd(
         write_json(json_out, result.to_json())
 
 
-def _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad):
+def _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster):
     from rcnn.stages import evaluate
 
     overrides = (*overrides, f"evaluate.metric={metric}") if metric else overrides
-    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad)
+    ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster)
     ensure_data(ctx)
     manifests = run_one("evaluate", ctx)
     manifest = next(iter(manifests.values()))

@@ -42,7 +42,15 @@ SKIP_BAD_HELP = (
 )
 
 
+CLUSTER_HELP = (
+    "Run the per-image and per-class work on a Dask cluster: local:N (N worker processes here), tcp://HOST:PORT "
+    "(a running `dask scheduler` whose workers share the runs folder and the data) or slurm (the pipeline's cluster "
+    "section) [default: $RCNN_CLUSTER, else cluster.address; none: this process]. Needs the dask extra; see docs/cluster.md."
+)
+
+
 def stage_options(f):
+    f = click.option("--cluster", default=None, envvar="RCNN_CLUSTER", metavar="SPEC", help=CLUSTER_HELP)(f)
     f = click.option("--skip-bad", is_flag=True, help=SKIP_BAD_HELP)(f)
     f = click.option("--force", is_flag=True, help="Recompute even when the stage is up to date.")(f)
     f = click.option(
@@ -66,12 +74,33 @@ def ensure_data(ctx) -> None:
     prepare(ctx)
 
 
-def make_context(pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False, skip_bad=False):
+def make_context(
+    pipeline, runs_dir, overrides, pipelines_file, force=False, wait=False, quiet=False, skip_bad=False, cluster=None
+):
     from rcnn.stages.context import Context
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     cfg = pfile.load(pipeline, overrides)
-    return Context(cfg=cfg, runs_dir=runs_dir_path(runs_dir), force=force, wait=wait, progress=not quiet, skip_bad=skip_bad)
+    ctx = Context(cfg=cfg, runs_dir=runs_dir_path(runs_dir), force=force, wait=wait, progress=not quiet, skip_bad=skip_bad)
+    attach_cluster(ctx, cluster)
+    return ctx
+
+
+def attach_cluster(ctx, option: str | None) -> None:
+    """Connect ``ctx`` to the cluster ``--cluster`` (or the pipeline's ``cluster.address``) names, started once per
+    command and closed when the command ends; nothing (and no dask import) without one."""
+    from rcnn.cluster.spec import resolve
+
+    spec = resolve(option, ctx.cfg.cluster.address)
+    if spec is None:
+        return
+    command = click.get_current_context()
+    sessions = command.meta.setdefault("rcnn.clusters", {})
+    if str(spec) not in sessions:
+        from rcnn.cluster.session import open_session
+
+        sessions[str(spec)] = command.with_resource(open_session(spec, ctx.cfg.cluster, ctx.log))
+    ctx.cluster = sessions[str(spec)]
 
 
 def seeded_names(pipeline: str, seeds: str | None) -> list[str]:

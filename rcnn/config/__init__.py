@@ -9,6 +9,7 @@ from rcnn.config.loading import SHIPPED_PIPELINES, PipelineFile, default_pipelin
 from rcnn.config.schema import (
     INPUT_SIZES,
     BBoxConfig,
+    ClusterConfig,
     DataConfig,
     EvaluateConfig,
     FeaturesConfig,
@@ -25,6 +26,7 @@ __all__ = [
     "INPUT_SIZES",
     "SHIPPED_PIPELINES",
     "BBoxConfig",
+    "ClusterConfig",
     "DataConfig",
     "EvaluateConfig",
     "FeaturesConfig",

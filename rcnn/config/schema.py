@@ -184,6 +184,27 @@ class SPPConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Where per-image and per-class work runs (a Dask cluster; docs/cluster.md). Never part of a fingerprint."""
+
+    address: str | None = setting(
+        None,
+        "local:N (a LocalCluster of N worker processes), tcp://HOST:PORT (a running `dask scheduler`), or slurm "
+        "(workers started through dask-jobqueue); null: this process, as without a cluster. --cluster and "
+        "$RCNN_CLUSTER override it",
+    )
+    shard_images: int | None = setting(
+        None, "images per shard (one task), rounded up to whole part files; null: about 8 shards per worker", ge=1
+    )
+    queue: str | None = setting(None, "slurm: the partition workers are submitted to; null: the site's default")
+    cores: int = setting(4, "slurm: cores per job (one worker process, one thread per core)", ge=1)
+    memory: str = setting("16GB", "slurm: memory per job")
+    gpus: int = setting(0, "slurm: GPUs per job (--gres=gpu:N); its worker takes the GPU stages", ge=0)
+    walltime: str = setting("02:00:00", "slurm: time limit of each job")
+    jobs: int = setting(2, "slurm: jobs (workers) to start", ge=1)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """One named pipeline: everything a run needs, resolved."""
 
@@ -207,6 +228,7 @@ class PipelineConfig:
     bbox: BBoxConfig = setting(BBoxConfig(), "box regression")
     evaluate: EvaluateConfig = setting(EvaluateConfig(), "detection and scoring")
     spp: SPPConfig = setting(SPPConfig(), "SPP-net (method: spp)")
+    cluster: ClusterConfig = setting(ClusterConfig(), "where the work runs (Dask)", fingerprint=False)
 
 
 # The warped-region sizes each backbone accepts: fc6 of AlexNet and VGG16 is ImageNet's and reads a 6 x 6 / 7 x 7
