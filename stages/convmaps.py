@@ -11,6 +11,7 @@ caches them for fine-tuning (``flip_finetune`` in its ``Script_spp_voc.m``).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +27,8 @@ from rcnn.modeling.spp_geometry import image_scales
 from rcnn.store import records
 
 from .context import Context
+from .image_records import write_image_records
 from .provenance import cached_mb, upstream_check
-from .runner import add_info, pending_images, progress_bar
 
 NAME = "convmaps"
 SCHEMA_VERSION = 2  # 2: maps stored channels last
@@ -106,21 +107,9 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     parts = work / "parts"
     mirror = mirrored(ctx, split)
     start = time.perf_counter()
-    if ctx.cluster is not None:
-        from rcnn.cluster.shards import run_image_shards
-
-        # Shards of whole 16-image parts, named as this process names them: the same files either way.
-        totals = run_image_shards(ctx, NAME, split, parts, dataset.ids, KIND, part_size=PART_SIZE, gpu=True)
-    else:
-        totals = {}
-        todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
-        bar = progress_bar(ctx, len(todo), f"convmaps {split}" + (" (and mirrored)" if mirror else ""))
-        with records.RecordWriter(parts, KIND, chunk_size=PART_SIZE) as writer:
-            for image_id, record, info in image_records(ctx, split, todo):
-                writer.add(image_id, record)
-                add_info(totals, info)
-                bar.update(1)
-        bar.close()
+    totals = write_image_records(
+        ctx, sys.modules[__name__], split, parts, dataset.ids, f"convmaps {split}" + (" (and mirrored)" if mirror else "")
+    )
     wall = time.perf_counter() - start
     index = work / INDEX
     outputs = records.write_index(parts, index, dataset.ids, KIND)

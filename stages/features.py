@@ -11,6 +11,7 @@ joined by ``index.json``; a killed run resumes at the first image without a reco
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -24,9 +25,9 @@ from rcnn.training.regions import image_regions
 
 from . import finetune, proposals
 from .context import Context
+from .image_records import write_image_records
 from .methods import build_method
 from .provenance import cached_mb, upstream_check, upstream_digest
-from .runner import add_info, pending_images, progress_bar
 
 NAME = "features"
 SCHEMA_VERSION = 2
@@ -105,22 +106,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     layers = cached_layers(ctx)
     parts = work / "parts"
     start = time.perf_counter()
-    if ctx.cluster is not None:
-        from rcnn.cluster.shards import run_image_shards
-
-        # Shards of whole 16-image parts, named as this process names them: the same files either way.
-        totals = run_image_shards(ctx, NAME, split, parts, dataset.ids, KIND, part_size=PART_SIZE, gpu=True)
-    else:
-        totals = {}
-        todo = pending_images(ctx, f"{NAME}/{split}", parts, dataset.ids)
-        bar = progress_bar(ctx, len(todo), f"features {split}")
-        with records.RecordWriter(parts, KIND, chunk_size=PART_SIZE) as writer:
-            for image_id, arrays, info in image_records(ctx, split, todo):
-                writer.add(image_id, arrays)
-                add_info(totals, info)
-                bar.update(1)
-                bar.set_postfix(boxes=info["boxes"])
-        bar.close()
+    totals = write_image_records(ctx, sys.modules[__name__], split, parts, dataset.ids, f"features {split}", postfix="boxes")
     wall = time.perf_counter() - start
     index = work / INDEX
     outputs = records.write_index(parts, index, dataset.ids, KIND)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.config import fingerprint_params
+from rcnn.config import fingerprint_params, section_kwargs
 from rcnn.errors import UserError
 from rcnn.modeling.checkpoints import initialise, save_checkpoint
 from rcnn.modeling.models import device_for, device_label
@@ -63,18 +63,7 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
 
 
 def schedule(ctx: Context) -> Schedule:
-    ft = ctx.cfg.finetune
-    return Schedule(
-        max_iter=ft.max_iter,
-        lr=ft.lr,
-        optimizer=ft.optimizer,
-        momentum=ft.momentum,
-        weight_decay=ft.weight_decay,
-        step_size=ft.step_size,
-        gamma=ft.gamma,
-        eval_every=ft.eval_every,
-        seed=ft.seed,
-    )
+    return Schedule(**section_kwargs(Schedule, ctx.cfg.finetune))
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:

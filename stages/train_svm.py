@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.config import fingerprint_params
+from rcnn.config import fingerprint_params, section_kwargs
 from rcnn.learners.svm import ImageFeatures, SVMModel, SVMParams, thin_negatives, train_class_svms
 from rcnn.store import records
 
@@ -35,17 +35,7 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
 
 
 def svm_params(ctx: Context) -> SVMParams:
-    s = ctx.cfg.svm
-    return SVMParams(
-        C=s.C,
-        pos_loss_weight=s.pos_loss_weight,
-        bias_mult=s.bias_mult,
-        neg_overlap=s.neg_overlap,
-        hard_threshold=s.hard_threshold,
-        evict_threshold=s.evict_threshold,
-        retrain_limit=s.retrain_limit,
-        target_norm=s.target_norm,
-    )
+    return SVMParams(**section_kwargs(SVMParams, ctx.cfg.svm))
 
 
 def read_images(

@@ -5,7 +5,14 @@ a pipelines file, ``seeds`` names seed runs and ``view`` prints configurations f
 """
 
 from rcnn.config.fields import Range, setting
-from rcnn.config.loading import SHIPPED_PIPELINES, PipelineFile, default_pipelines_file, fingerprint_params, parse_override
+from rcnn.config.loading import (
+    SHIPPED_PIPELINES,
+    PipelineFile,
+    default_pipelines_file,
+    fingerprint_params,
+    parse_override,
+    section_kwargs,
+)
 from rcnn.config.schema import (
     INPUT_SIZES,
     BBoxConfig,
@@ -42,5 +49,6 @@ __all__ = [
     "default_pipelines_file",
     "fingerprint_params",
     "parse_override",
+    "section_kwargs",
     "setting",
 ]

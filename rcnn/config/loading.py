@@ -341,6 +341,12 @@ def fingerprint_params(section: Any) -> dict:
     return out
 
 
+def section_kwargs(cls: type, section: Any) -> dict:
+    """A config section's values for the fields of the dataclass ``cls`` that it names alike: how a stage
+    hands a section to a library class as plain keyword arguments (``cls(**section_kwargs(cls, section))``)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(cls) if hasattr(section, f.name)}
+
+
 # The pipelines shipped with the package (in a checkout, a link to the top-level pipelines.yaml).
 SHIPPED_PIPELINES = Path(__file__).parent.parent / "pipelines.yaml"
 

@@ -1,0 +1,37 @@
+"""How a per-image stage fills its part files: its ``image_records`` run here, or in shards on a Dask cluster
+(``--cluster``), writing the same files either way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from rcnn.store import records
+
+from .context import Context
+from .runner import add_info, pending_images, progress_bar
+
+
+def write_image_records(
+    ctx: Context, stage: ModuleType, split: str, parts: Path, ids: list[str], desc: str, postfix: str | None = None
+) -> dict:
+    """Records of the ``ids`` without one in ``parts``, from ``stage.image_records(ctx, split, todo)``
+    (``(image_id, arrays, info)`` per image), in parts of ``stage.PART_SIZE`` images; returns the images'
+    summed ``info``. ``desc`` labels the progress bar, which shows ``info[postfix]`` when given."""
+    if ctx.cluster is not None:
+        from rcnn.cluster.shards import run_image_shards
+
+        # Shards of whole parts, named as this process names them: the same files either way.
+        return run_image_shards(ctx, stage.NAME, split, parts, ids, stage.KIND, part_size=stage.PART_SIZE, gpu=True)
+    totals: dict = {}
+    todo = pending_images(ctx, f"{stage.NAME}/{split}", parts, ids)
+    bar = progress_bar(ctx, len(todo), desc)
+    with records.RecordWriter(parts, stage.KIND, chunk_size=stage.PART_SIZE) as writer:
+        for image_id, arrays, info in stage.image_records(ctx, split, todo):
+            writer.add(image_id, arrays)
+            add_info(totals, info)
+            bar.update(1)
+            if postfix is not None:
+                bar.set_postfix({postfix: info[postfix]})
+    bar.close()
+    return totals
