@@ -11,9 +11,11 @@ from typing import Any
 from rcnn.config import ClusterConfig
 from rcnn.errors import UserError
 
+from .environ import KEEP_GLIBC_MALLOC
 from .spec import ClusterSpec
 
 INSTALL = "pip install -e '.[dask]'"
+
 
 
 def _require_dask() -> None:
@@ -84,6 +86,9 @@ def open_session(spec: ClusterSpec, section: ClusterConfig, log: Callable[[str],
         logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
         if spec.kind == "local":
+            import dask
+
+            stack.enter_context(dask.config.set(KEEP_GLIBC_MALLOC))
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=spec.workers,
@@ -96,10 +101,11 @@ def open_session(spec: ClusterSpec, section: ClusterConfig, log: Callable[[str],
             client = stack.enter_context(Client(cluster))
         elif spec.kind == "tcp":
             try:
-                client = stack.enter_context(Client(spec.address, timeout="20s"))
-            except OSError as e:
+                client = stack.enter_context(Client(spec.address, timeout=f"{section.connect_timeout}s"))
+            except OSError:
                 raise UserError(
-                    f"cluster {spec.address}: cannot reach the scheduler ({e}); is `dask scheduler` running?"
+                    f"cluster {spec.address}: no scheduler answered within {section.connect_timeout:g} s "
+                    "(cluster.connect_timeout); is `dask scheduler` running there, and the port open?"
                 ) from None
         else:
             from dask_jobqueue import SLURMCluster

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rcnn.config import ClusterConfig
 
+from .environ import KEEP_GLIBC_MALLOC_ENV
+
 
 def slurm_settings(section: ClusterConfig) -> dict:
     """Keyword arguments of ``dask_jobqueue.SLURMCluster``: one worker process per job, one thread per core;
@@ -16,6 +18,7 @@ def slurm_settings(section: ClusterConfig) -> dict:
         "walltime": section.walltime,
         "job_extra_directives": [],
         "worker_extra_args": [],
+        "job_script_prologue": [f"export {KEEP_GLIBC_MALLOC_ENV}"],
     }
     if section.queue is not None:
         settings["queue"] = section.queue

@@ -196,6 +196,7 @@ class ClusterConfig:
     shard_images: int | None = setting(
         None, "images per shard (one task), rounded up to whole part files; null: about 8 shards per worker", ge=1
     )
+    connect_timeout: float = setting(20.0, "tcp: seconds to keep trying to reach the scheduler before giving up", gt=0)
     queue: str | None = setting(None, "slurm: the partition workers are submitted to; null: the site's default")
     cores: int = setting(4, "slurm: cores per job (one worker process, one thread per core)", ge=1)
     memory: str = setting("16GB", "slurm: memory per job")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,53 @@ def test_gpu_stages_ask_for_a_gpu_only_where_a_worker_has_one():
     assert ClusterSession(_FakeClient([{}, {"GPU": 1}]), spec).gpu_resources() == {"GPU": 1}
     # Every worker is counted, not the first five a scheduler lists by default.
     assert ClusterSession(_FakeClient([{}] * 12), spec).worker_count() == 12
+
+
+def test_local_workers_keep_glibcs_malloc_defaults():
+    # distributed sets MALLOC_TRIM_THRESHOLD_ in its workers, which slows selective search by 11-15 %.
+    pytest.importorskip("distributed")
+    from rcnn.cluster.session import open_session
+
+    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    with open_session(parse_cluster("local:1"), ClusterConfig(), lambda _: None) as session:
+        seen = session.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    # A LocalCluster's nannies live in this process and set their variables in its environment, then spawn.
+    assert list(seen.values()) == [before]
+    assert os.environ.get("MALLOC_TRIM_THRESHOLD_") == before
+
+
+def test_slurm_workers_keep_glibcs_malloc_defaults():
+    pytest.importorskip("dask_jobqueue")
+    from rcnn.cluster.slurm import job_script
+
+    script = job_script(ClusterConfig(address="slurm", cores=2))
+    # The job's environment as the script sets it, and what the worker's nanny then puts in its worker's.
+    exports = [line for line in script.splitlines() if line.startswith("export ")]
+    probe = "from distributed.nanny import _get_env_variables as g; print(sorted(g('distributed.nanny.pre-spawn-environ')))"
+    shell = "\n".join([*exports, f'{sys.executable} -c "{probe}"'])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True, env=env).stdout
+    assert "OMP_NUM_THREADS" in out and "MALLOC_TRIM_THRESHOLD_" not in out
+
+
+def test_an_unreachable_scheduler_is_one_line_after_the_configured_timeout(pipelines_file, tmp_path, capsys):
+    pytest.importorskip("distributed")
+    import socket
+    import time
+
+    from conftest import run_cli
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        argv = ["proposals", "tiny", "--runs-dir", str(tmp_path / "runs"), "--pipelines-file", str(pipelines_file)]
+        start = time.monotonic()
+        code, _, err = run_cli([*argv, "--cluster", f"tcp://127.0.0.1:{port}", "--set", "cluster.connect_timeout=1"], capsys)
+        took = time.monotonic() - start
+    assert code == 1
+    assert err.strip() == (
+        f"rcnn: error: cluster tcp://127.0.0.1:{port}: no scheduler answered within 1 s (cluster.connect_timeout); "
+        "is `dask scheduler` running there, and the port open?"
+    )
+    assert took < 15  # the setting, not the 20 s default, bounded the wait
+    assert not (tmp_path / "runs" / "tiny" / "proposals").exists()  # nothing was started
