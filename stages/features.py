@@ -140,8 +140,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         # box regression's layer, cached for this many rows only (features.bbox_rows: regression), or null
         "regression_layer": sparse,
         "regression_rows": int(totals.get("regression_rows", 0)) if sparse else None,
-        # the whole cache, records and index, per image of the split (10^6 bytes)
-        "mb_per_image": size / len(dataset) / 1e6 if len(dataset) else None,
+        # the whole cache, records and index, per image of the split, in MiB as every size here
+        "mb_per_image": size / len(dataset) / 2**20 if len(dataset) else None,
         "device": totals.get("device"),
         "seconds_per_image": wall / done if done else None,
         # what a detector computes (decoding and warping, or pooling from the maps in memory, and the CNN), no I/O
@@ -198,7 +198,8 @@ def describe(manifest: dict) -> str:
     rate_text = f", {rate:.2f} s/image on {m.get('device')}" if rate else ""
     per_image = m.get("mb_per_image")
     per_text = f" ({per_image:.2f} MB/image)" if per_image is not None else ""
-    sparse = m.get("regression_layer")
-    rows_text = f", {sparse} of the {m.get('regression_rows')} box-regression rows only" if sparse else ""
+    sparse, kept = m.get("regression_layer"), m.get("regression_rows")
+    rows_text = f", {sparse} of the {kept} box-regression rows only" if sparse and kept else ""
+    rows_text = f", {sparse} not cached (computed again when read)" if sparse and not kept else rows_text
     layers = ", ".join(m.get("layers", []))
     return f"{m.get('images')} images, layers {layers}{rows_text}, {size:.1f} MB cached{per_text}{rate_text}"
