@@ -56,8 +56,9 @@ def cached_layers(ctx: Context) -> tuple[str, ...]:
 
 def params(ctx: Context) -> dict:
     method, f = build_method(ctx.cfg), ctx.cfg.features
-    # Which rows hold box regression's layer: its row rule's threshold decides what is cached.
-    rows = {"regression_layer": method.regression_layer(ctx.cfg), "bbox_min_overlap": ctx.cfg.bbox.min_overlap}
+    sparse = method.regression_layer(ctx.cfg)
+    # Where a layer holds box regression's rows only, its row rule's threshold decides what is cached.
+    rows = {"regression_layer": sparse, "bbox_min_overlap": ctx.cfg.bbox.min_overlap} if sparse else {}
     return {
         "method": method.name,
         "layers": list(cached_layers(ctx)),
@@ -66,7 +67,7 @@ def params(ctx: Context) -> dict:
         "classes": list(ctx.classes),
         "use_difficult": ctx.cfg.data.use_difficult,
         "bbox_rows": f.bbox_rows,
-        **(rows if f.bbox_rows == "regression" else {}),
+        **rows,
     }
 
 

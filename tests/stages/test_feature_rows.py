@@ -123,6 +123,17 @@ def test_setting_and_threshold_are_in_the_features_fingerprint(runs, capsys):
     assert any(" stale " in line for line in out.splitlines() if "train-bbox/" in line)
 
 
+def test_threshold_is_a_features_parameter_only_where_it_decides_the_cache(runs):
+    from rcnn.stages import features
+
+    params = features.params(context(runs, "tiny-rows"))
+    assert (params["bbox_rows"], params["regression_layer"], params["bbox_min_overlap"]) == ("regression", "pool5", 0.6)
+    # SPP-net never caches pool5, and a layer the SVMs read keeps every row: the threshold changes nothing there.
+    for name, change in (("tiny-spp", "features.bbox_rows=regression"), ("tiny-rows", "bbox.layer=fc7")):
+        params = features.params(context(runs, name, change))
+        assert params["bbox_rows"] == "regression" and "bbox_min_overlap" not in params
+
+
 def test_reader_reads_cached_rows_and_computes_the_rest(runs):
     from rcnn.stages import features
 
