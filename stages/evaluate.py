@@ -83,9 +83,10 @@ def detect_images(ctx: Context, split: str, ids: list[str]) -> tuple[dict, list[
     ):
         for image_id in ids:
             ann = dataset.annotation(image_id)
-            # Reading cached features is not timed: a detector has them in memory. SPP-net's pyramid, which
-            # box regression reads and the features stage does not cache, is pooled again from the conv maps
-            # here: that is feature work, timed apart. Then what `rcnn detect` does next: SVM scores, box
+            # Reading cached features is not timed: a detector has them in memory. What box regression reads
+            # and the features stage did not cache is computed here: SPP-net's pyramid pooled again from the
+            # conv maps, R-CNN's pool5 under features.bbox_rows: regression warped again through the CNN.
+            # That is feature work, timed apart. Then what `rcnn detect` does next: SVM scores, box
             # regression and NMS.
             proposal = rs.array(image_id, "gt_classes", np.int64, 1) < 0
             boxes = rs.array(image_id, "boxes", np.float32, 2)[proposal]
@@ -141,7 +142,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "per_class": evals["plain"].to_json()["per_class"],
         "per_class_bbox": evals["bbox"].to_json()["per_class"],
         "seconds_per_image_classify": float(np.mean(seconds)) if seconds else None,
-        # feature work done here (SPP-net's pyramid for box regression, from the cached conv maps)
+        # feature work done here (box regression's layer where not cached: SPP-net's pyramid from the cached conv
+        # maps, R-CNN's pool5 under features.bbox_rows: regression)
         "seconds_per_image_features": float(np.mean(pooling)) if pooling else 0.0,  # 0 for cached layers
     }
     write_json_atomic(work / RESULTS, summary)

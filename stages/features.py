@@ -5,8 +5,11 @@ int64 ``[N]`` (-1 for proposals), ``overlaps`` float32 ``[N, C]``, ``best_gt`` i
 and one float16 ``[N, D]`` array per cached layer (R-CNN: pool5 for box regression and
 fc7 for the SVMs, as R-CNN cached them). SPP-net does not cache its pooled pyramid
 (``pool5`` here, up to 25,600-d): it is cheap to pool again from the cached conv maps
-whenever a later stage needs it (:func:`layer_reader`). Records stay in their parts,
-joined by ``index.json``; a killed run resumes at the first image without a record.
+whenever a later stage needs it (:func:`layer_reader`). With ``features.bbox_rows: regression``
+R-CNN caches box regression's layer only for the rows it trains on (trainval's, their indices
+in int32 ``pool5_rows``) and computes any other row again when read: R-CNN's cache of every
+box's pool5 took ~200 GB for VOC2007. Records stay in their parts, joined by ``index.json``;
+a killed run resumes at the first image without a record.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import numpy as np
 from rcnn.errors import UserError
 from rcnn.modeling.inference import for_inference
 from rcnn.modeling.models import FEATURE_LAYERS, device_label
+from rcnn.store import artifacts as store
 from rcnn.store import records
-from rcnn.training.regions import image_regions
+from rcnn.training.regions import image_regions, regression_rows
 
 from . import finetune, proposals
 from .context import Context
 from .image_records import write_image_records
-from .methods import build_method
+from .methods import build_method, caches_regression_rows
 from .provenance import cached_mb, upstream_check, upstream_digest
 
 NAME = "features"
@@ -51,13 +55,19 @@ def cached_layers(ctx: Context) -> tuple[str, ...]:
 
 
 def params(ctx: Context) -> dict:
+    method, f = build_method(ctx.cfg), ctx.cfg.features
+    sparse = method.regression_layer(ctx.cfg)
+    # Where a layer holds box regression's rows only, its row rule's threshold decides what is cached.
+    rows = {"regression_layer": sparse, "bbox_min_overlap": ctx.cfg.bbox.min_overlap} if sparse else {}
     return {
-        "method": build_method(ctx.cfg).name,
+        "method": method.name,
         "layers": list(cached_layers(ctx)),
         "context_pad": ctx.cfg.finetune.context_pad,
         "warp": ctx.cfg.model.warp,
         "classes": list(ctx.classes),
         "use_difficult": ctx.cfg.data.use_difficult,
+        "bbox_rows": f.bbox_rows,
+        **rows,
     }
 
 
@@ -77,14 +87,17 @@ def image_records(ctx: Context, split: str, ids: list[str]):
     cfg = ctx.cfg
     dataset = ctx.dataset(split)
     method = build_method(cfg)
-    model, _ = finetune.load(ctx)
-    for_inference(model, whole_images=method.whole_images)
+    model = inference_model(ctx)
     device = device_label(next(model.parameters()).device)
     layers = cached_layers(ctx)
+    sparse = method.regression_layer(cfg)  # cached for box regression's training rows only, or None
+    keep_rows = sparse is not None and caches_regression_rows(cfg, split)
     # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
     # hands it to box regression; this stage computes it too but does not cache it (layer_reader pools
     # it again when a later stage needs it, timed apart).
     computed = method.computed_layers(layers, cfg.bbox.layer)
+    if sparse is not None and not keep_rows:
+        computed = tuple(k for k in computed if k != sparse)
     with proposals.load(ctx, split) as props, method.region_features(ctx, split) as region_features:
         for image_id in ids:
             ann = dataset.annotation(image_id)
@@ -95,9 +108,16 @@ def image_records(ctx: Context, split: str, ids: list[str]):
                 "gt_classes": regions.gt_classes,
                 "overlaps": regions.overlaps,
                 "best_gt": regions.best_gt,
-                **{k: feats[k] for k in layers},
+                **{k: feats[k] for k in layers if k != sparse},
             }
-            yield image_id, arrays, {"images": 1, "boxes": len(regions.boxes), "compute": seconds, "device": device}
+            kept = 0
+            if keep_rows:
+                b, difficult = cfg.bbox, cfg.data.use_difficult
+                rows = regression_rows(ann, regions.best_gt, regions.overlaps, ctx.classes, b.min_overlap, difficult).rows
+                arrays[sparse], arrays[f"{sparse}_rows"] = feats[sparse][rows], rows.astype(np.int32)
+                kept = len(rows)
+            info = {"images": 1, "boxes": len(regions.boxes), "regression_rows": kept, "compute": seconds, "device": device}
+            yield image_id, arrays, info
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
@@ -112,10 +132,17 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     outputs = records.write_index(parts, index, dataset.ids, KIND)
     outputs[INDEX] = index
     done = int(totals.get("images", 0))
+    size = sum(path.stat().st_size for path in outputs.values())
+    sparse = build_method(ctx.cfg).regression_layer(ctx.cfg)
     metrics = {
         "images": len(dataset),
         "images_computed": done,
         "layers": list(layers),
+        # box regression's layer, cached for this many rows only (features.bbox_rows: regression), or null
+        "regression_layer": sparse,
+        "regression_rows": int(totals.get("regression_rows", 0)) if sparse else None,
+        # the whole cache, records and index, per image of the split, in MiB as every size here
+        "mb_per_image": size / len(dataset) / 2**20 if len(dataset) else None,
         "device": totals.get("device"),
         "seconds_per_image": wall / done if done else None,
         # what a detector computes (decoding and warping, or pooling from the maps in memory, and the CNN), no I/O
@@ -138,8 +165,31 @@ def layer_inputs(ctx: Context, split: str, layer: str) -> dict[str, str]:
 def layer_reader(ctx: Context, split: str, layer: str):
     """A reader of ``layer``'s float32 ``[K, D]`` features of chosen windows of ``split``'s images: from the
     records when cached, else recomputed as the method says (SPP-net pools its pyramid again from the conv
-    maps). A context manager with ``rows(rs, image_id, rows, boxes)`` and ``compute_seconds``."""
-    return build_method(ctx.cfg).layer_reader(ctx, split, layer, lambda: finetune.window_offset(ctx))
+    maps; R-CNN, under ``features.bbox_rows: regression``, warps the rows not cached through the fine-tuned
+    model). A context manager with ``rows(rs, image_id, rows, boxes)`` and ``compute_seconds``."""
+    method = build_method(ctx.cfg)
+    if layer == method.regression_layer(ctx.cfg):
+        check_recomputable(ctx, split)
+    return method.layer_reader(ctx, split, layer, lambda: finetune.window_offset(ctx), lambda: inference_model(ctx))
+
+
+def inference_model(ctx: Context):
+    """The fine-tuned model, ready for inference as this stage runs it."""
+    model, _ = finetune.load(ctx)
+    return for_inference(model, whole_images=build_method(ctx.cfg).whole_images)
+
+
+def check_recomputable(ctx: Context, split: str) -> None:
+    """Refuse to compute rows again beside cached ones unless the cache came from today's fine-tuned model and
+    settings: rows of two models mixed in one reading would be silently wrong."""
+    upstream_digest(ctx, NAME, split)  # completed, of this configuration's data
+    manifest = store.read_manifest(ctx.unit_dir(NAME, split))
+    model = upstream_digest(ctx, "finetune", ctx.cfg.data.trainval)
+    if manifest["inputs"].get("finetune") != model or manifest["params"] != params(ctx):
+        raise UserError(
+            f"features/{split} of pipeline '{ctx.cfg.name}' was computed with another fine-tuned model or other "
+            f"settings, and rows not cached would be computed with today's; run `rcnn features {ctx.cfg.name}` first"
+        )
 
 
 def describe(manifest: dict) -> str:
@@ -147,4 +197,10 @@ def describe(manifest: dict) -> str:
     size = cached_mb(manifest)
     rate = m.get("seconds_per_image")
     rate_text = f", {rate:.2f} s/image on {m.get('device')}" if rate else ""
-    return f"{m.get('images')} images, layers {', '.join(m.get('layers', []))}, {size:.1f} MB cached{rate_text}"
+    per_image = m.get("mb_per_image")
+    per_text = f" ({per_image:.2f} MB/image)" if per_image is not None else ""
+    sparse, kept = m.get("regression_layer"), m.get("regression_rows")
+    rows_text = f", {sparse} of the {kept} box-regression rows only" if sparse and kept else ""
+    rows_text = f", {sparse} not cached (computed again when read)" if sparse and not kept else rows_text
+    layers = ", ".join(m.get("layers", []))
+    return f"{m.get('images')} images, layers {layers}{rows_text}, {size:.1f} MB cached{per_text}{rate_text}"

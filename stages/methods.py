@@ -70,13 +70,28 @@ class Method:
         """A context manager giving ``features(model, ann, boxes, layers)`` for the regions of ``split``'s images."""
         return _Warped(ctx)
 
+    def regression_layer(self, cfg) -> str | None:
+        """The layer stage `features` caches only for the rows box regression trains on (``features.bbox_rows:
+        regression``, where the SVMs read another layer), or None: every cached layer holds every row."""
+        if cfg.features.bbox_rows != "regression" or cfg.bbox.layer == cfg.svm.layer:
+            return None
+        return cfg.bbox.layer if cfg.bbox.layer in self.cached_layers(tuple(cfg.features.layers)) else None
+
     def layer_inputs(self, ctx: Context, split: str, layer: str) -> dict[str, str]:
         """Upstream digests a reader of the feature ``layer`` depends on beyond the features themselves."""
+        if layer == self.regression_layer(ctx.cfg):
+            # Rows not cached are computed again with the fine-tuned model.
+            return {"finetune": upstream_digest(ctx, "finetune", ctx.cfg.data.trainval)}
         return {}
 
-    def layer_reader(self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float]) -> LayerReader:
+    def layer_reader(
+        self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float], model: Callable[[], object]
+    ) -> LayerReader:
         """A reader of one feature layer of chosen windows of ``split``'s images (a context manager);
-        ``window_offset()`` gives the fine-tuned model's receptive-field offset, asked only if windows are pooled."""
+        ``window_offset()`` gives the fine-tuned model's receptive-field offset, asked only if windows are pooled,
+        and ``model()`` the fine-tuned model ready for inference, asked only if a window is computed again."""
+        if layer == self.regression_layer(ctx.cfg):
+            return WarpedReader(ctx, split, layer, model)
         return LayerReader(ctx, split, layer)
 
     def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
@@ -130,13 +145,18 @@ class SPPNet(Method):
     def region_features(self, ctx: Context, split: str) -> AbstractContextManager[FeatureFn]:
         return _Pooled(ctx, split)
 
+    def regression_layer(self, cfg) -> str | None:
+        return None  # pool5 is never cached (pooled again from the conv maps); the fc layers keep every row
+
     def layer_inputs(self, ctx: Context, split: str, layer: str) -> dict[str, str]:
         # The pyramid is not cached: a reader pools it again from the conv maps.
         if layer in self.cached_layers(ctx.cfg.features.layers):
             return {}
         return {f"convmaps/{split}": upstream_digest(ctx, "convmaps", split)}
 
-    def layer_reader(self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float]) -> LayerReader:
+    def layer_reader(
+        self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float], model: Callable[[], object]
+    ) -> LayerReader:
         if layer in self.cached_layers(ctx.cfg.features.layers) or layer != "pool5":
             return LayerReader(ctx, split, layer)
         return PyramidReader(ctx, split, window_offset())
@@ -208,6 +228,53 @@ class LayerReader:
         """``layer`` of the windows ``rows`` (indices or a boolean mask) of ``image_id``'s record in ``rs``,
         whose ``boxes`` the caller has read."""
         return rs.array(image_id, self.layer, np.float16, 2)[rows].astype(np.float32)
+
+
+def caches_regression_rows(cfg, split: str) -> bool:
+    """Whether stage `features` caches the regression layer's rows on ``split`` (box regression's training
+    split; the test split caches none): see :meth:`Method.regression_layer`."""
+    return split == cfg.data.trainval
+
+
+class WarpedReader(LayerReader):
+    """R-CNN's box-regression layer under ``features.bbox_rows: regression``: rows the features stage cached
+    (the regression rows of the training split, listed in ``<layer>_rows``) are read; any other row is computed
+    again as that stage computed it, its box warped from the image through the fine-tuned model (float16, the
+    numbers a cache would hold). ``compute_seconds`` is the last call's decoding, warping and CNN time."""
+
+    def __init__(self, ctx: Context, split: str, layer: str, model: Callable[[], object]):
+        super().__init__(ctx, split, layer)
+        self.ctx, self.split, self.load_model, self.model = ctx, split, model, None
+        self.cached = caches_regression_rows(ctx.cfg, split)
+        self.recomputed = 0  # rows computed again, over every call
+
+    def rows(self, rs, image_id: str, rows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        index = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        self.compute_seconds = 0.0
+        out, hit = None, np.zeros(len(index), bool)
+        if self.cached:
+            have = rs.array(image_id, f"{self.layer}_rows", np.int32, 1)
+            cache = rs.array(image_id, self.layer, np.float16, 2)
+            out = np.empty((len(index), cache.shape[1]), np.float32)
+            if len(have):  # ascending: where each requested row would sit among the cached ones
+                at = np.minimum(np.searchsorted(have, index), len(have) - 1)
+                hit = have[at] == index
+                out[hit] = cache[at[hit]]
+        missing = np.flatnonzero(~hit)
+        if len(missing) or out is None:
+            computed = self._compute(image_id, np.asarray(boxes, np.float32).reshape(-1, 4)[missing])
+            out = np.empty((len(index), computed.shape[1]), np.float32) if out is None else out
+            out[missing] = computed
+        return out
+
+    def _compute(self, image_id: str, boxes: np.ndarray) -> np.ndarray:
+        if self.model is None:  # loaded on the first row not cached: a reader of cached rows never needs it
+            self.model = self.load_model()
+        ann = self.ctx.dataset(self.split).annotation(image_id)
+        feats, self.compute_seconds = _Warped(self.ctx).features(self.model, ann, boxes, (self.layer,))
+        self.recomputed += len(boxes)
+        return feats[self.layer].astype(np.float32)
 
 
 class PyramidReader(LayerReader):

@@ -9,6 +9,7 @@ import numpy as np
 from rcnn.config import fingerprint_params
 from rcnn.learners.bbox_regression import BBoxRegParams, BBoxRegressor, mean_norm_scale
 from rcnn.learners.bbox_training import train_bbox_regressors
+from rcnn.training.regions import regression_rows
 
 from . import features
 from .context import Context
@@ -36,29 +37,25 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
 
 
 def training_rows(ctx: Context, split: str) -> dict[str, np.ndarray]:
-    """Rows overlapping a usable ground truth by at least ``min_overlap``, ground-truth rows included."""
+    """Rows overlapping a usable ground truth by at least ``min_overlap``, ground-truth rows included
+    (:func:`rcnn.training.regions.regression_rows`, the rule stage `features` caches them by too)."""
     b = ctx.cfg.bbox
     dataset = ctx.dataset(split)
     feats, props, gts, classes, overlaps = [], [], [], [], []
     with features.load(ctx, split) as rs, features.layer_reader(ctx, split, b.layer) as layer:
         for image_id in rs.ids:
             ann = dataset.annotation(image_id)
-            labels = ann.label_indices(ctx.classes)
             best_gt = rs.array(image_id, "best_gt", np.int64, 1)
             ov = rs.array(image_id, "overlaps", np.float32, 2)
-            usable = best_gt >= 0
-            if not ctx.cfg.data.use_difficult:
-                usable &= ~ann.difficult[np.maximum(best_gt, 0)] if len(ann.difficult) else False
-            cls = np.where(usable, labels[np.maximum(best_gt, 0)] if len(labels) else -1, -1)
-            iou = np.where(cls >= 0, ov[np.arange(len(ov)), np.maximum(cls, 0)], 0.0)
-            rows = np.flatnonzero((cls >= 0) & (iou >= b.min_overlap))
+            chosen = regression_rows(ann, best_gt, ov, ctx.classes, b.min_overlap, ctx.cfg.data.use_difficult)
+            rows = chosen.rows
             if len(rows) == 0:
                 continue
             props.append(rs.array(image_id, "boxes", np.float32, 2)[rows])
             feats.append(layer.rows(rs, image_id, rows, props[-1]))
             gts.append(ann.boxes[best_gt[rows]])
-            classes.append(cls[rows])
-            overlaps.append(iou[rows])
+            classes.append(chosen.classes)
+            overlaps.append(chosen.overlaps)
     if not feats:
         return {}
     return {

@@ -112,6 +112,14 @@ class FeaturesConfig:
 
     layers: tuple[str, ...] = setting(("pool5", "fc7"), "layers cached (R-CNN: fc7 for the SVMs, pool5 for box regression)")
     batch_size: int = setting(256, "regions per forward pass", ge=1, fingerprint=False)
+    bbox_rows: Literal["all", "regression"] = setting(
+        "all",
+        "R-CNN, where bbox.layer is not svm.layer: which rows cache bbox.layer. all: every box of every split (R-CNN's "
+        "cache; pool5 of 2000 boxes is 37 MB per image with AlexNet); regression: only the trainval rows box regression "
+        "trains on (IoU >= bbox.min_overlap with a usable object), none of the test split, whose rows evaluate "
+        "computes again from the image with the fine-tuned model. Changing it, or bbox.min_overlap under regression, "
+        "recomputes features",
+    )
 
 
 @dataclass(frozen=True)

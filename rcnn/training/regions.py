@@ -91,3 +91,46 @@ def finetune_labels(regions: ImageRegions, fg_threshold: float = 0.5, bg_low: fl
     labels = np.where(best >= fg_threshold, cls + 1, 0).astype(np.int64)
     labels[best < bg_low] = -1
     return labels
+
+
+@dataclass(frozen=True)
+class RegressionRows:
+    """The rows of one image that box regression learns from (R-CNN appendix C).
+
+    rows: int64 ``[K]``, indices into the image's rows (ground-truth rows included), ascending.
+    classes: int64 ``[K]``, the class (0-based) of each row's best ground truth.
+    overlaps: float32 ``[K]``, each row's IoU with the best ground truth of that class.
+    """
+
+    rows: np.ndarray
+    classes: np.ndarray
+    overlaps: np.ndarray
+
+
+def regression_rows(
+    ann: ImageAnnotation,
+    best_gt: np.ndarray,
+    overlaps: np.ndarray,
+    classes: tuple[str, ...],
+    min_overlap: float,
+    use_difficult: bool = False,
+) -> RegressionRows:
+    """Rows whose best ground truth is usable (not difficult unless ``use_difficult``) and overlaps them by
+    at least ``min_overlap`` (R-CNN: 0.6) in its class: what stage `train-bbox` trains on and what stage
+    `features` caches box regression's layer for (``features.bbox_rows: regression``), decided here once.
+
+    Args:
+        ann: the image's annotation (its objects' classes and difficult flags).
+        best_gt: int64 ``[N]``, each row's best-overlapping object in ``ann`` (-1: none), as
+            :func:`image_regions` gives it.
+        overlaps: float32 ``[N, C]``, each row's IoU with the best object of each class.
+    """
+    labels = ann.label_indices(classes)
+    gt = np.maximum(best_gt, 0)
+    usable = best_gt >= 0
+    if not use_difficult:
+        usable &= ~ann.difficult[gt] if len(ann.difficult) else False
+    cls = np.where(usable, labels[gt] if len(labels) else -1, -1)
+    iou = np.where(cls >= 0, overlaps[np.arange(len(overlaps)), np.maximum(cls, 0)], 0.0)
+    rows = np.flatnonzero((cls >= 0) & (iou >= min_overlap))
+    return RegressionRows(rows.astype(np.int64), cls[rows].astype(np.int64), iou[rows])

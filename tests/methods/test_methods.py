@@ -32,3 +32,17 @@ def test_only_the_method_builder_tests_the_methods_name():
             ]
     hits += [f"cli.py:{i}" for i, line in enumerate((REPO / "cli.py").read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+def test_regression_layer_is_box_regressions_own_layer_under_bbox_rows_regression():
+    from dataclasses import replace
+
+    from rcnn.config import BBoxConfig, FeaturesConfig, PipelineConfig
+
+    cfg = PipelineConfig(name="x", features=FeaturesConfig(bbox_rows="regression"))
+    assert method_named("rcnn").regression_layer(cfg) == "pool5"
+    assert method_named("spp").regression_layer(cfg) is None  # never caches pool5 at all
+    assert method_named("rcnn").regression_layer(replace(cfg, features=FeaturesConfig())) is None  # all: R-CNN's cache
+    # The SVMs read every row of their layer: shared with box regression, it keeps every row.
+    assert method_named("rcnn").regression_layer(replace(cfg, bbox=BBoxConfig(layer="fc7"))) is None
+    assert method_named("rcnn").regression_layer(replace(cfg, bbox=BBoxConfig(layer="fc6"))) is None  # not cached

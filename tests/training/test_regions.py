@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rcnn.data.datasets import ImageAnnotation
-from rcnn.training.regions import finetune_labels, image_regions
+from rcnn.training.regions import finetune_labels, image_regions, regression_rows
 
 CLASSES = tuple(f"c{i}" for i in range(20))
 
@@ -182,3 +182,28 @@ def test_labels_match_a_loop_over_boxes():
         on_threshold += sum(b in (np.float32(fg_threshold), np.float32(bg_low)) and b > 0 for b in best)
     assert {-1, 0}.issubset(seen) and {1, 2, 3}.issubset(seen)
     assert on_threshold > 0  # rows whose IoU is exactly a threshold were compared
+
+
+def test_regression_rows_hand_case():
+    """Box regression's rows (R-CNN appendix C): IoU >= min_overlap with the best object, in its class, and that
+    object not difficult (unless use_difficult); ground-truth rows count, each with IoU 1."""
+    ann = objects([[0, 0, 10, 10], [50, 50, 70, 70], [80, 80, 90, 90]], [3, 5, 3], difficult=[False, False, True])
+    proposals = [
+        [0, 0, 10, 8],  # IoU 0.8 with object 0 (class 3)
+        [0, 0, 10, 5],  # IoU 0.5 with object 0: below 0.6
+        [50, 50, 70, 64],  # IoU 0.7 with object 1 (class 5)
+        [80, 80, 90, 89],  # IoU 0.9 with object 2, which is difficult
+        [30, 30, 40, 40],  # touches nothing
+    ]
+    regions = image_regions(ann, np.asarray(proposals, np.float32), CLASSES)  # rows 0, 1: the two clean objects
+    got = regression_rows(ann, regions.best_gt, regions.overlaps, CLASSES, 0.6)
+    assert got.rows.tolist() == [0, 1, 2, 4]
+    assert got.classes.tolist() == [3, 5, 3, 5]
+    np.testing.assert_allclose(got.overlaps, [1.0, 1.0, 0.8, 0.7], rtol=1e-6)
+    with_difficult = image_regions(ann, np.asarray(proposals, np.float32), CLASSES, use_difficult=True)
+    got = regression_rows(ann, with_difficult.best_gt, with_difficult.overlaps, CLASSES, 0.6, use_difficult=True)
+    assert got.rows.tolist() == [0, 1, 2, 3, 5, 6]  # the difficult object's row (2) and its proposal (6) join
+    assert regression_rows(ann, regions.best_gt, regions.overlaps, CLASSES, 0.5).rows.tolist() == [0, 1, 2, 3, 4]
+    empty = objects([], [])
+    none = image_regions(empty, np.asarray(proposals, np.float32), CLASSES)
+    assert regression_rows(empty, none.best_gt, none.overlaps, CLASSES, 0.6).rows.tolist() == []
