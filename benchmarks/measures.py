@@ -33,7 +33,7 @@ from rcnn.stages.context import Context
 from rcnn.stages.methods import build_method
 from rcnn.stages.runner import run_stage
 from rcnn.store import records
-from rcnn.training.regions import finetune_labels, image_regions
+from rcnn.training.regions import finetune_labels, image_regions, regression_rows
 from rcnn.training.sampling import FgBgSampler
 
 MAX_SIDE = SPPConfig().max_side  # the pipelines' cap on the longer side after resizing
@@ -164,12 +164,15 @@ def _write_records(folder: Path, kind: str, items: list[tuple[str, dict]]) -> in
 
 
 def cache_bytes(b: Bench) -> dict:
-    """Feature cache per image: R-CNN's features records (pool5 and fc7 of every box, float16) and
-    SPP-net's conv-map records (one scale) plus its fc7 records; the stock cache is what the baseline
+    """Feature cache per image: R-CNN's features records (pool5 and fc7 of every box, float16, as
+    ``features.bbox_rows: all`` keeps them), the same under ``bbox_rows: regression`` (fc7 of every box,
+    pool5 of the rows box regression trains on: a trainval image's records; a test image's hold no pool5)
+    and SPP-net's conv-map records (one scale) plus its fc7 records; the stock cache is what the baseline
     computes kept with ``torch.save``: float32 pool5 and fc7 of every box."""
     n = min(2, len(b.images))
     rcnn_net, spp_net = _rcnn_net(b, "alexnet", 227, None), _spp_net(b)
-    rcnn_items, spp_maps, spp_items, stock_bytes = [], [], [], 0
+    rcnn_items, sparse_items, spp_maps, spp_items, stock_bytes = [], [], [], [], 0
+    regression_count = 0
     with torch.no_grad():
         for ann, image, boxes in list(zip(b.anns, b.images, b.boxes))[:n]:
             regions = image_regions(ann, boxes, b.classes)
@@ -177,6 +180,11 @@ def cache_bytes(b: Bench) -> dict:
                     "best_gt": regions.best_gt}  # fmt: skip
             feats = rcnn_image_features(rcnn_net, image, regions.boxes, context_pad(227))
             rcnn_items.append((ann.image_id, {**rows, **feats}))
+            # R-CNN's box regression: IoU >= 0.6 with a ground truth (appendix C), the pipelines' bbox.min_overlap
+            keep = regression_rows(ann, regions.best_gt, regions.overlaps, b.classes, 0.6).rows
+            regression_count += len(keep)
+            sparse = {"fc7": feats["fc7"], "pool5": feats["pool5"][keep], "pool5_rows": keep.astype(np.int32)}
+            sparse_items.append((ann.image_id, {**rows, **sparse}))
             factors = image_scales(ann.height, ann.width, (b.sizes.scale,), MAX_SIDE)
             maps = image_maps(spp_net, image, factors)
             conv = {f"conv{k}": m for k, m in enumerate(maps)}
@@ -189,10 +197,15 @@ def cache_bytes(b: Bench) -> dict:
             path.unlink()
     mb = 1 / (n * 2**20)
     rcnn = _write_records(b.tmp / "cache-rcnn", "features", rcnn_items) * mb
+    sparse = _write_records(b.tmp / "cache-rcnn-rows", "features", sparse_items) * mb
     spp_bytes = _write_records(b.tmp / "cache-maps", convmaps.KIND, spp_maps)
     spp = (spp_bytes + _write_records(b.tmp / "cache-spp", "features", spp_items)) * mb
     return {
         "cache_rcnn": _figures(rcnn, stock_bytes * mb, "MB/image", layers=["pool5", "fc7"], boxes=b.sizes.boxes),
+        "cache_rcnn_regression": _figures(
+            sparse, stock_bytes * mb, "MB/image", layers=["pool5 (regression rows)", "fc7"], boxes=b.sizes.boxes,
+            regression_rows=regression_count / n,
+        ),
         "cache_spp": _figures(spp, stock_bytes * mb, "MB/image", layers=["conv maps", "fc7"], scales=[b.sizes.scale]),
     }
 

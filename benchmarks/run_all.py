@@ -52,6 +52,7 @@ TITLES = {
     "spp_1_scale": "SPP-net features, 1 scale",
     "spp_5_scales": "SPP-net features, 5 scales",
     "cache_rcnn": "feature cache, R-CNN",
+    "cache_rcnn_regression": "feature cache, R-CNN, bbox_rows: regression",
     "cache_spp": "feature cache, SPP-net",
     "finetune_rcnn": "fine-tuning, R-CNN",
     "finetune_spp": "fine-tuning, SPP-net (fc)",

@@ -23,6 +23,7 @@ MEASUREMENTS = {
     "spp_1_scale": "ms/image",
     "spp_5_scales": "ms/image",
     "cache_rcnn": "MB/image",
+    "cache_rcnn_regression": "MB/image",
     "cache_spp": "MB/image",
     "finetune_rcnn": "regions/s",
     "finetune_spp": "regions/s",
@@ -61,6 +62,11 @@ def test_run_all_measures_everything_and_writes_json(tmp_path):
     # An uncompressed float32 cache of pool5 (9216) and fc7 (4096) holds at least 4 bytes per value per box.
     stock_mb = figures["cache_rcnn"]["stock"]
     assert stock_mb >= report["sizes"]["boxes"] * (9216 + 4096) * 4 / 2**20
+    # fc7 of every box, float16, is in both R-CNN caches; pool5 only of the regression rows in the second one.
+    rows = figures["cache_rcnn_regression"]["details"]["regression_rows"]
+    boxes = report["sizes"]["boxes"]
+    assert figures["cache_rcnn_regression"]["ours"] >= boxes * 4096 * 2 / 2**20
+    assert figures["cache_rcnn_regression"]["ours"] < figures["cache_rcnn"]["ours"] - (boxes - rows) * 9216 * 2 / 2**20 * 0.9
     assert report["mode"] == "tiny" and report["device"] == "cpu" and report["images"] == report["sizes"]["images"]
     machine = report["machine"]
     for key in ("cpu", "cores", "python", "torch", "torchvision", "opencv", "numpy", "commit"):
