@@ -52,7 +52,7 @@ TITLES = {
     "spp_1_scale": "SPP-net features, 1 scale",
     "spp_5_scales": "SPP-net features, 5 scales",
     "cache_rcnn": "feature cache, R-CNN",
-    "cache_rcnn_regression": "feature cache, R-CNN, bbox_rows: regression",
+    "cache_rcnn_regression": "feature cache, R-CNN, sparse",
     "cache_spp": "feature cache, SPP-net",
     "finetune_rcnn": "fine-tuning, R-CNN",
     "finetune_spp": "fine-tuning, SPP-net (fc)",
@@ -92,12 +92,12 @@ def ratio(fig: dict) -> float:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = f"{'measurement':<28} {'unit':>10} {'ours':>10} {'stock':>10} {'ratio':>7}  details"
+    head = f"{'measurement':<30} {'unit':>10} {'ours':>10} {'stock':>10} {'ratio':>7}  details"
     lines = [head, "-" * len(head)]
     for fig in results.values():
         details = ", ".join(f"{k} {v}" for k, v in fig["details"].items())
         lines.append(
-            f"{fig['title']:<28} {fig['unit']:>10} {fig['ours']:>10.4g} {fig['stock']:>10.4g} {fig['ratio']:>6.2f}x  {details}"
+            f"{fig['title']:<30} {fig['unit']:>10} {fig['ours']:>10.4g} {fig['stock']:>10.4g} {fig['ratio']:>6.2f}x  {details}"
         )
     return "\n".join(lines)
 
