@@ -8,6 +8,7 @@ scored (per-class AP and mAP); precision-recall curves are drawn per class.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from rcnn.evaluation.voc import Detections, EvalResult, evaluate
 from rcnn.learners.bbox_regression import BBoxRegressor
 from rcnn.learners.svm import SVMModel
 from rcnn.runtime import one_blas_thread, quiet_matplotlib
+from rcnn.store import records
 from rcnn.store.artifacts import write_json_atomic
 
 from . import features, train_bbox, train_svm
 from .context import Context
+from .image_records import write_image_records
 from .methods import build_method
 from .provenance import upstream_digest
 
@@ -32,6 +35,8 @@ NAME = "evaluate"
 SCHEMA_VERSION = 1
 VARIANTS = {"plain": "detections", "bbox": "detections-bbox"}
 RESULTS = "results.json"
+KIND = "detections"
+PART_SIZE = 16  # images per part file
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
@@ -67,15 +72,14 @@ def detections_by_class(per_image: dict[str, ClassDetections], classes: tuple[st
     }
 
 
-def detect_images(ctx: Context, split: str, ids: list[str]) -> tuple[dict, list[float], list[float]]:
-    """The detections of ``ids`` (per variant, per image, in the order of ``ids``), and per image the seconds
-    of classifying (SVMs, box regression, NMS) and of feature work done here."""
+def image_records(ctx: Context, split: str, ids: list[str]):
+    """The detections of ``ids``, in their order: ``(image_id, arrays, info)``, the arrays holding each
+    variant's kept boxes, scores and classes (:func:`pack`), info the seconds of classifying (SVMs, box
+    regression, NMS) and of feature work done here (what this process or a cluster worker runs)."""
     e = ctx.cfg.evaluate
     dataset = ctx.dataset(split)
     svm: SVMModel = train_svm.load(ctx)
     reg: BBoxRegressor = train_bbox.load(ctx)
-    results: dict[str, dict[str, ClassDetections]] = {v: {} for v in VARIANTS}
-    seconds, pooling = [], []
     with (
         features.load(ctx, split) as rs,
         features.layer_reader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer,
@@ -92,10 +96,10 @@ def detect_images(ctx: Context, split: str, ids: list[str]) -> tuple[dict, list[
             boxes = rs.array(image_id, "boxes", np.float32, 2)[proposal]
             fc7 = rs.array(image_id, ctx.cfg.svm.layer, np.float16, 2)[proposal]
             pool5 = bbox_layer.rows(rs, image_id, proposal, boxes)
-            pooling.append(bbox_layer.compute_seconds)
+            pooling = bbox_layer.compute_seconds
             start = time.perf_counter()
             scores = svm.scores(fc7)
-            results["bbox"][image_id] = per_class_nms(
+            refined = per_class_nms(
                 scores,
                 boxes,
                 ann.width,
@@ -104,26 +108,44 @@ def detect_images(ctx: Context, split: str, ids: list[str]) -> tuple[dict, list[
                 e.max_per_image,
                 refine=lambda c, f=pool5, b=boxes: reg.predict(f, b, c),
             )
-            seconds.append(time.perf_counter() - start)
-            results["plain"][image_id] = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image)
-    return results, seconds, pooling
+            seconds = time.perf_counter() - start
+            plain = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image)
+            arrays = {**pack(plain, "plain"), **pack(refined, "bbox")}
+            yield image_id, arrays, {"images": 1, "classify": seconds, "features": pooling}
+
+
+def pack(found: ClassDetections, variant: str) -> dict[str, np.ndarray]:
+    """One variant's detections of an image as three arrays (class by class, each in NMS order)."""
+    counts = [len(s) for s in found.scores]
+    return {
+        f"{variant}_boxes": np.concatenate(found.boxes).reshape(-1, 4),
+        f"{variant}_scores": np.concatenate(found.scores).astype(np.float32),
+        f"{variant}_classes": np.repeat(np.arange(len(counts)), counts).astype(np.int64),
+    }
+
+
+def unpack(rs: records.RecordSet, image_id: str, variant: str, num_classes: int) -> ClassDetections:
+    """The inverse of :func:`pack`: one variant's detections of an image, from its record in ``rs``."""
+    boxes, scores = rs.array(image_id, f"{variant}_boxes", ndim=2), rs.array(image_id, f"{variant}_scores", np.float32, 1)
+    classes = rs.array(image_id, f"{variant}_classes", np.int64, 1)
+    return ClassDetections([boxes[classes == c] for c in range(num_classes)], [scores[classes == c] for c in range(num_classes)])
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:
     e = ctx.cfg.evaluate
     dataset = ctx.dataset(split)
-    if ctx.cluster is None:
-        results, seconds, pooling = detect_images(ctx, split, dataset.ids)
-    else:
-        from rcnn.cluster.shards import map_image_shards
-
-        # The detection pass in shards; the detections (small) come back, and are scored here.
-        results, seconds, pooling = {v: {} for v in VARIANTS}, [], []
-        for found, took, pooled in map_image_shards(ctx, NAME, split, detect_images, dataset.ids):
+    # The detection pass writes each image's detections as records (in shards on a cluster), so that a killed
+    # run resumes where it stopped; they are read back here and scored.
+    parts = work / "parts"
+    totals = write_image_records(ctx, sys.modules[__name__], split, parts, dataset.ids, f"evaluate {split}")
+    done = int(totals.get("images", 0))
+    index = work / "index.json"
+    records.write_index(parts, index, dataset.ids, KIND)
+    results: dict[str, dict[str, ClassDetections]] = {v: {} for v in VARIANTS}
+    with records.RecordSet(index, KIND) as rs:
+        for image_id in dataset.ids:
             for v in VARIANTS:
-                results[v].update(found[v])
-            seconds += took
-            pooling += pooled
+                results[v][image_id] = unpack(rs, image_id, v, len(ctx.classes))
     gt = ground_truth_by_class(dataset.annotations(), ctx.classes)
     outputs: dict[str, Path] = {}
     evals: dict[str, EvalResult] = {}
@@ -141,10 +163,11 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "mAP_bbox": evals["bbox"].mAP,
         "per_class": evals["plain"].to_json()["per_class"],
         "per_class_bbox": evals["bbox"].to_json()["per_class"],
-        "seconds_per_image_classify": float(np.mean(seconds)) if seconds else None,
+        # per image computed in this run (a resumed run's first images are not timed)
+        "seconds_per_image_classify": totals["classify"] / done if done else None,
         # feature work done here (box regression's layer where not cached: SPP-net's pyramid from the cached conv
         # maps, R-CNN's pool5 under features.bbox_rows: regression)
-        "seconds_per_image_features": float(np.mean(pooling)) if pooling else 0.0,  # 0 for cached layers
+        "seconds_per_image_features": totals["features"] / done if done else 0.0,  # 0 for cached layers
     }
     write_json_atomic(work / RESULTS, summary)
     outputs[RESULTS] = work / RESULTS

@@ -79,20 +79,9 @@ def run_image_shards(
     return totals
 
 
-def map_image_shards(ctx, stage: str, split: str, fn, ids: list[str], gpu: bool = False) -> list:
-    """``fn(ctx, split, shard_ids)`` for consecutive shards of ``ids`` on the cluster (for work whose results are
-    small enough to send back, such as detections); the results in shard order, so in the order of ``ids``."""
-    groups = [(k, [image_id]) for k, image_id in enumerate(ids)]
-    shards = [
-        [i for _, m in shard for i in m]
-        for shard in plan_shards(groups, ctx.cluster.worker_count(), ctx.cfg.cluster.shard_images)
-    ]
-    return list(_run(ctx, f"{stage}/{split}", fn, (split,), [(s,) for s in shards], [len(s) for s in shards], gpu, ordered=True))
-
-
-def _run(ctx, label: str, fn, common: tuple, args: list[tuple], sizes: list[int], gpu: bool, ordered: bool = False):
-    """Submit ``fn(ctx, *common, *a)`` for each ``a`` in ``args`` and yield the results as they finish (with
-    ``ordered``, in submission order), one progress bar over the ``sizes`` images. On an error (raised here as
+def _run(ctx, label: str, fn, common: tuple, args: list[tuple], sizes: list[int], gpu: bool):
+    """Submit ``fn(ctx, *common, *a)`` for each ``a`` in ``args`` and yield the results as they finish, one
+    progress bar over the ``sizes`` images. On an error (raised here as
     the worker raised it) or an interruption, the rest is cancelled."""
     from distributed import as_completed
 
@@ -113,17 +102,10 @@ def _run(ctx, label: str, fn, common: tuple, args: list[tuple], sizes: list[int]
     workers = session.worker_count()
     bar = progress_bar(ctx, sum(sizes), f"{label.replace('/', ' ')} ({len(args)} shards on {workers} workers)")
     try:
-        if ordered:
-            results = [None] * len(futures)
-            for future in as_completed(futures):
-                results[position[future.key]] = future.result()
-                bar.update(sizes[position[future.key]])
-            yield from results
-        else:
-            for future in as_completed(futures):
-                result = future.result()
-                bar.update(sizes[position[future.key]])
-                yield result
+        for future in as_completed(futures):
+            result = future.result()
+            bar.update(sizes[position[future.key]])
+            yield result
     finally:
         bar.close()
         session.client.cancel(futures)
