@@ -11,11 +11,10 @@ from typing import Any
 from rcnn.config import ClusterConfig
 from rcnn.errors import UserError
 
-from .environ import KEEP_GLIBC_MALLOC
+from .environ import LOCAL_NANNY, LOCAL_WORKER_ENV
 from .spec import ClusterSpec
 
 INSTALL = "pip install -e '.[dask]'"
-
 
 
 def _require_dask() -> None:
@@ -88,7 +87,7 @@ def open_session(spec: ClusterSpec, section: ClusterConfig, log: Callable[[str],
         if spec.kind == "local":
             import dask
 
-            stack.enter_context(dask.config.set(KEEP_GLIBC_MALLOC))
+            stack.enter_context(dask.config.set(LOCAL_NANNY))
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=spec.workers,
@@ -96,6 +95,7 @@ def open_session(spec: ClusterSpec, section: ClusterConfig, log: Callable[[str],
                     processes=True,
                     dashboard_address=None,
                     silence_logs=logging.ERROR,
+                    env=LOCAL_WORKER_ENV,
                 )
             )
             client = stack.enter_context(Client(cluster))

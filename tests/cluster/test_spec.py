@@ -123,17 +123,26 @@ def test_gpu_stages_ask_for_a_gpu_only_where_a_worker_has_one():
     assert ClusterSession(_FakeClient([{}] * 12), spec).worker_count() == 12
 
 
-def test_local_workers_keep_glibcs_malloc_defaults():
-    # distributed sets MALLOC_TRIM_THRESHOLD_ in its workers, which slows selective search by 11-15 %.
+def _worker_environment():
+    import torch
+
+    return torch.get_num_threads(), {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_local_workers_keep_glibcs_malloc_one_thread_each_and_the_clients_environment_as_it_was():
+    # distributed sets MALLOC_TRIM_THRESHOLD_ in its workers, which slows selective search by 11-15 %, and a
+    # LocalCluster's nannies (in this process) would set it and the thread limits in the client's environment.
     pytest.importorskip("distributed")
     from rcnn.cluster.session import open_session
 
-    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    keys = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    before = {k: os.environ.get(k) for k in keys}
     with open_session(parse_cluster("local:1"), ClusterConfig(), lambda _: None) as session:
-        seen = session.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
-    # A LocalCluster's nannies live in this process and set their variables in its environment, then spawn.
-    assert list(seen.values()) == [before]
-    assert os.environ.get("MALLOC_TRIM_THRESHOLD_") == before
+        seen = list(session.client.run(_worker_environment).values())
+        during = {k: os.environ.get(k) for k in keys}
+    assert seen == [(1, {"MALLOC_TRIM_THRESHOLD_": before["MALLOC_TRIM_THRESHOLD_"], "OMP_NUM_THREADS": "1"})]
+    assert during == before  # torch imported now by the client (fine-tuning) keeps its threads
+    assert {k: os.environ.get(k) for k in keys} == before
 
 
 def test_slurm_workers_keep_glibcs_malloc_defaults():
