@@ -45,9 +45,9 @@ class TestTime:
     the conv trunk, pooling, fc layers); ``caching`` is the extra the feature stages spent writing it
     to the artifact store, which a detector does not do. Older manifests without the split give the
     stages' whole time as ``features`` and ``None`` for ``caching``. ``pooled_again`` is feature work
-    the pipeline does twice because it does not cache the result: SPP-net's pyramid, which box
-    regression reads, pooled again from the conv maps by the evaluation (a detector keeps the one it
-    pooled for fc6). Neither is in the total.
+    the pipeline does twice because it does not cache the result: what box regression reads, computed
+    again by the evaluation (SPP-net's pyramid pooled from the conv maps; R-CNN's pool5 under
+    ``features.bbox_rows: regression``); a detector keeps the one it computed. Neither is in the total.
     """
 
     proposals: float | None
@@ -120,7 +120,7 @@ class RunSummary:
                 features = whole
             else:
                 features, caching = float(sum(compute)), max(0.0, whole - float(sum(compute)))
-        # Features the evaluation computed again (SPP-net's pyramid for box regression); 0 for cached ones.
+        # Features the evaluation computed again for box regression (not cached); 0 for cached ones.
         again = number((self.results or {}).get("seconds_per_image_features"))
         return TestTime(
             proposals=number(proposals.metrics.get("seconds_per_image_worker")) if proposals else None,

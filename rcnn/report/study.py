@@ -286,7 +286,7 @@ def _section_test_time(s: _Study) -> list:
         "proposals s",
         "features s",
         "caching s",
-        "pooled again s",
+        "computed again s",
         "classification s",
         "total s",
         "features vs baseline",
@@ -296,9 +296,11 @@ def _section_test_time(s: _Study) -> list:
         "Seconds per test image: proposals (one worker), features (every feature stage on the test split: image "
         "decoding, warping or the conv trunk, pooling and fc layers, as a detector computes them, including what box "
         "regression reads), and classification (SVM scoring, box regression and NMS). Caching is what the feature "
-        "stages spent on top writing their features to disk. Pooled again is SPP-net's pyramid for box regression, "
-        "which the pipeline does not cache and so pools a second time from the conv maps while evaluating; a "
-        "detector keeps the one it pooled for fc6. A detector pays neither, so neither is in the total."
+        "stages spent on top writing their features to disk. Computed again is what box regression reads and the "
+        "pipeline does not cache, so computes a second time while evaluating: SPP-net's pyramid, pooled again from "
+        "the conv maps, or R-CNN's pool5 under features.bbox_rows: regression, the test boxes warped through the "
+        "network again; a detector keeps what it computed for the SVMs' features. A detector pays neither, so "
+        "neither is in the total."
     )
     blocks += [("p", text), ("table", Table(headers, rows))]
     if sentences:
