@@ -26,8 +26,7 @@ def write_image_records(
     totals: dict = {}
     todo = pending_images(ctx, f"{stage.NAME}/{split}", parts, ids)
     bar = progress_bar(ctx, len(todo), desc)
-    # A full part is written while the next one is computed: the device need not wait for HDF5 and fsync.
-    with records.RecordWriter(parts, stage.KIND, chunk_size=stage.PART_SIZE, background=True) as writer:
+    with records.RecordWriter(parts, stage.KIND, chunk_size=stage.PART_SIZE) as writer:
         for image_id, arrays, info in stage.image_records(ctx, split, todo):
             writer.add(image_id, arrays)
             add_info(totals, info)
