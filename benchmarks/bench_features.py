@@ -28,31 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, machine_info, machine_line, rcnn_image_features, spp_image_features, synchronize
+from common import REPO, machine_info, machine_line, network, rcnn_image_features, spp_image_features, synchronize
 
 from rcnn.config import PipelineFile
 from rcnn.data.datasets import load_image
 from rcnn.methods.spp_regions import as_map_tensors, image_maps, pool_windows
-from rcnn.modeling.checkpoints import initialise
-from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
+from rcnn.modeling.inference import inference_autocast, to_float16
 from rcnn.modeling.models import device_for
 from rcnn.modeling.spp_geometry import image_scales
 from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
 from rcnn.stages.context import Context
-from rcnn.stages.methods import build_method
 from rcnn.stages.prepare import ensure_data
-
-
-def network(ctx: Context, device: torch.device):
-    """The pipeline's network as its method shapes it, with its starting weights, ready for inference."""
-    cfg, method = ctx.cfg, build_method(ctx.cfg)
-    model = method.untrained_model(ctx)
-    if not cfg.model.weights.startswith("pipeline:"):
-        initialise(model, ctx.weights()[0])
-    if method.whole_images and cfg.spp.fc6_input_rms is not None:
-        model.fc6_input_scale.fill_(0.01)  # as fine-tuning sets it (for_inference folds it into fc6)
-    return for_inference(model.to(device), whole_images=method.whole_images)
 
 
 def main() -> None:

@@ -27,7 +27,10 @@ import cv2  # noqa: E402
 
 from rcnn.methods.rcnn_regions import region_features  # noqa: E402
 from rcnn.methods.spp_regions import image_maps, spp_region_features  # noqa: E402
+from rcnn.modeling.checkpoints import initialise  # noqa: E402
+from rcnn.modeling.inference import for_inference  # noqa: E402
 from rcnn.modeling.spp_geometry import image_scales  # noqa: E402
+from rcnn.stages.methods import build_method  # noqa: E402
 
 # ----------------------------------------------------------------------------- machine and versions
 
@@ -182,3 +185,14 @@ def random_boxes(rng: np.random.Generator, width: int, height: int, n: int, obje
     lo = np.clip(np.stack([cx - w / 2, cy - h / 2], axis=1), 0, limits - 1)
     hi = np.clip(np.stack([cx + w / 2, cy + h / 2], axis=1), lo + 1, limits)  # at least a pixel, as selective search's
     return np.concatenate([lo, hi], axis=1).astype(np.float32)
+
+
+def network(ctx, device: torch.device):
+    """The pipeline's network as its method shapes it, with its starting weights, ready for inference."""
+    cfg, method = ctx.cfg, build_method(ctx.cfg)
+    model = method.untrained_model(ctx)
+    if not cfg.model.weights.startswith("pipeline:"):
+        initialise(model, ctx.weights()[0])
+    if method.whole_images and cfg.spp.fc6_input_rms is not None:
+        model.fc6_input_scale.fill_(0.01)  # as fine-tuning sets it (for_inference folds it into fc6)
+    return for_inference(model.to(device), whole_images=method.whole_images)

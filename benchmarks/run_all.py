@@ -24,6 +24,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +137,41 @@ def main(argv=None) -> int:
         return 1
 
 
+def write_json(args, out: dict) -> None:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_name(args.json.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(args.json)
+
+
 def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, started: float) -> int:
     results: dict[str, dict] = {}
+    failed: dict[str, str] = {}  # measurement -> the error that stopped it
+    weights = f"SqueezeNet from {args.weights}, AlexNet random" if args.weights else "random (torchvision's initialisation)"
+    amp = "float16" if device.type == "cuda" else "bfloat16"
+    ours_precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
+    data, images, classes = "", [], ()
+
+    def report(complete: bool) -> dict:
+        """Everything measured so far, the settings and the machine, as written to --json."""
+        return {
+            "mode": mode,
+            "complete": complete,
+            "device": str(device),
+            "data": data,
+            "proposals": args.proposals,
+            "images": len(images),
+            "classes": list(classes),
+            "sizes": {k: getattr(sizes, k) for k in sizes.__dataclass_fields__},
+            "weights": weights,
+            "precision": {"ours": ours_precision, "stock": f"{amp} autocast"},
+            "machine": machine_info(device),
+            "allocator": allocator,
+            "seconds": time.perf_counter() - started,
+            "measurements": results,
+            "failed": failed,
+        }
+
     with tempfile.TemporaryDirectory(prefix="rcnn-bench-") as tmp_name:
         tmp = Path(tmp_name)
         voc, anns, images, classes = prepare_data(args, sizes, tmp)
@@ -150,18 +184,28 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
         )
         for name in args.only or MEASUREMENTS:
             tick = time.perf_counter()
-            for key, fig in MEASUREMENTS[name](bench).items():
-                results[key] = {"title": TITLES.get(key, key), **fig, "ratio": ratio(fig)}
-            print(f"  {name}: {time.perf_counter() - tick:.1f} s", flush=True)
+            try:
+                figures = MEASUREMENTS[name](bench)
+            except Exception as e:  # noqa: BLE001 - one failing measurement must not lose the others' figures
+                failed[name] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+                print(f"  {name}: failed after {time.perf_counter() - tick:.1f} s: {failed[name]}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            else:
+                for key, fig in figures.items():
+                    results[key] = {"title": TITLES.get(key, key), **fig, "ratio": ratio(fig)}
+                print(f"  {name}: {time.perf_counter() - tick:.1f} s", flush=True)
+            if args.json:  # after every measurement, so that a run cut short keeps what it measured
+                write_json(args, report(False))
     info = machine_info(device)
     wall = time.perf_counter() - started
-    weights = f"SqueezeNet from {args.weights}, AlexNet random" if args.weights else "random (torchvision's initialisation)"
     print()
     print(table(results))
+    for name, why in failed.items():
+        print(f"{name}: failed: {why}")
     print()
     print("ratio: stock / ours for times and sizes, ours / stock for rates (above 1: the library is faster or smaller)")
-    amp = "float16" if device.type == "cuda" else "bfloat16"
-    ours_precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
     print(f"ours: the library's code paths ({ours_precision}); stock: benchmarks/stock.py (roi_align crops, roi_pool "
           f"pyramids, channels last, {amp} autocast)")  # fmt: skip
     print(f"weights: {weights}; timing does not depend on them")
@@ -169,24 +213,8 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"allocator: {allocator}; peak resident memory {peak:.0f} MB; whole run {wall:.0f} s")
     if args.json:
-        out = {
-            "mode": mode,
-            "device": str(device),
-            "data": data,
-            "proposals": args.proposals,
-            "images": len(images),
-            "classes": list(classes),
-            "sizes": {k: getattr(sizes, k) for k in sizes.__dataclass_fields__},
-            "weights": weights,
-            "precision": {"ours": ours_precision, "stock": f"{amp} autocast"},
-            "machine": info,
-            "allocator": allocator,
-            "seconds": wall,
-            "measurements": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+        write_json(args, report(True))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 
 import cv2
 import numpy as np
+from torch.profiler import record_function
 
 from rcnn.data.datasets import load_image
 from rcnn.errors import ConfigError, UserError
@@ -180,7 +181,10 @@ class _Warped:
     def features(self, model, ann, boxes: np.ndarray, layers: tuple[str, ...]) -> tuple[dict[str, np.ndarray], float]:
         cfg = self.ctx.cfg
         tick = time.perf_counter()
-        image = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
+        with record_function("rcnn.decode"):
+            bgr = load_image(ann)
+        with record_function("rcnn.to_rgb"):
+            image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         feats = region_features(model, image, boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size, cfg.model.warp)
         return feats, time.perf_counter() - tick
 
@@ -199,7 +203,8 @@ class _Pooled:
         self.maps.close()
 
     def features(self, model, ann, boxes: np.ndarray, layers: tuple[str, ...]) -> tuple[dict[str, np.ndarray], float]:
-        conv, factors = convmaps.image_record(self.maps, ann.image_id)
+        with record_function("rcnn.read_maps"):
+            conv, factors = convmaps.image_record(self.maps, ann.image_id)
         tick = time.perf_counter()
         feats = spp_region_features(model, conv, factors, boxes, layers, self.ctx.cfg.spp.target_size)
         return feats, time.perf_counter() - tick

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from rcnn.data.datasets import ImageAnnotation, load_image
 from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
@@ -50,20 +51,24 @@ def region_features(
     spec = model.spec
     device = next(model.parameters()).device
     on_device = warp_on_device(warp, device)
+    # The record_function ranges name the phases in a torch.profiler trace (benchmarks/profile_features.py).
     if on_device:
         scale, shift = pixel_affine(spec, device)
-        image = torch.from_numpy(np.ascontiguousarray(image_rgb)).to(device).permute(2, 0, 1).float()
+        with record_function("rcnn.upload"):
+            image = torch.from_numpy(np.ascontiguousarray(image_rgb)).to(device).permute(2, 0, 1).float()
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
-        if on_device:
-            x = warp_regions_torch(image, chunk, spec.input_size, context_pad, spec.mean_pixel).mul_(scale).sub_(shift)
-        else:
-            x = normalise_crops(warp_regions(image_rgb, chunk, spec.input_size, context_pad, spec.mean_pixel), spec, device)
-        with inference_autocast(device):
+        with record_function("rcnn.warp"):
+            if on_device:
+                x = warp_regions_torch(image, chunk, spec.input_size, context_pad, spec.mean_pixel).mul_(scale).sub_(shift)
+            else:
+                x = normalise_crops(warp_regions(image_rgb, chunk, spec.input_size, context_pad, spec.mean_pixel), spec, device)
+        with record_function("rcnn.cnn"), inference_autocast(device):
             feats = model.extract(x, layers)
-        for layer in layers:
-            out[layer].append(to_float16(feats[layer]))
+        with record_function("rcnn.to_host"):
+            for layer in layers:
+                out[layer].append(to_float16(feats[layer]))
     dims = {"pool5": spec.pool5_dim, "fc6": spec.fc_dim, "fc7": spec.fc_dim}
     return {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float16) for k, v in out.items()}
 
@@ -85,7 +90,8 @@ class WarpedRegionFeatures:
         for_inference(self.model, whole_images=False)
 
     def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
-        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+        with record_function("rcnn.to_rgb"):
+            rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
         return region_features(self.model, rgb, boxes, layers, self.context_pad, self.batch_size, self.warp)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
 from rcnn.modeling.models import PYRAMID_LAYOUT, DetectorNet, pixel_affine
@@ -36,17 +37,21 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
     """
     spec = model.spec
     device = next(model.parameters()).device
-    rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    with record_function("rcnn.to_rgb"):
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
     scale, shift = pixel_affine(spec, device)
     h, w = rgb.shape[:2]
     maps = []
     for f in factors:
         size = (max(1, round(w * f)), max(1, round(h * f)))
-        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else rgb
-        x = torch.from_numpy(np.ascontiguousarray(resized)).to(device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
-        with inference_autocast(device):
+        with record_function("rcnn.resize"):
+            resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else rgb
+        with record_function("rcnn.upload"):
+            x = torch.from_numpy(np.ascontiguousarray(resized)).to(device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
+        with record_function("rcnn.conv"), inference_autocast(device):
             fmap = model.trunk(x[None])[0]
-        maps.append(to_float16(fmap.permute(1, 2, 0)))
+        with record_function("rcnn.to_host"):
+            maps.append(to_float16(fmap.permute(1, 2, 0)))
     return maps
 
 
@@ -206,13 +211,16 @@ def spp_region_features(
     :func:`pool_windows`) go through the fc layers once.
     """
     device = next(model.parameters()).device
-    maps = as_map_tensors(maps, device)
+    with record_function("rcnn.upload"):
+        maps = as_map_tensors(maps, device)
     spec = model.spec
-    pooled, inverse = pool_windows(maps, factors, boxes, spec.stride, spec.spp_levels, target, dtype=None, offset=spec.offset)
-    with inference_autocast(device):
+    with record_function("rcnn.pool"):
+        pooled, inverse = pool_windows(maps, factors, boxes, spec.stride, spec.spp_levels, target, dtype=None, offset=spec.offset)
+    with record_function("rcnn.fc"), inference_autocast(device):
         out = model.head(pooled, layers)
     out["pool5"] = pooled
-    return {k: to_float16(out[k])[inverse] for k in layers}
+    with record_function("rcnn.to_host"):
+        return {k: to_float16(out[k])[inverse] for k in layers}
 
 
 @dataclass

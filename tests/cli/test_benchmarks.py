@@ -78,6 +78,44 @@ def test_run_all_measures_everything_and_writes_json(tmp_path):
     assert "torchvision" in done.stdout and "random" in done.stdout
 
 
+def test_a_failing_measurement_keeps_the_others_and_fails_the_run(bench_modules, monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run_all as suite
+
+    def broken(bench):
+        raise RuntimeError("CUDA out of memory (as a GPU run might say)")
+
+    monkeypatch.setitem(suite.MEASUREMENTS, "svm", broken)
+    out = tmp_path / "bench.json"
+    code = suite.main(["--tiny", "--only", "svm", "--only", "cache", "--json", str(out)])
+    assert code == 1
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    assert set(report["measurements"]) == {"cache_rcnn", "cache_rcnn_regression", "cache_spp"}
+    assert report["measurements"]["cache_spp"]["ours"] > 0
+    assert report["failed"] == {"svm": "RuntimeError: CUDA out of memory (as a GPU run might say)"}
+    printed = capsys.readouterr()
+    assert "svm: failed" in printed.out and "Traceback" in printed.err
+
+
+def test_the_json_is_written_after_every_measurement(bench_modules, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run_all as suite
+
+    out = tmp_path / "bench.json"
+    seen = []
+
+    def stop_after_first(bench):  # what a run cut short by a time limit leaves behind
+        seen.append(json.loads(out.read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(suite.MEASUREMENTS, "svm", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--tiny", "--only", "cache", "--only", "svm", "--json", str(out)])
+    assert len(seen) == 1 and seen[0]["complete"] is False and "cache_spp" in seen[0]["measurements"]
+    assert json.loads(out.read_text()) == seen[0]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_without_a_gpu_is_one_line():
     done = run_all("--tiny", "--device", "cuda")
@@ -127,3 +165,47 @@ def test_stock_scales_and_context_match_the_library(bench_modules):
     # Boxes whose context stays inside the image: the library's sampled region is the stock's grown box.
     src, _ = warp_geometry(boxes, 10_000, 10_000, 227, 16)
     np.testing.assert_allclose(stock.with_context(boxes, 227, 16), src, rtol=1e-6, atol=1e-3)
+
+
+def profile_features(*args) -> subprocess.CompletedProcess:
+    script = BENCHMARKS / "profile_features.py"
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "pipeline, phases",
+    [
+        ("tiny", {"rcnn.decode", "rcnn.to_rgb", "rcnn.warp", "rcnn.cnn", "rcnn.to_host", "rcnn.write"}),
+        ("tiny-spp", {"rcnn.decode", "rcnn.to_rgb", "rcnn.upload", "rcnn.conv", "rcnn.pool", "rcnn.fc", "rcnn.write"}),
+    ],
+)
+def test_profile_features_times_each_phase_of_the_stage(pipeline, phases, pipelines_file, tmp_path, capsys):
+    from conftest import run_cli
+
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["proposals", pipeline, "--runs-dir", str(runs), "--pipelines-file", str(pipelines_file), "--quiet"], capsys)
+    assert code == 0, err
+    trace = tmp_path / "trace.json.gz"
+    args = ["--images", 1, "--warmup", 1, "--runs-dir", runs, "--pipelines-file", pipelines_file, "--trace", trace]
+    done = profile_features(pipeline, *args)
+    assert done.returncode == 0, done.stderr
+    table = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("rcnn."):
+            name, host, calls = line.split()
+            table[name] = (float(host), float(calls))
+    assert phases <= set(table), done.stdout
+    # One image: one decode and one record; the CNN ran at least once.
+    assert table["rcnn.decode"][1] == 1 and table["rcnn.write"][1] >= 1
+    assert all(host >= 0 for host, _ in table.values())
+    assert "wall time:" in done.stdout and "Self CPU" in done.stdout
+    import gzip
+
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert {e.get("name") for e in events} >= phases
+
+
+def test_profile_features_without_proposals_is_one_line(pipelines_file, tmp_path):
+    done = profile_features("tiny", "--runs-dir", tmp_path / "runs", "--pipelines-file", pipelines_file)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "rcnn proposals tiny" in done.stderr
