@@ -15,6 +15,7 @@ from types import ModuleType
 
 from rcnn import __version__
 from rcnn.errors import UserError
+from rcnn.runtime import release_freed_memory
 from rcnn.store import artifacts as store
 
 from .context import Context, data_record
@@ -61,7 +62,10 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
                 return _reuse(ctx, unit, twin, label)
         started = time.time()
         work = store.work_dir(unit, expected)
-        outputs, metrics = stage.compute(ctx, split, work)
+        try:
+            outputs, metrics = stage.compute(ctx, split, work)
+        finally:
+            release_freed_memory()  # so that the next stage in this process does not start on top of this one's peak
         manifest = {
             "stage": stage.NAME,
             "split": split,

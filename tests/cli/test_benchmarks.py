@@ -183,7 +183,8 @@ def test_profile_features_times_each_phase_of_the_stage(pipeline, phases, pipeli
     from conftest import run_cli
 
     runs = tmp_path / "runs"
-    code, _, err = run_cli(["proposals", pipeline, "--runs-dir", str(runs), "--pipelines-file", str(pipelines_file), "--quiet"], capsys)
+    argv = ["proposals", pipeline, "--runs-dir", str(runs), "--pipelines-file", str(pipelines_file), "--quiet"]
+    code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     trace = tmp_path / "trace.json.gz"
     args = ["--images", 1, "--warmup", 1, "--runs-dir", runs, "--pipelines-file", pipelines_file, "--trace", trace]

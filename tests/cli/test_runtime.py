@@ -67,3 +67,41 @@ def test_one_blas_thread_limits_numpys_blas_inside_and_restores_it_after():
     with one_blas_thread():
         assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == before
+
+
+# Frees 256 MB of touched heap memory with freed memory kept, and prints the resident size (from
+# /proc/self/statm) before and after release_freed_memory().
+RELEASE_PROBE = """
+import os, sys
+import numpy as np
+from rcnn.runtime import keep_freed_memory, release_freed_memory
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+assert keep_freed_memory()
+block = np.ones(32 << 20)  # 256 MB, every page touched
+after = np.ones(1000)  # something above it on the heap
+del block
+kept = resident()
+print(release_freed_memory(), kept, resident())
+"""
+
+
+@glibc
+def test_release_freed_memory_hands_a_freed_block_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, check=True)
+    released, kept, now = out.stdout.split()
+    assert released == "True"
+    assert int(kept) - int(now) >= 200 << 20, (kept, now)  # the 256 MB block was resident and is not any more
+
+
+def test_the_stage_runner_releases_memory_after_every_stage(pipelines_file, tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    import rcnn.stages.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "release_freed_memory", lambda: calls.append(1))
+    argv = ["proposals", "tiny", "--runs-dir", str(tmp_path / "runs"), "--pipelines-file", str(pipelines_file), "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert len(calls) == 2  # one per split computed
