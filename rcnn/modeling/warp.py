@@ -174,22 +174,60 @@ def warp_regions_torch(
     Returns:
         Tensor ``[N, 3, crop_size, crop_size]`` of ``image``'s dtype and device.
     """
+    if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        raise ValueError(f"image must be a float [3, H, W] tensor, got {image.dtype} {tuple(image.shape)}")
+    b = np.asarray(boxes.cpu() if hasattr(boxes, "cpu") else boxes, dtype=np.float64).reshape(-1, 4)
+    sizes = np.array([image.shape[1:]], np.int64)
+    return warp_many_torch(image[None], sizes, np.zeros(len(b), np.int64), b, crop_size, context_pad, fill)
+
+
+def warp_many_torch(
+    images,
+    sizes: np.ndarray,
+    image_index: np.ndarray,
+    boxes: np.ndarray,
+    crop_size: int = 227,
+    context_pad: int = 16,
+    fill: tuple[float, float, float] = IMAGENET_MEAN_RGB,
+):
+    """:func:`warp_regions_torch` of boxes from several images at once: one ``roi_align`` call for all.
+
+    Args:
+        images: float Tensor ``[K, 3, H, W]``; image ``k`` (``sizes[k] = (h, w)``) is ``images[k, :, :h, :w]``.
+            Where ``h < H``, row ``h`` must repeat row ``h - 1``, and where ``w < W`` column ``w`` must repeat
+            column ``w - 1`` (rows ``:h + 1``): samples in an image's last half pixel then read its border
+            as ``roi_align`` does at the edge of a tensor, and the crops equal a lone image's up to float
+            rounding. Whatever lies further out is never read into a crop.
+        sizes: int ``[K, 2]``, each image's ``(height, width)``.
+        image_index: int ``[N]``, the image of each box.
+        boxes: ``[N, 4]`` in ``(x1, y1, x2, y2)``, continuous pixel coordinates of its image.
+
+    Returns:
+        Tensor ``[N, 3, crop_size, crop_size]`` of ``images``' dtype and device, in the order of ``boxes``.
+    """
     import torch
     import torchvision
 
-    if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
-        raise ValueError(f"image must be a float [3, H, W] tensor, got {image.dtype} {tuple(image.shape)}")
-    height, width = image.shape[1:]
-    b = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4).cpu().numpy()
-    dilated, _, _ = _geometry(b, width, height, crop_size, context_pad)
-    dilated_t = torch.from_numpy(dilated).to(device=image.device, dtype=image.dtype)
-    rois = torch.cat([torch.zeros_like(dilated_t[:, :1]), dilated_t], dim=1)
-    crops = torchvision.ops.roi_align(image[None], rois, output_size=crop_size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"images must be a float [K, 3, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
+    image_index = np.asarray(image_index, np.int64).reshape(-1)
+    sizes = np.asarray(sizes, np.float64).reshape(-1, 2)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(image_index) != len(b):
+        raise ValueError(f"{len(b)} boxes but {len(image_index)} image indices")
+    # The dilated box does not depend on the image; where it leaves the image does (the mask below).
+    dilated, _, _ = _geometry(b, 1.0, 1.0, crop_size, context_pad)
+    device, dtype = images.device, images.dtype
+    dilated_t = torch.from_numpy(dilated).to(device=device, dtype=dtype)
+    index_t = torch.from_numpy(image_index).to(device=device, dtype=dtype)
+    rois = torch.cat([index_t[:, None], dilated_t], dim=1)
+    crops = torchvision.ops.roi_align(images, rois, output_size=crop_size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
     # Centres of the crop's pixels in image coordinates, per box: [N, S] for x and for y.
-    steps = (torch.arange(crop_size, device=image.device, dtype=torch.float64) + 0.5) / crop_size
-    dilated_d = dilated_t.to(torch.float64)
+    steps = (torch.arange(crop_size, device=device, dtype=torch.float64) + 0.5) / crop_size
+    dilated_d = torch.from_numpy(dilated).to(device)
     xs = dilated_d[:, 0:1] + steps * (dilated_d[:, 2:3] - dilated_d[:, 0:1])
     ys = dilated_d[:, 1:2] + steps * (dilated_d[:, 3:4] - dilated_d[:, 1:2])
-    inside = ((ys >= 0) & (ys <= height))[:, :, None] & ((xs >= 0) & (xs <= width))[:, None, :]
-    fill_t = torch.as_tensor(fill, dtype=image.dtype, device=image.device).reshape(1, 3, 1, 1)
+    limits = torch.from_numpy(sizes[image_index]).to(device)  # [N, 2]: height, width of each box's image
+    inside = ((ys >= 0) & (ys <= limits[:, 0:1]))[:, :, None] & ((xs >= 0) & (xs <= limits[:, 1:2]))[:, None, :]
+    fill_t = torch.as_tensor(fill, dtype=dtype, device=device).reshape(1, 3, 1, 1)
     return torch.where(inside[:, None], crops, fill_t)

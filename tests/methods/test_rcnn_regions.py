@@ -51,32 +51,100 @@ def test_each_device_picks_its_faster_warp():
         warp_on_device("fast", torch.device("cpu"))
 
 
-def test_training_crops_on_the_device_match_the_host_crops_and_flip_alike():
+def _training_setup(rng):
     from types import SimpleNamespace
 
-    from rcnn.methods.rcnn_regions import WarpedRegions
-
-    rng = np.random.default_rng(1)
-    images = [blocky_image(rng, 96, 128), blocky_image(rng, 64, 80)]
+    images = [blocky_image(rng, 96, 128), blocky_image(rng, 64, 80), blocky_image(rng, 40, 120)]
+    anns = [SimpleNamespace(image_id=f"im{k}", height=im.shape[0], width=im.shape[1]) for k, im in enumerate(images)]
     boxes = [
         np.concatenate([xy := rng.uniform(-5, 60, (20, 2)), xy + rng.uniform(3, 50, (20, 2))], axis=1).astype(np.float32)
         for _ in images
     ]
+    # Boxes reaching each image's right and bottom edges, where the slab's repeated border is read.
+    for k, im in enumerate(images):
+        h, w = im.shape[:2]
+        boxes[k][:4] = [[w - 30, h - 20, w, h], [w - 9.7, 2, w + 3, h - 1], [1, h - 6.3, w - 2, h + 0.4], [0, 0, w, h]]
+    return images, anns, boxes
+
+
+def test_training_crops_on_the_device_match_the_host_crops_and_flip_alike():
+    from rcnn.methods.rcnn_regions import WarpedRegions
+
+    rng = np.random.default_rng(1)
+    images, anns, boxes = _training_setup(rng)
     model = build_model("tiny", 3, 32)
+    img_idx = np.array([1, 0, 0, 1, 0, 1, 1, 0, 2, 2, 0, 1, 2, 2])
+    reg_idx = np.array([3, 0, 19, 7, 7, 0, 12, 5, 0, 1, 1, 2, 3, 17])
     made = {}
-    for warp in ("opencv", "torch"):
-        regions = WarpedRegions([SimpleNamespace() for _ in images], boxes, model, 3, mirror=True, seed=5, warp=warp)
+    for name, warp, slab_bytes in (("opencv", "opencv", 8 << 30), ("slab", "torch", 8 << 30), ("per image", "torch", 0)):
+        regions = WarpedRegions(anns, boxes, model, 3, mirror=True, seed=5, warp=warp, slab_bytes=slab_bytes)
         regions.images._cache.update(enumerate(images))
-        img_idx = np.array([1, 0, 0, 1, 0, 1, 1, 0])
-        reg_idx = np.array([3, 0, 19, 7, 7, 0, 12, 5])
-        made[warp] = (regions.inputs(img_idx, reg_idx, None), regions.inputs(img_idx, reg_idx, 11))
-    plain, device = made["opencv"], made["torch"]
+        assert regions.use_slab == (slab_bytes > 0)
+        made[name] = (regions.inputs(img_idx, reg_idx, None), regions.inputs(img_idx, reg_idx, 11))
+    plain = made["opencv"]
     # One grey level of the 0-255 scale, in the network's normalised units (std about 0.23): uint8 rounding.
     level = 1 / (255 * 0.224)
-    for a, b in zip(plain, device):
-        assert a.shape == b.shape == (8, 3, 32, 32)
-        assert (a - b).abs().max() <= 1.01 * level
-    # Both flip the same crops: the iteration's draw mirrors some, and not all.
-    flipped = [(f - u).abs().amax(dim=(1, 2, 3)) > 2 * level for u, f in ((plain[0], plain[1]), (device[0], device[1]))]
-    assert torch.equal(flipped[0], flipped[1]) and 0 < int(flipped[0].sum()) < 8
+    for device in (made["slab"], made["per image"]):
+        for a, b in zip(plain, device):
+            assert a.shape == b.shape == (14, 3, 32, 32)
+            assert (a - b).abs().max() <= 1.01 * level
+    # The slab's one roi_align over several images gives the per-image crops up to float rounding.
+    for a, b in zip(made["slab"], made["per image"]):
+        assert (a - b).abs().max() < 1e-4
+    # All three flip the same crops: the iteration's draw mirrors some, and not all.
+    flipped = [(f - u).abs().amax(dim=(1, 2, 3)) > 2 * level for u, f in made.values()]
+    assert torch.equal(flipped[0], flipped[1]) and torch.equal(flipped[0], flipped[2]) and 0 < int(flipped[0].sum()) < 14
+    device = made["slab"]
     assert (device[1][flipped[1]] - device[0][flipped[1]].flip(-1)).abs().max() < 1e-5
+
+
+def test_the_slab_refuses_an_image_larger_than_its_annotation():
+    from rcnn.errors import UserError
+    from rcnn.methods.rcnn_regions import WarpedRegions
+
+    rng = np.random.default_rng(2)
+    images, anns, boxes = _training_setup(rng)
+    anns[0].width = 100  # the file is 128 px wide, wider than any annotation says
+    regions = WarpedRegions(anns, boxes, build_model("tiny", 3, 32), 3, mirror=False, seed=0, warp="torch")
+    regions.images._cache.update(enumerate(images))
+    with pytest.raises(UserError, match="'im0' is 128x96 pixels, larger than its annotation's 100x96"):
+        regions.inputs(np.array([0, 1]), np.array([0, 0]), None)
+
+
+def test_warping_many_images_at_once_equals_warping_each():
+    from rcnn.modeling.warp import warp_many_torch, warp_regions_torch
+
+    rng = np.random.default_rng(3)
+    images, _, boxes = _training_setup(rng)
+    tensors = [torch.from_numpy(im).permute(2, 0, 1).float() for im in images]
+    height, width = max(t.shape[1] for t in tensors) + 2, max(t.shape[2] for t in tensors) + 3
+    batch = torch.full((len(tensors), 3, height, width), 1e4)  # far from any pixel: a read of it shows
+    sizes = []
+    for k, t in enumerate(tensors):
+        h, w = t.shape[1:]
+        batch[k, :, :h, :w] = t
+        batch[k, :, h, :w] = t[:, h - 1]
+        batch[k, :, : h + 1, w] = batch[k, :, : h + 1, w - 1]
+        sizes.append((h, w))
+    index = np.repeat(np.arange(len(images)), [len(b) for b in boxes])
+    many = warp_many_torch(batch, np.array(sizes), index, np.concatenate(boxes), 40, 4)
+    each = torch.cat([warp_regions_torch(t, b, 40, 4) for t, b in zip(tensors, boxes)])
+    assert many.shape == each.shape == (60, 3, 40, 40)
+    assert (many - each).abs().max() < 1e-3  # on the 0-255 scale
+
+
+def test_finetune_stage_on_the_device_warp_is_reproducible(pipelines_file, tmp_path, capsys):
+    """`model.warp: torch` on a CPU runs the slab path of the fine-tuning stage end to end; two runs write the same model."""
+    import hashlib
+
+    from conftest import run_cli
+
+    models = []
+    for k in range(2):
+        runs = tmp_path / f"runs{k}"
+        common = ["tiny", "--runs-dir", str(runs), "--pipelines-file", str(pipelines_file), "--quiet"]
+        for stage in ("proposals", "finetune"):
+            code, _, err = run_cli([stage, *common, "--set", "model.warp=torch"], capsys)
+            assert code == 0, err
+        models.append(hashlib.sha256((runs / "tiny" / "finetune" / "trainval" / "model.pt").read_bytes()).hexdigest())
+    assert models[0] == models[1]
