@@ -57,7 +57,9 @@ def region_features(
         scale, shift = pixel_affine(spec, device)
         with record_function("rcnn.upload"):
             image = torch.from_numpy(np.ascontiguousarray(image_rgb)).to(device).permute(2, 0, 1).float()
-    out: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+    # Each chunk's outputs stay on the device, in float16, and go to the host once per image: one wait for
+    # the device instead of one per chunk, during which it would idle.
+    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
         with record_function("rcnn.warp"):
@@ -67,11 +69,11 @@ def region_features(
                 x = normalise_crops(warp_regions(image_rgb, chunk, spec.input_size, context_pad, spec.mean_pixel), spec, device)
         with record_function("rcnn.cnn"), inference_autocast(device):
             feats = model.extract(x, layers)
-        with record_function("rcnn.to_host"):
-            for layer in layers:
-                out[layer].append(to_float16(feats[layer]))
+        for layer in layers:
+            out[layer].append(feats[layer].detach().to(torch.float16))
     dims = {"pool5": spec.pool5_dim, "fc6": spec.fc_dim, "fc7": spec.fc_dim}
-    return {k: np.concatenate(v) if v else np.zeros((0, dims[k]), np.float16) for k, v in out.items()}
+    with record_function("rcnn.to_host"):
+        return {k: to_float16(torch.cat(v)) if v else np.zeros((0, dims[k]), np.float16) for k, v in out.items()}
 
 
 @dataclass
