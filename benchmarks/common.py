@@ -140,10 +140,11 @@ def spp_image_features(
     net, image_bgr: np.ndarray, boxes: np.ndarray, scales, max_side, target: float, layers=("pool5", "fc7")
 ) -> dict:
     """SPP-net's test-time features of one BGR image's ``boxes [N, 4]`` (x1, y1, x2, y2): the trunk once per
-    scale (as the convmaps stage), every window pyramid-pooled from those maps and the fc layers (as features)."""
+    scale (as the convmaps stage), every window pyramid-pooled from those maps and the fc layers (as features),
+    the maps left on the device in between as the detector leaves them."""
     h, w = image_bgr.shape[:2]
     factors = image_scales(h, w, scales, max_side)
-    maps = image_maps(net, image_bgr, factors)
+    maps = image_maps(net, image_bgr, factors, to_host=False)
     return spp_region_features(net, maps, factors, boxes, layers, target)
 
 

@@ -203,7 +203,11 @@ def cache_bytes(b: Bench) -> dict:
     return {
         "cache_rcnn": _figures(rcnn, stock_bytes * mb, "MB/image", layers=["pool5", "fc7"], boxes=b.sizes.boxes),
         "cache_rcnn_regression": _figures(
-            sparse, stock_bytes * mb, "MB/image", layers=["pool5 (regression rows)", "fc7"], boxes=b.sizes.boxes,
+            sparse,
+            stock_bytes * mb,
+            "MB/image",
+            layers=["pool5 (regression rows)", "fc7"],
+            boxes=b.sizes.boxes,
             regression_rows=regression_count / n,
         ),
         "cache_spp": _figures(spp, stock_bytes * mb, "MB/image", layers=["conv maps", "fc7"], scales=[b.sizes.scale]),

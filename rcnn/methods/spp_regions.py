@@ -28,8 +28,11 @@ MANY_WINDOWS = 16
 
 
 @torch.no_grad()
-def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float]) -> list[np.ndarray]:
+def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float], to_host: bool = True) -> list:
     """float16 conv maps of one BGR image resized by each factor in ``factors``, channels last: ``[H_k, W_k, C]``.
+
+    numpy arrays, or with ``to_host=False`` tensors left on the model's device (a detector that pools them
+    there at once saves a round trip over the bus).
 
     Channels last is the layout the trunk computes in (see :func:`rcnn.modeling.inference.for_inference`) and
     the one pooling reads (each cell's channels side by side), so no copy ever transposes a map.
@@ -50,18 +53,26 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
             x = torch.from_numpy(np.ascontiguousarray(resized)).to(device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
         with record_function("rcnn.conv"), inference_autocast(device):
             fmap = model.trunk(x[None])[0]
-        with record_function("rcnn.to_host"):
-            maps.append(to_float16(fmap.permute(1, 2, 0)))
+        if to_host:
+            with record_function("rcnn.to_host"):
+                maps.append(to_float16(fmap.permute(1, 2, 0)))
+        else:
+            maps.append(fmap.permute(1, 2, 0).to(torch.float16).contiguous())
     return maps
 
 
-def as_map_tensors(maps: Sequence[np.ndarray], device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Cached float16 ``[H, W, C]`` maps (see :func:`image_maps`) as ``[C, H, W]`` tensors on ``device``.
+def as_map_tensors(maps: Sequence, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Cached float16 ``[H, W, C]`` maps (see :func:`image_maps`; arrays or tensors) as ``[C, H, W]`` tensors on ``device``.
 
     The tensors are views of the channels-last data (no copy on the CPU), still float16: maxima are
     exact in any precision, and half the bytes make pooling's tables about 2x faster.
     """
-    return [torch.from_numpy(np.asarray(m, np.float16)).to(device).permute(2, 0, 1) for m in maps]
+    return [
+        (
+            m.to(device, torch.float16) if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m, np.float16)).to(device)
+        ).permute(2, 0, 1)
+        for m in maps
+    ]
 
 
 def window_cells(
@@ -243,7 +254,7 @@ class PooledRegionFeatures:
     def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
         h, w = image_bgr.shape[:2]
         factors = image_scales(h, w, self.scales, self.max_side)
-        maps = image_maps(self.model, image_bgr, factors)
+        maps = image_maps(self.model, image_bgr, factors, to_host=False)
         return spp_region_features(self.model, maps, factors, boxes, layers, self.target)
 
 

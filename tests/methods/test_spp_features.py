@@ -75,3 +75,24 @@ def test_float16_maps_pool_to_the_same_maxima_as_float32():
     full = spp_pool(torch.from_numpy(fmap.astype(np.float32)), rects, (6, 3, 2, 1), algorithm="table")
     assert half.dtype == torch.float16
     assert torch.equal(half.float(), full)
+
+
+def test_maps_left_on_the_device_give_the_features_of_maps_sent_to_the_host():
+    from rcnn.methods.spp_regions import PooledRegionFeatures, image_maps
+    from rcnn.modeling.inference import for_inference
+
+    rng = np.random.default_rng(4)
+    model = for_inference(build_model("tiny", 4, 32, spp_levels=(2, 1)).eval(), whole_images=True)
+    image = rng.integers(0, 255, (90, 130, 3), dtype=np.uint8)
+    factors = [0.8, 1.3]
+    host, kept = image_maps(model, image, factors), image_maps(model, image, factors, to_host=False)
+    assert all(isinstance(m, np.ndarray) for m in host) and all(isinstance(m, torch.Tensor) for m in kept)
+    for a, b in zip(host, kept):
+        assert a.dtype == np.float16 and np.array_equal(a, b.numpy())
+    boxes = random_boxes(rng, 40, 90)
+    detector = PooledRegionFeatures(model, scales=(72, 117), max_side=None, target=32)
+    got = detector(image, boxes, ("pool5", "fc7"))
+    factors = [72 / 90, 117 / 90]  # shorter side 90 px to 72 and 117
+    want = spp_region_features(model, image_maps(model, image, factors), factors, boxes, ("pool5", "fc7"), 32)
+    for layer in ("pool5", "fc7"):
+        assert np.array_equal(got[layer], want[layer])
