@@ -10,6 +10,7 @@ import numpy as np
 
 from rcnn.config import fingerprint_params, section_kwargs
 from rcnn.learners.svm import ImageFeatures, SVMModel, SVMParams, thin_negatives, train_class_svms
+from rcnn.modeling.inference import to_float32
 from rcnn.store import records
 
 from . import features
@@ -54,7 +55,7 @@ def read_images(
             if neg_max_mutual_overlap is not None:
                 rows = thin_negatives(rs.array(image_id, "boxes", np.float32, 2), gt_classes, neg_max_mutual_overlap)
             yield ImageFeatures(
-                features=rs.array(image_id, layer, np.float16, 2)[rows].astype(np.float32),
+                features=to_float32(rs.array(image_id, layer, np.float16, 2)[rows]),
                 gt_classes=gt_classes[rows],
                 overlaps=rs.array(image_id, "overlaps", np.float32, 2)[rows],
             )

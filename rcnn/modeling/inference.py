@@ -25,6 +25,12 @@ def to_float16(x: torch.Tensor) -> np.ndarray:
     return x.detach().to(torch.float16).contiguous().cpu().numpy()
 
 
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """A float16 array (a feature cache's) as float32: exact, like ``x.astype(np.float32)``, and about 4x
+    faster on a CPU, for the same reason as :func:`to_float16`."""
+    return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+
+
 def fold_batch_norm(module: nn.Module) -> nn.Module:
     """Fold every batch norm that directly follows a convolution into that convolution, in place.
 

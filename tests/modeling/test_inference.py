@@ -120,3 +120,17 @@ def test_for_inference_uses_onednn_linear_where_it_helps(monkeypatch):
     assert not onednn_linear_helps(cpu)
     model = for_inference(_trained_looking_tiny())
     assert type(model.fc6) is torch.nn.Linear and type(model.fc7) is torch.nn.Linear
+
+
+def test_to_float32_is_numpys_exact_conversion():
+    import numpy as np
+
+    from rcnn.modeling.inference import to_float32
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 70)) * 1e3).astype(np.float16)
+    x[0, :4] = [np.inf, -np.inf, 0.0, -0.0]
+    x[1, :2] = [np.float16(6e-8), np.float16(65504)]  # a subnormal and the largest float16
+    got = to_float32(x[::2])  # a strided view too
+    assert got.dtype == np.float32 and np.array_equal(got, x[::2].astype(np.float32))
+    assert np.signbit(got[0, 3])
