@@ -185,3 +185,21 @@ def test_a_stale_cache_is_not_mixed_with_rows_of_other_settings(runs):
     ctx = context(runs, "tiny-rows", "finetune.context_pad=2")
     with pytest.raises(UserError, match=r"run `rcnn features tiny-rows` first"):
         features.layer_reader(ctx, "test", "pool5")
+
+
+def test_thinning_computed_once_reads_the_rows_each_pass_used_to_thin(runs):
+    """SPP-net's thinning of negatives, computed once before training (stages/train_svm.thinned_rows), gives
+    every pass the rows that thinning each pass again gave."""
+    from rcnn.stages import features, train_svm
+
+    ctx = context(runs, "tiny")
+    index = ctx.unit_dir(features.NAME, "trainval") / features.INDEX
+    per_pass = list(train_svm.read_images(index, "fc7", 0.5))
+    kept = train_svm.thinned_rows(ctx, index, 0.5, None)
+    once = list(train_svm.read_images(index, "fc7", None, None, kept))
+    everything = list(train_svm.read_images(index, "fc7"))
+    assert len(per_pass) == len(once) == len(everything) > 0
+    for a, b in zip(per_pass, once):
+        assert np.array_equal(a.features, b.features) and np.array_equal(a.gt_classes, b.gt_classes)
+        assert np.array_equal(a.overlaps, b.overlaps)
+    assert sum(len(i.features) for i in once) < sum(len(i.features) for i in everything)  # thinning dropped rows
