@@ -102,7 +102,12 @@ def image_records(ctx: Context, split: str, ids: list[str]):
         for image_id in ids:
             ann = dataset.annotation(image_id)
             regions = image_regions(ann, props.array(image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
-            feats, seconds = region_features(model, ann, regions.boxes, computed)
+            chosen = None
+            if keep_rows:  # chosen before the features, so that only these rows of the layer leave the device
+                b, difficult = cfg.bbox, cfg.data.use_difficult
+                reg = regression_rows(ann, regions.best_gt, regions.overlaps, ctx.classes, b.min_overlap, difficult)
+                chosen = {sparse: reg.rows}
+            feats, seconds = region_features(model, ann, regions.boxes, computed, chosen)
             arrays = {
                 "boxes": regions.boxes,
                 "gt_classes": regions.gt_classes,
@@ -111,11 +116,9 @@ def image_records(ctx: Context, split: str, ids: list[str]):
                 **{k: feats[k] for k in layers if k != sparse},
             }
             kept = 0
-            if keep_rows:
-                b, difficult = cfg.bbox, cfg.data.use_difficult
-                rows = regression_rows(ann, regions.best_gt, regions.overlaps, ctx.classes, b.min_overlap, difficult).rows
-                arrays[sparse], arrays[f"{sparse}_rows"] = feats[sparse][rows], rows.astype(np.int32)
-                kept = len(rows)
+            if chosen is not None:
+                arrays[sparse], arrays[f"{sparse}_rows"] = feats[sparse], chosen[sparse].astype(np.int32)
+                kept = len(chosen[sparse])
             info = {"images": 1, "boxes": len(regions.boxes), "regression_rows": kept, "compute": seconds, "device": device}
             yield image_id, arrays, info
 

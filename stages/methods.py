@@ -178,14 +178,17 @@ class _Warped:
     def __exit__(self, *exc) -> None:
         pass
 
-    def features(self, model, ann, boxes: np.ndarray, layers: tuple[str, ...]) -> tuple[dict[str, np.ndarray], float]:
+    def features(
+        self, model, ann, boxes: np.ndarray, layers: tuple[str, ...], rows: dict[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, np.ndarray], float]:
         cfg = self.ctx.cfg
         tick = time.perf_counter()
         with record_function("rcnn.decode"):
             bgr = load_image(ann)
         with record_function("rcnn.to_rgb"):
             image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        feats = region_features(model, image, boxes, layers, cfg.finetune.context_pad, cfg.features.batch_size, cfg.model.warp)
+        pad, batch = cfg.finetune.context_pad, cfg.features.batch_size
+        feats = region_features(model, image, boxes, layers, pad, batch, cfg.model.warp, rows)
         return feats, time.perf_counter() - tick
 
 
@@ -202,11 +205,15 @@ class _Pooled:
     def __exit__(self, *exc) -> None:
         self.maps.close()
 
-    def features(self, model, ann, boxes: np.ndarray, layers: tuple[str, ...]) -> tuple[dict[str, np.ndarray], float]:
+    def features(
+        self, model, ann, boxes: np.ndarray, layers: tuple[str, ...], rows: dict[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, np.ndarray], float]:
         with record_function("rcnn.read_maps"):
             conv, factors = convmaps.image_record(self.maps, ann.image_id)
         tick = time.perf_counter()
         feats = spp_region_features(model, conv, factors, boxes, layers, self.ctx.cfg.spp.target_size)
+        for layer, chosen in (rows or {}).items():
+            feats[layer] = feats[layer][chosen]
         return feats, time.perf_counter() - tick
 
 

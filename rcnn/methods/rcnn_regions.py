@@ -43,8 +43,10 @@ def region_features(
     context_pad: int,
     batch_size: int = 256,
     warp: str = "auto",
+    rows: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Layer outputs (float16 ``[N, D]``) of the warped ``boxes [N, 4]`` (x1, y1, x2, y2) of one RGB image.
+    """Layer outputs (float16 ``[N, D]``) of the warped ``boxes [N, 4]`` (x1, y1, x2, y2) of one RGB image;
+    a layer named in ``rows`` only for those rows (chosen on the device, before the copy to the host).
 
     Both warps sample the same places (see :func:`rcnn.modeling.warp.warp_regions_torch`); the device warp
     keeps its samples in floating point where OpenCV rounds them to uint8, so features differ slightly.
@@ -73,7 +75,16 @@ def region_features(
             out[layer].append(feats[layer].detach().to(torch.float16))
     dims = {"pool5": spec.pool5_dim, "fc6": spec.fc_dim, "fc7": spec.fc_dim}
     with record_function("rcnn.to_host"):
-        return {k: to_float16(torch.cat(v)) if v else np.zeros((0, dims[k]), np.float16) for k, v in out.items()}
+        result = {}
+        for k, v in out.items():
+            if not v:
+                result[k] = np.zeros((0, dims[k]), np.float16)
+                continue
+            x = torch.cat(v)
+            if rows is not None and k in rows:
+                x = x[torch.from_numpy(np.asarray(rows[k], np.int64)).to(x.device)]
+            result[k] = to_float16(x)
+        return result
 
 
 @dataclass

@@ -43,6 +43,21 @@ def test_device_warp_features_match_the_opencv_warp(backbone, size):
     assert np.abs(shifted["fc7"].astype(np.float32) - plain["fc7"]).max() > 5 * np.abs(fast["fc7"] - plain["fc7"]).max()
 
 
+@pytest.mark.parametrize("warp", ["opencv", "torch"])
+def test_rows_of_a_layer_are_the_full_layers_rows(warp):
+    model = for_inference(build_model("tiny", 3, 32).eval())
+    rng = np.random.default_rng(7)
+    image = blocky_image(rng, 64, 96)
+    xy = rng.uniform(0, 60, (300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 30, (300, 2))], axis=1).astype(np.float32)
+    full = region_features(model, image, boxes, ("pool5", "fc7"), context_pad=3, batch_size=64, warp=warp)
+    chosen = np.array([299, 0, 5, 64, 65, 130, 5])  # across chunks of 64, out of order, one twice
+    some = region_features(model, image, boxes, ("pool5", "fc7"), 3, 64, warp, rows={"pool5": chosen})
+    assert np.array_equal(some["pool5"], full["pool5"][chosen]) and np.array_equal(some["fc7"], full["fc7"])
+    none = region_features(model, image, boxes, ("pool5",), 3, 64, warp, rows={"pool5": np.zeros(0, np.int64)})
+    assert none["pool5"].shape == (0, full["pool5"].shape[1])
+
+
 def test_each_device_picks_its_faster_warp():
     assert not warp_on_device("auto", torch.device("cpu"))
     assert warp_on_device("auto", torch.device("cuda"))
