@@ -143,7 +143,10 @@ def run(args) -> int:
 
 def _device_us(event) -> float:
     # torch >= 2.4 names it device_time_total; older ones cuda_time_total.
-    return float(getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0.0)) or 0.0)
+    value = getattr(event, "device_time_total", None)
+    if value is None:
+        value = getattr(event, "cuda_time_total", 0.0)
+    return float(value or 0.0)
 
 
 def phase_table(prof, images: int, device: torch.device) -> str:
