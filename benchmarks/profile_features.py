@@ -41,7 +41,7 @@ from rcnn.modeling.models import device_for
 from rcnn.runtime import keep_freed_memory
 from rcnn.stages import features, proposals
 from rcnn.stages.context import Context
-from rcnn.stages.methods import build_method, caches_regression_rows
+from rcnn.stages.methods import build_method
 from rcnn.stages.prepare import ensure_data
 from rcnn.store import records
 from rcnn.training.regions import image_regions
@@ -86,11 +86,7 @@ def run(args) -> int:
         raise UserError("--device cuda, but no CUDA GPU is available")
     method = build_method(cfg)
     detector = method.test_features(cfg, network(ctx, device))
-    # What the features stage computes and caches for this split (see stages/features.py).
-    layers = features.cached_layers(ctx)
-    sparse = method.regression_layer(cfg)
-    keep_sparse = caches_regression_rows(cfg, split)
-    computed = tuple(k for k in method.computed_layers(layers, cfg.bbox.layer) if k != sparse or keep_sparse)
+    layers, sparse, _, computed = features.layer_plan(ctx, split)  # what the features stage computes and caches
     dataset = ctx.dataset(split)
     ids = dataset.ids[: args.warmup + args.images]
     if len(ids) <= args.warmup:

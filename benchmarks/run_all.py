@@ -151,6 +151,7 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
     amp = "float16" if device.type == "cuda" else "bfloat16"
     ours_precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
     data, images, classes = "", [], ()
+    info = machine_info(device)
 
     def report(complete: bool) -> dict:
         """Everything measured so far, the settings and the machine, as written to --json."""
@@ -165,7 +166,7 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
             "sizes": {k: getattr(sizes, k) for k in sizes.__dataclass_fields__},
             "weights": weights,
             "precision": {"ours": ours_precision, "stock": f"{amp} autocast"},
-            "machine": machine_info(device),
+            "machine": info,
             "allocator": allocator,
             "seconds": time.perf_counter() - started,
             "measurements": results,
@@ -198,7 +199,6 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
                 print(f"  {name}: {time.perf_counter() - tick:.1f} s", flush=True)
             if args.json:  # after every measurement, so that a run cut short keeps what it measured
                 write_json(args, report(False))
-    info = machine_info(device)
     wall = time.perf_counter() - started
     print()
     print(table(results))

@@ -81,6 +81,22 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
     }
 
 
+def layer_plan(ctx: Context, split: str) -> tuple[tuple[str, ...], str | None, bool, tuple[str, ...]]:
+    """What this stage computes and caches for ``split``: ``(cached layers, the layer cached for box regression's
+    rows only or None, whether this split caches those rows, the layers computed)``."""
+    cfg, method = ctx.cfg, build_method(ctx.cfg)
+    layers = cached_layers(ctx)
+    sparse = method.regression_layer(cfg)
+    keep_rows = sparse is not None and caches_regression_rows(cfg, split)
+    # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
+    # hands it to box regression; this stage computes it too but does not cache it (layer_reader pools
+    # it again when a later stage needs it, timed apart).
+    computed = method.computed_layers(layers, cfg.bbox.layer)
+    if sparse is not None and not keep_rows:
+        computed = tuple(k for k in computed if k != sparse)
+    return layers, sparse, keep_rows, computed
+
+
 def image_records(ctx: Context, split: str, ids: list[str]):
     """The records of ``ids``, in their order: ``(image_id, arrays, info)``, info holding the image's
     box count, compute seconds and device (what this process or a cluster worker runs)."""
@@ -89,15 +105,7 @@ def image_records(ctx: Context, split: str, ids: list[str]):
     method = build_method(cfg)
     model = inference_model(ctx)
     device = device_label(next(model.parameters()).device)
-    layers = cached_layers(ctx)
-    sparse = method.regression_layer(cfg)  # cached for box regression's training rows only, or None
-    keep_rows = sparse is not None and caches_regression_rows(cfg, split)
-    # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
-    # hands it to box regression; this stage computes it too but does not cache it (layer_reader pools
-    # it again when a later stage needs it, timed apart).
-    computed = method.computed_layers(layers, cfg.bbox.layer)
-    if sparse is not None and not keep_rows:
-        computed = tuple(k for k in computed if k != sparse)
+    layers, sparse, keep_rows, computed = layer_plan(ctx, split)
     with proposals.load(ctx, split) as props, method.region_features(ctx, split) as region_features:
         for image_id in ids:
             ann = dataset.annotation(image_id)

@@ -41,27 +41,18 @@ def svm_params(ctx: Context) -> SVMParams:
 
 
 def read_images(
-    index: Path,
-    layer: str,
-    neg_max_mutual_overlap: float | None = None,
-    verify: records.Verify | None = None,
-    kept: Mapping[str, np.ndarray] | None = None,
+    index: Path, layer: str, verify: records.Verify | None = None, kept: Mapping[str, np.ndarray] | None = None
 ) -> Iterator[ImageFeatures]:
     """The SVM's view of a feature cache, one image at a time (picklable for worker processes).
 
-    With ``neg_max_mutual_overlap`` set, proposals overlapping an earlier one by more than that are
-    left out (SPP-net's thinning of negatives; see :func:`rcnn.learners.svm.thin_negatives`); ``kept``
-    gives each image's rows to read instead, as :func:`thinned_rows` computed them once. ``verify``
-    vets each file before it is read (see :class:`rcnn.store.records.RecordSet`).
+    ``kept`` gives each image's rows to read (SPP-net's thinning of negatives, as :func:`thinned_rows`
+    computes it once); without it every row is read. ``verify`` vets each file before it is read (see
+    :class:`rcnn.store.records.RecordSet`).
     """
     with records.RecordSet(index, features.KIND, verify=verify) as rs:
         for image_id in rs.ids:
             gt_classes = rs.array(image_id, "gt_classes", np.int64, 1)
-            rows = slice(None)
-            if kept is not None:
-                rows = kept[image_id]
-            elif neg_max_mutual_overlap is not None:
-                rows = thin_negatives(rs.array(image_id, "boxes", np.float32, 2), gt_classes, neg_max_mutual_overlap)
+            rows = slice(None) if kept is None else kept[image_id]
             yield ImageFeatures(
                 features=to_float32(rs.array(image_id, layer, np.float16, 2)[rows]),
                 gt_classes=gt_classes[rows],
@@ -89,7 +80,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     verify = upstream_check(ctx, features.NAME, split)
     thin = ctx.cfg.svm.neg_max_mutual_overlap
     kept = thinned_rows(ctx, index, thin, verify) if thin is not None else None
-    source = functools.partial(read_images, index, layer, None, verify, kept)
+    source = functools.partial(read_images, index, layer, verify, kept)
     if ctx.cluster is None:
         model = train_class_svms(
             source, len(ctx.classes), svm_params(ctx), n_jobs=ctx.cfg.svm.n_jobs, progress=ctx.progress, class_names=ctx.classes

@@ -190,14 +190,20 @@ def test_a_stale_cache_is_not_mixed_with_rows_of_other_settings(runs):
 def test_thinning_computed_once_reads_the_rows_each_pass_used_to_thin(runs):
     """SPP-net's thinning of negatives, computed once before training (stages/train_svm.thinned_rows), gives
     every pass the rows that thinning each pass again gave."""
+    from rcnn.learners.svm import ImageFeatures, thin_negatives
     from rcnn.stages import features, train_svm
 
     ctx = context(runs, "tiny")
     index = ctx.unit_dir(features.NAME, "trainval") / features.INDEX
-    per_pass = list(train_svm.read_images(index, "fc7", 0.5))
-    kept = train_svm.thinned_rows(ctx, index, 0.5, None)
-    once = list(train_svm.read_images(index, "fc7", None, None, kept))
     everything = list(train_svm.read_images(index, "fc7"))
+    with features.load(ctx, "trainval") as rs:  # thinning each image as it is read: the oracle
+        boxes = [rs.array(i, "boxes", np.float32, 2) for i in rs.ids]
+    per_pass = []
+    for image, b in zip(everything, boxes):
+        rows = thin_negatives(b, image.gt_classes, 0.5)
+        per_pass.append(ImageFeatures(image.features[rows], image.gt_classes[rows], image.overlaps[rows]))
+    kept = train_svm.thinned_rows(ctx, index, 0.5, None)
+    once = list(train_svm.read_images(index, "fc7", None, kept))
     assert len(per_pass) == len(once) == len(everything) > 0
     for a, b in zip(per_pass, once):
         assert np.array_equal(a.features, b.features) and np.array_equal(a.gt_classes, b.gt_classes)
