@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.data.datasets import load_image
+from rcnn.data.prefetch import read_ahead
 from rcnn.methods.spp_regions import image_maps
 from rcnn.modeling.checkpoints import initialise
 from rcnn.modeling.inference import for_inference
@@ -35,6 +36,7 @@ SCHEMA_VERSION = 2  # 2: maps stored channels last
 INDEX = "index.json"
 KIND = "convmaps"
 PART_SIZE = 16  # images per part file
+READ_AHEAD = 2  # images decoded ahead under model.overlap_io
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
@@ -87,11 +89,15 @@ def image_records(ctx: Context, split: str, ids: list[str]):
     model = trunk_model(ctx)
     info = {"device": device_label(next(model.parameters()).device)}
     mirror = mirrored(ctx, split)
-    for image_id in ids:
-        ann = dataset.annotation(image_id)
+
+    def read(image_id: str):  # the host's part, run ahead under model.overlap_io: annotation and decoding
         tick = time.perf_counter()
+        ann = dataset.annotation(image_id)
+        return ann, load_image(ann), time.perf_counter() - tick
+
+    for image_id, (ann, image, decoding) in read_ahead(read, ids, READ_AHEAD if ctx.cfg.model.overlap_io else 0):
+        tick = time.perf_counter() - decoding  # the compute seconds count decoding, as a detector's would
         factors = image_scales(ann.height, ann.width, ctx.cfg.spp.scales, ctx.cfg.spp.max_side)
-        image = load_image(ann)
         maps = image_maps(model, image, factors)
         record = {"factors": np.asarray(factors, np.float32), **{f"conv{k}": m for k, m in enumerate(maps)}}
         if mirror:

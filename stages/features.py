@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rcnn.data.prefetch import read_ahead
 from rcnn.errors import UserError
 from rcnn.modeling.inference import for_inference
 from rcnn.modeling.models import FEATURE_LAYERS, device_label
@@ -39,6 +40,7 @@ INDEX = "index.json"
 KIND = "features"
 LAYERS = FEATURE_LAYERS
 PART_SIZE = 16  # images per part file
+READ_AHEAD = 2  # images read ahead under model.overlap_io
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
@@ -99,15 +101,19 @@ def layer_plan(ctx: Context, split: str) -> tuple[tuple[str, ...], str | None, b
 
 def image_records(ctx: Context, split: str, ids: list[str]):
     """The records of ``ids``, in their order: ``(image_id, arrays, info)``, info holding the image's
-    box count, compute seconds and device (what this process or a cluster worker runs)."""
+    box count, compute seconds and device (what this process or a cluster worker runs). Under
+    ``model.overlap_io`` a thread reads the next images (annotation, proposals, the decoded image or the
+    conv maps) while the model computes this one."""
     cfg = ctx.cfg
     dataset = ctx.dataset(split)
     method = build_method(cfg)
     model = inference_model(ctx)
     device = device_label(next(model.parameters()).device)
     layers, sparse, keep_rows, computed = layer_plan(ctx, split)
+    depth = READ_AHEAD if cfg.model.overlap_io else 0
     with proposals.load(ctx, split) as props, method.region_features(ctx, split) as region_features:
-        for image_id in ids:
+
+        def read(image_id: str):  # the host's part, run ahead; nothing here touches the model
             ann = dataset.annotation(image_id)
             regions = image_regions(ann, props.array(image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
             chosen = None
@@ -115,7 +121,10 @@ def image_records(ctx: Context, split: str, ids: list[str]):
                 b, difficult = cfg.bbox, cfg.data.use_difficult
                 reg = regression_rows(ann, regions.best_gt, regions.overlaps, ctx.classes, b.min_overlap, difficult)
                 chosen = {sparse: reg.rows}
-            feats, seconds = region_features(model, ann, regions.boxes, computed, chosen)
+            return regions, chosen, region_features.load(ann)
+
+        for image_id, (regions, chosen, loaded) in read_ahead(read, ids, depth):
+            feats, seconds = region_features(model, loaded, regions.boxes, computed, chosen)
             arrays = {
                 "boxes": regions.boxes,
                 "gt_classes": regions.gt_classes,

@@ -26,7 +26,10 @@ def write_image_records(
     totals: dict = {}
     todo = pending_images(ctx, f"{stage.NAME}/{split}", parts, ids)
     bar = progress_bar(ctx, len(todo), desc)
-    with records.RecordWriter(parts, stage.KIND, chunk_size=stage.PART_SIZE) as writer:
+    # model.overlap_io: a full part is written while the next one is computed, so the device need not wait
+    # on HDF5 and fsync.
+    background = ctx.cfg.model.overlap_io
+    with records.RecordWriter(parts, stage.KIND, chunk_size=stage.PART_SIZE, background=background) as writer:
         for image_id, arrays, info in stage.image_records(ctx, split, todo):
             writer.add(image_id, arrays)
             add_info(totals, info)

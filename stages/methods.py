@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -28,8 +29,16 @@ from . import convmaps
 from .context import Context
 from .provenance import upstream_digest
 
-# (features of the layers asked for, seconds of compute) for an image's annotation and its regions' boxes.
-FeatureFn = Callable[..., tuple[dict[str, np.ndarray], float]]
+
+class RegionFeatures(Protocol):
+    """An image's region features in two steps: ``load(ann)``, the host's reading (safe in a thread ahead of
+    the model), then the call, which computes ``(features of the layers asked for, seconds of compute)``."""
+
+    def load(self, ann) -> Any: ...
+
+    def __call__(
+        self, model, loaded, boxes: np.ndarray, layers: tuple[str, ...], rows: dict[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, np.ndarray], float]: ...
 
 
 class Method:
@@ -67,7 +76,7 @@ class Method:
     def prepare_training(self, ctx: Context, regions, sampler) -> None:
         """Initialise what the method sets from the data before the first step of a fresh run."""
 
-    def region_features(self, ctx: Context, split: str) -> AbstractContextManager[FeatureFn]:
+    def region_features(self, ctx: Context, split: str) -> AbstractContextManager[RegionFeatures]:
         """A context manager giving ``features(model, ann, boxes, layers)`` for the regions of ``split``'s images."""
         return _Warped(ctx)
 
@@ -143,7 +152,7 @@ class SPPNet(Method):
         if rms is not None:
             regions.model.fc6_input_scale.fill_(regions.input_scale(sampler, ctx.cfg.finetune.seed + 1, rms))
 
-    def region_features(self, ctx: Context, split: str) -> AbstractContextManager[FeatureFn]:
+    def region_features(self, ctx: Context, split: str) -> AbstractContextManager[RegionFeatures]:
         return _Pooled(ctx, split)
 
     def regression_layer(self, cfg) -> str | None:
@@ -167,49 +176,75 @@ class SPPNet(Method):
 
 
 class _Warped:
-    """R-CNN's features: each region warped from the decoded image and run through the whole CNN."""
+    """R-CNN's features: each region warped from the decoded image and run through the whole CNN.
+
+    ``load(ann)`` is the host's part (decoding, to RGB), safe to run in a thread ahead of the model; calling
+    the object with what it returned computes the features."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
 
-    def __enter__(self) -> FeatureFn:
-        return self.features
+    def __enter__(self) -> _Warped:
+        return self
 
     def __exit__(self, *exc) -> None:
         pass
 
-    def features(
-        self, model, ann, boxes: np.ndarray, layers: tuple[str, ...], rows: dict[str, np.ndarray] | None = None
-    ) -> tuple[dict[str, np.ndarray], float]:
-        cfg = self.ctx.cfg
+    def load(self, ann) -> tuple[np.ndarray, float]:
+        """The image of ``ann`` as RGB, and the seconds that took (part of what a detector computes)."""
         tick = time.perf_counter()
         with record_function("rcnn.decode"):
             bgr = load_image(ann)
         with record_function("rcnn.to_rgb"):
             image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return image, time.perf_counter() - tick
+
+    def __call__(
+        self,
+        model,
+        loaded: tuple[np.ndarray, float],
+        boxes: np.ndarray,
+        layers: tuple[str, ...],
+        rows: dict[str, np.ndarray] | None = None,
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """The ``layers`` of ``boxes`` (a layer in ``rows`` only for those rows), and the seconds of decoding
+        and computing them."""
+        image, decoding = loaded
+        cfg = self.ctx.cfg
+        tick = time.perf_counter()
         pad, batch = cfg.finetune.context_pad, cfg.features.batch_size
         feats = region_features(model, image, boxes, layers, pad, batch, cfg.model.warp, rows)
-        return feats, time.perf_counter() - tick
+        return feats, decoding + time.perf_counter() - tick
 
 
 class _Pooled:
-    """SPP-net's features: each window pooled from the image's cached conv maps, then the fc layers."""
+    """SPP-net's features: each window pooled from the image's cached conv maps, then the fc layers.
+
+    ``load(ann)`` reads the image's maps (I/O, not timed), safe to run in a thread ahead of the model."""
 
     def __init__(self, ctx: Context, split: str):
         self.ctx, self.split, self.maps = ctx, split, None
 
-    def __enter__(self) -> FeatureFn:
+    def __enter__(self) -> _Pooled:
         self.maps = convmaps.load(self.ctx, self.split)
-        return self.features
+        return self
 
     def __exit__(self, *exc) -> None:
         self.maps.close()
 
-    def features(
-        self, model, ann, boxes: np.ndarray, layers: tuple[str, ...], rows: dict[str, np.ndarray] | None = None
-    ) -> tuple[dict[str, np.ndarray], float]:
+    def load(self, ann) -> tuple[list[np.ndarray], np.ndarray]:
         with record_function("rcnn.read_maps"):
-            conv, factors = convmaps.image_record(self.maps, ann.image_id)
+            return convmaps.image_record(self.maps, ann.image_id)
+
+    def __call__(
+        self,
+        model,
+        loaded: tuple[list[np.ndarray], np.ndarray],
+        boxes: np.ndarray,
+        layers: tuple[str, ...],
+        rows: dict[str, np.ndarray] | None = None,
+    ) -> tuple[dict[str, np.ndarray], float]:
+        conv, factors = loaded
         tick = time.perf_counter()
         feats = spp_region_features(model, conv, factors, boxes, layers, self.ctx.cfg.spp.target_size)
         for layer, chosen in (rows or {}).items():
@@ -284,7 +319,8 @@ class WarpedReader(LayerReader):
         if self.model is None:  # loaded on the first row not cached: a reader of cached rows never needs it
             self.model = self.load_model()
         ann = self.ctx.dataset(self.split).annotation(image_id)
-        feats, self.compute_seconds = _Warped(self.ctx).features(self.model, ann, boxes, (self.layer,))
+        warped = _Warped(self.ctx)
+        feats, self.compute_seconds = warped(self.model, warped.load(ann), boxes, (self.layer,))
         self.recomputed += len(boxes)
         return feats[self.layer].astype(np.float32)
 

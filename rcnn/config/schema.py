@@ -80,6 +80,13 @@ class ModelConfig:
         "R-CNN, fine-tuning and features: where regions are warped; opencv on the host (uint8 crops), torch on the "
         "model's device (torchvision roi_align, float crops), auto: OpenCV on a CPU, torch on a GPU",
     )
+    overlap_io: bool = setting(
+        True,
+        "background threads read the next images (convmaps, features: decoding them, or reading their conv maps) "
+        "and write full record parts (convmaps, features, evaluate) while the model computes, so a GPU need not "
+        "wait on the host; false: one step after another. The records are the same bytes",
+        fingerprint=False,
+    )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -54,6 +55,10 @@ class RecordWriter:
     is set) when that long has passed since the last flush, bounding the work a
     kill can lose. Without ``max_seconds``, images written in a fixed order always
     fall into the same parts, so a resumed run writes byte-identical files.
+
+    With ``background``, a full part is written (and fsynced) by a thread of its own while the caller
+    computes the next: at most one part is being written and one filled, and a write's error is raised
+    by the next ``add`` that fills a part, by ``flush`` or at the exit. The files are the same either way.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class RecordWriter:
         chunk_size: int = 64,
         max_seconds: float | None = None,
         compress: Iterable[str] = (),
+        background: bool = False,
     ):
         self.parts_dir = Path(parts_dir)
         self.compress = frozenset(compress)
@@ -77,6 +83,8 @@ class RecordWriter:
         # After the last part of this name, not after their count: a cluster run may have left gaps.
         seqs = [int(p.stem.rsplit("-", 1)[1]) for p in self.parts_dir.glob(f"part-{shard}-*.h5")]
         self._seq = max(seqs, default=-1) + 1
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rcnn-records") if background else None
+        self._pending: Future | None = None
 
     def add(self, image_id: str, arrays: Mapping[str, np.ndarray], attrs: Mapping | None = None) -> None:
         self._buffer.append((image_id, dict(arrays), dict(attrs or {})))
@@ -88,16 +96,32 @@ class RecordWriter:
         self._last_flush = time.monotonic()
         if not self._buffer:
             return
-        write_part(self.parts_dir / part_name(self.shard, self._seq), self.kind, self._buffer, self.compress)
+        path = self.parts_dir / part_name(self.shard, self._seq)
+        if self._pool is None:
+            write_part(path, self.kind, self._buffer, self.compress)
+        else:
+            self.wait()
+            self._pending = self._pool.submit(write_part, path, self.kind, list(self._buffer), self.compress)
         self._seq += 1
         self._buffer.clear()
+
+    def wait(self) -> None:
+        """Wait for the part being written in the background, raising its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         # Whatever was computed before an exception is still worth keeping.
-        self.flush()
+        try:
+            self.flush()
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
 
 def part_name(shard: str, seq: int) -> str:

@@ -210,3 +210,33 @@ def test_profile_features_without_proposals_is_one_line(pipelines_file, tmp_path
     done = profile_features("tiny", "--runs-dir", tmp_path / "runs", "--pipelines-file", pipelines_file)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "rcnn proposals tiny" in done.stderr
+
+
+def bench_overlap(*args) -> subprocess.CompletedProcess:
+    script = BENCHMARKS / "bench_overlap.py"
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_bench_overlap_times_a_stage_both_ways_and_checks_the_bytes(pipelines_file, tmp_path, capsys):
+    from conftest import run_cli
+
+    runs = tmp_path / "runs"
+    argv = ["run", "tiny", "--until", "finetune", "--runs-dir", str(runs), "--pipelines-file", str(pipelines_file), "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    done = bench_overlap("tiny", "--split", "trainval", "--repeats", "2", "--runs-dir", runs, "--pipelines-file", pipelines_file)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("tiny (rcnn), stage features, split trainval: 4 images, device cpu")
+    for way in ("in turn", "overlapped"):
+        (line,) = [x for x in lines if x.split(":")[0].strip() == way]
+        assert len(line.split("rounds: ")[1].split(", ")) == 2  # one figure per round
+    assert "same bytes written both ways: yes" in lines
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before  # the runs folder was only read
+
+
+def test_bench_overlap_without_a_fine_tuned_model_is_one_line(pipelines_file, tmp_path):
+    done = bench_overlap("tiny", "--runs-dir", tmp_path / "runs", "--pipelines-file", pipelines_file)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "rcnn finetune tiny" in done.stderr

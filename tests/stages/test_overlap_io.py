@@ -1,0 +1,96 @@
+"""model.overlap_io: the per-image stages read the next images and write full parts in background threads.
+The records are the bytes written one step after another, and an image that fails to read stops the stage
+with its one-line error after the images before it were written, so a rerun resumes there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_pipelines
+
+from rcnn.errors import UserError
+from rcnn.store import artifacts as store
+from rcnn.store import records
+
+# Three images per part, so that the tiny splits fill several parts and the background writer has work.
+SMALL_PARTS = 3
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_voc, tmp_path_factory):
+    """tiny and tiny-spp run up to their features with the default (overlapped) reading and writing."""
+    from rcnn.cli import main
+
+    folder = tmp_path_factory.mktemp("overlap")
+    pipelines = write_pipelines(folder / "pipelines.yaml", tiny_voc)
+    for name in ("tiny", "tiny-spp"):
+        with pytest.raises(SystemExit) as e:
+            main(["run", name, "--until", "features", "--pipelines-file", str(pipelines), "--runs-dir", str(folder / "runs"), "--quiet"])  # fmt: skip
+            raise SystemExit(0)
+        assert not e.value.code
+    return pipelines, folder / "runs"
+
+
+def unit_bytes(unit: Path) -> dict[str, bytes]:
+    """Every output file of a finished unit (not its manifest, which holds times)."""
+    return {
+        p.relative_to(unit).as_posix(): p.read_bytes()
+        for p in sorted(unit.rglob("*"))
+        if p.is_file() and p.name != store.MANIFEST and not p.name.endswith(".lock")
+    }
+
+
+@pytest.mark.parametrize(("pipeline", "stage"), [("tiny", "features"), ("tiny-spp", "convmaps"), ("tiny-spp", "features")])
+def test_overlapped_and_in_turn_write_the_same_bytes(runs, pipeline, stage, capsys, monkeypatch):
+    from rcnn.stages import convmaps, features
+
+    monkeypatch.setattr({"features": features, "convmaps": convmaps}[stage], "PART_SIZE", SMALL_PARTS)
+    pipelines, folder = runs
+    common = [pipeline, "--pipelines-file", str(pipelines), "--runs-dir", str(folder), "--quiet", "--force"]
+    unit = folder / pipeline / stage / "trainval"
+    code, _, err = run_cli([stage, *common], capsys)
+    assert code == 0, err
+    overlapped = unit_bytes(unit)
+    code, _, err = run_cli([stage, *common, "--set", "model.overlap_io=false"], capsys)
+    assert code == 0, err
+    in_turn = unit_bytes(unit)
+    assert sum(name.startswith("parts/") for name in in_turn) >= 2  # several parts, as announced
+    assert overlapped == in_turn
+
+
+def test_an_image_failing_in_the_reading_thread_stops_with_one_line_and_the_rerun_resumes(runs, capsys, monkeypatch):
+    from rcnn.stages import features
+    from rcnn.stages import methods as stage_methods
+
+    monkeypatch.setattr(features, "PART_SIZE", 1)
+    pipelines, folder = runs
+    common = ["tiny", "--pipelines-file", str(pipelines), "--runs-dir", str(folder), "--quiet"]
+    order = features_order(pipelines, folder)
+    assert len(order) >= 3
+    real, bad = stage_methods.load_image, order[2]
+
+    def broken(ann):
+        if ann.image_id == bad:
+            raise UserError(f"image '{ann.path}' cannot be decoded")
+        return real(ann)
+
+    monkeypatch.setattr(stage_methods, "load_image", broken)
+    code, _, err = run_cli(["features", *common, "--force"], capsys)
+    assert code != 0
+    assert "cannot be decoded" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    work = folder / "tiny" / "features" / "trainval" / store.WORK / "parts"
+    assert set(records.completed_parts(work)) == set(order[: order.index(bad)])  # everything before it was kept
+
+    monkeypatch.setattr(stage_methods, "load_image", real)
+    code, out, err = run_cli(["features", *common[:-1], "--force"], capsys)  # not quiet: the resume is logged
+    assert code == 0, err
+    assert f"features/trainval: resuming, {order.index(bad)} of {len(order)} images already done" in out
+
+
+def features_order(pipelines: Path, folder: Path) -> list[str]:
+    """The trainval ids in the order the features stage computes them."""
+    from rcnn.commands.shared import make_context
+
+    ctx = make_context("tiny", folder, (), str(pipelines), quiet=True)
+    return list(ctx.dataset("trainval").ids)
