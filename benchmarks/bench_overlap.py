@@ -15,7 +15,6 @@ milliseconds, that share is large; on a CPU, where the network takes nearly all 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -23,13 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info, machine_line
+from common import machine_info, machine_line, pipeline_options, run_script
 
 from rcnn.config import PipelineFile
 from rcnn.config.loading import default_pipelines_file
 from rcnn.errors import UserError
 from rcnn.modeling.models import device_for
-from rcnn.runtime import keep_freed_memory
 from rcnn.stages import convmaps, features
 from rcnn.stages.context import Context
 from rcnn.store import artifacts as store
@@ -44,22 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stage", choices=tuple(STAGES), default="features", help="the stage measured (default: features)")
     ap.add_argument("--split", help="the split computed (default: the pipeline's test split)")
     ap.add_argument("--repeats", type=int, default=2, help="rounds of both ways (default: 2)")
-    ap.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("RCNN_RUNS_DIR", "runs")),
-                    help="the runs folder [default: $RCNN_RUNS_DIR or ./runs]")  # fmt: skip
-    ap.add_argument("--pipelines-file", type=Path, help="the pipelines YAML [default: as the rcnn command finds it]")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override one configuration value (repeatable)")  # fmt: skip
+    pipeline_options(ap)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    keep_freed_memory()  # as the rcnn command runs
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"bench_overlap.py: {e}", file=sys.stderr)
-        return 1
+    return run_script("bench_overlap.py", run, parse_args(argv))
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

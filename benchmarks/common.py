@@ -7,6 +7,7 @@ Benchmarks run as scripts (``python benchmarks/NAME.py``), so their folder is on
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -25,11 +26,13 @@ if str(REPO) not in sys.path:
 
 import cv2  # noqa: E402
 
+from rcnn.errors import UserError  # noqa: E402
 from rcnn.methods.rcnn_regions import region_features  # noqa: E402
 from rcnn.methods.spp_regions import image_maps, spp_region_features  # noqa: E402
 from rcnn.modeling.checkpoints import initialise  # noqa: E402
 from rcnn.modeling.inference import for_inference  # noqa: E402
 from rcnn.modeling.spp_geometry import image_scales  # noqa: E402
+from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.stages.methods import build_method  # noqa: E402
 
 # ----------------------------------------------------------------------------- machine and versions
@@ -197,3 +200,25 @@ def network(ctx, device: torch.device):
     if method.whole_images and cfg.spp.fc6_input_rms is not None:
         model.fc6_input_scale.fill_(0.01)  # as fine-tuning sets it (for_inference folds it into fc6)
     return for_inference(model.to(device), whole_images=method.whole_images)
+
+
+# ----------------------------------------------------------------------------- scripts on a pipeline's runs folder
+
+
+def pipeline_options(ap: argparse.ArgumentParser, runs_help: str = "the runs folder") -> None:
+    """``--runs-dir``, ``--pipelines-file`` and ``--set``, read as the ``rcnn`` command reads them."""
+    ap.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("RCNN_RUNS_DIR", "runs")),
+                    help=f"{runs_help} [default: $RCNN_RUNS_DIR or ./runs]")  # fmt: skip
+    ap.add_argument("--pipelines-file", type=Path, help="the pipelines YAML [default: as the rcnn command finds it]")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one configuration value (repeatable)")  # fmt: skip
+
+
+def run_script(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)`` with the allocator setting the ``rcnn`` command makes, a bad input ending in one line."""
+    keep_freed_memory()
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_info, machine_line, network, synchronize
+from common import machine_info, machine_line, network, pipeline_options, run_script, synchronize
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from rcnn.config import PipelineFile
@@ -38,7 +37,6 @@ from rcnn.config.loading import default_pipelines_file
 from rcnn.data.datasets import load_image
 from rcnn.errors import UserError
 from rcnn.modeling.models import device_for
-from rcnn.runtime import keep_freed_memory
 from rcnn.stages import features, proposals
 from rcnn.stages.context import Context
 from rcnn.stages.methods import build_method
@@ -53,25 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=20, help="images profiled (default: 20)")
     ap.add_argument("--warmup", type=int, default=2, help="images run before profiling starts (default: 2)")
     ap.add_argument("--split", help="split whose first images are used (default: the pipeline's test split)")
-    ap.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("RCNN_RUNS_DIR", "runs")),
-                    help="the runs folder holding the proposals [default: $RCNN_RUNS_DIR or ./runs]")  # fmt: skip
-    ap.add_argument("--pipelines-file", type=Path, help="the pipelines YAML [default: as the rcnn command finds it]")
+    pipeline_options(ap, "the runs folder holding the proposals")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the network runs (default: model.device)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override one configuration value (repeatable)")  # fmt: skip
     ap.add_argument("--top", type=int, default=12, help="operators listed (default: 12)")
     ap.add_argument("--trace", type=Path, metavar="FILE", help="write the Chrome trace here (.gz: gzipped)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    keep_freed_memory()  # as the rcnn command runs
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"profile_features.py: {e}", file=sys.stderr)
-        return 1
+    return run_script("profile_features.py", run, parse_args(argv))
 
 
 def run(args) -> int:
