@@ -25,7 +25,7 @@ from rcnn.learners.svm import ImageFeatures, SVMParams, train_class_svms
 from rcnn.methods.spp_regions import image_maps
 from rcnn.modeling.checkpoints import initialise
 from rcnn.modeling.inference import for_inference
-from rcnn.modeling.models import build_model
+from rcnn.modeling.models import build_model, to_training_device
 from rcnn.modeling.spp import PYRAMID_LEVELS
 from rcnn.modeling.spp_geometry import TARGET_SIZE, image_scales
 from rcnn.stages import convmaps
@@ -295,7 +295,7 @@ def finetune_rcnn(b: Bench) -> dict:
     """R-CNN fine-tuning of all of AlexNet on 227 px warped regions (R-CNN section 2.3), regions per second."""
     ctx = _context(b, "rcnn", context_pad(227), bg_low=0.0)
     boxes, sampler = _regions(b, ctx)
-    model = build_method(ctx.cfg).untrained_model(ctx).to(b.device)
+    model = to_training_device(build_method(ctx.cfg).untrained_model(ctx), b.device)  # as stages/finetune.py
     regions = build_method(ctx.cfg).training_regions(ctx, b.anns, boxes, model)
     for i in range(len(b.anns)):  # decoded once, as the stock side uploads every image first
         regions.images[i]
@@ -310,7 +310,7 @@ def finetune_spp(b: Bench) -> dict:
     ctx = _context(b, "spp", context_pad(227), bg_low=0.1)  # SPP-net: background IoU in [0.1, 0.5)
     run_stage(ctx, convmaps)  # as a run writes them: manifest and digests, which the reader checks
     boxes, sampler = _regions(b, ctx)
-    model = build_method(ctx.cfg).untrained_model(ctx).to(b.device)
+    model = to_training_device(build_method(ctx.cfg).untrained_model(ctx), b.device)  # as stages/finetune.py
     regions = build_method(ctx.cfg).training_regions(ctx, b.anns, boxes, model)
     regions.pooled(np.arange(len(b.anns)), np.zeros(len(b.anns), np.int64))  # every image's maps loaded once
     model.fc6_input_scale.fill_(regions.input_scale(sampler, ctx.cfg.finetune.seed + 1, ctx.cfg.spp.fc6_input_rms))

@@ -20,7 +20,7 @@ import numpy as np
 from rcnn.config import fingerprint_params, section_kwargs
 from rcnn.errors import UserError
 from rcnn.modeling.checkpoints import initialise, save_checkpoint
-from rcnn.modeling.models import device_for, device_label
+from rcnn.modeling.models import device_for, device_label, to_training_device
 from rcnn.store.artifacts import write_json_atomic
 from rcnn.training.finetune import Schedule, TrainState, accuracy, fine_tune, split_validation, validation_set
 from rcnn.training.regions import finetune_labels, image_regions
@@ -104,7 +104,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             f"{len(sampler.fg_indices)} fg / {len(sampler.bg_indices)} bg training regions, device {device_label(device)}"
         )
     # The model moves first: loading optimizer state then puts its buffers on the same device.
-    model.to(device)
+    to_training_device(model, device)
     regions = method.training_regions(ctx, anns, boxes, model)
     if state is None:
         method.prepare_training(ctx, regions, sampler)

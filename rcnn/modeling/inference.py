@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rcnn.modeling.models import DetectorNet
+from rcnn.modeling.models import DetectorNet, channels_last
 
 
 def to_float16(x: torch.Tensor) -> np.ndarray:
@@ -57,25 +57,25 @@ def for_inference(model: DetectorNet, whole_images: bool = False) -> DetectorNet
     """``model`` ready to extract features, in place: eval mode, batch norms folded into the convs,
     fc6's input scale folded into its weights.
 
-    ``whole_images`` (SPP-net's trunk sees each image once, at full size) also puts the weights in
-    channels-last layout: on a CPU with oneDNN that runs about 2x faster on one large image, but not
-    on batches of small region crops (R-CNN), which keep the default layout. Numbers agree with the
+    The weights go channels-last where :func:`rcnn.modeling.models.channels_last` says (on a GPU, and on a
+    CPU for ``whole_images``: SPP-net's trunk sees each image once, at full size). Numbers agree with the
     trained model up to float rounding; training never sees this form, so checkpoints do not depend on it.
 
     On an x86-64 CPU, fc6 and fc7 also become :class:`OneDNNLinear` with their ReLUs fused (see there;
     about 2x faster on AMD processors). Set ``RCNN_ONEDNN_LINEAR=0`` to keep ``nn.Linear``.
     """
     model.eval()
+    device = next(model.parameters()).device
     fold_batch_norm(model.trunk)
     if isinstance(model.fc6, nn.Linear):
         with torch.no_grad():  # fc6(s x) = (s W) x + b: the input scale moves into the weights
             model.fc6.weight.mul_(model.fc6_input_scale)
             model.fc6_input_scale.fill_(1.0)
-    if onednn_linear_helps(next(model.parameters()).device):
+    if onednn_linear_helps(device):
         # Each fc layer takes over its ReLU (an identity from then on).
         model.fc6, model.relu6 = OneDNNLinear.of(model.fc6, relu=True), nn.Identity()
         model.fc7, model.relu7 = OneDNNLinear.of(model.fc7, relu=True), nn.Identity()
-    return model.to(memory_format=torch.channels_last) if whole_images else model
+    return model.to(memory_format=torch.channels_last) if channels_last(device, whole_images) else model
 
 
 #: Set to 0 to keep fc layers on ``nn.Linear`` (MKL's sgemm) at inference on a CPU.

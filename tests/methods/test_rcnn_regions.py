@@ -9,7 +9,7 @@ import torch
 
 from rcnn.methods.rcnn_regions import region_features, warp_on_device
 from rcnn.modeling.inference import for_inference
-from rcnn.modeling.models import build_model
+from rcnn.modeling.models import ENV_CHANNELS_LAST, build_model, channels_last
 
 
 def blocky_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -163,3 +163,52 @@ def test_finetune_stage_on_the_device_warp_is_reproducible(pipelines_file, tmp_p
             assert code == 0, err
         models.append(hashlib.sha256((runs / "tiny" / "finetune" / "trainval" / "model.pt").read_bytes()).hexdigest())
     assert models[0] == models[1]
+
+
+def test_each_device_picks_its_layout_and_the_variable_forces_one(monkeypatch):
+    monkeypatch.delenv(ENV_CHANNELS_LAST, raising=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert channels_last(gpu) and channels_last(gpu, whole_images=True)  # cuDNN's layout for bfloat16
+    assert channels_last(cpu, whole_images=True) and not channels_last(cpu)  # SPP-net's trunk, not R-CNN's crops
+    monkeypatch.setenv(ENV_CHANNELS_LAST, "0")
+    assert not channels_last(gpu) and not channels_last(cpu, whole_images=True)
+    monkeypatch.setenv(ENV_CHANNELS_LAST, "1")
+    assert channels_last(cpu)
+
+
+@pytest.mark.parametrize("warp", ["opencv", "torch"])
+def test_channels_last_crops_give_the_features_of_the_default_layout(warp, monkeypatch):
+    """What a GPU runs (weights channels-last, crops in either warp) against the CPU's default layout."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(3)
+    image = blocky_image(rng, 120, 160)
+    xy = rng.uniform(0, 120, (40, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 60, (40, 2))], axis=1).astype(np.float32)
+    feats = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(ENV_CHANNELS_LAST, forced)
+        torch.manual_seed(0)
+        model = for_inference(build_model("squeezenet1_0", 3, 64).eval())
+        assert model.trunk[0].weight.is_contiguous(memory_format=torch.channels_last) == (forced == "1")
+        feats[forced] = region_features(model, image, boxes, ("pool5", "fc7"), context_pad=4, warp=warp)
+    for layer in ("pool5", "fc7"):
+        a, b = feats["0"][layer].astype(np.float32), feats["1"][layer].astype(np.float32)
+        # The same sums in another order, rounded to float16: within a few float16 steps of the largest value.
+        assert np.abs(a - b).max() <= 2e-3 * np.abs(a).max(), layer
+
+
+def test_finetune_and_features_run_channels_last(pipelines_file, tmp_path, capsys, monkeypatch):
+    """The GPU's layout through the stages (forced on the CPU): fine-tuning saves a checkpoint that loads
+    into a plain model, and features come out of it."""
+    from conftest import run_cli
+
+    from rcnn.modeling.checkpoints import load_checkpoint
+
+    monkeypatch.setenv(ENV_CHANNELS_LAST, "1")
+    runs = tmp_path / "runs"
+    argv = ["run", "tiny", "--until", "features", "--runs-dir", str(runs), "--pipelines-file", str(pipelines_file), "--quiet"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    model, _ = load_checkpoint(runs / "tiny" / "finetune" / "trainval" / "model.pt")
+    assert not model.trunk[0].weight.is_contiguous(memory_format=torch.channels_last)  # a plain model, values only
+    assert (runs / "tiny" / "features" / "test" / "index.json").is_file()

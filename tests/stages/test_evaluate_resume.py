@@ -7,11 +7,9 @@ import json
 import shutil
 
 import pytest
-
 from conftest import run_cli, write_pipelines
 
 from rcnn.data.synth import generate_dataset
-
 from rcnn.stages import evaluate
 
 

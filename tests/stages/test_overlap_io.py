@@ -24,9 +24,10 @@ def runs(tiny_voc, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("overlap")
     pipelines = write_pipelines(folder / "pipelines.yaml", tiny_voc)
+    common = ["--until", "features", "--pipelines-file", str(pipelines), "--runs-dir", str(folder / "runs"), "--quiet"]
     for name in ("tiny", "tiny-spp"):
         with pytest.raises(SystemExit) as e:
-            main(["run", name, "--until", "features", "--pipelines-file", str(pipelines), "--runs-dir", str(folder / "runs"), "--quiet"])  # fmt: skip
+            main(["run", name, *common])
             raise SystemExit(0)
         assert not e.value.code
     return pipelines, folder / "runs"
