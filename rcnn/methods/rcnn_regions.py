@@ -19,7 +19,7 @@ from rcnn.data.datasets import ImageAnnotation, load_image
 from rcnn.errors import UserError
 from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
 from rcnn.modeling.models import DetectorNet, normalise_crops, pixel_affine
-from rcnn.modeling.warp import warp_many_torch, warp_regions, warp_regions_torch
+from rcnn.modeling.warp import warp_many_torch, warp_plan, warp_planned, warp_regions, warp_regions_torch
 
 #: How regions are warped: ``"opencv"`` on the host (uint8 crops, :func:`rcnn.modeling.warp.warp_regions`),
 #: ``"torch"`` on the model's device (float crops, :func:`rcnn.modeling.warp.warp_regions_torch`: the image
@@ -58,7 +58,11 @@ def region_features(
     if on_device:
         scale, shift = pixel_affine(spec, device)
         with record_function("rcnn.upload"):
-            image = torch.from_numpy(np.ascontiguousarray(image_rgb)).to(device).permute(2, 0, 1).float()
+            image = torch.from_numpy(np.ascontiguousarray(image_rgb)).to(device).permute(2, 0, 1).float()[None]
+            # Every box's geometry goes to the device now, in one copy, and no chunk copies anything: on a
+            # GPU a copy from the host waits for the device's queue to drain.
+            sizes, index = np.array([image.shape[2:]]), np.zeros(len(boxes), np.int64)
+            plan = warp_plan(sizes, index, boxes, spec.input_size, context_pad, spec.mean_pixel, device, image.dtype)
     # Each chunk's outputs stay on the device, in float16, and go to the host once per image: one wait for
     # the device instead of one per chunk, during which it would idle.
     out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -66,7 +70,7 @@ def region_features(
         chunk = boxes[start : start + batch_size]
         with record_function("rcnn.warp"):
             if on_device:
-                x = warp_regions_torch(image, chunk, spec.input_size, context_pad, spec.mean_pixel).mul_(scale).sub_(shift)
+                x = warp_planned(image, plan, slice(start, start + batch_size)).mul_(scale).sub_(shift)
             else:
                 x = normalise_crops(warp_regions(image_rgb, chunk, spec.input_size, context_pad, spec.mean_pixel), spec, device)
         with record_function("rcnn.cnn"), inference_autocast(device):

@@ -6,6 +6,8 @@ section 2.1 and appendix A) in the project's continuous box convention.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -205,29 +207,69 @@ def warp_many_torch(
     Returns:
         Tensor ``[N, 3, crop_size, crop_size]`` of ``images``' dtype and device, in the order of ``boxes``.
     """
-    import torch
-    import torchvision
-
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"images must be a float [K, 3, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
+    plan = warp_plan(sizes, image_index, boxes, crop_size, context_pad, fill, images.device, images.dtype)
+    return warp_planned(images, plan)
+
+
+@dataclass(frozen=True)
+class WarpPlan:
+    """Where the crops of a set of boxes sample their images, on the images' device (:func:`warp_plan`)."""
+
+    rois: object  # Tensor [N, 5]: image index and dilated box, for roi_align, in the images' dtype
+    xs: object  # Tensor [N, S] float64: the x of each crop column's centre in its image
+    ys: object  # Tensor [N, S] float64: the y of each crop row's centre
+    limits: object  # Tensor [N, 2] float64: height and width of each box's image
+    fill: object  # Tensor [1, 3, 1, 1]: the mean pixel, where a crop pixel's centre leaves its image
+    crop_size: int
+
+
+def warp_plan(
+    sizes: np.ndarray,
+    image_index: np.ndarray,
+    boxes: np.ndarray,
+    crop_size: int,
+    context_pad: int,
+    fill: tuple[float, float, float],
+    device,
+    dtype,
+) -> WarpPlan:
+    """The geometry of :func:`warp_many_torch` for every box, sent to ``device`` once.
+
+    Warping a long list of boxes in chunks with one plan copies nothing from the host per chunk: on a GPU
+    each copy from ordinary (pageable) host memory first waits for the device's queue to drain, which would
+    leave it idle between chunks while the host queues the next one.
+    """
+    import torch
+
     image_index = np.asarray(image_index, np.int64).reshape(-1)
     sizes = np.asarray(sizes, np.float64).reshape(-1, 2)
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(image_index) != len(b):
         raise ValueError(f"{len(b)} boxes but {len(image_index)} image indices")
-    # The dilated box does not depend on the image; where it leaves the image does (the mask below).
+    # The dilated box does not depend on the image; where it leaves the image does (the mask in warp_planned).
     dilated, _, _ = _geometry(b, 1.0, 1.0, crop_size, context_pad)
-    device, dtype = images.device, images.dtype
-    dilated_t = torch.from_numpy(dilated).to(device=device, dtype=dtype)
-    index_t = torch.from_numpy(image_index).to(device=device, dtype=dtype)
-    rois = torch.cat([index_t[:, None], dilated_t], dim=1)
-    crops = torchvision.ops.roi_align(images, rois, output_size=crop_size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    host = np.concatenate([dilated, sizes[image_index], image_index[:, None].astype(np.float64)], axis=1)
+    geometry = torch.from_numpy(host).to(device)  # [N, 7]: one copy
+    dilated_d, limits, index_d = geometry[:, :4], geometry[:, 4:6], geometry[:, 6:]
+    rois = torch.cat([index_d, dilated_d], dim=1).to(dtype)
     # Centres of the crop's pixels in image coordinates, per box: [N, S] for x and for y.
     steps = (torch.arange(crop_size, device=device, dtype=torch.float64) + 0.5) / crop_size
-    dilated_d = torch.from_numpy(dilated).to(device)
     xs = dilated_d[:, 0:1] + steps * (dilated_d[:, 2:3] - dilated_d[:, 0:1])
     ys = dilated_d[:, 1:2] + steps * (dilated_d[:, 3:4] - dilated_d[:, 1:2])
-    limits = torch.from_numpy(sizes[image_index]).to(device)  # [N, 2]: height, width of each box's image
-    inside = ((ys >= 0) & (ys <= limits[:, 0:1]))[:, :, None] & ((xs >= 0) & (xs <= limits[:, 1:2]))[:, None, :]
     fill_t = torch.as_tensor(fill, dtype=dtype, device=device).reshape(1, 3, 1, 1)
-    return torch.where(inside[:, None], crops, fill_t)
+    return WarpPlan(rois, xs, ys, limits, fill_t, crop_size)
+
+
+def warp_planned(images, plan: WarpPlan, rows: slice = slice(None)):
+    """The crops ``[n, 3, S, S]`` of the boxes ``rows`` of ``plan`` from ``images [K, 3, H, W]`` (laid out as
+    :func:`warp_many_torch` says), with no copy from the host."""
+    import torch
+    import torchvision
+
+    size = plan.crop_size
+    crops = torchvision.ops.roi_align(images, plan.rois[rows], size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    xs, ys, limits = plan.xs[rows], plan.ys[rows], plan.limits[rows]
+    inside = ((ys >= 0) & (ys <= limits[:, 0:1]))[:, :, None] & ((xs >= 0) & (xs <= limits[:, 1:2]))[:, None, :]
+    return torch.where(inside[:, None], crops, plan.fill)

@@ -127,7 +127,7 @@ def test_the_slab_refuses_an_image_larger_than_its_annotation():
 
 
 def test_warping_many_images_at_once_equals_warping_each():
-    from rcnn.modeling.warp import warp_many_torch, warp_regions_torch
+    from rcnn.modeling.warp import IMAGENET_MEAN_RGB, warp_many_torch, warp_plan, warp_planned, warp_regions_torch
 
     rng = np.random.default_rng(3)
     images, _, boxes = _training_setup(rng)
@@ -146,6 +146,10 @@ def test_warping_many_images_at_once_equals_warping_each():
     each = torch.cat([warp_regions_torch(t, b, 40, 4) for t, b in zip(tensors, boxes)])
     assert many.shape == each.shape == (60, 3, 40, 40)
     assert (many - each).abs().max() < 1e-3  # on the 0-255 scale
+    # One plan, sent to the device once, warped in chunks as the features are: the same crops, exactly.
+    plan = warp_plan(np.array(sizes), index, np.concatenate(boxes), 40, 4, IMAGENET_MEAN_RGB, batch.device, batch.dtype)
+    chunks = torch.cat([warp_planned(batch, plan, slice(start, start + 16)) for start in range(0, 60, 16)])
+    assert torch.equal(chunks, many)
 
 
 def test_finetune_stage_on_the_device_warp_is_reproducible(pipelines_file, tmp_path, capsys):
