@@ -60,9 +60,9 @@ def main() -> None:
         work = [(f, map_windows(b[:cap], model.spec.stride, f.shape[1], f.shape[2], model.spec.offset)) for f, b in cases]
         n_windows = sum(len(r) for _, r in work)
         for f, r in work:
-            reference = spp_pool(f, r, method="roi_pool")
-            assert torch.equal(spp_pool(f, r, method="table"), reference)
-            assert torch.equal(spp_pool(f.half(), r, method="table"), reference.half())
+            reference = spp_pool(f, r, algorithm="roi_pool")
+            assert torch.equal(spp_pool(f, r, algorithm="table"), reference)
+            assert torch.equal(spp_pool(f.half(), r, algorithm="table"), reference.half())
         # "table16": the same on the float16 maps the conv-map cache holds (what the stages pool)
         variants = {"roi_pool": (False, "roi_pool"), "table": (False, "table"), "table16": (True, "table")}
         times: dict[str, list[float]] = {name: [] for name in variants}
@@ -71,7 +71,7 @@ def main() -> None:
             for name, (use_half, method) in variants.items():
                 start = time.perf_counter()
                 for f, r in half if use_half else work:
-                    spp_pool(f, r, method=method)
+                    spp_pool(f, r, algorithm=method)
                 times[name].append(time.perf_counter() - start)
         med = {m: 1000 * statistics.median(t) / len(work) for m, t in times.items()}
         print(

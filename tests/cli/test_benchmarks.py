@@ -240,3 +240,12 @@ def test_bench_overlap_without_a_fine_tuned_model_is_one_line(pipelines_file, tm
     done = bench_overlap("tiny", "--runs-dir", tmp_path / "runs", "--pipelines-file", pipelines_file)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "rcnn finetune tiny" in done.stderr
+
+
+def test_bench_spp_pool_checks_both_algorithms_agree_and_times_them(tiny_voc):
+    script = BENCHMARKS / "bench_spp_pool.py"
+    args = ["--data", tiny_voc, "--weights", "scratch", "--images", "1", "--repeats", "1"]
+    done = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = [x for x in done.stdout.splitlines() if x.startswith("up to ")]
+    assert len(lines) == 2 and all("roi_pool" in x and "table on float16 maps" in x for x in lines), done.stdout
