@@ -19,6 +19,7 @@ from rcnn.data.datasets import ImageAnnotation, load_image
 from rcnn.errors import UserError
 from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
 from rcnn.modeling.models import DetectorNet, normalise_crops, pixel_affine
+from rcnn.modeling.transfer import to_device
 from rcnn.modeling.warp import warp_many_torch, warp_plan, warp_planned, warp_regions, warp_regions_torch
 
 #: How regions are warped: ``"opencv"`` on the host (uint8 crops, :func:`rcnn.modeling.warp.warp_regions`),
@@ -223,7 +224,7 @@ class WarpedRegions:
             self._slab[i, :, h, :w] = image[:, h - 1]
             self._slab[i, :, : h + 1, w] = self._slab[i, :, : h + 1, w - 1]
             self._sizes[i] = (h, w)
-        batch = self._slab[torch.from_numpy(uniq).to(device)].float()
+        batch = self._slab[to_device(uniq, device)].float()
         boxes = np.stack([self.boxes[i][r] for i, r in zip(img_idx, reg_idx)]) if len(img_idx) else np.zeros((0, 4))
         spec = self.model.spec
         return warp_many_torch(batch, self._sizes[uniq], where, boxes, spec.input_size, self.context_pad, spec.mean_pixel)
@@ -250,11 +251,9 @@ class WarpedRegions:
                 sel = np.flatnonzero(img_idx == i)
                 boxes = self.boxes[i][reg_idx[sel]]
                 image = self._device_image(int(i), device)
-                x[torch.from_numpy(sel).to(device)] = warp_regions_torch(
-                    image, boxes, spec.input_size, self.context_pad, spec.mean_pixel
-                )
+                x[to_device(sel, device)] = warp_regions_torch(image, boxes, spec.input_size, self.context_pad, spec.mean_pixel)
         if flip is not None and flip.any():
-            rows = torch.from_numpy(np.flatnonzero(flip)).to(device)
+            rows = to_device(np.flatnonzero(flip), device)
             x[rows] = x[rows].flip(-1)
         scale, shift = pixel_affine(spec, device)
         return x.mul_(scale).sub_(shift)

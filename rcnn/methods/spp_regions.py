@@ -20,6 +20,7 @@ from rcnn.modeling.inference import for_inference, inference_autocast, to_float1
 from rcnn.modeling.models import PYRAMID_LAYOUT, DetectorNet, pixel_affine
 from rcnn.modeling.spp import spp_pool
 from rcnn.modeling.spp_geometry import image_scales, map_windows, select_scale
+from rcnn.modeling.transfer import to_device
 from rcnn.structures.boxes import mirror_boxes
 from rcnn.training.sampling import FgBgSampler
 
@@ -50,7 +51,7 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
         with record_function("rcnn.resize"):
             resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else rgb
         with record_function("rcnn.upload"):
-            x = torch.from_numpy(np.ascontiguousarray(resized)).to(device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
+            x = to_device(resized, device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
         with record_function("rcnn.conv"), inference_autocast(device):
             fmap = model.trunk(x[None])[0]
         if to_host:
@@ -67,12 +68,11 @@ def as_map_tensors(maps: Sequence, device: torch.device | str = "cpu") -> list[t
     The tensors are views of the channels-last data (no copy on the CPU), still float16: maxima are
     exact in any precision, and half the bytes make pooling's tables about 2x faster.
     """
-    return [
-        (
-            m.to(device, torch.float16) if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m, np.float16)).to(device)
-        ).permute(2, 0, 1)
-        for m in maps
+    device = torch.device(device)
+    tensors = [
+        m.to(device, torch.float16) if isinstance(m, torch.Tensor) else to_device(np.asarray(m, np.float16), device) for m in maps
     ]
+    return [t.permute(2, 0, 1) for t in tensors]
 
 
 def window_cells(
@@ -158,7 +158,7 @@ def pool_cells(
                 if sel[-1] - sel[0] + 1 == len(sel):  # a block of rows (pool_windows sorts by scale): pooled in place
                     spp_pool(fmap, r, levels, out=out[offset + sel[0] : offset + sel[-1] + 1], layout=PYRAMID_LAYOUT)
                 else:
-                    out[torch.from_numpy(offset + sel).to(device)] = spp_pool(fmap, r, levels, layout=PYRAMID_LAYOUT).to(dtype)
+                    out[to_device(offset + sel, device)] = spp_pool(fmap, r, levels, layout=PYRAMID_LAYOUT).to(dtype)
                 continue
             x0, y0 = r[:, 0].min(), r[:, 1].min()
             rects.append(r - np.array([x0, y0, x0, y0]))
@@ -175,7 +175,7 @@ def pool_cells(
     for i, m in enumerate(batched_maps):  # zero padding to a common size: no window reaches it
         batch[i, :, : m.shape[1], : m.shape[2]] = m
     pooled = spp_pool(batch, np.concatenate(rects), levels, np.concatenate(owner), layout=PYRAMID_LAYOUT)
-    out[torch.from_numpy(np.concatenate(order)).to(device)] = pooled.to(dtype)
+    out[to_device(np.concatenate(order), device)] = pooled.to(dtype)
     return out
 
 

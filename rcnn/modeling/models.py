@@ -8,6 +8,7 @@ is background), plus the input size, the trunk's stride and its input normalisat
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -263,9 +264,15 @@ def normalise_crops(crops, spec: BackboneSpec, device: torch.device) -> torch.Te
 
 def pixel_affine(spec: BackboneSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(1 / (255 std), mean / std)`` per channel ``[3, 1, 1]``: ``x * scale - shift`` takes 0-255 RGB
-    to the backbone's input, ``(x / 255 - mean) / std``, in two in-place passes."""
-    std = torch.tensor(spec.std, device=device).view(3, 1, 1)
-    return 1.0 / (255.0 * std), torch.tensor(spec.mean, device=device).view(3, 1, 1) / std
+    to the backbone's input, ``(x / 255 - mean) / std``, in two in-place passes. Made once per device and
+    kept (read-only): on a GPU each making is a copy from the host, which waits for the device's queue."""
+    return _pixel_affine(tuple(spec.std), tuple(spec.mean), torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _pixel_affine(std: tuple, mean: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.tensor(std, device=device).view(3, 1, 1)
+    return 1.0 / (255.0 * s), torch.tensor(mean, device=device).view(3, 1, 1) / s
 
 
 #: ``1`` or ``0`` forces :func:`channels_last` on or off, to measure one layout against the other.

@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.ops import roi_pool
 
 from rcnn.modeling.spp_geometry import map_windows
+from rcnn.modeling.transfer import to_device
 
 #: The paper's 4-level pyramid for detection, {6x6, 3x3, 2x2, 1x1}: 50 bins (12,800-d on 256 conv5 channels).
 PYRAMID_LEVELS: tuple[int, ...] = (6, 3, 2, 1)
@@ -130,24 +131,23 @@ def spp_pool(
         raise ValueError(f"feature_map must be [C, H, W] or [B, C, H, W], got {tuple(feature_map.shape)}")
     out_dtype = fmap.dtype
     _, channels, height, width = fmap.shape
-    rects = torch.as_tensor(rects, device=fmap.device).reshape(-1, 4).long()
+    # Checked and planned on the host (numpy): on a GPU each look at a device value waits for its queue.
+    rects = _host_int64(rects).reshape(-1, 4)
     if out is not None and tuple(out.shape) != (len(rects), spp_dim(channels, levels)):
         raise ValueError(f"out must be [{len(rects)}, {spp_dim(channels, levels)}], got {tuple(out.shape)}")
     if len(rects) == 0:
         return out if out is not None else fmap.new_zeros((0, spp_dim(channels, levels)), dtype=out_dtype)
-    x1, y1, x2, y2 = rects.unbind(1)
-    if bool(((x1 < 0) | (y1 < 0) | (x2 >= width) | (y2 >= height) | (x2 < x1) | (y2 < y1)).any()):
+    x1, y1, x2, y2 = rects.T
+    if ((x1 < 0) | (y1 < 0) | (x2 >= width) | (y2 >= height) | (x2 < x1) | (y2 < y1)).any():
         raise ValueError(f"rects must be inclusive cell rectangles inside the {height} x {width} feature map")
-    if batch_index is None:
-        batch_index = rects.new_zeros(len(rects))
-    batch_index = torch.as_tensor(batch_index, device=fmap.device).reshape(-1).long()
-    if len(batch_index) != len(rects) or bool(((batch_index < 0) | (batch_index >= fmap.shape[0])).any()):
+    batch_index = np.zeros(len(rects), np.int64) if batch_index is None else _host_int64(batch_index).reshape(-1)
+    if len(batch_index) != len(rects) or ((batch_index < 0) | (batch_index >= fmap.shape[0])).any():
         raise ValueError(f"batch_index must hold one map index in [0, {fmap.shape[0]}) per rectangle")
     derive = algorithm == "auto"  # an explicit "roi_pool" pools every level itself: the reference
     if algorithm == "auto":
         algorithm = "table" if len(rects) >= 4 * fmap.shape[0] else "roi_pool"
     if algorithm == "roi_pool" or (fmap.requires_grad and torch.is_grad_enabled()):
-        pooled = _roi_pool_levels(fmap, rects, levels, batch_index, layout, derive)
+        pooled = _roi_pool_levels(fmap, *_on_device(fmap, rects, batch_index), levels, layout, derive)
     else:
         pooled = _table_pool_levels(fmap, rects, levels, batch_index, layout, out)
     if out is None:
@@ -164,11 +164,20 @@ def _coarser_sources(levels: tuple[int, ...]) -> dict[int, int | None]:
     return {m: min((n for n in levels if n > m and n % m == 0), default=None) for m in set(levels)}
 
 
+def _host_int64(x) -> np.ndarray:
+    """int64 numpy of an array or tensor (a tensor's values truncated toward zero, as ``Tensor.long``)."""
+    return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
+
+
+def _on_device(fmap: torch.Tensor, rects: np.ndarray, batch_index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return to_device(rects, fmap.device), to_device(batch_index, fmap.device)
+
+
 def _roi_pool_levels(
     fmap: torch.Tensor,
     rects: torch.Tensor,
-    levels: tuple[int, ...],
     batch_index: torch.Tensor,
+    levels: tuple[int, ...],
     layout: str = "channels",
     derive: bool = False,
 ) -> torch.Tensor:
@@ -219,9 +228,9 @@ def _floor_log2(x: np.ndarray) -> np.ndarray:
 
 def _table_pool_levels(
     fmap: torch.Tensor,
-    rects: torch.Tensor,
+    rects: np.ndarray,
     levels: tuple[int, ...],
-    batch_index: torch.Tensor,
+    batch_index: np.ndarray,
     layout: str = "channels",
     into: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -231,15 +240,15 @@ def _table_pool_levels(
     # The bookkeeping (bins, block sizes, row numbers) is small integer arithmetic: numpy on the host
     # does it several times faster than a chain of tiny tensor operations; the table and the lookups
     # stay on the map's device.
-    x1, y1, x2, y2 = rects.cpu().numpy().T
-    owner = batch_index.cpu().numpy()
+    x1, y1, x2, y2 = rects.T
+    owner = batch_index
     edges = {n: (_bin_edges(y1, y2, n), _bin_edges(x1, x2, n)) for n in direct}
     log_h = {n: _floor_log2(e[0][1] - e[0][0] + 1) for n, e in edges.items()}
     log_w = {n: _floor_log2(e[1][1] - e[1][0] + 1) for n, e in edges.items()}
     rows = max(int(v.max()) for v in log_h.values()) + 1
     cols = max(int(v.max()) for v in log_w.values()) + 1
     if rows * cols * fmap.numel() > _TABLE_MAX_VALUES:
-        return _roi_pool_levels(fmap, rects, levels, batch_index, layout)
+        return _roi_pool_levels(fmap, *_on_device(fmap, rects, batch_index), levels, layout)
     # table[b, a, i, y, x] = max of map i over rows y .. y + 2^a - 1 and columns x .. x + 2^b - 1, channels
     # last so each lookup is one contiguous row. Entries where that block does not fit the map are never
     # read: the row steps leave them uninitialised, and the column steps (one call for every a at once)
@@ -267,8 +276,7 @@ def _table_pool_levels(
             y_first, y_last = top[sl][:, :, None], (bottom[sl] - (1 << a[sl]) + 1)[:, :, None]
             x_first, x_last = left[sl][:, None, :], (right[sl] - (1 << b[sl]) + 1)[:, None, :]
             corners = ((y_first, x_first), (y_last, x_first), (y_first, x_last), (y_last, x_last))
-            index = torch.from_numpy(np.stack([(base + yy) * width + xx for yy, xx in corners]).reshape(4, -1))
-            index = index.to(fmap.device)
+            index = to_device(np.stack([(base + yy) * width + xx for yy, xx in corners]).reshape(4, -1), fmap.device)
             out = flat.index_select(0, index[0])
             for k in range(1, 4):
                 torch.maximum(out, flat.index_select(0, index[k]), out=out)

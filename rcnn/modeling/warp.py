@@ -237,11 +237,12 @@ def warp_plan(
 ) -> WarpPlan:
     """The geometry of :func:`warp_many_torch` for every box, sent to ``device`` once.
 
-    Warping a long list of boxes in chunks with one plan copies nothing from the host per chunk: on a GPU
-    each copy from ordinary (pageable) host memory first waits for the device's queue to drain, which would
-    leave it idle between chunks while the host queues the next one.
+    Warping a long list of boxes in chunks with one plan copies nothing from the host per chunk, and the
+    plan's own copy does not wait for the device (:mod:`rcnn.modeling.transfer`).
     """
     import torch
+
+    from rcnn.modeling.transfer import to_device
 
     image_index = np.asarray(image_index, np.int64).reshape(-1)
     sizes = np.asarray(sizes, np.float64).reshape(-1, 2)
@@ -251,14 +252,14 @@ def warp_plan(
     # The dilated box does not depend on the image; where it leaves the image does (the mask in warp_planned).
     dilated, _, _ = _geometry(b, 1.0, 1.0, crop_size, context_pad)
     host = np.concatenate([dilated, sizes[image_index], image_index[:, None].astype(np.float64)], axis=1)
-    geometry = torch.from_numpy(host).to(device)  # [N, 7]: one copy
+    geometry = to_device(host, torch.device(device))  # [N, 7]: one copy
     dilated_d, limits, index_d = geometry[:, :4], geometry[:, 4:6], geometry[:, 6:]
     rois = torch.cat([index_d, dilated_d], dim=1).to(dtype)
     # Centres of the crop's pixels in image coordinates, per box: [N, S] for x and for y.
     steps = (torch.arange(crop_size, device=device, dtype=torch.float64) + 0.5) / crop_size
     xs = dilated_d[:, 0:1] + steps * (dilated_d[:, 2:3] - dilated_d[:, 0:1])
     ys = dilated_d[:, 1:2] + steps * (dilated_d[:, 3:4] - dilated_d[:, 1:2])
-    fill_t = torch.as_tensor(fill, dtype=dtype, device=device).reshape(1, 3, 1, 1)
+    fill_t = to_device(np.asarray(fill, np.float64), torch.device(device)).to(dtype).reshape(1, 3, 1, 1)
     return WarpPlan(rois, xs, ys, limits, fill_t, crop_size)
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rcnn.errors import UserError
+from rcnn.modeling.transfer import to_device
 from rcnn.training.sampling import FgBgSampler
 
 VAL_REGIONS = 2048  # fixed validation set size: enough for +-1 % accuracy
@@ -162,45 +163,56 @@ def fine_tune(
 
     if progress is not None:
         progress.update(start_iter)
-    started = time.perf_counter()
-    run_loss, run_acc, run_n = 0.0, 0.0, 0
+    started = shown = time.perf_counter()
+    # Running sums stay on the device (float64, adding float32 values as Python floats would): reading them
+    # makes the host wait for the device, so they are read for the progress bar at most once a second and at
+    # each evaluation, not at every step.
+    run_loss, run_acc, run_n = _zero(device), _zero(device), 0
     for it in range(start_iter, schedule.max_iter):
         regions.train_mode()
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(it)
         batch = next(batches)
         img_idx, reg_idx = sampler.locate(batch)
-        target = torch.from_numpy(sampler.labels[batch]).to(device)
+        target = to_device(sampler.labels[batch], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = regions.logits(img_idx, reg_idx, it)
             loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run_loss += float(loss.detach())
-        run_acc += float((logits.argmax(1) == target).float().mean())
+        run_loss += loss.detach()
+        run_acc += (logits.argmax(1) == target).float().mean()
         run_n += 1
+        evaluate = (it + 1) % schedule.eval_every == 0 or it + 1 == schedule.max_iter
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{run_acc / run_n:.3f}")
-        if (it + 1) % schedule.eval_every == 0 or it + 1 == schedule.max_iter:
+            if evaluate or time.perf_counter() - shown >= 1.0:
+                progress.set_postfix(loss=f"{float(run_loss) / run_n:.3f}", acc=f"{float(run_acc) / run_n:.3f}")
+                shown = time.perf_counter()
+        if evaluate:
             val_acc = validate()
+            mean_loss, mean_acc = float(run_loss) / run_n, float(run_acc) / run_n
             history.append(
                 {
                     "iteration": it + 1,
-                    "loss": run_loss / run_n,
-                    "train_acc": run_acc / run_n,
+                    "loss": mean_loss,
+                    "train_acc": mean_acc,
                     "val_acc": val_acc,
                     "lr": optimizer.param_groups[0]["lr"],
                     "seconds": time.perf_counter() - started,
                 }
             )
             log(
-                f"iteration {it + 1}/{schedule.max_iter}  loss {run_loss / run_n:.3f}  "
-                f"train acc {run_acc / run_n:.3f}  val acc {'n/a' if val_acc is None else f'{val_acc:.3f}'}"
+                f"iteration {it + 1}/{schedule.max_iter}  loss {mean_loss:.3f}  "
+                f"train acc {mean_acc:.3f}  val acc {'n/a' if val_acc is None else f'{val_acc:.3f}'}"
             )
-            run_loss, run_acc, run_n = 0.0, 0.0, 0
+            run_loss, run_acc, run_n = _zero(device), _zero(device), 0
             cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             model_state = regions.model.state_dict()
             checkpoint(TrainState(it + 1, model_state, optimizer.state_dict(), torch.get_rng_state(), cuda_rng, list(history)))
     return history
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float64, device=device)
