@@ -54,11 +54,10 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
             x = to_device(resized, device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
         with record_function("rcnn.conv"), inference_autocast(device):
             fmap = model.trunk(x[None])[0]
-        if to_host:
-            with record_function("rcnn.to_host"):
-                maps.append(to_float16(fmap.permute(1, 2, 0)))
-        else:
-            maps.append(fmap.permute(1, 2, 0).to(torch.float16).contiguous())
+        maps.append(fmap.permute(1, 2, 0).to(torch.float16).contiguous())
+    if to_host:  # after every scale is queued: one wait for the device per image, not one per scale
+        with record_function("rcnn.to_host"):
+            return [m.cpu().numpy() for m in maps]
     return maps
 
 
