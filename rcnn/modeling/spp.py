@@ -54,8 +54,8 @@ def _check_levels(levels: Sequence[int]) -> tuple[int, ...]:
     return levels
 
 
-def _roi_pool_inexact(rects: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[N]`` bool: windows where ``roi_pool``'s floating-point bins differ from the integer ones.
+def _roi_pool_inexact(rects: np.ndarray, n: int, dtype: torch.dtype) -> np.ndarray:
+    """bool ``[N]``: windows where ``roi_pool``'s floating-point bins differ from the integer ones.
 
     ``roi_pool`` computes bin ``i`` of ``n`` over ``h`` cells as ``floor(i * (h / n))`` to
     ``ceil((i + 1) * (h / n))`` in the input's dtype. Rounding in ``h / n`` can push the last bin one
@@ -63,15 +63,16 @@ def _roi_pool_inexact(rects: torch.Tensor, n: int, dtype: torch.dtype) -> torch.
     For n in 1..6 it cannot happen below three million cells (checked exhaustively), so the paper's
     levels always take the fast path.
     """
+    real = np.float64 if dtype == torch.float64 else np.float32  # on the host: IEEE arithmetic, as the kernel's
     sizes = (rects[:, 2:] - rects[:, :2] + 1).reshape(-1, 1)  # [2N, 1]: widths and heights
-    i = torch.arange(n, device=rects.device)
-    bin_size = sizes.to(dtype) / torch.tensor(float(n), dtype=dtype, device=rects.device)
-    start = torch.floor(i.to(dtype) * bin_size).long()
-    end = torch.ceil((i + 1).to(dtype) * bin_size).long()
+    i = np.arange(n)
+    bin_size = sizes.astype(real) / real(n)
+    start = np.floor(i.astype(real) * bin_size).astype(np.int64)
+    end = np.ceil((i + 1).astype(real) * bin_size).astype(np.int64)
     exact_start = i * sizes // n
     exact_end = -(-(i + 1) * sizes // n)
     wrong = (start != exact_start) | (end != exact_end)
-    return wrong.reshape(-1, 2 * n).any(dim=1)
+    return wrong.reshape(-1, 2 * n).any(axis=1)
 
 
 def spp_pool(
@@ -147,7 +148,7 @@ def spp_pool(
     if algorithm == "auto":
         algorithm = "table" if len(rects) >= 4 * fmap.shape[0] else "roi_pool"
     if algorithm == "roi_pool" or (fmap.requires_grad and torch.is_grad_enabled()):
-        pooled = _roi_pool_levels(fmap, *_on_device(fmap, rects, batch_index), levels, layout, derive)
+        pooled = _roi_pool_levels(fmap, rects, batch_index, levels, layout, derive)
     else:
         pooled = _table_pool_levels(fmap, rects, levels, batch_index, layout, out)
     if out is None:
@@ -169,14 +170,10 @@ def _host_int64(x) -> np.ndarray:
     return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
 
 
-def _on_device(fmap: torch.Tensor, rects: np.ndarray, batch_index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return to_device(rects, fmap.device), to_device(batch_index, fmap.device)
-
-
 def _roi_pool_levels(
     fmap: torch.Tensor,
-    rects: torch.Tensor,
-    batch_index: torch.Tensor,
+    rects: np.ndarray,
+    batch_index: np.ndarray,
     levels: tuple[int, ...],
     layout: str = "channels",
     derive: bool = False,
@@ -185,7 +182,7 @@ def _roi_pool_levels(
     over their bins (3, 2 and 1 from 6: a quarter of the work for the paper's pyramid)."""
     if fmap.dtype not in (torch.float32, torch.float64):
         fmap = fmap.float()  # roi_pool's CPU kernel has no half precision; the result is exact either way
-    rois = torch.cat([batch_index[:, None], rects], dim=1).to(fmap.dtype)
+    rois = to_device(np.concatenate([batch_index[:, None], rects], axis=1), fmap.device).to(fmap.dtype)
     source = _coarser_sources(levels) if derive else dict.fromkeys(levels)
     pooled: dict[int, torch.Tensor] = {}  # [N, C, n, n]
     for n in sorted(source, reverse=True):
@@ -193,7 +190,7 @@ def _roi_pool_levels(
             pooled[n] = _coarsen(pooled[source[n]].permute(0, 2, 3, 1).contiguous(), n).permute(0, 3, 1, 2)
             continue
         out = roi_pool(fmap, rois, (n, n), spatial_scale=1.0)
-        inexact = torch.nonzero(_roi_pool_inexact(rects, n, fmap.dtype)).flatten()
+        inexact = np.flatnonzero(_roi_pool_inexact(rects, n, fmap.dtype))
         if len(inexact):
             exact = torch.stack(
                 [
@@ -201,7 +198,7 @@ def _roi_pool_levels(
                     for b, r in zip(batch_index[inexact].tolist(), rects[inexact].tolist())
                 ]
             )
-            out = out.index_copy(0, inexact, exact)
+            out = out.index_copy(0, to_device(inexact, fmap.device), exact)
         pooled[n] = out
     return torch.cat([(pooled[n].permute(0, 2, 3, 1) if layout == "bins" else pooled[n]).flatten(1) for n in levels], dim=1)
 
@@ -248,7 +245,7 @@ def _table_pool_levels(
     rows = max(int(v.max()) for v in log_h.values()) + 1
     cols = max(int(v.max()) for v in log_w.values()) + 1
     if rows * cols * fmap.numel() > _TABLE_MAX_VALUES:
-        return _roi_pool_levels(fmap, *_on_device(fmap, rects, batch_index), levels, layout)
+        return _roi_pool_levels(fmap, rects, batch_index, levels, layout)
     # table[b, a, i, y, x] = max of map i over rows y .. y + 2^a - 1 and columns x .. x + 2^b - 1, channels
     # last so each lookup is one contiguous row. Entries where that block does not fit the map are never
     # read: the row steps leave them uninitialised, and the column steps (one call for every a at once)

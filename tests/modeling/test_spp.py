@@ -304,7 +304,7 @@ def test_spp_pool_is_exact_where_roi_pool_bins_overshoot(dtype, algorithm):
     fmap = torch.from_numpy(rng.standard_normal((2, h + 3, 10))).to(dtype)
     fmap[:, h + 1, :] = 100.0
     rects = np.array([[0, 1, 9, h], [1, 1, 8, 4], [0, 0, 9, h + 2]], dtype=np.int64)
-    assert _roi_pool_inexact(torch.from_numpy(rects), 7, dtype).tolist() == [True, False, False]
+    assert _roi_pool_inexact(rects, 7, dtype).tolist() == [True, False, False]
     raw = roi_pool(fmap[None], torch.tensor([[0, *rects[0]]], dtype=dtype), (7, 7), 1.0)
     assert raw.max() == 100.0  # the bug this guards against
     levels = (7, 6, 1)
