@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.data.datasets import load_image
-from rcnn.data.prefetch import read_ahead
 from rcnn.methods.spp_regions import image_maps
 from rcnn.modeling.checkpoints import initialise
 from rcnn.modeling.inference import for_inference
@@ -28,7 +27,7 @@ from rcnn.modeling.spp_geometry import image_scales
 from rcnn.store import records
 
 from .context import Context
-from .image_records import write_image_records
+from .image_records import images_ahead, write_image_records
 from .provenance import cached_mb, upstream_check
 
 NAME = "convmaps"
@@ -36,7 +35,6 @@ SCHEMA_VERSION = 2  # 2: maps stored channels last
 INDEX = "index.json"
 KIND = "convmaps"
 PART_SIZE = 16  # images per part file
-READ_AHEAD = 2  # images decoded ahead under model.overlap_io
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
@@ -95,7 +93,7 @@ def image_records(ctx: Context, split: str, ids: list[str]):
         ann = dataset.annotation(image_id)
         return ann, load_image(ann), time.perf_counter() - tick
 
-    for image_id, (ann, image, decoding) in read_ahead(read, ids, READ_AHEAD if ctx.cfg.model.overlap_io else 0):
+    for image_id, (ann, image, decoding) in images_ahead(ctx, read, ids):
         tick = time.perf_counter() - decoding  # the compute seconds count decoding, as a detector's would
         factors = image_scales(ann.height, ann.width, ctx.cfg.spp.scales, ctx.cfg.spp.max_side)
         maps = image_maps(model, image, factors)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.data.prefetch import read_ahead
 from rcnn.errors import UserError
 from rcnn.modeling.inference import for_inference
 from rcnn.modeling.models import FEATURE_LAYERS, device_label
@@ -30,7 +29,7 @@ from rcnn.training.regions import image_regions, regression_rows
 
 from . import finetune, proposals
 from .context import Context
-from .image_records import write_image_records
+from .image_records import images_ahead, write_image_records
 from .methods import build_method, caches_regression_rows
 from .provenance import cached_mb, upstream_check, upstream_digest
 
@@ -40,7 +39,6 @@ INDEX = "index.json"
 KIND = "features"
 LAYERS = FEATURE_LAYERS
 PART_SIZE = 16  # images per part file
-READ_AHEAD = 2  # images read ahead under model.overlap_io
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
@@ -110,7 +108,6 @@ def image_records(ctx: Context, split: str, ids: list[str]):
     model = inference_model(ctx)
     device = device_label(next(model.parameters()).device)
     layers, sparse, keep_rows, computed = layer_plan(ctx, split)
-    depth = READ_AHEAD if cfg.model.overlap_io else 0
     with proposals.load(ctx, split) as props, method.region_features(ctx, split) as region_features:
 
         def read(image_id: str):  # the host's part, run ahead; nothing here touches the model
@@ -123,7 +120,7 @@ def image_records(ctx: Context, split: str, ids: list[str]):
                 chosen = {sparse: reg.rows}
             return regions, chosen, region_features.load(ann)
 
-        for image_id, (regions, chosen, loaded) in read_ahead(read, ids, depth):
+        for image_id, (regions, chosen, loaded) in images_ahead(ctx, read, ids):
             feats, seconds = region_features(model, loaded, regions.boxes, computed, chosen)
             arrays = {
                 "boxes": regions.boxes,

@@ -6,10 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+from rcnn.data.prefetch import read_ahead
 from rcnn.store import records
 
 from .context import Context
 from .runner import add_info, pending_images, progress_bar
+
+READ_AHEAD = 2  # images a per-image stage reads ahead under model.overlap_io
+
+
+def images_ahead(ctx: Context, read, ids: list[str]):
+    """``(image_id, read(image_id))`` for each of ``ids`` in order: read ahead by a thread under
+    ``model.overlap_io`` (:func:`rcnn.data.prefetch.read_ahead`), else in turn."""
+    return read_ahead(read, ids, READ_AHEAD if ctx.cfg.model.overlap_io else 0)
 
 
 def write_image_records(

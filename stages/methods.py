@@ -77,7 +77,7 @@ class Method:
         """Initialise what the method sets from the data before the first step of a fresh run."""
 
     def region_features(self, ctx: Context, split: str) -> AbstractContextManager[RegionFeatures]:
-        """A context manager giving ``features(model, ann, boxes, layers)`` for the regions of ``split``'s images."""
+        """A context manager giving the :class:`RegionFeatures` of ``split``'s images (``load(ann)``, then the call)."""
         return _Warped(ctx)
 
     def regression_layer(self, cfg) -> str | None:
