@@ -107,7 +107,7 @@ def main() -> None:
                     pooled, inverse = pool_windows(maps, factors, boxes, stride, s.levels, s.target_size, None, offset)
                     synchronize(device)
                     pool = time.perf_counter()
-                    with inference_autocast(device):
+                    with inference_autocast(s_net):
                         out = s_net.head(pooled, ("fc7",))
                     [to_float16(x)[inverse] for x in (pooled, out["fc7"])]
                     return {"conv trunk": trunk - tick, "pooling": pool - trunk, "fc layers": time.perf_counter() - pool}

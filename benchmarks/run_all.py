@@ -149,7 +149,8 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
     failed: dict[str, str] = {}  # measurement -> the error that stopped it
     weights = f"SqueezeNet from {args.weights}, AlexNet random" if args.weights else "random (torchvision's initialisation)"
     amp = "float16" if device.type == "cuda" else "bfloat16"
-    ours_precision = "bfloat16 autocast" if device.type == "cuda" else "float32"
+    gpu_precision = "bfloat16: features with the weights cast once, fine-tuning under autocast"
+    ours_precision = gpu_precision if device.type == "cuda" else "float32"
     data, images, classes = "", [], ()
     info = machine_info(device)
 

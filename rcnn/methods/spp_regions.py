@@ -52,7 +52,7 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
             resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else rgb
         with record_function("rcnn.upload"):
             x = to_device(resized, device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
-        with record_function("rcnn.conv"), inference_autocast(device):
+        with record_function("rcnn.conv"), inference_autocast(model):
             fmap = model.trunk(x[None])[0]
         maps.append(fmap.permute(1, 2, 0).to(torch.float16).contiguous())
     if to_host:  # after every scale is queued: one wait for the device per image, not one per scale
@@ -226,7 +226,7 @@ def spp_region_features(
     spec = model.spec
     with record_function("rcnn.pool"):
         pooled, inverse = pool_windows(maps, factors, boxes, spec.stride, spec.spp_levels, target, dtype=None, offset=spec.offset)
-    with record_function("rcnn.fc"), inference_autocast(device):
+    with record_function("rcnn.fc"), inference_autocast(model):
         out = model.head(pooled, layers)
     out["pool5"] = pooled
     with record_function("rcnn.to_host"):
@@ -336,7 +336,7 @@ class PooledRegions:
             at = scale[regions] if draw is None else np.minimum((draw[rows] * len(maps)).astype(np.int64), len(maps) - 1)
             items.append((maps, at, rects[at, regions]))
         pooled = pool_cells(items, self.model.spec.spp_levels)
-        return pooled[torch.from_numpy(np.argsort(order)).to(self.device)]
+        return pooled[to_device(np.argsort(order), self.device)]
 
     def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
         mirror = draw = None

@@ -53,25 +53,41 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def for_inference(model: DetectorNet, whole_images: bool = False) -> DetectorNet:
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The precision features are computed in: bfloat16 on a GPU, float32 on a CPU.
+
+    The same for both methods and every layer they run (trunk, crops and fc layers), so their timings
+    compare like with like.
+    """
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def for_inference(model: DetectorNet, whole_images: bool = False, dtype: torch.dtype | None = None) -> DetectorNet:
     """``model`` ready to extract features, in place: eval mode, batch norms folded into the convs,
-    fc6's input scale folded into its weights.
+    fc6's input scale folded into its weights, the weights in ``dtype`` (default :func:`inference_dtype`).
 
     The weights go channels-last where :func:`rcnn.modeling.models.channels_last` says (on a GPU, and on a
     CPU for ``whole_images``: SPP-net's trunk sees each image once, at full size). Numbers agree with the
     trained model up to float rounding; training never sees this form, so checkpoints do not depend on it.
 
-    On an x86-64 CPU, fc6 and fc7 also become :class:`OneDNNLinear` with their ReLUs fused (see there;
-    about 2x faster on AMD processors). Set ``RCNN_ONEDNN_LINEAR=0`` to keep ``nn.Linear``.
+    In a lower precision (bfloat16 on a GPU) the weights are cast once, here, and :func:`inference_autocast`
+    then casts only the inputs: under autocast with float32 weights every chunk of regions would cast every
+    weight again (autocast forgets its casts when its block ends), 61 M of them for AlexNet.
+
+    On an x86-64 CPU in float32, fc6 and fc7 also become :class:`OneDNNLinear` with their ReLUs fused (see
+    there; about 2x faster on AMD processors). Set ``RCNN_ONEDNN_LINEAR=0`` to keep ``nn.Linear``.
     """
     model.eval()
     device = next(model.parameters()).device
+    dtype = dtype or inference_dtype(device)
     fold_batch_norm(model.trunk)
     if isinstance(model.fc6, nn.Linear):
         with torch.no_grad():  # fc6(s x) = (s W) x + b: the input scale moves into the weights
             model.fc6.weight.mul_(model.fc6_input_scale)
             model.fc6_input_scale.fill_(1.0)
-    if onednn_linear_helps(device):
+    if dtype != torch.float32:
+        model.to(dtype)
+    elif onednn_linear_helps(device):
         # Each fc layer takes over its ReLU (an identity from then on).
         model.fc6, model.relu6 = OneDNNLinear.of(model.fc6, relu=True), nn.Identity()
         model.fc7, model.relu7 = OneDNNLinear.of(model.fc7, relu=True), nn.Identity()
@@ -144,10 +160,9 @@ def _has_fused_linear() -> bool:
         return False
 
 
-def inference_autocast(device: torch.device) -> torch.autocast:
-    """The precision features are computed in: bfloat16 autocast on a GPU, float32 on a CPU.
-
-    The same for both methods and every layer they run (trunk, crops and fc layers), so their
-    timings compare like with like.
-    """
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def inference_autocast(model: nn.Module) -> torch.autocast:
+    """Autocast to the precision of ``model``'s weights (see :func:`for_inference`), which then casts only
+    the inputs (images, crops, pooled windows); off for float32 weights."""
+    weight = next(model.parameters())
+    low = weight.dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(weight.device.type, dtype=weight.dtype if low else torch.bfloat16, enabled=low)

@@ -100,9 +100,9 @@ class DetectorNet(nn.Module):
         """
         out = {}
         # Dropout after fc6 and fc7, where R-CNN's (Caffe's) AlexNet has drop6 and drop7.
-        x = torch.flatten(pool5, 1).float()
-        if float(self.fc6_input_scale) != 1.0:
-            x = x * self.fc6_input_scale
+        # Always multiplied, never read: reading the factor on a GPU would wait for the device at every
+        # call, and times 1 is exact.
+        x = torch.flatten(pool5, 1).float() * self.fc6_input_scale
         fc6 = self.relu6(self.fc6(x))
         if "fc6" in layers:
             out["fc6"] = fc6
@@ -267,6 +267,12 @@ def pixel_affine(spec: BackboneSpec, device: torch.device) -> tuple[torch.Tensor
     to the backbone's input, ``(x / 255 - mean) / std``, in two in-place passes. Made once per device and
     kept (read-only): on a GPU each making is a copy from the host, which waits for the device's queue."""
     return _pixel_affine(tuple(spec.std), tuple(spec.mean), torch.device(device))
+
+
+def normalised_fill(spec: BackboneSpec) -> tuple[float, float, float]:
+    """The warp's fill (:attr:`BackboneSpec.mean_pixel`) as the network sees it after normalisation: the
+    fill of crops warped from an image normalised beforehand (zero for the mean pixel itself)."""
+    return tuple(float((p / 255.0 - m) / s) for p, m, s in zip(spec.mean_pixel, spec.mean, spec.std))
 
 
 @functools.lru_cache(maxsize=32)

@@ -43,6 +43,37 @@ def test_device_warp_features_match_the_opencv_warp(backbone, size):
     assert np.abs(shifted["fc7"].astype(np.float32) - plain["fc7"]).max() > 5 * np.abs(fast["fc7"] - plain["fc7"]).max()
 
 
+def test_device_warp_of_the_normalised_image_gives_the_normalised_crops():
+    """region_features normalises the image once, before warping (fill included), instead of every crop:
+    the network's inputs are the crops of the raw image, normalised, up to float32 rounding."""
+    from rcnn.modeling.models import normalise_crops, normalised_fill, pixel_affine
+    from rcnn.modeling.warp import warp_regions_torch
+
+    torch.manual_seed(0)
+    model = for_inference(build_model("tiny", 3, 32).eval())
+    spec = model.spec
+    assert np.allclose(normalised_fill(spec), 0.0, atol=1e-6)  # the mean pixel normalises to zero
+    rng = np.random.default_rng(5)
+    image = blocky_image(rng, 72, 96)
+    xy = rng.uniform(-20, 80, (40, 2))  # some reach outside the image: fill
+    boxes = np.concatenate([xy, xy + rng.uniform(2, 60, (40, 2))], axis=1).astype(np.float32)
+    seen = []
+    extract = model.extract
+    model.extract = lambda x, layers: seen.append(x.clone()) or extract(x, layers)
+    region_features(model, image, boxes, ("fc7",), context_pad=3, batch_size=16, warp="torch")
+    fed = torch.cat(seen)
+    raw = warp_regions_torch(torch.from_numpy(image).permute(2, 0, 1).float(), boxes, 32, 3, spec.mean_pixel)
+    scale, shift = pixel_affine(spec, torch.device("cpu"))
+    expected = raw * scale - shift
+    assert fed.shape == expected.shape == (40, 3, 32, 32)
+    assert (fed - expected).abs().max() < 1e-5 * expected.abs().max()
+    outside = raw == torch.tensor(spec.mean_pixel).view(1, 3, 1, 1)
+    assert outside.any() and fed[outside].abs().max() < 1e-6  # the fill, normalised
+    # The OpenCV crops (uint8), normalised on the device, agree within rounding to a grey level.
+    host = normalise_crops(np.ascontiguousarray(raw.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()), spec, "cpu")
+    assert (host - fed).abs().max() <= 0.51 * scale.max()
+
+
 @pytest.mark.parametrize("warp", ["opencv", "torch"])
 def test_rows_of_a_layer_are_the_full_layers_rows(warp):
     model = for_inference(build_model("tiny", 3, 32).eval())

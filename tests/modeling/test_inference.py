@@ -134,3 +134,63 @@ def test_to_float32_is_numpys_exact_conversion():
     got = to_float32(x[::2])  # a strided view too
     assert got.dtype == np.float32 and np.array_equal(got, x[::2].astype(np.float32))
     assert np.signbit(got[0, 3])
+
+
+def test_a_gpu_computes_features_in_bfloat16_and_a_cpu_in_float32():
+    assert inference.inference_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert inference.inference_dtype(torch.device("cpu")) == torch.float32
+    model = for_inference(_trained_looking_tiny())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad(), inference.inference_autocast(model):  # off: float32 in, float32 out
+        assert model.trunk(torch.randn(1, 3, 64, 64)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("whole_images", [False, True])
+def test_weights_cast_once_compute_what_autocast_casting_them_at_every_call_does(whole_images, monkeypatch):
+    """for_inference in bfloat16 (a GPU's precision) casts the weights once; inference_autocast then casts the
+    inputs only. Checked on the CPU, where autocast runs in bfloat16 too: the same numbers as float32 weights
+    under autocast, which casts them at every call."""
+    monkeypatch.setenv(ENV_ONEDNN_LINEAR, "0")  # oneDNN's fc layers are float32 only
+    levels = (2, 1) if whole_images else None
+    cast_each_call = for_inference(_trained_looking_tiny(levels), whole_images=whole_images)
+    cast_once = for_inference(_trained_looking_tiny(levels), whole_images=whole_images, dtype=torch.bfloat16)
+    assert {p.dtype for p in cast_once.parameters()} == {torch.bfloat16}
+    images = torch.randn(4, 3, 64, 64)
+    pooled = (torch.rand(4, cast_once.spec.pool5_dim) * 10).half()  # SPP-net's windows come from float16 maps
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = cast_each_call.trunk(images), cast_each_call.head(pooled, ("fc6", "fc7"))
+        with inference.inference_autocast(cast_once):
+            got = cast_once.trunk(images), cast_once.head(pooled, ("fc6", "fc7"))
+        reference = _trained_looking_tiny(levels).head(pooled.float(), ("fc7",))["fc7"]
+    assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], want[0])
+    for layer in ("fc6", "fc7"):
+        assert torch.equal(got[1][layer], want[1][layer]), layer
+    # and bfloat16's own rounding, against float32: within 2 % of the layer's largest value
+    assert (got[1]["fc7"].float() - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+def test_region_features_of_both_methods_run_in_bfloat16():
+    """The feature code runs a bfloat16 model end to end (as on a GPU) and agrees with float32 within its rounding."""
+    from rcnn.methods.rcnn_regions import region_features
+    from rcnn.methods.spp_regions import image_maps, spp_region_features
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (80, 112, 3), dtype=np.uint8)
+    xy = rng.uniform(0, 70, (50, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(8, 40, (50, 2))], axis=1).astype(np.float32)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        rcnn_net = for_inference(_trained_looking_tiny(), dtype=dtype)
+        spp_net = for_inference(_trained_looking_tiny((2, 1)), whole_images=True, dtype=dtype)
+        maps = image_maps(spp_net, image[:, :, ::-1], [1.0])
+        out[dtype] = {
+            "R-CNN": region_features(rcnn_net, image, boxes, ("pool5", "fc7"), 4, 16, "torch"),
+            "SPP-net": spp_region_features(spp_net, maps, [1.0], boxes, ("pool5", "fc7"), 32.0),
+        }
+    for method in ("R-CNN", "SPP-net"):
+        for layer in ("pool5", "fc7"):
+            a, b = out[torch.float32][method][layer].astype(np.float32), out[torch.bfloat16][method][layer].astype(np.float32)
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert np.abs(a - b).max() <= 0.05 * np.abs(a).max(), (method, layer)
+            assert not np.array_equal(a, b)  # bfloat16 did run
