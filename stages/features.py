@@ -29,7 +29,7 @@ from rcnn.training.regions import image_regions, regression_rows
 
 from . import finetune, proposals
 from .context import Context
-from .image_records import images_ahead, write_image_records
+from .image_records import images_ahead, one_ahead, write_image_records
 from .methods import build_method, caches_regression_rows
 from .provenance import cached_mb, upstream_check, upstream_digest
 
@@ -120,8 +120,8 @@ def image_records(ctx: Context, split: str, ids: list[str]):
                 chosen = {sparse: reg.rows}
             return regions, chosen, region_features.load(ann)
 
-        for image_id, (regions, chosen, loaded) in images_ahead(ctx, read, ids):
-            feats, seconds = region_features(model, loaded, regions.boxes, computed, chosen)
+        def record(image_id: str, regions, chosen, pending):
+            feats, seconds = pending.result()
             arrays = {
                 "boxes": regions.boxes,
                 "gt_classes": regions.gt_classes,
@@ -134,7 +134,15 @@ def image_records(ctx: Context, split: str, ids: list[str]):
                 arrays[sparse], arrays[f"{sparse}_rows"] = feats[sparse], chosen[sparse].astype(np.int32)
                 kept = len(chosen[sparse])
             info = {"images": 1, "boxes": len(regions.boxes), "regression_rows": kept, "compute": seconds, "device": device}
-            yield image_id, arrays, info
+            return image_id, arrays, info
+
+        def start(item):
+            image_id, (regions, chosen, loaded) = item
+            return image_id, regions, chosen, region_features.start(model, loaded, regions.boxes, computed, chosen)
+
+        # Under model.overlap_io one image is in flight: its work is queued on the device before the previous
+        # image's is waited for, so a GPU computes while the host takes the results and prepares the next image.
+        yield from one_ahead(images_ahead(ctx, read, ids), start, lambda started: record(*started), cfg.model.overlap_io)
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:

@@ -21,6 +21,37 @@ def images_ahead(ctx: Context, read, ids: list[str]):
     return read_ahead(read, ids, READ_AHEAD if ctx.cfg.model.overlap_io else 0)
 
 
+def one_ahead(items, start, finish, ahead: bool = True):
+    """``finish(start(item))`` for each of ``items``, in order; with ``ahead``, the next item is started before
+    the current one is finished (a GPU then computes the next image while the host finishes this one).
+
+    Where reading an item or starting it fails, the item before it is still finished and given, then the
+    error is raised: what was computed is kept.
+    """
+    waiting, items = None, iter(items)
+    while True:
+        try:
+            item = next(items, _END)
+            if item is _END:
+                break
+            started = start(item)
+        except Exception:
+            if waiting is not None:
+                yield finish(waiting)
+            raise
+        if waiting is not None:
+            yield finish(waiting)
+        waiting = started
+        if not ahead:
+            yield finish(waiting)
+            waiting = None
+    if waiting is not None:
+        yield finish(waiting)
+
+
+_END = object()
+
+
 def write_image_records(
     ctx: Context, stage: ModuleType, split: str, parts: Path, ids: list[str], desc: str, postfix: str | None = None
 ) -> dict:

@@ -20,8 +20,14 @@ from torch.profiler import record_function
 
 from rcnn.data.datasets import load_image
 from rcnn.errors import ConfigError, UserError
-from rcnn.methods.rcnn_regions import WarpedRegionFeatures, WarpedRegions, region_features
-from rcnn.methods.spp_regions import PooledRegionFeatures, PooledRegions, as_map_tensors, pool_windows, spp_region_features
+from rcnn.methods.rcnn_regions import WarpedRegionFeatures, WarpedRegions, region_features_later
+from rcnn.methods.spp_regions import (
+    PooledRegionFeatures,
+    PooledRegions,
+    as_map_tensors,
+    pool_windows,
+    spp_region_features_later,
+)
 from rcnn.modeling.models import FEATURE_LAYERS
 from rcnn.store import artifacts as store
 
@@ -31,14 +37,36 @@ from .provenance import upstream_digest
 
 
 class RegionFeatures(Protocol):
-    """An image's region features in two steps: ``load(ann)``, the host's reading (safe in a thread ahead of
-    the model), then the call, which computes ``(features of the layers asked for, seconds of compute)``."""
+    """An image's region features in steps: ``load(ann)``, the host's reading (safe in a thread ahead of the
+    model), then ``start(...)``, which queues the model's work, and the :class:`Pending` result's ``result()``,
+    which waits for it: ``(features of the layers asked for, seconds of compute)``. A caller that starts the
+    next image before it waits for this one keeps a GPU busy while the host finishes each image. Calling
+    the object is ``start(...).result()``."""
 
     def load(self, ann) -> Any: ...
+
+    def start(
+        self, model, loaded, boxes: np.ndarray, layers: tuple[str, ...], rows: dict[str, np.ndarray] | None = None
+    ) -> Pending: ...
 
     def __call__(
         self, model, loaded, boxes: np.ndarray, layers: tuple[str, ...], rows: dict[str, np.ndarray] | None = None
     ) -> tuple[dict[str, np.ndarray], float]: ...
+
+
+class Pending:
+    """An image's features on their way (:class:`rcnn.modeling.transfer.HostCopy`), with the host's seconds so far."""
+
+    def __init__(self, copy, seconds: float, then: Callable[[dict], dict] | None = None):
+        self.copy, self.seconds, self.then = copy, seconds, then
+
+    def result(self) -> tuple[dict[str, np.ndarray], float]:
+        """The features, and the seconds of compute: the host's before, plus this wait for the device."""
+        tick = time.perf_counter()
+        feats = self.copy.arrays()
+        if self.then is not None:
+            feats = self.then(feats)
+        return feats, self.seconds + time.perf_counter() - tick
 
 
 class Method:
@@ -199,22 +227,25 @@ class _Warped:
             image = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         return image, time.perf_counter() - tick
 
-    def __call__(
+    def start(
         self,
         model,
         loaded: tuple[np.ndarray, float],
         boxes: np.ndarray,
         layers: tuple[str, ...],
         rows: dict[str, np.ndarray] | None = None,
-    ) -> tuple[dict[str, np.ndarray], float]:
-        """The ``layers`` of ``boxes`` (a layer in ``rows`` only for those rows), and the seconds of decoding
-        and computing them."""
+    ) -> Pending:
+        """The ``layers`` of ``boxes`` (a layer in ``rows`` only for those rows) on their way; their seconds
+        count the decoding."""
         image, decoding = loaded
         cfg = self.ctx.cfg
         tick = time.perf_counter()
         pad, batch = cfg.finetune.context_pad, cfg.features.batch_size
-        feats = region_features(model, image, boxes, layers, pad, batch, cfg.model.warp, rows)
-        return feats, decoding + time.perf_counter() - tick
+        copy = region_features_later(model, image, boxes, layers, pad, batch, cfg.model.warp, rows)
+        return Pending(copy, decoding + time.perf_counter() - tick)
+
+    def __call__(self, model, loaded, boxes, layers, rows=None) -> tuple[dict[str, np.ndarray], float]:
+        return self.start(model, loaded, boxes, layers, rows).result()
 
 
 class _Pooled:
@@ -236,20 +267,25 @@ class _Pooled:
         with record_function("rcnn.read_maps"):
             return convmaps.image_record(self.maps, ann.image_id)
 
-    def __call__(
+    def start(
         self,
         model,
         loaded: tuple[list[np.ndarray], np.ndarray],
         boxes: np.ndarray,
         layers: tuple[str, ...],
         rows: dict[str, np.ndarray] | None = None,
-    ) -> tuple[dict[str, np.ndarray], float]:
+    ) -> Pending:
         conv, factors = loaded
         tick = time.perf_counter()
-        feats = spp_region_features(model, conv, factors, boxes, layers, self.ctx.cfg.spp.target_size)
-        for layer, chosen in (rows or {}).items():
-            feats[layer] = feats[layer][chosen]
-        return feats, time.perf_counter() - tick
+        copy = spp_region_features_later(model, conv, factors, boxes, layers, self.ctx.cfg.spp.target_size)
+
+        def chosen_rows(feats: dict) -> dict:
+            return {**feats, **{layer: feats[layer][chosen] for layer, chosen in (rows or {}).items()}}
+
+        return Pending(copy, time.perf_counter() - tick, chosen_rows)
+
+    def __call__(self, model, loaded, boxes, layers, rows=None) -> tuple[dict[str, np.ndarray], float]:
+        return self.start(model, loaded, boxes, layers, rows).result()
 
 
 class LayerReader:

@@ -17,9 +17,9 @@ from torch.profiler import record_function
 
 from rcnn.data.datasets import ImageAnnotation, load_image
 from rcnn.errors import UserError
-from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
+from rcnn.modeling.inference import for_inference, inference_autocast
 from rcnn.modeling.models import DetectorNet, normalise_crops, normalised_fill, pixel_affine
-from rcnn.modeling.transfer import to_device
+from rcnn.modeling.transfer import HostCopy, to_device
 from rcnn.modeling.warp import warp_many_torch, warp_plan, warp_planned, warp_regions, warp_regions_torch
 
 #: How regions are warped: ``"opencv"`` on the host (uint8 crops, :func:`rcnn.modeling.warp.warp_regions`),
@@ -35,7 +35,6 @@ def warp_on_device(warp: str, device: torch.device) -> bool:
     return warp == "torch" or (warp == "auto" and device.type != "cpu")
 
 
-@torch.no_grad()
 def region_features(
     model: DetectorNet,
     image_rgb: np.ndarray,
@@ -52,6 +51,23 @@ def region_features(
     Both warps sample the same places (see :func:`rcnn.modeling.warp.warp_regions_torch`); the device warp
     keeps its samples in floating point where OpenCV rounds them to uint8, so features differ slightly.
     """
+    return region_features_later(model, image_rgb, boxes, layers, context_pad, batch_size, warp, rows).arrays()
+
+
+@torch.no_grad()
+def region_features_later(
+    model: DetectorNet,
+    image_rgb: np.ndarray,
+    boxes: np.ndarray,
+    layers: tuple[str, ...],
+    context_pad: int,
+    batch_size: int = 256,
+    warp: str = "auto",
+    rows: dict[str, np.ndarray] | None = None,
+) -> HostCopy:
+    """:func:`region_features` with the wait left to the caller: on a GPU the work is queued and the outputs'
+    copies to the host with it; :meth:`HostCopy.arrays` waits for them (the caller can queue the next image
+    first). Nothing here reads a value from the device."""
     spec = model.spec
     device = next(model.parameters()).device
     on_device = warp_on_device(warp, device)
@@ -59,7 +75,7 @@ def region_features(
     if on_device:
         scale, shift = pixel_affine(spec, device)
         with record_function("rcnn.upload"):
-            image = torch.from_numpy(np.ascontiguousarray(image_rgb)).to(device).permute(2, 0, 1).float()[None]
+            image = to_device(image_rgb, device).permute(2, 0, 1).float()[None]
             # The image is normalised once, so the crops come out normalised: each crop pixel is a convex
             # blend of image pixels, or the fill, normalised alike. Normalising the crops instead would be
             # two more passes over 2000 x 3 x 227 x 227 floats per image.
@@ -68,8 +84,8 @@ def region_features(
             # GPU a copy from the host waits for the device's queue to drain.
             sizes, index = np.array([image.shape[2:]]), np.zeros(len(boxes), np.int64)
             plan = warp_plan(sizes, index, boxes, spec.input_size, context_pad, normalised_fill(spec), device, image.dtype)
-    # Each chunk's outputs stay on the device, in float16, and go to the host once per image: one wait for
-    # the device instead of one per chunk, during which it would idle.
+    # Each chunk's outputs stay on the device, in float16, and go to the host once per image: no wait for
+    # the device per chunk, during which it would idle.
     out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
@@ -83,17 +99,16 @@ def region_features(
         for layer in layers:
             out[layer].append(feats[layer].detach().to(torch.float16))
     dims = {"pool5": spec.pool5_dim, "fc6": spec.fc_dim, "fc7": spec.fc_dim}
-    with record_function("rcnn.to_host"):
-        result = {}
-        for k, v in out.items():
-            if not v:
-                result[k] = np.zeros((0, dims[k]), np.float16)
-                continue
-            x = torch.cat(v)
-            if rows is not None and k in rows:
-                x = x[torch.from_numpy(np.asarray(rows[k], np.int64)).to(x.device)]
-            result[k] = to_float16(x)
-        return result
+    result = {}
+    for k, v in out.items():
+        if not v:
+            result[k] = torch.zeros((0, dims[k]), dtype=torch.float16)
+            continue
+        x = torch.cat(v)
+        if rows is not None and k in rows:
+            x = x[to_device(np.asarray(rows[k], np.int64), x.device)]
+        result[k] = x
+    return HostCopy(result)
 
 
 @dataclass

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from rcnn.modeling.inference import for_inference, inference_autocast, to_float16
+from rcnn.modeling.inference import for_inference, inference_autocast
 from rcnn.modeling.models import PYRAMID_LAYOUT, DetectorNet, pixel_affine
 from rcnn.modeling.spp import spp_pool
 from rcnn.modeling.spp_geometry import image_scales, map_windows, select_scale
-from rcnn.modeling.transfer import to_device
+from rcnn.modeling.transfer import HostCopy, to_device
 from rcnn.structures.boxes import mirror_boxes
 from rcnn.training.sampling import FgBgSampler
 
@@ -206,7 +206,6 @@ def pool_windows(
     return pool_cells([(maps, scale[first], rects[first])], levels, dtype), inverse.reshape(-1)
 
 
-@torch.no_grad()
 def spp_region_features(
     model: DetectorNet,
     maps: Sequence[np.ndarray],
@@ -215,11 +214,24 @@ def spp_region_features(
     layers: tuple[str, ...],
     target: float = 224.0,
 ) -> dict[str, np.ndarray]:
-    """SPP-net's counterpart of :func:`rcnn.detection.detector.region_features`: float16 ``[N, D]`` per layer.
+    """SPP-net's counterpart of :func:`rcnn.methods.rcnn_regions.region_features`: float16 ``[N, D]`` per layer.
 
     ``pool5`` here is the pyramid-pooled window vector that fc6 reads. Repeated windows (see
     :func:`pool_windows`) go through the fc layers once.
     """
+    return spp_region_features_later(model, maps, factors, boxes, layers, target).arrays()
+
+
+@torch.no_grad()
+def spp_region_features_later(
+    model: DetectorNet,
+    maps: Sequence[np.ndarray],
+    factors: Sequence[float],
+    boxes: np.ndarray,
+    layers: tuple[str, ...],
+    target: float = 224.0,
+) -> HostCopy:
+    """:func:`spp_region_features` with the wait for the device left to :meth:`HostCopy.arrays`."""
     device = next(model.parameters()).device
     with record_function("rcnn.upload"):
         maps = as_map_tensors(maps, device)
@@ -229,8 +241,7 @@ def spp_region_features(
     with record_function("rcnn.fc"), inference_autocast(model):
         out = model.head(pooled, layers)
     out["pool5"] = pooled
-    with record_function("rcnn.to_host"):
-        return {k: to_float16(out[k])[inverse] for k in layers}
+    return HostCopy({k: out[k] for k in layers}, then=lambda arrays: {k: a[inverse] for k, a in arrays.items()})
 
 
 @dataclass

@@ -137,3 +137,23 @@ def test_fine_tuning_steps_never_wait_for_the_device(pipelines_file, tmp_path, c
         few = _finetune_waits(pipelines_file, tmp_path, capsys, monkeypatch, pipeline, 3, *extra)
         many = _finetune_waits(pipelines_file, tmp_path, capsys, monkeypatch, pipeline, 9, *extra)
         assert few == many, (pipeline, few, many)
+
+
+def test_starting_an_images_features_never_waits_for_the_device():
+    """Both methods queue an image's work and its copies to the host without a wait: the wait is left to
+    HostCopy.arrays, so the features stage can queue the next image first."""
+    from rcnn.methods.rcnn_regions import region_features_later
+    from rcnn.methods.spp_regions import image_maps, spp_region_features_later
+
+    rcnn_net = for_inference(build_model("tiny", 3, 32).eval())
+    spp_net = for_inference(build_model("tiny", 3, 32, spp_levels=(2, 1)).eval(), whole_images=True)
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    xy = rng.uniform(-5, 60, (100, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 40, (100, 2))], axis=1).astype(np.float32)
+    maps = image_maps(spp_net, image, [1.0, 0.5])  # as the features stage reads them: host arrays
+    with DeviceWaits() as spy:
+        rcnn_copy = region_features_later(rcnn_net, image, boxes, ("pool5", "fc7"), 3, 32, "torch", rows={"pool5": np.arange(4)})
+        spp_copy = spp_region_features_later(spp_net, maps, [1.0, 0.5], boxes, ("pool5", "fc7"), 32.0)
+    assert not spy.calls, spy.calls
+    assert rcnn_copy.arrays()["pool5"].shape[0] == 4 and spp_copy.arrays()["fc7"].shape[0] == 100

@@ -20,3 +20,24 @@ def test_a_strided_array_is_copied_in_order():
     a = np.arange(20, dtype=np.float32).reshape(4, 5)[:, ::2]
     t = to_device(a, torch.device("cpu"))
     assert t.is_contiguous() and np.array_equal(t.numpy(), a)
+
+
+def test_a_host_copy_gives_exactly_what_to_float16_gives():
+    from rcnn.modeling.inference import to_float16
+    from rcnn.modeling.transfer import HostCopy
+
+    torch.manual_seed(0)
+    tensors = {"fc7": torch.randn(7, 5) * 1e4, "pool5": torch.randn(7, 3, dtype=torch.bfloat16), "none": torch.zeros(0, 4)}
+    copy = HostCopy(tensors)
+    tensors["fc7"].zero_()  # the copy was taken when it was made
+    arrays = copy.arrays()
+    assert list(arrays) == ["fc7", "pool5", "none"]
+    torch.manual_seed(0)
+    expected = {"fc7": torch.randn(7, 5) * 1e4, "pool5": torch.randn(7, 3, dtype=torch.bfloat16), "none": torch.zeros(0, 4)}
+    for k, v in expected.items():
+        want = to_float16(v)
+        assert arrays[k].dtype == np.float16 and arrays[k].shape == want.shape
+        assert arrays[k].tobytes() == want.tobytes(), k
+    rows = np.array([6, 0, 0])
+    picked = HostCopy({"fc7": expected["fc7"]}, then=lambda a: {k: v[rows] for k, v in a.items()}).arrays()
+    assert np.array_equal(picked["fc7"], to_float16(expected["fc7"])[rows])

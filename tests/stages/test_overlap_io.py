@@ -95,3 +95,48 @@ def features_order(pipelines: Path, folder: Path) -> list[str]:
 
     ctx = make_context("tiny", folder, (), str(pipelines), quiet=True)
     return list(ctx.dataset("trainval").ids)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_one_ahead_starts_the_next_item_before_finishing_this_one(ahead):
+    from rcnn.stages.image_records import one_ahead
+
+    log = []
+
+    def start(i):
+        log.append(f"start {i}")
+        return i
+
+    def finish(i):
+        log.append(f"finish {i}")
+        return i * 10
+
+    assert list(one_ahead(range(3), start, finish, ahead)) == [0, 10, 20]
+    if ahead:
+        assert log == ["start 0", "start 1", "finish 0", "start 2", "finish 1", "finish 2"]
+    else:
+        assert log == ["start 0", "finish 0", "start 1", "finish 1", "start 2", "finish 2"]
+    assert list(one_ahead([], start, finish, ahead)) == []
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("where", ["reading", "starting"])
+def test_one_ahead_gives_what_was_started_before_an_error(ahead, where):
+    from rcnn.stages.image_records import one_ahead
+
+    def items():
+        for i in range(4):
+            if where == "reading" and i == 2:
+                raise UserError("image 2 cannot be read")
+            yield i
+
+    def start(i):
+        if where == "starting" and i == 2:
+            raise UserError("image 2 cannot be read")
+        return i
+
+    got = []
+    with pytest.raises(UserError, match="image 2"):
+        for value in one_ahead(items(), start, lambda i: i, ahead):
+            got.append(value)
+    assert got == [0, 1]
