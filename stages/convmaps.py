@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.data.datasets import load_image
-from rcnn.methods.spp_regions import image_maps
+from rcnn.methods.spp_regions import image_maps_later
 from rcnn.modeling.checkpoints import initialise
 from rcnn.modeling.inference import for_inference
 from rcnn.modeling.models import DetectorNet, build_model, device_for, device_label
@@ -27,7 +27,7 @@ from rcnn.modeling.spp_geometry import image_scales
 from rcnn.store import records
 
 from .context import Context
-from .image_records import images_ahead, write_image_records
+from .image_records import images_ahead, one_ahead, write_image_records
 from .provenance import cached_mb, upstream_check
 
 NAME = "convmaps"
@@ -93,15 +93,25 @@ def image_records(ctx: Context, split: str, ids: list[str]):
         ann = dataset.annotation(image_id)
         return ann, load_image(ann), time.perf_counter() - tick
 
-    for image_id, (ann, image, decoding) in images_ahead(ctx, read, ids):
+    def start(item):  # the image's trunk queued, and the maps' copies to the host
+        image_id, (ann, image, decoding) = item
         tick = time.perf_counter() - decoding  # the compute seconds count decoding, as a detector's would
         factors = image_scales(ann.height, ann.width, ctx.cfg.spp.scales, ctx.cfg.spp.max_side)
-        maps = image_maps(model, image, factors)
-        record = {"factors": np.asarray(factors, np.float32), **{f"conv{k}": m for k, m in enumerate(maps)}}
+        copies = {"conv": image_maps_later(model, image, factors)}
         if mirror:
-            flipped = image_maps(model, np.ascontiguousarray(image[:, ::-1]), factors)
-            record.update({f"mirror{k}": m for k, m in enumerate(flipped)})
-        yield image_id, record, {"images": 1, "compute": time.perf_counter() - tick, **info}
+            copies["mirror"] = image_maps_later(model, np.ascontiguousarray(image[:, ::-1]), factors)
+        return image_id, factors, copies, time.perf_counter() - tick
+
+    def finish(started):  # the wait for the maps
+        image_id, factors, copies, seconds = started
+        tick = time.perf_counter()
+        record = {"factors": np.asarray(factors, np.float32)}
+        for name, copy in copies.items():
+            record.update({f"{name}{k}": m for k, m in copy.arrays().items()})
+        return image_id, record, {"images": 1, "compute": seconds + time.perf_counter() - tick, **info}
+
+    # Under model.overlap_io one image is in flight on the device, as in stage features.
+    yield from one_ahead(images_ahead(ctx, read, ids), start, finish, ctx.cfg.model.overlap_io)
 
 
 def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict]:

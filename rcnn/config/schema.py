@@ -83,9 +83,9 @@ class ModelConfig:
     overlap_io: bool = setting(
         True,
         "background threads read the next images (convmaps, features: decoding them, or reading their conv maps) "
-        "and write full record parts (convmaps, features, evaluate) while the model computes, and features queues "
-        "an image's work on the device before it waits for the previous image's, so a GPU need not wait on the "
-        "host; false: one step after another. The records are the same bytes",
+        "and write full record parts (convmaps, features, evaluate) while the model computes, and convmaps and "
+        "features queue an image's work on the device before they wait for the previous image's, so a GPU need not "
+        "wait on the host; false: one step after another. The records are the same bytes",
         fingerprint=False,
     )
 

@@ -220,7 +220,7 @@ class WarpedRegions:
         if i in self._on_device:
             self._on_device.move_to_end(i)
             return self._on_device[i]
-        image = torch.from_numpy(self.images[i]).to(device).permute(2, 0, 1).float()
+        image = to_device(self.images[i], device).permute(2, 0, 1).float()
         self._on_device[i] = image
         if len(self._on_device) > self.device_images:
             self._on_device.popitem(last=False)
@@ -232,7 +232,7 @@ class WarpedRegions:
             self._slab = torch.zeros(self._slab_shape, dtype=torch.uint8, device=device)
         uniq, where = np.unique(img_idx, return_inverse=True)
         for i in uniq[self._sizes[uniq, 0] == 0]:
-            image = torch.from_numpy(self.images[int(i)]).to(device).permute(2, 0, 1)
+            image = to_device(self.images[int(i)], device).permute(2, 0, 1)
             h, w = image.shape[1:]
             if h >= self._slab_shape[2] or w >= self._slab_shape[3]:
                 ann = self.images.annotations[int(i)]

@@ -28,7 +28,6 @@ from rcnn.training.sampling import FgBgSampler
 MANY_WINDOWS = 16
 
 
-@torch.no_grad()
 def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float], to_host: bool = True) -> list:
     """float16 conv maps of one BGR image resized by each factor in ``factors``, channels last: ``[H_k, W_k, C]``.
 
@@ -39,6 +38,17 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
     the one pooling reads (each cell's channels side by side), so no copy ever transposes a map.
     :func:`as_map_tensors` gives them the ``[C, H_k, W_k]`` shape the rest of the code indexes.
     """
+    maps = _image_maps(model, image_bgr, factors)
+    return list(HostCopy(dict(enumerate(maps))).arrays().values()) if to_host else maps
+
+
+def image_maps_later(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float]) -> HostCopy:
+    """:func:`image_maps` on their way to the host: ``arrays()`` waits for them, ``{k: map of factors[k]}``."""
+    return HostCopy(dict(enumerate(_image_maps(model, image_bgr, factors))))
+
+
+@torch.no_grad()
+def _image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float]) -> list[torch.Tensor]:
     spec = model.spec
     device = next(model.parameters()).device
     with record_function("rcnn.to_rgb"):
@@ -55,9 +65,6 @@ def image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[floa
         with record_function("rcnn.conv"), inference_autocast(model):
             fmap = model.trunk(x[None])[0]
         maps.append(fmap.permute(1, 2, 0).to(torch.float16).contiguous())
-    if to_host:  # after every scale is queued: one wait for the device per image, not one per scale
-        with record_function("rcnn.to_host"):
-            return [m.cpu().numpy() for m in maps]
     return maps
 
 

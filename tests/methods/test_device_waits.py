@@ -140,10 +140,11 @@ def test_fine_tuning_steps_never_wait_for_the_device(pipelines_file, tmp_path, c
 
 
 def test_starting_an_images_features_never_waits_for_the_device():
-    """Both methods queue an image's work and its copies to the host without a wait: the wait is left to
-    HostCopy.arrays, so the features stage can queue the next image first."""
+    """Both methods queue an image's work and its copies to the host without a wait, as does SPP-net's
+    trunk: the wait is left to HostCopy.arrays, so the features and convmaps stages can queue the next image
+    first."""
     from rcnn.methods.rcnn_regions import region_features_later
-    from rcnn.methods.spp_regions import image_maps, spp_region_features_later
+    from rcnn.methods.spp_regions import image_maps, image_maps_later, spp_region_features_later
 
     rcnn_net = for_inference(build_model("tiny", 3, 32).eval())
     spp_net = for_inference(build_model("tiny", 3, 32, spp_levels=(2, 1)).eval(), whole_images=True)
@@ -155,5 +156,7 @@ def test_starting_an_images_features_never_waits_for_the_device():
     with DeviceWaits() as spy:
         rcnn_copy = region_features_later(rcnn_net, image, boxes, ("pool5", "fc7"), 3, 32, "torch", rows={"pool5": np.arange(4)})
         spp_copy = spp_region_features_later(spp_net, maps, [1.0, 0.5], boxes, ("pool5", "fc7"), 32.0)
+        maps_copy = image_maps_later(spp_net, image, [1.0, 0.5])  # stage convmaps
     assert not spy.calls, spy.calls
+    assert [m.tobytes() for m in maps_copy.arrays().values()] == [m.tobytes() for m in maps]
     assert rcnn_copy.arrays()["pool5"].shape[0] == 4 and spp_copy.arrays()["fc7"].shape[0] == 100
