@@ -85,6 +85,7 @@ def for_inference(model: DetectorNet, whole_images: bool = False, dtype: torch.d
         with torch.no_grad():  # fc6(s x) = (s W) x + b: the input scale moves into the weights
             model.fc6.weight.mul_(model.fc6_input_scale)
             model.fc6_input_scale.fill_(1.0)
+    model.input_scale_folded = True
     if dtype != torch.float32:
         model.to(dtype)
     elif onednn_linear_helps(device):

@@ -92,6 +92,7 @@ class DetectorNet(nn.Module):
         # A fixed factor on fc6's input, saved with the weights: 1 except where fc6 starts afresh on
         # features of arbitrary magnitude (SPP-net's pyramid over a trunk trained without it).
         self.register_buffer("fc6_input_scale", torch.ones(()))
+        self.input_scale_folded = False  # set by rcnn.modeling.inference.for_inference, which folds it into fc6
 
     def head(self, pool5: torch.Tensor, layers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """fc6 and fc7 (after ReLU, as R-CNN's cached features) from pool5 ``[B, C, g, g]``.
@@ -100,9 +101,12 @@ class DetectorNet(nn.Module):
         """
         out = {}
         # Dropout after fc6 and fc7, where R-CNN's (Caffe's) AlexNet has drop6 and drop7.
-        # Always multiplied, never read: reading the factor on a GPU would wait for the device at every
-        # call, and times 1 is exact.
-        x = torch.flatten(pool5, 1).float() * self.fc6_input_scale
+        # In fc6's precision: float32, or for inference on a GPU bfloat16 straight from SPP-net's float16.
+        x = torch.flatten(pool5, 1).to(self.fc6.weight.dtype)
+        if not self.input_scale_folded:
+            # Multiplied, never read: reading the factor on a GPU would wait for the device at every call,
+            # and times 1 is exact.
+            x = x * self.fc6_input_scale
         fc6 = self.relu6(self.fc6(x))
         if "fc6" in layers:
             out["fc6"] = fc6
