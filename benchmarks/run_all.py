@@ -52,6 +52,8 @@ TITLES = {
     "rcnn_squeezenet": "R-CNN features, SqueezeNet",
     "spp_1_scale": "SPP-net features, 1 scale",
     "spp_5_scales": "SPP-net features, 5 scales",
+    "rcnn_alexnet_stream": "R-CNN features, AlexNet, images in a row",
+    "spp_1_scale_stream": "SPP-net features, 1 scale, images in a row",
     "cache_rcnn": "feature cache, R-CNN",
     "cache_rcnn_regression": "feature cache, R-CNN, sparse",
     "cache_spp": "feature cache, SPP-net",
@@ -93,13 +95,13 @@ def ratio(fig: dict) -> float:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = f"{'measurement':<30} {'unit':>10} {'ours':>10} {'stock':>10} {'ratio':>7}  details"
+    width = max([len("measurement")] + [len(fig["title"]) for fig in results.values()])
+    head = f"{'measurement':<{width}} {'unit':>10} {'ours':>10} {'stock':>10} {'ratio':>7}  details"
     lines = [head, "-" * len(head)]
     for fig in results.values():
         details = ", ".join(f"{k} {v}" for k, v in fig["details"].items())
-        lines.append(
-            f"{fig['title']:<30} {fig['unit']:>10} {fig['ours']:>10.4g} {fig['stock']:>10.4g} {fig['ratio']:>6.2f}x  {details}"
-        )
+        figures = f"{fig['unit']:>10} {fig['ours']:>10.4g} {fig['stock']:>10.4g} {fig['ratio']:>6.2f}x"
+        lines.append(f"{fig['title']:<{width}} {figures}  {details}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,8 @@ MEASUREMENTS = {
     "rcnn_squeezenet": "ms/image",
     "spp_1_scale": "ms/image",
     "spp_5_scales": "ms/image",
+    "rcnn_alexnet_stream": "ms/image",
+    "spp_1_scale_stream": "ms/image",
     "cache_rcnn": "MB/image",
     "cache_rcnn_regression": "MB/image",
     "cache_spp": "MB/image",
