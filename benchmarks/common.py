@@ -199,7 +199,7 @@ def network(ctx, device: torch.device):
         initialise(model, ctx.weights()[0])
     if method.whole_images and cfg.spp.fc6_input_rms is not None:
         model.fc6_input_scale.fill_(0.01)  # as fine-tuning sets it (for_inference folds it into fc6)
-    return for_inference(model.to(device), whole_images=method.whole_images)
+    return for_inference(model.to(device), whole_images=method.whole_images, dtype=cfg.model.precision)
 
 
 # ----------------------------------------------------------------------------- scripts on a pipeline's runs folder

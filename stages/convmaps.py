@@ -58,6 +58,7 @@ def params(ctx: Context) -> dict:
     return {
         "backbone": m.backbone,
         "weights": m.weights,
+        "precision": m.precision,
         "scales": list(ctx.cfg.spp.scales),
         "max_side": ctx.cfg.spp.max_side,
         "mirror": ctx.cfg.finetune.mirror,
@@ -77,7 +78,7 @@ def trunk_model(ctx: Context) -> DetectorNet:
     """The backbone with its pretrained trunk; SPP-net keeps these conv layers fixed."""
     model = untrained_model(ctx, spp=True)
     initialise(model, ctx.weights()[0])
-    return for_inference(model.to(device_for(ctx.cfg.model.device)), whole_images=True)
+    return for_inference(model.to(device_for(ctx.cfg.model.device)), whole_images=True, dtype=ctx.cfg.model.precision)
 
 
 def image_records(ctx: Context, split: str, ids: list[str]):

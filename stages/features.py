@@ -64,6 +64,7 @@ def params(ctx: Context) -> dict:
         "layers": list(cached_layers(ctx)),
         "context_pad": ctx.cfg.finetune.context_pad,
         "warp": ctx.cfg.model.warp,
+        "precision": ctx.cfg.model.precision,
         "classes": list(ctx.classes),
         "use_difficult": ctx.cfg.data.use_difficult,
         "bbox_rows": f.bbox_rows,
@@ -201,7 +202,7 @@ def layer_reader(ctx: Context, split: str, layer: str):
 def inference_model(ctx: Context):
     """The fine-tuned model, ready for inference as this stage runs it."""
     model, _ = finetune.load(ctx)
-    return for_inference(model, whole_images=build_method(ctx.cfg).whole_images)
+    return for_inference(model, whole_images=build_method(ctx.cfg).whole_images, dtype=ctx.cfg.model.precision)
 
 
 def check_recomputable(ctx: Context, split: str) -> None:

@@ -119,11 +119,12 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         sampler,
         schedule(ctx),
         device,
-        validate=lambda: accuracy(regions, labels, val, device),
+        validate=lambda: accuracy(regions, labels, val, device, cfg.model.precision),
         checkpoint=checkpoint,
         resume=state,
         progress=bar,
         log=lambda line: ctx.log(f"{NAME}/{split}: {line}"),
+        precision=cfg.model.precision,
     )
     bar.close()
 

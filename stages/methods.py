@@ -134,7 +134,7 @@ class Method:
 
     def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
         """What the detector computes features with on a new image: ``features(image_bgr, boxes, layers)``."""
-        return WarpedRegionFeatures(model, cfg.finetune.context_pad, cfg.features.batch_size, cfg.model.warp)
+        return WarpedRegionFeatures(model, cfg.finetune.context_pad, cfg.features.batch_size, cfg.model.warp, cfg.model.precision)
 
 
 class RCNN(Method):
@@ -200,7 +200,7 @@ class SPPNet(Method):
         return PyramidReader(ctx, split, window_offset())
 
     def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
-        return PooledRegionFeatures(model, cfg.spp.scales, cfg.spp.max_side, cfg.spp.target_size)
+        return PooledRegionFeatures(model, cfg.spp.scales, cfg.spp.max_side, cfg.spp.target_size, cfg.model.precision)
 
 
 class _Warped:

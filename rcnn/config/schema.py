@@ -75,6 +75,12 @@ class ModelConfig:
     fc_dim: int | None = setting(None, "width of fc6/fc7 where the head is new (squeezenet1_0, tiny); null: 4096 / 256", ge=1)
     seed: int = setting(0, "seed of the weights drawn afresh", ge=0)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when present, else the CPU", fingerprint=False)
+    precision: Literal["auto", "float32", "bfloat16"] = setting(
+        "auto",
+        "arithmetic of fine-tuning (autocast) and feature extraction (the weights cast once): auto: bfloat16 on a "
+        "GPU, float32 on a CPU; bfloat16 on a CPU too is about twice as fast where the processor has bfloat16 "
+        "matrix units (Intel AMX) and slower where it has none; float32 on a GPU gives reference numbers",
+    )
     warp: Literal["auto", "opencv", "torch"] = setting(
         "auto",
         "R-CNN, fine-tuning and features: where regions are warped; opencv on the host (uint8 crops), torch on the "

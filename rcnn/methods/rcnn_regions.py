@@ -123,9 +123,10 @@ class WarpedRegionFeatures:
     context_pad: int
     batch_size: int = 256
     warp: str = "auto"  # see WARPS
+    precision: str = "auto"  # model.precision
 
     def __post_init__(self) -> None:
-        for_inference(self.model, whole_images=False)
+        for_inference(self.model, whole_images=False, dtype=self.precision)
 
     def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
         with record_function("rcnn.to_rgb"):

@@ -264,9 +264,10 @@ class PooledRegionFeatures:
     scales: tuple[int, ...] = (688,)
     max_side: int | None = None
     target: float = 224.0
+    precision: str = "auto"  # model.precision
 
     def __post_init__(self) -> None:
-        for_inference(self.model, whole_images=True)
+        for_inference(self.model, whole_images=True, dtype=self.precision)
 
     def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
         h, w = image_bgr.shape[:2]

@@ -53,18 +53,26 @@ def fold_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """The precision features are computed in: bfloat16 on a GPU, float32 on a CPU.
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The precision networks compute in (``model.precision``): ``auto`` is bfloat16 on a GPU, float32 on a CPU.
 
     The same for both methods and every layer they run (trunk, crops and fc layers), so their timings
     compare like with like.
     """
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
 
 
-def for_inference(model: DetectorNet, whole_images: bool = False, dtype: torch.dtype | None = None) -> DetectorNet:
+def for_inference(model: DetectorNet, whole_images: bool = False, dtype: torch.dtype | str | None = None) -> DetectorNet:
     """``model`` ready to extract features, in place: eval mode, batch norms folded into the convs,
-    fc6's input scale folded into its weights, the weights in ``dtype`` (default :func:`inference_dtype`).
+    fc6's input scale folded into its weights, the weights in ``dtype`` (or a ``model.precision`` name; default
+    :func:`inference_dtype`'s ``auto``).
 
     The weights go channels-last where :func:`rcnn.modeling.models.channels_last` says (on a GPU, and on a
     CPU for ``whole_images``: SPP-net's trunk sees each image once, at full size). Numbers agree with the
@@ -79,7 +87,8 @@ def for_inference(model: DetectorNet, whole_images: bool = False, dtype: torch.d
     """
     model.eval()
     device = next(model.parameters()).device
-    dtype = dtype or inference_dtype(device)
+    if not isinstance(dtype, torch.dtype):
+        dtype = inference_dtype(device, dtype or "auto")
     fold_batch_norm(model.trunk)
     if isinstance(model.fc6, nn.Linear):
         with torch.no_grad():  # fc6(s x) = (s W) x + b: the input scale moves into the weights

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rcnn.errors import UserError
+from rcnn.modeling.inference import inference_dtype
 from rcnn.modeling.transfer import to_device
 from rcnn.training.sampling import FgBgSampler
 
@@ -106,8 +107,15 @@ def validation_set(labels: list[np.ndarray], val_idx: list[int], seed: int) -> t
     return both[:, 0], both[:, 1]
 
 
+def training_autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """Autocast of fine-tuning's forward passes in ``model.precision`` (``auto``: bfloat16 on a GPU, off on a CPU)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=inference_dtype(device, precision) == torch.bfloat16)
+
+
 @torch.no_grad()
-def accuracy(regions, labels: list[np.ndarray], val: tuple[np.ndarray, np.ndarray], device: torch.device) -> float | None:
+def accuracy(
+    regions, labels: list[np.ndarray], val: tuple[np.ndarray, np.ndarray], device: torch.device, precision: str = "auto"
+) -> float | None:
     """Classification accuracy of the model on the held-out regions ``val`` (None when there are none)."""
     img_idx, reg_idx = val
     if len(img_idx) == 0:
@@ -116,7 +124,7 @@ def accuracy(regions, labels: list[np.ndarray], val: tuple[np.ndarray, np.ndarra
     correct = 0
     for start in range(0, len(img_idx), 256):
         bi, br = img_idx[start : start + 256], reg_idx[start : start + 256]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with training_autocast(device, precision):
             pred = regions.logits(bi, br, None).argmax(1).cpu().numpy()
         correct += int((pred == np.array([labels[i][r] for i, r in zip(bi, br)])).sum())
     return correct / len(img_idx)
@@ -132,14 +140,16 @@ def fine_tune(
     resume: TrainState | None = None,
     progress=None,
     log: Callable[[str], None] = lambda line: None,
+    precision: str = "auto",
 ) -> list[dict]:
     """Train ``regions.model`` (already on ``device``) for ``schedule.max_iter`` iterations; return the history.
 
     Every ``schedule.eval_every`` iterations and at the end, ``validate()`` gives the validation accuracy and
     ``checkpoint(state)`` receives the state to keep; a run started with ``resume`` (a state written by
-    ``checkpoint``) continues from it and ends with the same weights as an unbroken run. On a GPU the forward
-    pass runs under bfloat16 autocast and cuDNN's deterministic kernels are chosen, so that a resumed run does
-    not drift from an unbroken one. ``progress`` is a tqdm-like bar (``update``, ``set_postfix``), or None.
+    ``checkpoint``) continues from it and ends with the same weights as an unbroken run. The forward passes run
+    under :func:`training_autocast` (``precision``: bfloat16 on a GPU by default); on a GPU cuDNN's deterministic
+    kernels are chosen, so that a resumed run does not drift from an unbroken one. ``progress`` is a tqdm-like
+    bar (``update``, ``set_postfix``), or None.
     """
     params = regions.trainable()
     if schedule.optimizer == "adam":
@@ -156,7 +166,6 @@ def fine_tune(
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     loss_fn = nn.CrossEntropyLoss()
-    amp = device.type == "cuda"
     batches = sampler.epoch_batches(schedule.seed, n_batches=schedule.max_iter)
     for _ in range(start_iter):
         next(batches)
@@ -175,7 +184,7 @@ def fine_tune(
         batch = next(batches)
         img_idx, reg_idx = sampler.locate(batch)
         target = to_device(sampler.labels[batch], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with training_autocast(device, precision):
             logits = regions.logits(img_idx, reg_idx, it)
             loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
