@@ -119,19 +119,23 @@ def _spp_net(b: Bench):
     return b.network(("spp", "alexnet"), build)
 
 
-def _rcnn(b: Bench, backbone: str, crop: int, weights: str | None) -> dict:
+def _rcnn(b: Bench, backbone: str, crop: int, weights: str | None, layers=("pool5", "fc7")) -> dict:
     pad = context_pad(crop)
     net = _rcnn_net(b, backbone, crop, weights)
     baseline = stock.RCNNFeatures(backbone, crop, pad, b.device, weights)
-    ours, base = _per_image(b, lambda im, bx: rcnn_image_features(net, im, bx, pad), baseline)
-    return _figures(ours, base, "ms/image", backbone=backbone, crop=crop, context_pad=pad, boxes=b.sizes.boxes)
+    ours, base = _per_image(b, lambda im, bx: rcnn_image_features(net, im, bx, pad, layers), baseline)
+    return _figures(ours, base, "ms/image", backbone=backbone, crop=crop, context_pad=pad, boxes=b.sizes.boxes,
+                    layers=list(layers))  # fmt: skip
 
 
 def rcnn_features(b: Bench) -> dict:
-    """R-CNN's pool5 and fc7 of every box of a decoded image: AlexNet at 227 px, SqueezeNet."""
+    """R-CNN's pool5 and fc7 of every box of a decoded image: AlexNet at 227 px, SqueezeNet; and AlexNet's fc7
+    alone, what the features stage computes for a test image under ``features.bbox_rows: regression`` (the
+    papers' pipelines), against the same stock pool5 and fc7."""
     return {
         "rcnn_alexnet": _rcnn(b, "alexnet", 227, None),
         "rcnn_squeezenet": _rcnn(b, "squeezenet1_0", b.sizes.squeezenet_crop, b.squeezenet_weights),
+        "rcnn_alexnet_fc7": _rcnn(b, "alexnet", 227, None, ("fc7",)),
     }
 
 

@@ -50,6 +50,7 @@ TINY = Sizes(images=1, boxes=8, squeezenet_crop=64, scale=128, scales=(96, 112, 
 TITLES = {
     "rcnn_alexnet": "R-CNN features, AlexNet",
     "rcnn_squeezenet": "R-CNN features, SqueezeNet",
+    "rcnn_alexnet_fc7": "R-CNN features, AlexNet, fc7 only",
     "spp_1_scale": "SPP-net features, 1 scale",
     "spp_5_scales": "SPP-net features, 5 scales",
     "rcnn_alexnet_stream": "R-CNN features, AlexNet, images in a row",

@@ -20,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 MEASUREMENTS = {
     "rcnn_alexnet": "ms/image",
     "rcnn_squeezenet": "ms/image",
+    "rcnn_alexnet_fc7": "ms/image",
     "spp_1_scale": "ms/image",
     "spp_5_scales": "ms/image",
     "rcnn_alexnet_stream": "ms/image",
