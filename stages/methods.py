@@ -57,15 +57,13 @@ class RegionFeatures(Protocol):
 class Pending:
     """An image's features on their way (:class:`rcnn.modeling.transfer.HostCopy`), with the host's seconds so far."""
 
-    def __init__(self, copy, seconds: float, then: Callable[[dict], dict] | None = None):
-        self.copy, self.seconds, self.then = copy, seconds, then
+    def __init__(self, copy, seconds: float):
+        self.copy, self.seconds = copy, seconds
 
     def result(self) -> tuple[dict[str, np.ndarray], float]:
         """The features, and the seconds of compute: the host's before, plus this wait for the device."""
         tick = time.perf_counter()
         feats = self.copy.arrays()
-        if self.then is not None:
-            feats = self.then(feats)
         return feats, self.seconds + time.perf_counter() - tick
 
 
@@ -203,7 +201,14 @@ class SPPNet(Method):
         return PooledRegionFeatures(model, cfg.spp.scales, cfg.spp.max_side, cfg.spp.target_size, cfg.model.precision)
 
 
-class _Warped:
+class _Started:
+    """Calling a :class:`RegionFeatures` is ``start(...).result()``."""
+
+    def __call__(self, model, loaded, boxes, layers, rows=None) -> tuple[dict[str, np.ndarray], float]:
+        return self.start(model, loaded, boxes, layers, rows).result()
+
+
+class _Warped(_Started):
     """R-CNN's features: each region warped from the decoded image and run through the whole CNN.
 
     ``load(ann)`` is the host's part (decoding, to RGB), safe to run in a thread ahead of the model; calling
@@ -244,11 +249,8 @@ class _Warped:
         copy = region_features_later(model, image, boxes, layers, pad, batch, cfg.model.warp, rows)
         return Pending(copy, decoding + time.perf_counter() - tick)
 
-    def __call__(self, model, loaded, boxes, layers, rows=None) -> tuple[dict[str, np.ndarray], float]:
-        return self.start(model, loaded, boxes, layers, rows).result()
 
-
-class _Pooled:
+class _Pooled(_Started):
     """SPP-net's features: each window pooled from the image's cached conv maps, then the fc layers.
 
     ``load(ann)`` reads the image's maps (I/O, not timed), safe to run in a thread ahead of the model."""
@@ -277,15 +279,8 @@ class _Pooled:
     ) -> Pending:
         conv, factors = loaded
         tick = time.perf_counter()
-        copy = spp_region_features_later(model, conv, factors, boxes, layers, self.ctx.cfg.spp.target_size)
-
-        def chosen_rows(feats: dict) -> dict:
-            return {**feats, **{layer: feats[layer][chosen] for layer, chosen in (rows or {}).items()}}
-
-        return Pending(copy, time.perf_counter() - tick, chosen_rows)
-
-    def __call__(self, model, loaded, boxes, layers, rows=None) -> tuple[dict[str, np.ndarray], float]:
-        return self.start(model, loaded, boxes, layers, rows).result()
+        copy = spp_region_features_later(model, conv, factors, boxes, layers, self.ctx.cfg.spp.target_size, rows)
+        return Pending(copy, time.perf_counter() - tick)
 
 
 class LayerReader:

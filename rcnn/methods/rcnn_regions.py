@@ -35,23 +35,9 @@ def warp_on_device(warp: str, device: torch.device) -> bool:
     return warp == "torch" or (warp == "auto" and device.type != "cpu")
 
 
-def region_features(
-    model: DetectorNet,
-    image_rgb: np.ndarray,
-    boxes: np.ndarray,
-    layers: tuple[str, ...],
-    context_pad: int,
-    batch_size: int = 256,
-    warp: str = "auto",
-    rows: dict[str, np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """Layer outputs (float16 ``[N, D]``) of the warped ``boxes [N, 4]`` (x1, y1, x2, y2) of one RGB image;
-    a layer named in ``rows`` only for those rows (chosen on the device, before the copy to the host).
-
-    Both warps sample the same places (see :func:`rcnn.modeling.warp.warp_regions_torch`); the device warp
-    keeps its samples in floating point where OpenCV rounds them to uint8, so features differ slightly.
-    """
-    return region_features_later(model, image_rgb, boxes, layers, context_pad, batch_size, warp, rows).arrays()
+def region_features(*args, **kwargs) -> dict[str, np.ndarray]:
+    """:func:`region_features_later` (the same arguments), waited for: each layer's float16 ``[N, D]``."""
+    return region_features_later(*args, **kwargs).arrays()
 
 
 @torch.no_grad()
@@ -65,9 +51,15 @@ def region_features_later(
     warp: str = "auto",
     rows: dict[str, np.ndarray] | None = None,
 ) -> HostCopy:
-    """:func:`region_features` with the wait left to the caller: on a GPU the work is queued and the outputs'
-    copies to the host with it; :meth:`HostCopy.arrays` waits for them (the caller can queue the next image
-    first). Nothing here reads a value from the device."""
+    """Layer outputs (float16 ``[N, D]``) of the warped ``boxes [N, 4]`` (x1, y1, x2, y2) of one RGB image;
+    a layer named in ``rows`` only for those rows (chosen on the device, before the copy to the host).
+
+    The wait is left to the caller: on a GPU the work is queued and the outputs' copies to the host with it;
+    :meth:`HostCopy.arrays` waits for them (the caller can queue the next image first). Nothing here reads a
+    value from the device. Both warps sample the same places (see
+    :func:`rcnn.modeling.warp.warp_regions_torch`); the device warp keeps its samples in floating point where
+    OpenCV rounds them to uint8, so features differ slightly.
+    """
     spec = model.spec
     device = next(model.parameters()).device
     on_device = warp_on_device(warp, device)

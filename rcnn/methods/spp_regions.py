@@ -213,20 +213,9 @@ def pool_windows(
     return pool_cells([(maps, scale[first], rects[first])], levels, dtype), inverse.reshape(-1)
 
 
-def spp_region_features(
-    model: DetectorNet,
-    maps: Sequence[np.ndarray],
-    factors: Sequence[float],
-    boxes: np.ndarray,
-    layers: tuple[str, ...],
-    target: float = 224.0,
-) -> dict[str, np.ndarray]:
-    """SPP-net's counterpart of :func:`rcnn.methods.rcnn_regions.region_features`: float16 ``[N, D]`` per layer.
-
-    ``pool5`` here is the pyramid-pooled window vector that fc6 reads. Repeated windows (see
-    :func:`pool_windows`) go through the fc layers once.
-    """
-    return spp_region_features_later(model, maps, factors, boxes, layers, target).arrays()
+def spp_region_features(*args, **kwargs) -> dict[str, np.ndarray]:
+    """:func:`spp_region_features_later` (the same arguments), waited for: each layer's float16 ``[N, D]``."""
+    return spp_region_features_later(*args, **kwargs).arrays()
 
 
 @torch.no_grad()
@@ -237,8 +226,14 @@ def spp_region_features_later(
     boxes: np.ndarray,
     layers: tuple[str, ...],
     target: float = 224.0,
+    rows: dict[str, np.ndarray] | None = None,
 ) -> HostCopy:
-    """:func:`spp_region_features` with the wait for the device left to :meth:`HostCopy.arrays`."""
+    """SPP-net's counterpart of :func:`rcnn.methods.rcnn_regions.region_features_later`: float16 ``[N, D]`` per
+    layer (a layer in ``rows`` only for those rows), the wait for the device left to :meth:`HostCopy.arrays`.
+
+    ``pool5`` here is the pyramid-pooled window vector that fc6 reads. Repeated windows (see
+    :func:`pool_windows`) go through the fc layers once.
+    """
     device = next(model.parameters()).device
     with record_function("rcnn.upload"):
         maps = as_map_tensors(maps, device)
@@ -248,7 +243,9 @@ def spp_region_features_later(
     with record_function("rcnn.fc"), inference_autocast(model):
         out = model.head(pooled, layers)
     out["pool5"] = pooled
-    return HostCopy({k: out[k] for k in layers}, then=lambda arrays: {k: a[inverse] for k, a in arrays.items()})
+    # Each box's row of the distinct windows' outputs, or only the chosen boxes' rows.
+    picks = {k: inverse[rows[k]] if rows and k in rows else inverse for k in layers}
+    return HostCopy({k: out[k] for k in layers}, then=lambda arrays: {k: a[picks[k]] for k, a in arrays.items()})
 
 
 @dataclass

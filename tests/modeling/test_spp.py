@@ -474,3 +474,20 @@ def test_few_windows_per_map_pool_the_finest_level_and_take_the_others_from_it(m
         spp_pool(x, rects, PYRAMID_LEVELS, owner, algorithm=algorithm, layout=layout).sum().backward()
         grads.append(x.grad)
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
+def test_spp_region_features_of_chosen_rows_are_the_full_layers_rows():
+    from rcnn.methods.spp_regions import image_maps, spp_region_features
+    from rcnn.modeling.inference import for_inference
+    from rcnn.modeling.models import build_model
+
+    net = for_inference(build_model("tiny", 3, 32, spp_levels=(2, 1)).eval(), whole_images=True)
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    xy = rng.uniform(0, 60, (80, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 40, (80, 2))], axis=1).astype(np.float32)
+    maps = image_maps(net, image, [1.0, 0.5])
+    full = spp_region_features(net, maps, [1.0, 0.5], boxes, ("pool5", "fc7"))
+    chosen = np.array([79, 0, 5, 5, 40])  # out of order, one twice
+    some = spp_region_features(net, maps, [1.0, 0.5], boxes, ("pool5", "fc7"), rows={"fc7": chosen})
+    assert np.array_equal(some["fc7"], full["fc7"][chosen]) and np.array_equal(some["pool5"], full["pool5"])
