@@ -36,6 +36,7 @@ from rcnn.stages.image_records import one_ahead
 from rcnn.stages.methods import build_method
 from rcnn.stages.runner import run_stage
 from rcnn.store import records
+from rcnn.training.finetune import training_autocast
 from rcnn.training.regions import finetune_labels, image_regions, regression_rows
 from rcnn.training.sampling import FgBgSampler
 
@@ -73,6 +74,7 @@ class Bench:
     classes: tuple[str, ...]
     tmp: Path
     squeezenet_weights: str | None = None
+    precision: str = "auto"  # model.precision of the library's side (the stock side keeps its autocast)
     _networks: dict = field(default_factory=dict, repr=False)
 
     def network(self, key: tuple, build):
@@ -92,11 +94,13 @@ def _figures(ours: float, stock_value: float, unit: str, lower: bool = True, **d
 
 
 def _per_image(b: Bench, ours, baseline) -> tuple[float, float]:
-    """Mean over the images of the median milliseconds per image of ``ours(image, boxes)`` and ``baseline``."""
+    """Mean over the images of the median milliseconds per image of ``ours(image, boxes)`` and ``baseline``, each
+    image's first run untimed: a new image size makes oneDNN or cuDNN choose kernels once, which a stage pays
+    once per size, not per image."""
     times: dict[str, list[float]] = {"ours": [], "stock": []}
-    for k, (image, boxes) in enumerate(zip(b.images, b.boxes)):
+    for image, boxes in zip(b.images, b.boxes):
         fns = {"ours": partial(ours, image, boxes), "stock": partial(baseline, image, boxes)}
-        for name, seconds in alternate(fns, b.sizes.repeats, b.device, warmup=k == 0 and b.sizes.warmup).items():
+        for name, seconds in alternate(fns, b.sizes.repeats, b.device, warmup=b.sizes.warmup).items():
             times[name].append(seconds)
     return 1000 * float(np.mean(times["ours"])), 1000 * float(np.mean(times["stock"]))
 
@@ -106,7 +110,7 @@ def _rcnn_net(b: Bench, backbone: str, crop: int, weights: str | None):
         net = build_model(backbone, len(b.classes) + 1, crop)
         if weights:
             initialise(net, weights)
-        return for_inference(net.to(b.device))
+        return for_inference(net.to(b.device), dtype=b.precision)
 
     return b.network(("rcnn", backbone, crop, weights), build)
 
@@ -114,7 +118,7 @@ def _rcnn_net(b: Bench, backbone: str, crop: int, weights: str | None):
 def _spp_net(b: Bench):
     def build():
         net = build_model("alexnet", len(b.classes) + 1, spp_levels=PYRAMID_LEVELS)
-        return for_inference(net.to(b.device), whole_images=True)
+        return for_inference(net.to(b.device), whole_images=True, dtype=b.precision)
 
     return b.network(("spp", "alexnet"), build)
 
@@ -281,7 +285,7 @@ def _context(b: Bench, method: str, pad: int, bg_low: float) -> Context:
         name=f"bench-{method}",
         method=method,
         data=DataConfig(root=str(b.voc), trainval="bench", test="bench", classes=b.classes),
-        model=ModelConfig(backbone="alexnet", weights="scratch", device=b.device.type),
+        model=ModelConfig(backbone="alexnet", weights="scratch", device=b.device.type, precision=b.precision),
         finetune=FinetuneConfig(context_pad=pad, bg_low=bg_low, batch_size=b.sizes.finetune_batch, mirror=False),
         spp=SPPConfig(scales=(b.sizes.scale,), max_side=MAX_SIDE, levels=PYRAMID_LEVELS),
     )
@@ -328,7 +332,7 @@ def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBg
         regions.train_mode()
         img_idx, reg_idx = sampler.locate(batch)
         target = torch.from_numpy(sampler.labels[batch]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with training_autocast(device, ctx.cfg.model.precision):
             logits = regions.logits(img_idx, reg_idx, it)
             loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)

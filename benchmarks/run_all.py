@@ -13,6 +13,7 @@ proposals (--proposals ss runs selective search instead). The full run uses the 
 
     python benchmarks/run_all.py --quick                      # a few minutes' worth of work cut to < 2 minutes
     python benchmarks/run_all.py --device cuda --json out.json
+    python benchmarks/run_all.py --quick --precision bfloat16  # the library in bfloat16 on a CPU too
     python benchmarks/run_all.py --data ../shared/data/voc07-mini --weights ../shared/weights/squeezenet1_0-imagenet.pth
 """
 
@@ -35,6 +36,7 @@ from measures import MEASUREMENTS, Bench, Sizes
 from rcnn.data.datasets import VOCDataset, load_image
 from rcnn.data.synth import generate_dataset
 from rcnn.errors import UserError
+from rcnn.modeling.inference import inference_dtype
 from rcnn.modeling.models import device_for
 from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
@@ -117,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--weights", metavar="FILE", help="SqueezeNet 1.0 state dict (torchvision's names) for both sides")
     ap.add_argument("--proposals", choices=("random", "ss"), default="random",
                     help="boxes: random, half of them around objects (default), or selective search (fast mode)")  # fmt: skip
+    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="the library's model.precision (default auto: bfloat16 on a GPU, float32 on a CPU); "
+                    "the stock side always runs under autocast")  # fmt: skip
     ap.add_argument("--only", action="append", choices=list(MEASUREMENTS), help="run only these measurements")
     return ap.parse_args(argv)
 
@@ -152,8 +157,11 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
     failed: dict[str, str] = {}  # measurement -> the error that stopped it
     weights = f"SqueezeNet from {args.weights}, AlexNet random" if args.weights else "random (torchvision's initialisation)"
     amp = "float16" if device.type == "cuda" else "bfloat16"
-    gpu_precision = "bfloat16: features with the weights cast once, fine-tuning under autocast"
-    ours_precision = gpu_precision if device.type == "cuda" else "float32"
+    ours_precision = f"model.precision {args.precision}: " + (
+        "bfloat16, features with the weights cast once, fine-tuning under autocast"
+        if inference_dtype(device, args.precision) == torch.bfloat16
+        else "float32"
+    )
     data, images, classes = "", [], ()
     info = machine_info(device)
 
@@ -181,7 +189,7 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
         tmp = Path(tmp_name)
         voc, anns, images, classes = prepare_data(args, sizes, tmp)
         boxes = proposals(args, sizes, anns, images)
-        bench = Bench(device, sizes, voc, anns, images, boxes, classes, tmp, args.weights)
+        bench = Bench(device, sizes, voc, anns, images, boxes, classes, tmp, args.weights, args.precision)
         data = str(args.data) if args.data else f"synthetic {sizes.image_size} px"
         print(
             f"{mode} run on {device}: {len(images)} images ({data}), {np.mean([len(b) for b in boxes]):.0f} "

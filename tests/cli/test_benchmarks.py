@@ -119,6 +119,29 @@ def test_the_json_is_written_after_every_measurement(bench_modules, monkeypatch,
     assert json.loads(out.read_text()) == seen[0]
 
 
+def test_precision_sets_the_library_side(bench_modules, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import measures
+    import run_all as suite
+
+    seen = {}
+
+    def look(bench):  # what the measurements build from the bench under --precision
+        net = measures._rcnn_net(bench, "squeezenet1_0", 64, None)
+        seen["weights"] = next(net.parameters()).dtype
+        seen["stage"] = measures._context(bench, "rcnn", 2, 0.0).cfg.model.precision
+        return {}
+
+    monkeypatch.setitem(suite.MEASUREMENTS, "svm", look)
+    out = tmp_path / "bench.json"
+    assert suite.main(["--tiny", "--only", "svm", "--precision", "bfloat16", "--json", str(out)]) == 0
+    assert seen == {"weights": torch.bfloat16, "stage": "bfloat16"}
+    assert json.loads(out.read_text())["precision"]["ours"].startswith("model.precision bfloat16: bfloat16")
+    assert suite.main(["--tiny", "--only", "svm", "--json", str(out)]) == 0  # auto: float32 on a CPU
+    assert seen == {"weights": torch.float32, "stage": "auto"}
+    assert json.loads(out.read_text())["precision"]["ours"] == "model.precision auto: float32"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_without_a_gpu_is_one_line():
     done = run_all("--tiny", "--device", "cuda")
