@@ -243,6 +243,10 @@ def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = T
     from rcnn.detection.detector import Detector
 
     cfg = ctx.cfg
+    # Current up the whole chain: never SVMs or regressors trained on another network's features.
+    upstream_digest(ctx, "train-svm", cfg.data.trainval)
+    if bbox:
+        upstream_digest(ctx, "train-bbox", cfg.data.trainval)
     return Detector(
         features=build_method(cfg).test_features(cfg, model),
         svm=train_svm.load(ctx),

@@ -3,6 +3,7 @@ unit is complete, intact and built from this configuration's data before a stage
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 from rcnn.errors import UserError
@@ -33,15 +34,38 @@ def fingerprint(ctx: Context, stage: ModuleType, split: str) -> store.Fingerprin
     )
 
 
-def upstream_digest(ctx: Context, stage: str, split: str) -> str:
-    """The outputs digest of a completed upstream unit, or an error saying what to run.
+class UpstreamStale(UserError):
+    """An upstream unit on disk is not what this configuration, its own upstream units and the code now call for."""
 
-    An upstream unit built from other data or another class list than this
-    configuration's is refused (:class:`UpstreamMismatch`), never used.
+
+def upstream_digest(ctx: Context, stage: str, split: str) -> str:
+    """The outputs digest of a completed, current upstream unit, or an error saying what to run.
+
+    An upstream unit built from other data or another class list than this configuration's is refused
+    (:class:`UpstreamMismatch`), never used; so is one that is stale (:class:`UpstreamStale`): its
+    parameters, code or own upstream units changed since it ran. The check goes up the whole chain, so a
+    change anywhere above makes every unit below stale, not only the one that reads the changed unit.
     """
     manifest = _completed(ctx, stage, split)
     check_same_origin(ctx, stage, split, manifest)
+    unit = ctx.unit_dir(stage, split)
+    expected = fingerprint(ctx, stage_module(stage), split)  # raises for a stale unit further up
+    if manifest["fingerprint"] != expected.digest:
+        reasons = store.unit_status(unit, expected).reasons
+        raise UpstreamStale(
+            f"{stage}/{split} of pipeline '{ctx.cfg.name}' is stale ({'; '.join(reasons)}); "
+            f"`rcnn run {ctx.cfg.name}` (with the same settings) recomputes it and the stages after it"
+        )
     return store.outputs_digest(manifest)
+
+
+def stage_module(name: str) -> ModuleType:
+    """The module of stage ``name`` (``train-svm``: ``rcnn.stages.train_svm``).
+
+    Looked up by name, not imported: an import would put every upstream stage's code into each stage's code
+    identity, and a code change above is already caught as that unit being stale (:func:`upstream_digest`).
+    """
+    return importlib.import_module(f"{__package__}.{name.replace('-', '_')}")
 
 
 def upstream_check(ctx: Context, stage: str, split: str) -> store.Verifier:

@@ -103,7 +103,10 @@ def test_data_synth_stats_and_proposals_status(tmp_path, capsys):
     code, out, _ = run(["status", "tiny", *common], capsys)
     assert code == 0 and out.count(" done ") == 2
     code, out, _ = run(["status", "tiny", *common, "--set", "proposals.max_proposals=5"], capsys)
-    assert out.count(" stale ") == 2 and "max_proposals: 50 -> 5" in out
+    states = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ")}
+    assert states["proposals/trainval"] == states["proposals/test"] == "stale" and "max_proposals: 50 -> 5" in out
+    # The stages after them never ran; their line says what stands in the way first.
+    assert states["finetune/trainval"] == "missing" and "proposals/trainval of pipeline 'tiny' is stale" in out
 
 
 def test_evaluate_devkit_files(tiny_voc, tmp_path, capsys):

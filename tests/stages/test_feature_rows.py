@@ -115,12 +115,12 @@ def test_setting_and_threshold_are_in_the_features_fingerprint(runs, capsys):
     assert code == 0 and "stale" not in out
     for change in ("bbox.min_overlap=0.5", "features.bbox_rows=all"):
         code, out, _ = run_cli(["status", "tiny-rows", "--set", change, *common], capsys)
-        lines = [line for line in out.splitlines() if "features/" in line]
+        lines = [line for line in out.splitlines() if line.strip().startswith("features/")]
         assert len(lines) == 2 and all(" stale " in line for line in lines), (change, out)
     # An `all` cache holds every row whatever the threshold: only box regression's own stages go stale.
     code, out, _ = run_cli(["status", "tiny", "--set", "bbox.min_overlap=0.5", *common], capsys)
-    assert all(" done " in line for line in out.splitlines() if "features/" in line)
-    assert any(" stale " in line for line in out.splitlines() if "train-bbox/" in line)
+    assert all(" done " in line for line in out.splitlines() if line.strip().startswith("features/"))
+    assert any(" stale " in line for line in out.splitlines() if line.strip().startswith("train-bbox/"))
 
 
 def test_threshold_is_a_features_parameter_only_where_it_decides_the_cache(runs):
@@ -183,7 +183,7 @@ def test_a_stale_cache_is_not_mixed_with_rows_of_other_settings(runs):
 
     # context_pad changes the crops rows would be computed with; the cache was made with another one.
     ctx = context(runs, "tiny-rows", "finetune.context_pad=2")
-    with pytest.raises(UserError, match=r"run `rcnn features tiny-rows` first"):
+    with pytest.raises(UserError, match=r"finetune/trainval .* is stale \(parameter finetune.context_pad: 3 -> 2\)"):
         features.layer_reader(ctx, "test", "pool5")
 
 

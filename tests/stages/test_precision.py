@@ -24,7 +24,7 @@ def test_bfloat16_runs_the_stages_close_to_float32_and_is_in_the_fingerprint(pip
     bf16 = ["--set", "model.precision=bfloat16"]
     code, out, _ = run_cli(["status", "tiny", *common[:-1], *bf16], capsys)
     assert code == 0
-    assert [line.split()[1] for line in out.splitlines() if "finetune/" in line or "features/" in line] == ["stale"] * 3
+    assert [line.split()[1] for line in out.splitlines() if line.strip().startswith(("finetune/", "features/"))] == ["stale"] * 3
     for stage in ("finetune", "features"):
         code, _, err = run_cli([stage, "tiny", *common, *bf16], capsys)
         assert code == 0, err
