@@ -320,9 +320,14 @@ def decode_image(path: Path) -> np.ndarray:
         raise UserError(f"image '{path}' is missing") from None
     except OSError as e:
         raise UserError(f"image '{path}' cannot be read ({e.strerror})") from None
+    if not data:  # OpenCV asserts (cv2.error) on an empty buffer rather than returning None
+        raise UserError(f"image '{path}' cannot be decoded (an empty file); replace the file")
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
         raise UserError(f"image '{path}' is a truncated JPEG (no end-of-image marker); replace the file")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:
+        image = None
     if image is None:
         raise UserError(f"image '{path}' cannot be decoded (corrupt or not an image)")
     return image

@@ -55,6 +55,12 @@ def damage_corrupt_jpeg(voc):
     return "cannot be decoded"
 
 
+def damage_empty_image(voc):
+    # OpenCV raised cv2.error (a traceback from the workers, even with --skip-bad) on a zero-byte file.
+    (voc / "JPEGImages" / f"{first(voc)}.jpg").write_bytes(b"")
+    return "cannot be decoded (an empty file)"
+
+
 def damage_size(voc):
     xml = voc / "Annotations" / f"{first(voc)}.xml"
     xml.write_text(xml.read_text().replace("<height>96</height>", "<height>90</height>"))
@@ -118,6 +124,7 @@ def damage_missing_image(voc):
 IMAGE_DAMAGES = [
     damage_truncated_jpeg,
     damage_corrupt_jpeg,
+    damage_empty_image,
     damage_size,
     damage_outside,
     damage_inverted,
