@@ -63,6 +63,29 @@ def test_user_errors_are_one_line(argv, needle, status, capsys, tmp_path, monkey
     assert_one_line_error(code, err, needle, status)
 
 
+def test_until_a_stage_the_pipeline_lacks_is_refused_before_any_work(pipelines_file, tmp_path, capsys):
+    # convmaps is SPP-net's: on an R-CNN pipeline the loop never met it and ran every stage through evaluate.
+    argv = ["run", "tiny", "--until", "convmaps", "--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs")]
+    code, out, err = run(argv, capsys)
+    assert_one_line_error(
+        code,
+        err,
+        "--until convmaps: stage 'convmaps' belongs to SPP-net pipelines; 'tiny' is an R-CNN pipeline "
+        "(its stages: proposals, finetune, features, train-svm, train-bbox, evaluate)",
+        2,
+    )
+    assert out == "" and not (tmp_path / "runs").exists()
+
+
+def test_until_help_names_every_stage(capsys):
+    from rcnn.stages import STAGES
+
+    code, out, _ = run(["run", "--help"], capsys)
+    start = out.index("--until STAGE")
+    until = " ".join(out[start : out.index("--seeds", start)].split())
+    assert code == 0 and all(name in until for name in STAGES), until
+
+
 def test_missing_dataset_root_is_one_line(tmp_path, capsys):
     code, _, err = run(["proposals", "demo", "--runs-dir", str(tmp_path), "--set", f"data.root={tmp_path}/none"], capsys)
     assert_one_line_error(code, err, "does not exist", 1)
