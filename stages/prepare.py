@@ -21,4 +21,7 @@ def ensure_data(ctx: Context) -> None:
         generate_dataset(ctx.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=ctx.progress)
     # What the annotations tell is checked before any stage starts its long work.
     data = ctx.cfg.data
-    check_pipeline_data(ctx.dataset(data.trainval), ctx.dataset(data.test), ctx.classes, data.use_difficult)
+    trainval = ctx.dataset(data.trainval)
+    trainval.require_images()  # before ctx.classes reads the classes of its images
+    test = ctx.dataset(data.test)
+    check_pipeline_data(trainval, test, ctx.classes, data.use_difficult)

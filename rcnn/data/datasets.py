@@ -217,8 +217,14 @@ class VOCDataset:
             h.update(data)
         return h.hexdigest()
 
+    def require_images(self) -> None:
+        """Refuse a split file that lists no image: a stage would train on nothing, or score nothing as mAP nan."""
+        if not self.ids and not self.skipped:
+            raise UserError(f"split '{self.split}' is empty: '{self.split_file}' lists no image ids; add one id per line")
+
     def check(self, classes: tuple[str, ...] | None = None) -> None:
-        """Parse every annotation and confirm every image exists, before long work starts."""
+        """Refuse an empty split, parse every annotation and confirm every image exists, before long work starts."""
+        self.require_images()
         for image_id in self.ids:
             reason = self.problem(image_id, classes)
             if reason is not None:

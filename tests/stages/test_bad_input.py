@@ -189,6 +189,17 @@ def test_a_class_whose_only_training_object_is_in_a_skipped_image_is_refused(voc
     assert not (tmp_path / "runs" / "tiny" / "proposals").exists()
 
 
+@pytest.mark.parametrize("flags", [(), ("--skip-bad",)])
+@pytest.mark.parametrize("split", ["trainval", "test"])
+def test_an_empty_split_is_refused_before_any_stage(split, flags, voc_copy, tmp_path, capsys):
+    # An empty test split ran every stage through to `evaluate/test: mAP nan` and exit status 0.
+    split_file = voc_copy / "ImageSets" / "Main" / f"{split}.txt"
+    split_file.write_text("")
+    code, out, err = run_pipeline(voc_copy, tmp_path, capsys, *flags)
+    assert_one_line(code, err, f"split '{split}' is empty: '{split_file}' lists no image ids")
+    assert "proposals" not in out and not (tmp_path / "runs" / "tiny").exists()
+
+
 def test_a_bad_test_annotation_is_refused_before_the_trainval_proposals(voc_copy, tmp_path, capsys):
     xml = voc_copy / "Annotations" / f"{first(voc_copy, 'test')}.xml"
     xml.write_text("<annotation><size>")
