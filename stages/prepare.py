@@ -11,10 +11,15 @@ from rcnn.data.datasets import check_pipeline_data
 from .context import Context
 
 
+def synthetic_data_pending(ctx: Context) -> bool:
+    """Whether the pipeline's data is synthetic and not generated yet (its first run generates it)."""
+    return ctx.cfg.data.root is None and ctx.cfg.data.synthetic is not None and not (ctx.data_root / "ImageSets").is_dir()
+
+
 def ensure_data(ctx: Context) -> None:
     """Generate the pipeline's synthetic data if it is synthetic and not there yet; check every annotation."""
     synth = ctx.cfg.data.synthetic
-    if ctx.cfg.data.root is None and synth is not None and not (ctx.data_root / "ImageSets").is_dir():
+    if synthetic_data_pending(ctx):
         from rcnn.data.synth import generate_dataset
 
         ctx.log(f"generating {synth.images} synthetic images in {ctx.data_root}")
