@@ -218,8 +218,19 @@ def test_evaluate_devkit_files(tiny_voc, tmp_path, capsys):
         capsys,
     )
     assert code == 0 and list(json.loads(out_json.read_text())["per_class"]) == [one]
-    code, _, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--classes", one], capsys)
-    assert_one_line_error(code, err, "is not one of the classes scored", 1)
+    # A subset of a full results folder: the other classes' files are left out (they were refused).
+    code, out, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--classes", one], capsys)
+    assert code == 0 and err == "" and [line.split()[0] for line in out.splitlines()[2:-1]] == [one], out
+    # A class neither the split nor a file knows is refused (it was dropped without a word).
+    code, _, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--classes", f"{one},unicorn"], capsys)
+    known = ", ".join(sorted([*files, "hexagon"]))
+    assert_one_line_error(
+        code,
+        err,
+        f"class 'unicorn' is to be scored but neither an object of split 'test' of {tiny_voc} nor named by a file in {det} "
+        f"(known: {known})",
+        2,
+    )
     (det / "comp4_det_test_hexagon.txt").unlink()
 
     bad = det / f"comp4_det_test_{next(iter(files))}.txt"
