@@ -20,6 +20,9 @@ from rcnn.data.filenames import name_problem
 from rcnn.errors import UserError
 from rcnn.structures.boxes import from_voc_pixels
 
+# What a dataset root holds, for the commands' advice when one is missing.
+ROOT_LAYOUT = "the folder holding JPEGImages/, Annotations/ and ImageSets/Main/"
+
 
 @dataclass(frozen=True)
 class ImageAnnotation:
@@ -137,8 +140,8 @@ class VOCDataset:
     def __init__(self, root: str | Path, split: str, skip: Mapping[str, str] | None = None):
         self.root = Path(root)
         self.split = split
-        if not self.root.is_dir():
-            raise UserError(f"dataset root '{self.root}' does not exist (set data.root, e.g. --set data.root=PATH)")
+        if not self.root.is_dir():  # each caller says how to name another (ROOT_LAYOUT)
+            raise UserError(f"dataset root '{self.root}' does not exist")
         problem = name_problem(split)
         if problem is not None:
             folder = self.root / "ImageSets" / "Main"

@@ -49,7 +49,16 @@ def test_pipelines_lists_descriptions(capsys):
         (["run", "demo", "--until", "nothing"], "unknown stage", 2),
         (["proposals"], "Missing argument 'PIPELINE'", 2),
         (["evaluate", "--metric", "voc12"], "'voc12' is not one of", 2),
-        (["evaluate", "--data", "/nonexistent/voc", "--detections", "x"], "dataset root '/nonexistent/voc' does not exist", 1),
+        (
+            ["evaluate", "--data", "/nonexistent/voc", "--detections", "x"],
+            "dataset root '/nonexistent/voc' does not exist; --data names the folder holding JPEGImages/, Annotations/ and",
+            1,
+        ),
+        (
+            ["data", "stats", "/nonexistent/voc"],
+            "dataset root '/nonexistent/voc' does not exist; give `rcnn data stats` the folder holding JPEGImages/",
+            1,
+        ),
         (["evaluate", "--data", "d", "--detections", "x", "--force"], "--force apply to a pipeline's evaluation", 2),
         (["evaluate", "--data", "d", "--detections", "x", "--set", "evaluate.metric=voc10"], "--set apply to", 2),
         (["evaluate", "demo", "--data", "d"], "--data score devkit files without a pipeline", 2),
@@ -119,7 +128,24 @@ def test_status_of_a_synthetic_pipeline_whose_data_was_deleted(tmp_path, capsys)
 
 def test_missing_dataset_root_is_one_line(tmp_path, capsys):
     code, _, err = run(["proposals", "demo", "--runs-dir", str(tmp_path), "--set", f"data.root={tmp_path}/none"], capsys)
-    assert_one_line_error(code, err, "does not exist", 1)
+    assert_one_line_error(
+        code, err, f"dataset root '{tmp_path}/none' does not exist (set data.root, e.g. --set data.root=PATH)", 1
+    )
+
+
+def test_data_stats_lists_bad_images_and_check_decodes_them(voc_copy, capsys):
+    # `rcnn data stats` was said to check the data, yet it stopped at the first bad annotation and decoded nothing.
+    trainval = VOCDataset(voc_copy, "trainval").ids
+    (voc_copy / "Annotations" / f"{trainval[0]}.xml").write_text("<annotation>")
+    (voc_copy / "JPEGImages" / f"{trainval[1]}.jpg").write_bytes(b"")
+    code, out, err = run(["data", "stats", str(voc_copy)], capsys)
+    assert f"[trainval]: {len(trainval) - 1} images" in out and f"  {trainval[0]}: " in out and "malformed XML" in out
+    assert_one_line_error(code, err, f"1 of {len(trainval)} image(s) of split 'trainval' in {voc_copy} are bad (listed above)", 1)
+    code, out, err = run(["data", "stats", str(voc_copy), "--check"], capsys)
+    assert f"[trainval]: {len(trainval) - 2} images" in out and f"  {trainval[1]}: image '" in out and "an empty file" in out
+    assert_one_line_error(code, err, f"2 of {len(trainval)} image(s)", 1)
+    code, out, err = run(["data", "stats", str(voc_copy), "--split", "test", "--check"], capsys)
+    assert code == 0 and err == "" and "bad image" not in out
 
 
 def test_missing_image_and_malformed_xml_are_one_line(voc_copy, tmp_path, capsys):
