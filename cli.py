@@ -8,7 +8,16 @@ import sys
 import click
 
 from rcnn.commands import compare, data, detect, evaluate, inspect
-from rcnn.commands.shared import SEEDS_HELP, ensure_data, make_context, run_one, seeded_names, stage_options, warn_without_gpu
+from rcnn.commands.shared import (
+    SEEDS_HELP,
+    check_stage,
+    ensure_data,
+    make_context,
+    run_one,
+    seeded_names,
+    stage_options,
+    warn_without_gpu,
+)
 from rcnn.errors import ConfigError, UserError
 from rcnn.runtime import keep_freed_memory
 
@@ -115,9 +124,17 @@ for _command in (
     cli.add_command(_command)
 
 
+# Written out rather than read from rcnn.stages, which would load every stage's code for --help
+# (tests/cli/test_cli.py checks it names every stage).
+UNTIL_HELP = (
+    "Stop after this stage: proposals, convmaps (SPP-net pipelines only), finetune, features, train-svm, "
+    "train-bbox or evaluate (the last, and the default)."
+)
+
+
 @cli.command("run")
 @click.argument("pipeline", default="demo")
-@click.option("--until", "until", default=None, help="Stop after this stage.")
+@click.option("--until", "until", default=None, metavar="STAGE", help=UNTIL_HELP)
 @click.option("--seeds", default=None, metavar="K,K,...", help=SEEDS_HELP)
 @stage_options
 def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster):
@@ -136,6 +153,8 @@ def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, 
         raise ConfigError(f"--until {until}: unknown stage (stages: {', '.join(STAGES)})")
     names = seeded_names(pipeline, seeds)
     contexts = [make_context(name, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster) for name in names]
+    if until is not None:  # before any work: a stage this method lacks would never stop the loop below
+        check_stage(until, contexts[0].cfg, option=f"--until {until}: ")
     warn_without_gpu(contexts[0].cfg)
     results = []
     for ctx in contexts:

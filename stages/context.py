@@ -88,6 +88,8 @@ class Context:
     def dataset(self, split: str) -> VOCDataset:
         """The split's images; with ``skip_bad``, only the usable ones (the same in every stage)."""
         if split not in self._datasets:
+            if not self.data_root.is_dir():
+                raise UserError(f"dataset root '{self.data_root}' does not exist (set data.root, e.g. --set data.root=PATH)")
             dataset = VOCDataset(self.data_root, split)
             self._datasets[split] = self._without_bad_images(dataset) if self.skip_bad else dataset
         return self._datasets[split]

@@ -11,14 +11,22 @@ from rcnn.data.datasets import check_pipeline_data
 from .context import Context
 
 
+def synthetic_data_pending(ctx: Context) -> bool:
+    """Whether the pipeline's data is synthetic and not generated yet (its first run generates it)."""
+    return ctx.cfg.data.root is None and ctx.cfg.data.synthetic is not None and not (ctx.data_root / "ImageSets").is_dir()
+
+
 def ensure_data(ctx: Context) -> None:
     """Generate the pipeline's synthetic data if it is synthetic and not there yet; check every annotation."""
     synth = ctx.cfg.data.synthetic
-    if ctx.cfg.data.root is None and synth is not None and not (ctx.data_root / "ImageSets").is_dir():
+    if synthetic_data_pending(ctx):
         from rcnn.data.synth import generate_dataset
 
         ctx.log(f"generating {synth.images} synthetic images in {ctx.data_root}")
         generate_dataset(ctx.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=ctx.progress)
     # What the annotations tell is checked before any stage starts its long work.
     data = ctx.cfg.data
-    check_pipeline_data(ctx.dataset(data.trainval), ctx.dataset(data.test), ctx.classes, data.use_difficult)
+    trainval = ctx.dataset(data.trainval)
+    trainval.require_images()  # before ctx.classes reads the classes of its images
+    test = ctx.dataset(data.test)
+    check_pipeline_data(trainval, test, ctx.classes, data.use_difficult)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rcnn.commands.shared import *  # noqa
+from rcnn.errors import UserError
 
 
 @click.group("data")
@@ -36,9 +36,27 @@ def data_synth(directory, images, seed, size, quiet):
 @data_group.command("stats")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--split", default="trainval", show_default=True, help="Split file name in ImageSets/Main.")
-def data_stats(directory, split):
-    """Print images, objects per class, difficult counts and box sizes of a VOC split."""
-    from rcnn.data.datasets import VOCDataset
+@click.option("--check", is_flag=True, help="Also decode every image and check its size against its annotation (slower).")
+def data_stats(directory, split, check):
+    """Print images, objects per class, difficult counts and box sizes of a VOC split, and its bad images.
+
+    Every annotation is parsed and every image file must exist; with --check every
+    image is also decoded, as the stages will. Images with a problem are listed, one
+    line each, and left out of the counts; the exit status is then 1.
+    """
+    from rcnn.data.datasets import ROOT_LAYOUT, VOCDataset, find_bad_images
     from rcnn.data.stats import dataset_stats, format_stats
 
-    click.echo(format_stats(dataset_stats(VOCDataset(directory, split))))
+    if not Path(directory).is_dir():
+        raise UserError(f"dataset root '{directory}' does not exist; give `rcnn data stats` {ROOT_LAYOUT}")
+    dataset = VOCDataset(directory, split)
+    if check:
+        bad = find_bad_images(dataset)
+    else:
+        bad = {i: reason for i in dataset.ids if (reason := dataset.problem(i)) is not None}
+    click.echo(format_stats(dataset_stats(VOCDataset(directory, split, skip=bad))))
+    if bad:
+        click.echo(f"\n  {len(bad)} bad image(s), left out above:")
+        for image_id, reason in bad.items():
+            click.echo(f"  {image_id}: {reason}")
+        raise UserError(f"{len(bad)} of {len(dataset)} image(s) of split '{split}' in {directory} are bad (listed above)")

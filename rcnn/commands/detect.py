@@ -33,7 +33,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     read, never executed or trusted beyond decoding. Example:
 
     \b
-      rcnn detect demo runs/_data/synth-n60-s0-px256/JPEGImages/000003.jpg --out det/
+      rcnn detect demo runs/_data/synth-n240-s0-px256/JPEGImages/000003.jpg --out det/
     """
     from rcnn.detection.detector import detect_files
     from rcnn.stages import evaluate, finetune
@@ -52,6 +52,10 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
         best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
         line = f"{r.path}: {len(found)} detections{(' (' + best + (', ...' if len(found) > 5 else '') + ')') if found else ''}"
         click.echo(line + (f" -> {r.output}.json" if r.output != Path(r.path).stem else ""))
+    done = len(images) - failed
+    written = f"{done} image(s) with their detections drawn and {done} JSON file(s) to {out}"
+    if failed == len(images):
+        raise UserError(f"no image could be read ({failed} named above); nothing was written to {out}")
     if failed:
-        raise UserError(f"{failed} of {len(images)} image(s) could not be read (each named above); the others are in {out}")
-    click.echo(f"wrote {out}")
+        raise UserError(f"{failed} of {len(images)} image(s) could not be read (each named above); wrote the other {written}")
+    click.echo(f"wrote {written}")

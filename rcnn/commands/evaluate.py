@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from rcnn.commands.shared import ensure_data, make_context, run_one, stage_options, write_json
-from rcnn.errors import ConfigError
+from rcnn.errors import ConfigError, UserError
 
 
 @click.command("evaluate")
@@ -94,8 +94,11 @@ def evaluate_cmd(
         raise ConfigError(f"{', '.join(extra)} apply to a pipeline's evaluation: rcnn evaluate PIPELINE {extra[0]} ...")
     if data_dir is None or detections is None:
         raise ConfigError("give a PIPELINE, or --data VOCDIR and --detections PATH to score devkit files")
+    from rcnn.data.datasets import ROOT_LAYOUT
     from rcnn.evaluation.scoring import format_ap_table, score_devkit_detections
 
+    if not Path(data_dir).is_dir():
+        raise UserError(f"dataset root '{data_dir}' does not exist; --data names {ROOT_LAYOUT}")
     split = split or "test"
     wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes is not None else None
     if wanted is not None and not wanted:

@@ -114,12 +114,26 @@ def seeded_names(pipeline: str, seeds: str | None) -> list[str]:
     return [seeded_name(pipeline, k) for k in parse_seeds(seeds)]
 
 
-def run_one(stage_name: str, ctx) -> None:
+def check_stage(stage_name: str, cfg, option: str = "") -> None:
+    """Refuse a stage that ``cfg``'s method does not run (SPP-net's convmaps on an R-CNN pipeline), naming those it does."""
     from rcnn.stages import STAGES, pipeline_stages
+
+    stages = pipeline_stages(cfg.method)
+    if stage_name in stages:
+        return
+    if stage_name not in STAGES:
+        raise ConfigError(f"{option}unknown stage '{stage_name}' (stages: {', '.join(STAGES)})")
+    raise ConfigError(
+        f"{option}stage '{stage_name}' belongs to SPP-net pipelines; '{cfg.name}' is an R-CNN pipeline "
+        f"(its stages: {', '.join(stages)})"
+    )
+
+
+def run_one(stage_name: str, ctx) -> None:
+    from rcnn.stages import STAGES
     from rcnn.stages.runner import run_stage
 
-    if stage_name not in pipeline_stages(ctx.cfg.method):
-        raise ConfigError(f"stage '{stage_name}' belongs to SPP-net pipelines; '{ctx.cfg.name}' is an R-CNN pipeline")
+    check_stage(stage_name, ctx.cfg)
     stage = STAGES[stage_name]
     manifests = run_stage(ctx, stage)
     for split, manifest in manifests.items():

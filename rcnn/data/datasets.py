@@ -20,6 +20,9 @@ from rcnn.data.filenames import name_problem
 from rcnn.errors import UserError
 from rcnn.structures.boxes import from_voc_pixels
 
+# What a dataset root holds, for the commands' advice when one is missing.
+ROOT_LAYOUT = "the folder holding JPEGImages/, Annotations/ and ImageSets/Main/"
+
 
 @dataclass(frozen=True)
 class ImageAnnotation:
@@ -137,8 +140,8 @@ class VOCDataset:
     def __init__(self, root: str | Path, split: str, skip: Mapping[str, str] | None = None):
         self.root = Path(root)
         self.split = split
-        if not self.root.is_dir():
-            raise UserError(f"dataset root '{self.root}' does not exist (set data.root, e.g. --set data.root=PATH)")
+        if not self.root.is_dir():  # each caller says how to name another (ROOT_LAYOUT)
+            raise UserError(f"dataset root '{self.root}' does not exist")
         problem = name_problem(split)
         if problem is not None:
             folder = self.root / "ImageSets" / "Main"
@@ -217,8 +220,14 @@ class VOCDataset:
             h.update(data)
         return h.hexdigest()
 
+    def require_images(self) -> None:
+        """Refuse a split file that lists no image: a stage would train on nothing, or score nothing as mAP nan."""
+        if not self.ids and not self.skipped:
+            raise UserError(f"split '{self.split}' is empty: '{self.split_file}' lists no image ids; add one id per line")
+
     def check(self, classes: tuple[str, ...] | None = None) -> None:
-        """Parse every annotation and confirm every image exists, before long work starts."""
+        """Refuse an empty split, parse every annotation and confirm every image exists, before long work starts."""
+        self.require_images()
         for image_id in self.ids:
             reason = self.problem(image_id, classes)
             if reason is not None:
@@ -320,9 +329,14 @@ def decode_image(path: Path) -> np.ndarray:
         raise UserError(f"image '{path}' is missing") from None
     except OSError as e:
         raise UserError(f"image '{path}' cannot be read ({e.strerror})") from None
+    if not data:  # OpenCV asserts (cv2.error) on an empty buffer rather than returning None
+        raise UserError(f"image '{path}' cannot be decoded (an empty file); replace the file")
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
         raise UserError(f"image '{path}' is a truncated JPEG (no end-of-image marker); replace the file")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:
+        image = None
     if image is None:
         raise UserError(f"image '{path}' cannot be decoded (corrupt or not an image)")
     return image

@@ -147,13 +147,14 @@ def read_detections(path: str | os.PathLike, split: str, classes: Iterable[str])
     """Read devkit result files for ``split`` from a folder or a single file.
 
     A folder gives every class of ``classes``, with empty detections where its file is
-    missing; files whose names do not look like ``<prefix>_det_<split>_<class>.txt`` are
+    missing; files whose names do not look like ``<prefix>_det_<split>_<class>.txt``, and
+    those of classes outside ``classes`` (scoring a subset of a full results folder), are
     ignored. A single file gives only its own class, taken from its name.
 
     Raises:
-        UserError: ``path`` is missing; a file names a class outside ``classes``; a folder
-            holds two files for one class; a single file is named otherwise; or a file is
-            malformed.
+        UserError: ``path`` is missing; a single file names a class outside ``classes``; a
+            folder holds two files for one class; a single file is named otherwise; or a
+            file is malformed.
     """
     path = Path(path)
     classes = list(classes)
@@ -170,7 +171,7 @@ def read_detections(path: str | os.PathLike, split: str, classes: Iterable[str])
                 continue
             name = match["cls"]
             if name not in known:
-                raise UserError(f"{file}: class {name!r} is not one of the classes scored ({', '.join(classes)})")
+                continue
             if name in found:
                 raise UserError(f"{path} holds two files for class {name!r}: {found[name].name} and {file.name}")
             found[name] = file

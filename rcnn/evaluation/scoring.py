@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.data.datasets import ImageAnnotation, VOCDataset
-from rcnn.errors import UserError
+from rcnn.errors import ConfigError, UserError
 from rcnn.evaluation.detfiles import detection_file_classes, read_detections
 from rcnn.evaluation.voc import ClassGroundTruth, EvalResult, evaluate
 
@@ -31,13 +31,27 @@ def score_devkit_detections(
     """Score devkit result files in ``detections`` against ``split`` of the VOC folder ``data_root``.
 
     ``classes`` None scores the classes of the split's objects and those the files name; a class
-    without objects in the split has AP nan (the devkit's n/a) and stays out of the mean.
+    without objects in the split has AP nan (the devkit's n/a) and stays out of the mean. Given
+    ``classes``, the files of other classes in a folder are left out.
+
+    Raises:
+        ConfigError: a class of ``classes`` is neither an object of the split nor named by a file (a typo
+            would otherwise score as n/a, out of the mean, unnoticed).
+        UserError: the data or the files are missing or malformed.
     """
     dataset = VOCDataset(data_root, split)
+    if not Path(detections).exists():
+        raise UserError(f"detections path {detections} does not exist")
+    known = sorted(set(dataset.classes()) | set(detection_file_classes(detections, split)))
     if classes is None:
-        if not Path(detections).exists():
-            raise UserError(f"detections path {detections} does not exist")
-        classes = tuple(sorted(set(dataset.classes()) | set(detection_file_classes(detections, split))))
+        classes = tuple(known)
+    unknown = [name for name in classes if name not in known]
+    if unknown:
+        which = f"class {unknown[0]!r} is" if len(unknown) == 1 else f"classes {', '.join(map(repr, unknown))} are"
+        raise ConfigError(
+            f"{which} to be scored but neither an object of split '{split}' of {data_root} nor named by a file in {detections} "
+            f"(known: {', '.join(known)})"
+        )
     gt = ground_truth_by_class(dataset.annotations(), classes)
     dets = read_detections(detections, split, classes)
     return evaluate(dets, {name: gt[name] for name in dets}, metric=metric)

@@ -12,6 +12,8 @@ from conftest import run_cli
 
 from rcnn.detection.detector import ClassDetections, detect_files, output_names
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 class WholeImageDetector:
     """Stands in for a trained pipeline: one box over the whole image, scored by its mean brightness."""
@@ -78,7 +80,59 @@ def test_detect_command_reports_each_bad_image_and_fails_at_the_end(batch, tmp_p
     lines = stderr.strip().splitlines()
     assert len(lines) == 2, stderr
     assert lines[0].startswith("skipped: ") and str(batch[3]) in lines[0] and "cannot be decoded" in lines[0]
-    assert lines[1] == f"rcnn: error: 1 of 5 image(s) could not be read (each named above); the others are in {out}"
+    assert lines[1] == (
+        "rcnn: error: 1 of 5 image(s) could not be read (each named above); "
+        f"wrote the other 4 image(s) with their detections drawn and 4 JSON file(s) to {out}"
+    )
     assert f"{batch[1]}: 1 detections (bright 0.78) -> x-2.json" in stdout
     assert f"{batch[0]}: 1 detections (bright 0.16)\n" in stdout  # its own name: nothing to say
     assert json.loads((out / "z.json").read_text())["image"] == str(batch[4])  # processed after the bad one
+
+
+def _fake_pipeline(monkeypatch):
+    from rcnn.stages import evaluate, finetune
+
+    monkeypatch.setattr(finetune, "load", lambda ctx: (None, {"classes": list(WholeImageDetector.classes)}))
+    monkeypatch.setattr(evaluate, "build_detector", lambda ctx, model, classes, bbox=True: WholeImageDetector())
+
+
+def test_an_empty_file_is_skipped_like_any_undecodable_image(tmp_path, capsys, monkeypatch, pipelines_file):
+    # A zero-byte file made OpenCV raise cv2.error: a traceback, and the whole batch lost.
+    _fake_pipeline(monkeypatch)
+    empty = tmp_path / "in" / "empty.jpg"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    good = _image(tmp_path / "in" / "good.jpg", 12, 14, 90)
+    out = tmp_path / "out"
+    argv = ["detect", "tiny", str(empty), str(good), "--out", str(out), "--pipelines-file", str(pipelines_file)]
+    code, stdout, stderr = run_cli([*argv, "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[0] == f"skipped: image '{empty}' cannot be decoded (an empty file); replace the file"
+    assert lines[1].endswith(f"wrote the other 1 image(s) with their detections drawn and 1 JSON file(s) to {out}")
+    assert sorted(p.name for p in out.iterdir()) == ["good.det.jpg", "good.json"]
+
+
+def test_detect_says_what_it_wrote_or_that_nothing_was(batch, tmp_path, capsys, monkeypatch, pipelines_file):
+    _fake_pipeline(monkeypatch)
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs")]
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["detect", "tiny", str(batch[0]), str(batch[4]), "--out", str(out), *common], capsys)
+    assert code == 0 and stderr == ""
+    assert stdout.splitlines()[-1] == f"wrote 2 image(s) with their detections drawn and 2 JSON file(s) to {out}"
+
+    code, _, stderr = run_cli(["detect", "tiny", str(batch[3]), "--out", str(tmp_path / "none"), *common], capsys)
+    assert code == 1 and "the others" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"rcnn: error: no image could be read (1 named above); nothing was written to {tmp_path / 'none'}"
+    )
+
+
+def test_the_help_example_is_an_image_the_demo_generates(capsys):
+    from rcnn.config import PipelineFile, default_pipelines_file
+    from rcnn.stages.context import Context
+
+    demo = Context(cfg=PipelineFile(default_pipelines_file()).load("demo"), runs_dir=Path("runs"))
+    code, out, _ = run_cli(["detect", "--help"], capsys)
+    assert code == 0 and f"rcnn detect demo {demo.data_root}/JPEGImages/000003.jpg --out det/" in out
+    assert (REPO / "docs" / "store.md").read_text().count(f"_data/{demo.data_root.name}/") == 1

@@ -117,10 +117,12 @@ def test_folder_mode(tmp_path):
     assert len(out["cow"]) == 0
 
 
-def test_folder_with_file_for_unknown_class(tmp_path):
-    _write(tmp_path, "comp4_det_test_zebra.txt", [])
-    with pytest.raises(UserError, match="zebra"):
-        read_detections(tmp_path, "test", ["cat"])
+def test_folder_files_of_classes_not_asked_for_are_left_out(tmp_path):
+    # Scoring a subset of a full results folder; the zebra file was refused.
+    _write(tmp_path, "comp4_det_test_zebra.txt", [("a", 0.9, [0, 0, 10, 10])])
+    _write(tmp_path, "comp4_det_test_cat.txt", [("b", 0.8, [1, 1, 5, 5])])
+    out = read_detections(tmp_path, "test", ["cat"])
+    assert list(out) == ["cat"] and out["cat"].image_ids == ("b",)
 
 
 def test_folder_with_two_files_for_one_class(tmp_path):

@@ -55,6 +55,12 @@ def damage_corrupt_jpeg(voc):
     return "cannot be decoded"
 
 
+def damage_empty_image(voc):
+    # OpenCV raised cv2.error (a traceback from the workers, even with --skip-bad) on a zero-byte file.
+    (voc / "JPEGImages" / f"{first(voc)}.jpg").write_bytes(b"")
+    return "cannot be decoded (an empty file)"
+
+
 def damage_size(voc):
     xml = voc / "Annotations" / f"{first(voc)}.xml"
     xml.write_text(xml.read_text().replace("<height>96</height>", "<height>90</height>"))
@@ -118,6 +124,7 @@ def damage_missing_image(voc):
 IMAGE_DAMAGES = [
     damage_truncated_jpeg,
     damage_corrupt_jpeg,
+    damage_empty_image,
     damage_size,
     damage_outside,
     damage_inverted,
@@ -180,6 +187,17 @@ def test_a_class_whose_only_training_object_is_in_a_skipped_image_is_refused(voc
     code, _, err = run_pipeline(voc_copy, tmp_path, capsys, "--skip-bad", "--set", f"data.classes={CLASSES}")
     assert_one_line(code, err, "class star has no object to train on")
     assert not (tmp_path / "runs" / "tiny" / "proposals").exists()
+
+
+@pytest.mark.parametrize("flags", [(), ("--skip-bad",)])
+@pytest.mark.parametrize("split", ["trainval", "test"])
+def test_an_empty_split_is_refused_before_any_stage(split, flags, voc_copy, tmp_path, capsys):
+    # An empty test split ran every stage through to `evaluate/test: mAP nan` and exit status 0.
+    split_file = voc_copy / "ImageSets" / "Main" / f"{split}.txt"
+    split_file.write_text("")
+    code, out, err = run_pipeline(voc_copy, tmp_path, capsys, *flags)
+    assert_one_line(code, err, f"split '{split}' is empty: '{split_file}' lists no image ids")
+    assert "proposals" not in out and not (tmp_path / "runs" / "tiny").exists()
 
 
 def test_a_bad_test_annotation_is_refused_before_the_trainval_proposals(voc_copy, tmp_path, capsys):
