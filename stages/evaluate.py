@@ -238,15 +238,19 @@ def table(ctx: Context, manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def check_trained(ctx: Context, bbox: bool = True) -> None:
+    """Refuse, in one line, a trained pipeline that is not current up the whole chain (what ``rcnn detect`` runs):
+    never SVMs or box regressors trained on the features of another network, other proposals or other code."""
+    upstream_digest(ctx, "train-svm", ctx.cfg.data.trainval)
+    if bbox:
+        upstream_digest(ctx, "train-bbox", ctx.cfg.data.trainval)
+
+
 def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = True):
     """The trained pipeline as a :class:`rcnn.detection.detector.Detector` for new images (``rcnn detect``)."""
     from rcnn.detection.detector import Detector
 
     cfg = ctx.cfg
-    # Current up the whole chain: never SVMs or regressors trained on another network's features.
-    upstream_digest(ctx, "train-svm", cfg.data.trainval)
-    if bbox:
-        upstream_digest(ctx, "train-bbox", cfg.data.trainval)
     return Detector(
         features=build_method(cfg).test_features(cfg, model),
         svm=train_svm.load(ctx),

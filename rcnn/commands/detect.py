@@ -39,6 +39,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     from rcnn.stages import evaluate, finetune
 
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
+    evaluate.check_trained(ctx, bbox=not no_bbox_reg)
     model, meta = finetune.load(ctx)
     detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
     out = Path(out_dir)
