@@ -69,10 +69,7 @@ def test_same_names_never_overwrite_and_a_bad_image_costs_only_itself(batch, tmp
 
 
 def test_detect_command_reports_each_bad_image_and_fails_at_the_end(batch, tmp_path, capsys, monkeypatch, pipelines_file):
-    from rcnn.stages import evaluate, finetune
-
-    monkeypatch.setattr(finetune, "load", lambda ctx: (None, {"classes": list(WholeImageDetector.classes)}))
-    monkeypatch.setattr(evaluate, "build_detector", lambda ctx, model, classes, bbox=True: WholeImageDetector())
+    _fake_pipeline(monkeypatch)
     out = tmp_path / "out"
     argv = ["detect", "tiny", *map(str, batch), "--out", str(out), "--pipelines-file", str(pipelines_file)]
     code, stdout, stderr = run_cli([*argv, "--runs-dir", str(tmp_path / "runs")], capsys)
@@ -92,6 +89,8 @@ def test_detect_command_reports_each_bad_image_and_fails_at_the_end(batch, tmp_p
 def _fake_pipeline(monkeypatch):
     from rcnn.stages import evaluate, finetune
 
+    """``rcnn detect`` on a stand-in trained pipeline: current, and a detector scoring whole images."""
+    monkeypatch.setattr(evaluate, "check_trained", lambda ctx, bbox=True: None)
     monkeypatch.setattr(finetune, "load", lambda ctx: (None, {"classes": list(WholeImageDetector.classes)}))
     monkeypatch.setattr(evaluate, "build_detector", lambda ctx, model, classes, bbox=True: WholeImageDetector())
 
