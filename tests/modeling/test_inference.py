@@ -10,6 +10,7 @@ from rcnn.modeling import inference
 from rcnn.modeling.inference import (
     ENV_ONEDNN_LINEAR,
     OneDNNLinear,
+    flush_denormals,
     fold_batch_norm,
     for_inference,
     onednn_linear_helps,
@@ -50,6 +51,30 @@ def test_for_inference_folds_batch_norm_and_fc6_scale_without_changing_outputs(w
         for_inference(model, whole_images=whole_images)
         torch.testing.assert_close(model.head(pooled, ("fc7",))["fc7"], folded["fc7"])
     assert model.trunk[0].weight.is_contiguous(memory_format=torch.channels_last) == whole_images
+
+
+def test_subnormal_weights_are_zeroed_for_inference_without_changing_outputs():
+    model = _trained_looking_tiny(spp_levels=(2, 1))
+    tiny = torch.finfo(torch.float32).tiny  # the smallest normal float32, 1.2e-38
+    w = model.fc6.weight.data
+    picked = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.3  # as training leaves them
+    w[picked] = torch.where(w[picked] > 0, 1.0, -1.0) * tiny * torch.rand(int(picked.sum()))
+    subnormal = (w != 0) & (w.abs() < tiny)
+    assert int(subnormal.sum()) > 100
+    normal = w[~subnormal].clone()
+    pooled = torch.rand(7, model.spec.pool5_dim) * 10
+    with torch.no_grad():
+        before = model.head(pooled, ("fc6", "fc7"))
+        for_inference(model, whole_images=True)
+        weight = model.fc6.weight if isinstance(model.fc6, torch.nn.Linear) else model.fc6.weight.to_dense()
+        assert not ((weight != 0) & (weight.abs() < tiny)).any()
+        assert torch.equal(weight[~subnormal], normal) and not weight[subnormal].any()  # normal weights untouched
+        after = model.head(pooled, ("fc6", "fc7"))
+    for layer in ("fc6", "fc7"):
+        torch.testing.assert_close(after[layer], before[layer], rtol=1e-5, atol=1e-6)
+    extra = torch.tensor([0.0, 1e-40, -3e-39, 1e-30, -2.0])
+    flush_denormals([extra])
+    assert extra.tolist() == [0.0, 0.0, 0.0, pytest.approx(1e-30), -2.0]
 
 
 def test_fold_batch_norm_leaves_a_convolution_without_batch_norm_alone():
