@@ -17,9 +17,13 @@ def pipelines_cmd(pipelines_file):
     """List the pipelines defined in pipelines.yaml and what each needs: its data, its weights (and whether
     they are here), and the hardware it is sized for (and whether a GPU is visible here)."""
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
-    click.echo(f"pipelines in {pfile.path.resolve()}:")
-    gpu_here = None
+    gpu_here, shown = None, None
     for name in pfile.names:
+        if pfile.file_of(name) != shown:  # your file's pipelines, then the shipped ones it leaves as they are
+            shown = pfile.file_of(name)
+            click.echo(
+                f"pipelines in {shown.resolve()}:" if shown == pfile.path else f"shipped with the package ({shown.resolve()}):"
+            )
         cfg = pfile.load(name)
         click.echo(f"  {name}: {cfg.description}")
         click.echo(f"      data: {_where(pfile, name, 'data.root', cfg.data.root, 'synthetic, generated under the runs folder')}")

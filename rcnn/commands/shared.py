@@ -23,7 +23,8 @@ def pipeline_options(f):
         "--pipelines-file",
         type=click.Path(dir_okay=False),
         default=None,
-        help="The pipelines YAML [default: $RCNN_PIPELINES, ./pipelines.yaml, or the one shipped].",
+        help="The pipelines YAML, whose pipelines come on top of the shipped ones "
+        "[default: $RCNN_PIPELINES, ./pipelines.yaml, or the one shipped].",
     )(f)
     f = click.option(
         "--set",

@@ -232,6 +232,14 @@ class PipelineFile:
                 raise ConfigError(f"{self.path}: pipeline name {name!r} cannot be a folder name ({problem})")
             if not isinstance(section, dict):
                 raise ConfigError(f"{self.path}: pipeline '{name}' must be a mapping")
+        # A file of your own adds to the pipelines shipped with the package: a name it does not define (as a
+        # pipeline or as a parent to extend) is the shipped one; one it defines replaces the shipped one.
+        shipped = self.path.resolve() == SHIPPED_PIPELINES.resolve() or not SHIPPED_PIPELINES.is_file()
+        self._shipped: PipelineFile | None = None if shipped else PipelineFile(SHIPPED_PIPELINES)
+
+    def file_of(self, name: str) -> Path:
+        """The file pipeline ``name`` is defined in: this one, or the package's for a shipped one it leaves alone."""
+        return self._shipped.path if name not in self._raw and self._shipped and name in self._shipped._raw else self.path
 
     @property
     def relative_to(self) -> Path:
@@ -242,12 +250,16 @@ class PipelineFile:
 
     @property
     def names(self) -> list[str]:
-        return list(self._raw)
+        """This file's pipelines, then the shipped ones it does not redefine."""
+        return [*self._raw, *(n for n in (self._shipped.names if self._shipped else ()) if n not in self._raw)]
 
     def _resolved_raw(self, name: str, seen: tuple[str, ...] = ()) -> dict:
+        if name not in self._raw and self._shipped is not None and name in self._shipped._raw:
+            return self._shipped._resolved_raw(name)  # its parents are the shipped file's own: no cycle through this file
         if name not in self._raw:
-            known = ", ".join(self._raw)
-            raise ConfigError(f"unknown pipeline '{name}' in {self.path} (known: {known})")
+            known = ", ".join(self.names)
+            where = f"{self.path} or the shipped {SHIPPED_PIPELINES.name}" if self._shipped else str(self.path)
+            raise ConfigError(f"unknown pipeline '{name}' in {where} (known: {known})")
         if name in seen:
             raise ConfigError(f"{self.path}: pipeline '{name}' extends itself through {' -> '.join(seen)}")
         raw = dict(self._raw[name])
@@ -275,15 +287,21 @@ class PipelineFile:
         base, seed = split_seeded_name(name)
         if seed is not None:
             return {**self.origins(base, overrides), **dict.fromkeys(SEED_KEYS, f"name @seed{seed}")}
-        chain, current = [], name
+        if name not in self._raw and self._shipped is not None and name in self._shipped._raw:
+            return self._shipped.origins(name, overrides)
+        chain: list[tuple[str, dict]] = []  # (name, section) from the pipeline up to its farthest ancestor
+        current, sections = name, self._raw
         while current is not None:
-            chain.append(current)
-            current = self._raw[current].get("extends") if current in self._raw else None
+            if current not in sections and self._shipped is not None:
+                sections = self._shipped._raw  # a shipped parent: its own ancestors are shipped ones too
+            section = sections.get(current, {})
+            chain.append((current, section))
+            current = section.get("extends")
         out: dict[str, str] = {}
-        for k, section in enumerate(reversed(chain)):  # the farthest ancestor first, so nearer ones win
-            origin = "pipeline" if k == len(chain) - 1 else f"parent {section}"
-            raw = {key: v for key, v in self._raw[section].items() if key != "extends"}
-            if section != name:
+        for k, (section_name, section) in enumerate(reversed(chain)):  # the farthest ancestor first, so nearer ones win
+            origin = "pipeline" if k == len(chain) - 1 else f"parent {section_name}"
+            raw = {key: v for key, v in section.items() if key != "extends"}
+            if section_name != name:
                 raw.pop("description", None)
             out.update(dict.fromkeys(_dotted_keys(raw), origin))
         for text in overrides:
@@ -298,6 +316,8 @@ class PipelineFile:
 
         ``NAME@seed<k>`` builds NAME with :data:`SEED_KEYS` set to k, named ``NAME@seed<k>``.
         """
+        if name not in self._raw and self._shipped is not None and name in self._shipped._raw:
+            return self._shipped.load(name, overrides)  # its relative paths mean what they mean in the shipped file
         base, seed = split_seeded_name(name)
         if seed is not None:
             for text in overrides:

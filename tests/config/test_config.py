@@ -265,3 +265,41 @@ def test_pipeline_names_must_be_plain_folder_names(tmp_path, name, why):
     # A pipeline's name is its folder in the runs folder.
     with pytest.raises(ConfigError, match=f"pipeline name .* cannot be a folder name .*{why}"):
         PipelineFile(write(tmp_path, f"pipelines:\n  {name}:\n    description: x\n"))
+
+
+def test_a_file_of_your_own_adds_to_the_shipped_pipelines(tmp_path, monkeypatch, capsys):
+    """README's own-data example: a pipelines.yaml in the working folder extends a shipped pipeline."""
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipelines.yaml").write_text(
+        "pipelines:\n"
+        "  cells:\n"
+        "    extends: bccd\n"
+        "    data: {root: /data/cells, classes: [Platelets, RBC, WBC]}\n"
+        "  demo:\n"  # a shipped name: this file's definition replaces the shipped one
+        "    extends: demo-spp\n"
+        "    finetune: {max_iter: 7}\n"
+    )
+    shipped = PipelineFile(REPO / "pipelines.yaml")
+    code, out, err = run_cli(["config", "cells"], capsys)
+    assert code == 0, err
+    origin = {line.split(":")[0].strip(): line.rsplit("# ", 1)[1] for line in out.splitlines() if ": " in line and "# " in line}
+    assert "root: /data/cells" in out and origin["root"] == "pipeline" and origin["mode"] == "parent bccd"
+    pf = PipelineFile("pipelines.yaml")
+    cells = pf.load("cells")
+    assert cells.model.backbone == shipped.load("bccd").model.backbone and cells.data.classes == ("Platelets", "RBC", "WBC")
+    # Shipped pipelines it leaves alone are the shipped ones, parents and relative paths included.
+    assert pf.load("voc07-mini-spp") == shipped.load("voc07-mini-spp")
+    assert pf.load("demo-spp@seed1") == shipped.load("demo-spp@seed1")
+    assert pf.load("demo").finetune.max_iter == 7 and pf.load("demo").method == "spp"
+    # Its parent demo-spp extends the shipped demo, not this file's.
+    assert pf.origins("demo")["finetune.max_iter"] == "pipeline" and pf.origins("demo")["method"] == "parent demo-spp"
+    assert pf.origins("demo")["proposals.mode"] == "parent demo" and pf.load("demo").proposals == shipped.load("demo").proposals
+    assert pf.names[:2] == ["cells", "demo"] and set(shipped.names) <= set(pf.names)
+    code, out, err = run_cli(["pipelines"], capsys)
+    assert code == 0, err
+    mine, theirs = out.split("shipped with the package")
+    assert "  cells: " in mine and "  demo: " in mine and "  bccd: " in theirs and "  demo: " not in theirs
+    with pytest.raises(ConfigError, match="unknown pipeline 'cels' in pipelines.yaml or the shipped pipelines.yaml"):
+        pf.load("cels")
