@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from rcnn.errors import UserError
-from rcnn.modeling.inference import inference_dtype
+from rcnn.modeling.inference import flush_denormals, inference_dtype
 from rcnn.modeling.transfer import to_device
 from rcnn.training.sampling import FgBgSampler
 
@@ -107,6 +107,13 @@ def validation_set(labels: list[np.ndarray], val_idx: list[int], seed: int) -> t
     return both[:, 0], both[:, 1]
 
 
+#: Every this many iterations on a CPU, subnormal weights and optimizer state are set to zero
+#: (:func:`rcnn.modeling.inference.flush_denormals`; 0: never). Training drives some values into that range,
+#: where a CPU computes with them many times slower. A pass over the weights costs about what a tenth of a
+#: step does for AlexNet on a CPU, hence not at every step; subnormals appear slowly.
+FLUSH_EVERY = 25
+
+
 def training_autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
     """Autocast of fine-tuning's forward passes in ``model.precision`` (``auto``: bfloat16 on a GPU, off on a CPU)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=inference_dtype(device, precision) == torch.bfloat16)
@@ -166,6 +173,7 @@ def fine_tune(
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     loss_fn = nn.CrossEntropyLoss()
+    flush = device.type == "cpu" and FLUSH_EVERY > 0  # a GPU computes with subnormal numbers at full speed
     batches = sampler.epoch_batches(schedule.seed, n_batches=schedule.max_iter)
     for _ in range(start_iter):
         next(batches)
@@ -190,6 +198,9 @@ def fine_tune(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if flush and (it + 1) % FLUSH_EVERY == 0:  # subnormal weights and optimizer state: see flush_denormals
+            flush_denormals(t for group in optimizer.param_groups for t in group["params"])
+            flush_denormals(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
         run_loss += loss.detach()
         run_acc += (logits.argmax(1) == target).float().mean()
         run_n += 1
