@@ -41,6 +41,9 @@ class Context:
     skip_bad: bool = False
     # A connected rcnn.cluster.session.ClusterSession with --cluster: the per-image and per-class work runs there.
     cluster: object | None = None
+    # The environment variables the pipelines file reads data.root from (e.g. RCNN_VOC2007), for the advice
+    # when that folder is missing; empty when --set gave it.
+    root_variables: tuple[str, ...] = ()
     _datasets: dict[str, VOCDataset] = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -89,7 +92,13 @@ class Context:
         """The split's images; with ``skip_bad``, only the usable ones (the same in every stage)."""
         if split not in self._datasets:
             if not self.data_root.is_dir():
-                raise UserError(f"dataset root '{self.data_root}' does not exist (set data.root, e.g. --set data.root=PATH)")
+                where = " or ".join(f"${v}" for v in self.root_variables)
+                advice = (
+                    f"set {where} to the folder holding JPEGImages/, or --set data.root=PATH"
+                    if where
+                    else "set data.root, e.g. --set data.root=PATH"
+                )
+                raise UserError(f"dataset root '{self.data_root}' does not exist ({advice})")
             dataset = VOCDataset(self.data_root, split)
             self._datasets[split] = self._without_bad_images(dataset) if self.skip_bad else dataset
         return self._datasets[split]

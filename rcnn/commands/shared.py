@@ -83,6 +83,8 @@ def make_context(
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     cfg = pfile.load(pipeline, overrides)
     ctx = Context(cfg=cfg, runs_dir=runs_dir_path(runs_dir), force=force, wait=wait, progress=not quiet, skip_bad=skip_bad)
+    if not any(o.replace(" ", "").startswith(("data.root=", "data=")) for o in overrides):
+        ctx.root_variables = tuple(pfile.environment_variables(pipeline, "data.root"))
     attach_cluster(ctx, cluster)
     return ctx
 

@@ -131,6 +131,12 @@ def test_missing_dataset_root_is_one_line(tmp_path, capsys):
     assert_one_line_error(
         code, err, f"dataset root '{tmp_path}/none' does not exist (set data.root, e.g. --set data.root=PATH)", 1
     )
+    # A root the pipelines file reads from an environment variable: the advice names the variable.
+    pf = tmp_path / "p.yaml"
+    pf.write_text("pipelines:\n  mine:\n    extends: demo\n    data: {root: '${RCNN_TEST_DATA:-nowhere}'}\n")
+    code, _, err = run(["proposals", "mine", "--runs-dir", str(tmp_path), "--pipelines-file", str(pf)], capsys)
+    advice = "(set $RCNN_TEST_DATA to the folder holding JPEGImages/, or --set data.root=PATH)"
+    assert_one_line_error(code, err, f"dataset root '{tmp_path / 'nowhere'}' does not exist {advice}", 1)
 
 
 def test_data_stats_lists_bad_images_and_check_decodes_them(voc_copy, capsys):
