@@ -162,4 +162,4 @@ def describe(manifest: dict) -> str:
     rate = m.get("seconds_per_image")
     rate_text = f", {rate:.3f} s/image on {m.get('device')}" if rate else ""
     mirror = " and mirrored" if m.get("mirrored") else ""
-    return f"{m.get('images')} images{mirror} at scales {m.get('scales')}, {size:.1f} MB cached{rate_text}"
+    return f"{m.get('images')} images{mirror} at scales {m.get('scales')}, {size:.1f} MiB cached{rate_text}"

@@ -224,9 +224,9 @@ def describe(manifest: dict) -> str:
     rate = m.get("seconds_per_image")
     rate_text = f", {rate:.2f} s/image on {m.get('device')}" if rate else ""
     per_image = m.get("mb_per_image")
-    per_text = f" ({per_image:.2f} MB/image)" if per_image is not None else ""
+    per_text = f" ({per_image:.2f} MiB/image)" if per_image is not None else ""
     sparse, kept = m.get("regression_layer"), m.get("regression_rows")
     rows_text = f", {sparse} of the {kept} box-regression rows only" if sparse and kept else ""
     rows_text = f", {sparse} not cached (computed again when read)" if sparse and not kept else rows_text
     layers = ", ".join(m.get("layers", []))
-    return f"{m.get('images')} images, layers {layers}{rows_text}, {size:.1f} MB cached{per_text}{rate_text}"
+    return f"{m.get('images')} images, layers {layers}{rows_text}, {size:.1f} MiB cached{per_text}{rate_text}"

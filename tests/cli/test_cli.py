@@ -272,3 +272,9 @@ def test_evaluate_devkit_files(tiny_voc, tmp_path, capsys):
     bad.write_text("000001 0.5 1 2 3\n")
     code, _, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det)], capsys)
     assert_one_line_error(code, err, "line 1", 1)
+
+
+def test_sizes_are_in_binary_units_as_compare_writes_them():
+    from rcnn.commands.shared import human_size
+
+    assert [human_size(n) for n in (512, 43_072, 5 * 2**20, 3 * 2**30)] == ["512 B", "42.1 KiB", "5.0 MiB", "3.0 GiB"]

@@ -85,7 +85,7 @@ def test_regression_rows_cache_is_smaller_and_trains_and_detects_the_same(runs):
         assert m_rows["metrics"]["regression_rows"] == (kept if split == "trainval" else 0)
         assert m_all["metrics"]["regression_layer"] is None
         described = "pool5 of the" if split == "trainval" else "pool5 not cached"
-        assert described in features.describe(m_rows) and "MB/image" in features.describe(m_all)
+        assert described in features.describe(m_rows) and "MiB/image" in features.describe(m_all)
 
     # Box regression reads only cached rows: the same examples, the same model, to the bit.
     model_all = np.load(every.unit_dir("train-bbox", "trainval") / "bbox.npz")
