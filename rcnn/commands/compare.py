@@ -35,7 +35,8 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
     each run's box-regressed devkit detection files, re-scores those as the devkit does
     to draw precision-recall curves, and decodes the first --images test images with
     objects for a grid of detections. Writes report.md, a self-contained report.html
-    and figures/*.png. Example:
+    and figures/*.png. A run whose results are stale under today's pipelines file and
+    code (as `rcnn status` judges them) is reported as recorded, and said to be stale. Example:
 
     \b
       rcnn compare demo demo-spp --label R-CNN --label SPP-net --out report/
@@ -62,6 +63,7 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
                 raise UserError(f"run folder '{seed_path}' does not exist; `rcnn run {path.name} --seeds {seeds}` makes it")
             summary = load_run(seed_path)
             summary = dataclasses.replace(summary, label=labels[k] if labels else path.name if seeds else summary.label)
+            summary.missing.extend(stale_results(seed_path))
             group.append(summary)
             for sentence in summary.missing:
                 click.echo(f"{summary.name if seeds else summary.label}: {sentence}", err=True)
@@ -69,3 +71,36 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
     summaries = [group[0] for group in groups]
     written = write_report(summaries, Path(out_dir), grid_images=grid_images, seed_runs=groups if seeds else None)
     click.echo(f"wrote {written.get('html', out_dir)} and {written.get('markdown', '')}")
+
+
+def stale_results(run_dir: Path) -> list[str]:
+    """A sentence on the units of the run that are stale under the pipelines file and code of today (as
+    ``rcnn status`` judges them, without ``--set``), or none; none for a folder no pipeline is named after."""
+    from rcnn.config import PipelineFile, default_pipelines_file
+    from rcnn.stages import pipeline_stages
+    from rcnn.stages.context import Context
+    from rcnn.stages.runner import unit_status
+
+    try:
+        cfg = PipelineFile(default_pipelines_file()).load(run_dir.name)
+    except ConfigError:
+        return []
+    ctx = Context(cfg=cfg, runs_dir=run_dir.parent, progress=False, log=lambda _: None)
+    stale = []
+    for name, stage in pipeline_stages(cfg.method).items():
+        try:
+            splits = stage.splits(ctx)
+        except UserError:
+            return []
+        for split in splits:
+            status = unit_status(ctx, stage, split)
+            if status.state == "stale":
+                stale.append((f"{name}/{split}", status.reasons[0] if status.reasons else ""))
+    if not stale:
+        return []
+    (first, why), more = stale[0], len(stale) - 1
+    others = f" and {more} unit(s) after it" if more else ""
+    return [
+        f"{first} ({why}){others} are stale under today's pipelines file and code: the report shows the figures they "
+        f"recorded; `rcnn run {run_dir.name}` recomputes them"
+    ]

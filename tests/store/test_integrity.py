@@ -236,6 +236,25 @@ def test_a_changed_setting_makes_every_stage_below_stale_and_no_old_result_is_us
     assert out.count(" done ") == 8 and "stale" not in out
 
 
+def test_compare_says_which_results_are_stale_under_todays_pipelines_file(traced, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    runs = copy_runs(traced, tmp_path)
+    monkeypatch.setenv("RCNN_PIPELINES", str(traced.pipelines))  # tiny's own max_iter, not the runs' 8: stale
+    code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert "tiny: finetune/trainval (parameter finetune.max_iter: 8 -> " in err and "are stale" in err, err
+    assert "stale" in (tmp_path / "a" / "report.md").read_text()
+    doc = yaml.safe_load(traced.pipelines.read_text())
+    for name in PIPELINES:
+        doc["pipelines"][name].setdefault("finetune", {})["max_iter"] = 8  # what the runs were made with
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("RCNN_PIPELINES", str(same))
+    code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / "b")], capsys)
+    assert code == 0 and "stale" not in err, err
+
+
 def overwrite_in_place(path: Path) -> None:
     """Damage a file without changing its size: invert a run of bytes in the middle."""
     data = bytearray(path.read_bytes())
