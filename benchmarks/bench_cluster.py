@@ -18,11 +18,12 @@ import contextlib
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, machine_info, machine_line, subset
+from common import REPO, exit_in_one_line, machine_info, machine_line, subset
 from joblib import Parallel, delayed
 
 from rcnn.cluster.session import open_session
@@ -127,4 +128,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_in_one_line("bench_cluster.py", main))

@@ -22,13 +22,23 @@ import argparse
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, machine_info, machine_line, network, rcnn_image_features, spp_image_features, synchronize
+from common import (
+    REPO,
+    exit_in_one_line,
+    machine_info,
+    machine_line,
+    network,
+    rcnn_image_features,
+    spp_image_features,
+    synchronize,
+)
 
 from rcnn.config import PipelineFile
 from rcnn.data.datasets import load_image
@@ -63,6 +73,8 @@ def main() -> None:
     )
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the networks run (default: model.device)")
     args = ap.parse_args()
+    if args.images < 1 or args.repeats < 1:
+        ap.error(f"--images and --repeats must be at least 1, got {args.images} and {args.repeats}")
     allocator = "glibc default" if args.default_malloc else "freed memory kept" if keep_freed_memory() else "default"
     os.environ.setdefault("RCNN_VOC07_MINI", str(REPO.parent / "shared" / "data" / "voc07-mini"))
     os.environ.setdefault("RCNN_BCCD", str(REPO.parent / "shared" / "data" / "bccd"))
@@ -139,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_in_one_line("bench_features.py", main))

@@ -16,12 +16,13 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import cv2
-from common import REPO, machine_info, machine_line, subset
+from common import REPO, exit_in_one_line, machine_info, machine_line, subset
 from joblib import Parallel, delayed
 
 from rcnn.config import PipelineFile
@@ -99,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_in_one_line("bench_proposals.py", main))

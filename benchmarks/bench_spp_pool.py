@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, machine_info, machine_line
+from common import REPO, exit_in_one_line, machine_info, machine_line, split_ids
 
 from rcnn.data.datasets import decode_image
 from rcnn.methods.spp_regions import as_map_tensors, image_maps
@@ -42,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     kept = keep_freed_memory()  # as the rcnn command runs
 
-    ids = (args.data / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]
+    ids = split_ids(args.data, "test")[: args.images]
     model = build_model("squeezenet1_0", 21, spp_levels=PYRAMID_LEVELS)
     initialise(model, args.weights)
     model.eval()
@@ -84,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_in_one_line("bench_spp_pool.py", main))

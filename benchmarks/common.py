@@ -154,10 +154,18 @@ def spp_image_features(
 # ----------------------------------------------------------------------------- data
 
 
+def split_ids(data: Path, split: str) -> list[str]:
+    """The image ids of ``split`` of the VOC folder ``data``; a missing split file is one line, not a traceback."""
+    split_file = Path(data) / "ImageSets" / "Main" / f"{split}.txt"
+    if not split_file.is_file():
+        raise UserError(f"--data: no split file {split_file} (a VOC folder has ImageSets/Main/<split>.txt)")
+    return split_file.read_text().split()
+
+
 def subset(data: Path, split: str, n: int, dst: Path, name: str = "bench") -> list[str]:
     """A VOC folder at ``dst`` holding the first ``n`` images of ``split`` of ``data`` as split ``name``
     (symlinks, no copies; nothing is written into ``data``)."""
-    ids = [x.strip() for x in (data / "ImageSets" / "Main" / f"{split}.txt").read_text().split()][:n]
+    ids = split_ids(data, split)[:n]
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (dst / sub).mkdir(parents=True, exist_ok=True)
     for i in ids:
@@ -222,3 +230,13 @@ def run_script(name: str, run: Callable[[argparse.Namespace], int], args: argpar
     except UserError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 1
+
+
+def exit_in_one_line(name: str, main: Callable[[], object]) -> int:
+    """Exit status of ``main()``, a bad input (unknown pipeline, bad ``--set``, missing data) ending in one line."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0

@@ -155,6 +155,24 @@ def test_data_without_the_split_is_one_line(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "trainval.txt" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "script, args, code, needle",
+    [
+        ("bench_features.py", ["--rcnn", "nope"], 2, "unknown pipeline 'nope'"),
+        ("bench_features.py", ["--set", "foo"], 2, "--set foo: expected key=value"),
+        ("bench_proposals.py", ["--data", "{missing}"], 1, "no split file"),
+        ("bench_cluster.py", ["--data", "{missing}"], 1, "no split file"),
+        ("bench_spp_pool.py", ["--data", "{missing}"], 1, "no split file"),
+        ("bench_spp_pool.py", ["--data", "{tiny_voc}", "--weights", "{missing}"], 1, "does not exist"),
+    ],
+)
+def test_bad_input_to_a_benchmark_is_one_line(script, args, code, needle, tiny_voc, tmp_path):
+    args = [a.format(missing=tmp_path / "missing", tiny_voc=tiny_voc) for a in args]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == code and done.stderr.strip().count("\n") == 0, done.stderr
+    assert done.stderr.startswith(f"{script}: ") and needle in done.stderr, done.stderr
+
+
 def test_random_boxes_stay_inside_the_image(bench_modules):
     common, _ = bench_modules
     rng = np.random.default_rng(1)
