@@ -276,6 +276,9 @@ def generate_dataset(
     try:
         summary = _write_dataset(tmp, n_images, seed, size, test_fraction, progress)
         os.replace(tmp, root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write dataset folder {root}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from rcnn.data import synth
 from rcnn.data.synth import SYNTH_CLASSES, SynthObject, generate_dataset, render_image
@@ -215,6 +216,15 @@ def test_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(tmp_path / "ds", 4, size=64, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    # Under a file (or in /proc) it was a FileNotFoundError / NotADirectoryError traceback.
+    (tmp_path / "file").write_text("mine")
+    code, out, err = run_cli(["data", "synth", str(tmp_path / "file" / "ds"), "--images", "2", "--size", "64", "--quiet"], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"rcnn: error: cannot write dataset folder {tmp_path / 'file' / 'ds'}: Not a directory"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
