@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -100,7 +101,9 @@ def stale_results(run_dir: Path) -> list[str]:
         return []
     (first, why), more = stale[0], len(stale) - 1
     others = f" and {more} unit(s) after it" if more else ""
+    # The command must reach this folder: from another runs folder a bare `rcnn run` would recompute elsewhere.
+    where = "" if run_dir.parent.resolve() == runs_dir_path(None).resolve() else f" --runs-dir {shlex.quote(str(run_dir.parent))}"
     return [
         f"{first} ({why}){others} are stale under today's pipelines file and code: the report shows the figures they "
-        f"recorded; `rcnn run {run_dir.name}` recomputes them"
+        f"recorded; `rcnn run {run_dir.name}{where}` recomputes them"
     ]

@@ -244,6 +244,8 @@ def test_compare_says_which_results_are_stale_under_todays_pipelines_file(traced
     code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / "a")], capsys)
     assert code == 0, err
     assert "tiny: finetune/trainval (parameter finetune.max_iter: 8 -> " in err and "are stale" in err, err
+    # The command it gives must reach these runs, which are not in ./runs: it said `rcnn run tiny` alone.
+    assert f"`rcnn run tiny --runs-dir {runs}` recomputes them" in err, err
     assert "stale" in (tmp_path / "a" / "report.md").read_text()
     doc = yaml.safe_load(traced.pipelines.read_text())
     for name in PIPELINES:
