@@ -76,10 +76,12 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
 
 def stale_results(run_dir: Path) -> list[str]:
     """A sentence on the units of the run that are stale under the pipelines file and code of today (as
-    ``rcnn status`` judges them, without ``--set``), or none; none for a folder no pipeline is named after."""
+    ``rcnn status`` judges them: without ``--set``, with ``--skip-bad`` where the run was built with it), or none;
+    none for a folder no pipeline is named after."""
     from rcnn.config import PipelineFile, default_pipelines_file
     from rcnn.stages import pipeline_stages
     from rcnn.stages.context import Context
+    from rcnn.stages.provenance import built_with_skip_bad
     from rcnn.stages.runner import unit_status
 
     try:
@@ -87,6 +89,7 @@ def stale_results(run_dir: Path) -> list[str]:
     except ConfigError:
         return []
     ctx = Context(cfg=cfg, runs_dir=run_dir.parent, progress=False, log=lambda _: None)
+    ctx.skip_bad = built_with_skip_bad(ctx)  # as `rcnn status` judges it: its bad images left out, not "data changed"
     stale = []
     for name, stage in pipeline_stages(cfg.method).items():
         try:

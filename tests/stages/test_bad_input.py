@@ -353,6 +353,19 @@ def test_skip_bad_run_lines_up_every_stage(voc_copy, tmp_path, capsys):
     assert out.count(" done ") == 5
 
 
+def test_compare_judges_a_skip_bad_run_as_status_does(voc_copy, tmp_path, capsys, monkeypatch):
+    # It called every unit of such a run stale ("input data/trainval changed") while `rcnn status` said done.
+    damage_truncated_jpeg(voc_copy)
+    pf = write_pipelines(tmp_path / "p.yaml", voc_copy)
+    monkeypatch.setenv("RCNN_PIPELINES", str(pf))
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    assert run_cli(["run", "tiny", "--skip-bad", "--quiet", *runs], capsys)[0] == 0
+    code, out, _ = run_cli(["status", "tiny", *runs], capsys)
+    assert code == 0 and out.count(" done ") == 8 and "stale" not in out, out
+    code, _, err = run_cli(["compare", "tiny", "tiny", *runs, "--out", str(tmp_path / "report")], capsys)
+    assert code == 0 and "stale" not in err, err
+
+
 # ----------------------------------------------------------------------------- upstream from other data or classes
 
 
