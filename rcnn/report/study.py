@@ -346,7 +346,11 @@ def _section_grid(s: _Study, grid_images: int) -> list:
 
 
 def _section_missing(s: _Study) -> list:
-    items = [f"{label}: {sentence}" for label, run in zip(s.labels, s.runs) for sentence in run.missing] + s.data.notes
+    if s.seed_runs:  # every seed run's, named as on stderr: the later seeds' mAP is in the tables too
+        items = [f"{run.name}: {sentence}" for group in s.seed_runs for run in group for sentence in run.missing]
+    else:
+        items = [f"{label}: {sentence}" for label, run in zip(s.labels, s.runs) for sentence in run.missing]
+    items += s.data.notes
     return [("h2", "What is missing"), ("list", items)] if items else []
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 
 import pytest
@@ -144,3 +145,10 @@ def test_run_seeds_then_status_and_compare(pipelines_file, tmp_path, capsys):
 
     code, _, err = run_cli(["compare", "tiny", "--seeds", "0,2", "--out", str(report), "--runs-dir", str(runs)], capsys)
     assert code == 1 and "tiny@seed2' does not exist; `rcnn run tiny --seeds 0,2` makes it" in err
+
+    # A later seed without results is said in the report too, not only on stderr (its table row reads n/a).
+    shutil.rmtree(runs / "tiny@seed1" / "evaluate")
+    code, _, err = run_cli(["compare", "tiny", "--seeds", "0,1", "--out", str(report), "--runs-dir", str(runs)], capsys)
+    assert code == 0 and "tiny@seed1: evaluate/test has not run" in err, err
+    missing = (report / "report.md").read_text().split("## What is missing")[-1]
+    assert "- tiny@seed1: evaluate/test has not run" in missing
