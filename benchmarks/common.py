@@ -229,7 +229,7 @@ def run_script(name: str, run: Callable[[argparse.Namespace], int], args: argpar
         return run(args)
     except UserError as e:
         print(f"{name}: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code  # 2 for a bad pipeline name or --set, as the rcnn command
 
 
 def exit_in_one_line(name: str, main: Callable[[], object]) -> int:

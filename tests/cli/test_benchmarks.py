@@ -164,6 +164,8 @@ def test_data_without_the_split_is_one_line(tmp_path):
         ("bench_cluster.py", ["--data", "{missing}"], 1, "no split file"),
         ("bench_spp_pool.py", ["--data", "{missing}"], 1, "no split file"),
         ("bench_spp_pool.py", ["--data", "{tiny_voc}", "--weights", "{missing}"], 1, "does not exist"),
+        ("bench_overlap.py", ["nope"], 2, "unknown pipeline 'nope'"),
+        ("profile_features.py", ["demo", "--set", "foo"], 2, "--set foo: expected key=value"),
     ],
 )
 def test_bad_input_to_a_benchmark_is_one_line(script, args, code, needle, tiny_voc, tmp_path):
