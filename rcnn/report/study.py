@@ -82,6 +82,9 @@ def _section_compared(s: _Study) -> list:
         metric = (run.results or {}).get("metric", "n/a")
         root = f"`{run.data_root}`" if run.data_root else "n/a"
         test_images = str(run.test_images) if run.test_images is not None else "n/a"
+        proposals = run.complete("proposals", run.test_split)
+        if proposals is not None and proposals.data.get("skipped"):  # the count is of the images kept
+            test_images += f" ({len(proposals.data['skipped'])} left out by --skip-bad)"
         rows.append(
             [label, f"`{run.run_dir}`", root, run.test_split or "n/a", test_images, str(len(run.classes)), metric, device]
         )

@@ -356,6 +356,7 @@ def test_skip_bad_run_lines_up_every_stage(voc_copy, tmp_path, capsys):
 def test_compare_judges_a_skip_bad_run_as_status_does(voc_copy, tmp_path, capsys, monkeypatch):
     # It called every unit of such a run stale ("input data/trainval changed") while `rcnn status` said done.
     damage_truncated_jpeg(voc_copy)
+    (voc_copy / "Annotations" / f"{first(voc_copy, 'test')}.xml").write_text("<annotation><size>")
     pf = write_pipelines(tmp_path / "p.yaml", voc_copy)
     monkeypatch.setenv("RCNN_PIPELINES", str(pf))
     runs = ["--runs-dir", str(tmp_path / "runs")]
@@ -364,6 +365,9 @@ def test_compare_judges_a_skip_bad_run_as_status_does(voc_copy, tmp_path, capsys
     assert code == 0 and out.count(" done ") == 8 and "stale" not in out, out
     code, _, err = run_cli(["compare", "tiny", "tiny", *runs, "--out", str(tmp_path / "report")], capsys)
     assert code == 0 and "stale" not in err, err
+    # The test images it counts are those kept, and it says so (the table said "1" of 2 without a word).
+    kept = len(VOCDataset(voc_copy, "test").ids) - 1
+    assert f"| test | {kept} (1 left out by --skip-bad) |" in (tmp_path / "report" / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------- upstream from other data or classes
