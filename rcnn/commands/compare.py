@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -63,8 +64,9 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
             if seeds and not seed_path.is_dir():
                 raise UserError(f"run folder '{seed_path}' does not exist; `rcnn run {path.name} --seeds {seeds}` makes it")
             summary = load_run(seed_path)
-            summary = dataclasses.replace(summary, label=labels[k] if labels else path.name if seeds else summary.label)
-            summary.missing.extend(stale_results(seed_path))
+            missing = [_reaching(sentence, seed_path) for sentence in summary.missing] + stale_results(seed_path)
+            label = labels[k] if labels else path.name if seeds else summary.label
+            summary = dataclasses.replace(summary, label=label, missing=missing)
             group.append(summary)
             for sentence in summary.missing:
                 click.echo(f"{summary.name if seeds else summary.label}: {sentence}", err=True)
@@ -104,9 +106,19 @@ def stale_results(run_dir: Path) -> list[str]:
         return []
     (first, why), more = stale[0], len(stale) - 1
     others = f" and {more} unit(s) after it" if more else ""
-    # The command must reach this folder: from another runs folder a bare `rcnn run` would recompute elsewhere.
-    where = "" if run_dir.parent.resolve() == runs_dir_path(None).resolve() else f" --runs-dir {shlex.quote(str(run_dir.parent))}"
     return [
-        f"{first} ({why}){others} are stale under today's pipelines file and code: the report shows the figures they "
-        f"recorded; `rcnn run {run_dir.name}{where}` recomputes them"
+        _reaching(
+            f"{first} ({why}){others} are stale under today's pipelines file and code: the report shows the figures they "
+            f"recorded; `rcnn run {run_dir.name}` recomputes them",
+            run_dir,
+        )
     ]
+
+
+def _reaching(sentence: str, run_dir: Path) -> str:
+    """``sentence`` with ``--runs-dir`` in each `rcnn STAGE NAME` it gives, where the run is not in the default runs
+    folder: a bare `rcnn run NAME` there would compute in ./runs, not in the folder compared."""
+    if run_dir.parent.resolve() == runs_dir_path(None).resolve():
+        return sentence
+    where = f" --runs-dir {shlex.quote(str(run_dir.parent))}"
+    return re.sub(rf"`(rcnn [a-z-]+ {re.escape(run_dir.name)})([ `])", lambda m: f"`{m.group(1)}{where}{m.group(2)}", sentence)

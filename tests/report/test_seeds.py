@@ -151,4 +151,4 @@ def test_run_seeds_then_status_and_compare(pipelines_file, tmp_path, capsys):
     code, _, err = run_cli(["compare", "tiny", "--seeds", "0,1", "--out", str(report), "--runs-dir", str(runs)], capsys)
     assert code == 0 and "tiny@seed1: evaluate/test has not run" in err, err
     missing = (report / "report.md").read_text().split("## What is missing")[-1]
-    assert "- tiny@seed1: evaluate/test has not run" in missing
+    assert f"- tiny@seed1: evaluate/test has not run: run `rcnn evaluate tiny@seed1 --runs-dir {runs}`" in missing
