@@ -108,8 +108,8 @@ def stale_results(run_dir: Path) -> list[str]:
     others = f" and {more} unit(s) after it" if more else ""
     return [
         _reaching(
-            f"{first} ({why}){others} are stale under today's pipelines file and code: the report shows the figures they "
-            f"recorded; `rcnn run {run_dir.name}` recomputes them",
+            f"{first} ({why}){others} are stale, as `rcnn status` says: the report shows the figures they recorded; "
+            f"`rcnn run {run_dir.name}` recomputes them",
             run_dir,
         )
     ]

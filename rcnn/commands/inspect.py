@@ -78,7 +78,7 @@ def config_cmd(pipeline, overrides, pipelines_file):
 
     pfile = PipelineFile(pipelines_file or default_pipelines_file())
     cfg = pfile.load(pipeline, overrides)
-    click.echo(f"# pipeline {pipeline} from {pfile.path.resolve()}; the comments say where each value comes from")
+    click.echo(f"# pipeline {pipeline} from {pfile.file_of(pipeline).resolve()}; the comments say where each value comes from")
     click.echo(f"name: {pipeline}")
     click.echo(render_config(cfg, pfile.origins(pipeline, overrides)))
 

@@ -239,6 +239,7 @@ class PipelineFile:
 
     def file_of(self, name: str) -> Path:
         """The file pipeline ``name`` is defined in: this one, or the package's for a shipped one it leaves alone."""
+        name = split_seeded_name(name)[0]
         return self._shipped.path if name not in self._raw and self._shipped and name in self._shipped._raw else self.path
 
     @property

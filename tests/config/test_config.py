@@ -286,6 +286,9 @@ def test_a_file_of_your_own_adds_to_the_shipped_pipelines(tmp_path, monkeypatch,
     assert code == 0, err
     origin = {line.split(":")[0].strip(): line.rsplit("# ", 1)[1] for line in out.splitlines() if ": " in line and "# " in line}
     assert "root: /data/cells" in out and origin["root"] == "pipeline" and origin["mode"] == "parent bccd"
+    assert out.startswith(f"# pipeline cells from {tmp_path / 'pipelines.yaml'};")
+    code, out, err = run_cli(["config", "bccd@seed1"], capsys)
+    assert code == 0 and out.startswith(f"# pipeline bccd@seed1 from {(REPO / 'pipelines.yaml').resolve()};"), (out, err)
     pf = PipelineFile("pipelines.yaml")
     cells = pf.load("cells")
     assert cells.model.backbone == shipped.load("bccd").model.backbone and cells.data.classes == ("Platelets", "RBC", "WBC")
