@@ -225,18 +225,14 @@ def pipeline_options(ap: argparse.ArgumentParser, runs_help: str = "the runs fol
 def run_script(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``run(args)`` with the allocator setting the ``rcnn`` command makes, a bad input ending in one line."""
     keep_freed_memory()
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return e.exit_code  # 2 for a bad pipeline name or --set, as the rcnn command
+    return exit_in_one_line(name, lambda: run(args))
 
 
-def exit_in_one_line(name: str, main: Callable[[], object]) -> int:
-    """Exit status of ``main()``, a bad input (unknown pipeline, bad ``--set``, missing data) ending in one line."""
+def exit_in_one_line(name: str, main: Callable[[], int | None]) -> int:
+    """Exit status of ``main()`` (0 for None), a bad input (unknown pipeline, bad ``--set``, missing data) ending
+    in one line with the error's status: 2 for a bad pipeline name or ``--set``, as the ``rcnn`` command."""
     try:
-        main()
+        return main() or 0
     except UserError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return e.exit_code
-    return 0

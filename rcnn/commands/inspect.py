@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from rcnn.commands.shared import human_size, make_context, pipeline_options, runs_dir_path, seeded_names
+from rcnn.commands.shared import make_context, pipeline_options, runs_dir_path, seeded_names
 from rcnn.config import PipelineFile, default_pipelines_file
 from rcnn.errors import ConfigError
+from rcnn.report.render import human_size
 
 
 @click.command("pipelines")

@@ -152,15 +152,6 @@ def write_json(path: str, value: dict) -> None:
     click.echo(f"wrote {path}")
 
 
-def human_size(n: float) -> str:
-    """``n`` bytes in binary units, as ``rcnn compare`` writes them: 43,072 is 42.1 KiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def warn_without_gpu(cfg) -> None:
     if cfg.hardware != "gpu":
         return

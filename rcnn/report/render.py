@@ -104,3 +104,12 @@ def html_page(title: str, blocks: list, figures: dict[str, Path]) -> str:
             out.append(f"<figure>{img}<figcaption>{_inline(args[1])}</figcaption></figure>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes in binary units, as the report and ``rcnn status`` write them: 43,072 is 42.1 KiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

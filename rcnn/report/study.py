@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rcnn.report import figures as figs
 from rcnn.report import seeds as report_seeds
-from rcnn.report.render import Table, html_page, markdown, write_text
+from rcnn.report.render import Table, html_page, human_size, markdown, write_text
 from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, number
 
 # ---------------------------------------------------------------------------------------
@@ -46,14 +46,6 @@ def _unique_labels(runs: list[RunSummary]) -> list[str]:
 def _fmt(value, spec: str = ".4f", none: str = "n/a") -> str:
     v = number(value)
     return none if v is None else format(v, spec)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _ratio(baseline: float | None, value: float | None, faster: str = "faster", slower: str = "slower") -> str | None:
@@ -250,7 +242,7 @@ def _section_stages(s: _Study) -> list:
             spi = number(m.get("seconds_per_image"))
             images_per_s = number(m.get("images_per_s")) or (1 / spi if spi else None)
             note = f"shared with {u.shared_with}" if u.shared_with else "" if u.state == "complete" else "**missing**"
-            size = _bytes(u.output_bytes) if u.state == "complete" else ""
+            size = human_size(u.output_bytes) if u.state == "complete" else ""
             speeds = [_fmt(images_per_s, ".2f", ""), _fmt(m.get("boxes_per_s"), ".0f", "")]
             rows.append([label, u.stage, u.split, _fmt(u.wall_s, ".1f", ""), *speeds, size, note])
             if u.shared_with:
@@ -325,7 +317,7 @@ def _section_cache(s: _Study) -> list:
         if missing:
             stages += "; missing: " + ", ".join(f"{u.stage}/{u.split}" for u in missing)
         ratio = f"{size / base:.3f}x" if base and units else "n/a"
-        rows.append([label, stages, (_bytes(size) if units else "n/a") + (" (incomplete)" if missing else ""), ratio])
+        rows.append([label, stages, (human_size(size) if units else "n/a") + (" (incomplete)" if missing else ""), ratio])
         if r > 0 and units and base_units and not missing and not base_missing:
             sentences.append(f"{label}'s feature cache is {_ratio(base, size, 'smaller', 'larger')} than {s.baseline}'s.")
     text = "Bytes on disk of the feature-caching stages' outputs (every split), from the manifests."

@@ -275,6 +275,6 @@ def test_evaluate_devkit_files(tiny_voc, tmp_path, capsys):
 
 
 def test_sizes_are_in_binary_units_as_compare_writes_them():
-    from rcnn.commands.shared import human_size
+    from rcnn.report.render import human_size
 
     assert [human_size(n) for n in (512, 43_072, 5 * 2**20, 3 * 2**30)] == ["512 B", "42.1 KiB", "5.0 MiB", "3.0 GiB"]
