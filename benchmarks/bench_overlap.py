@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info, machine_line, pipeline_options, run_script
+from common import machine_info, machine_line, pipeline_options, rcnn_command, run_script
 
 from rcnn.config import PipelineFile
 from rcnn.config.loading import default_pipelines_file
@@ -71,7 +71,8 @@ def run(args) -> int:
     if split not in stage.splits(contexts["in turn"]):
         raise UserError(f"stage {args.stage} of '{args.pipeline}' computes no split '{split}'")
     if stage is features and store.read_manifest(contexts["in turn"].unit_dir("finetune", cfg.data.trainval)) is None:
-        raise UserError(f"no fine-tuned model of '{args.pipeline}' in {args.runs_dir}: run `rcnn finetune {args.pipeline}` first")
+        need = rcnn_command("finetune", args)
+        raise UserError(f"no fine-tuned model of '{args.pipeline}' in {args.runs_dir}: run `{need}` first")
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     written: dict[str, dict[str, bytes]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-overlap-"))

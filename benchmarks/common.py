@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -220,6 +221,19 @@ def pipeline_options(ap: argparse.ArgumentParser, runs_help: str = "the runs fol
     ap.add_argument("--pipelines-file", type=Path, help="the pipelines YAML [default: as the rcnn command finds it]")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one configuration value (repeatable)")  # fmt: skip
+
+
+def rcnn_command(stage: str, args: argparse.Namespace) -> str:
+    """The ``rcnn STAGE PIPELINE`` command that computes what a script on ``args``' runs folder needs, with the
+    options that reach that folder and pipeline (a bare one would compute in ./runs, with other settings)."""
+    words = ["rcnn", stage, args.pipeline]
+    if args.runs_dir.resolve() != Path(os.environ.get("RCNN_RUNS_DIR", "runs")).resolve():
+        words += ["--runs-dir", str(args.runs_dir)]
+    if args.pipelines_file:
+        words += ["--pipelines-file", str(args.pipelines_file)]
+    for text in args.overrides:
+        words += ["--set", text]
+    return shlex.join(words)
 
 
 def run_script(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_info, machine_line, network, pipeline_options, run_script, synchronize
+from common import machine_info, machine_line, network, pipeline_options, rcnn_command, run_script, synchronize
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from rcnn.config import PipelineFile
@@ -68,7 +68,7 @@ def run(args) -> int:
     ensure_data(ctx)
     split = args.split or cfg.data.test
     if not (ctx.unit_dir(proposals.NAME, split) / proposals.OUTPUT).is_file():
-        raise UserError(f"no proposals of '{split}' in {args.runs_dir}: run `rcnn proposals {args.pipeline}` first")
+        raise UserError(f"no proposals of '{split}' in {args.runs_dir}: run `{rcnn_command('proposals', args)}` first")
     device = device_for(args.device or cfg.model.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is available")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from rcnn.commands.shared import RUNS_DIR_HELP, runs_dir_path, seeded_names
+from rcnn.commands.shared import pipeline_options, runs_dir_path, seeded_names
 from rcnn.errors import ConfigError, UserError
 
 
@@ -24,8 +24,8 @@ from rcnn.errors import ConfigError, UserError
     help="Compare each RUN over these seeds (its runs RUN@seed<k>, as `rcnn run RUN --seeds` writes them): AP as "
     "mean ± sample standard deviation, with n and min–max; one RUN is enough.",
 )
-@click.option("--runs-dir", default=None, help=RUNS_DIR_HELP)
-def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
+@pipeline_options
+def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir, overrides, pipelines_file):
     """Write a side-by-side report of two or more finished runs (the first is the baseline).
 
     Each RUN is a pipeline name (looked up in the runs folder) or a path to a run folder.
@@ -38,7 +38,8 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
     to draw precision-recall curves, and decodes the first --images test images with
     objects for a grid of detections. Writes report.md, a self-contained report.html
     and figures/*.png. A run whose results are stale under today's pipelines file and
-    code (as `rcnn status` judges them) is reported as recorded, and said to be stale. Example:
+    code (as `rcnn status` judges them, with the same --pipelines-file and --set: give
+    those the runs were made with) is reported as recorded, and said to be stale. Example:
 
     \b
       rcnn compare demo demo-spp --label R-CNN --label SPP-net --out report/
@@ -64,7 +65,8 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
             if seeds and not seed_path.is_dir():
                 raise UserError(f"run folder '{seed_path}' does not exist; `rcnn run {path.name} --seeds {seeds}` makes it")
             summary = load_run(seed_path)
-            missing = [_reaching(sentence, seed_path) for sentence in summary.missing] + stale_results(seed_path)
+            missing = [_reaching(sentence, seed_path) for sentence in summary.missing]
+            missing += stale_results(seed_path, overrides, pipelines_file)
             label = labels[k] if labels else path.name if seeds else summary.label
             summary = dataclasses.replace(summary, label=label, missing=missing)
             group.append(summary)
@@ -76,19 +78,23 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir):
     click.echo(f"wrote {written.get('html', out_dir)} and {written.get('markdown', '')}")
 
 
-def stale_results(run_dir: Path) -> list[str]:
+def stale_results(run_dir: Path, overrides: tuple[str, ...] = (), pipelines_file: str | None = None) -> list[str]:
     """A sentence on the units of the run that are stale under the pipelines file and code of today (as
-    ``rcnn status`` judges them: without ``--set``, with ``--skip-bad`` where the run was built with it), or none;
-    none for a folder no pipeline is named after."""
+    ``rcnn status`` judges them: with ``overrides`` as its ``--set`` values, with ``--skip-bad`` where the run was
+    built with it), or none; none for a folder no pipeline is named after."""
     from rcnn.config import PipelineFile, default_pipelines_file
+    from rcnn.config.seeds import split_seeded_name
     from rcnn.stages import pipeline_stages
     from rcnn.stages.context import Context
     from rcnn.stages.provenance import built_with_skip_bad
     from rcnn.stages.runner import unit_status
 
+    pfile = PipelineFile(pipelines_file or default_pipelines_file())
     try:
-        cfg = PipelineFile(default_pipelines_file()).load(run_dir.name)
+        cfg = pfile.load(run_dir.name, overrides)
     except ConfigError:
+        if overrides and split_seeded_name(run_dir.name)[0] in pfile.names:
+            raise  # a --set this pipeline rejects: said, not ignored
         return []
     ctx = Context(cfg=cfg, runs_dir=run_dir.parent, progress=False, log=lambda _: None)
     ctx.skip_bad = built_with_skip_bad(ctx)  # as `rcnn status` judges it: its bad images left out, not "data changed"
@@ -106,10 +112,12 @@ def stale_results(run_dir: Path) -> list[str]:
         return []
     (first, why), more = stale[0], len(stale) - 1
     others = f" and {more} unit(s) after it" if more else ""
+    options = "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    options += f" --pipelines-file {shlex.quote(pipelines_file)}" if pipelines_file else ""
     return [
         _reaching(
-            f"{first} ({why}){others} are stale, as `rcnn status` says: the report shows the figures they recorded; "
-            f"`rcnn run {run_dir.name}` recomputes them",
+            f"{first} ({why}){others} are stale, as `rcnn status {run_dir.name}{options}` says: the report shows the "
+            f"figures they recorded; `rcnn run {run_dir.name}{options}` recomputes them",
             run_dir,
         )
     ]

@@ -303,6 +303,8 @@ def test_a_file_of_your_own_adds_to_the_shipped_pipelines(tmp_path, monkeypatch,
     code, out, err = run_cli(["pipelines"], capsys)
     assert code == 0, err
     mine, theirs = out.split("shipped with the package")
-    assert "  cells: " in mine and "  demo: " in mine and "  bccd: " in theirs and "  demo: " not in theirs
+    assert "  demo: " in mine and "  bccd: " in theirs and "  demo: " not in theirs
+    # Its parent's description would describe another pipeline: it is not inherited, and the line says so.
+    assert "  cells: (no description; extends bccd)\n" in mine and "  bccd: BCCD" in theirs
     with pytest.raises(ConfigError, match="unknown pipeline 'cels' in pipelines.yaml or the shipped pipelines.yaml"):
         pf.load("cels")

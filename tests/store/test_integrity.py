@@ -247,6 +247,15 @@ def test_compare_says_which_results_are_stale_under_todays_pipelines_file(traced
     # The command it gives must reach these runs, which are not in ./runs: it said `rcnn run tiny` alone.
     assert f"`rcnn run tiny --runs-dir {runs}` recomputes them" in err, err
     assert "stale" in (tmp_path / "a" / "report.md").read_text()
+    # Judged with the --set the runs were made with, as `rcnn status` would be: current.
+    common = ["--runs-dir", str(runs), "--set", "finetune.max_iter=8"]
+    code, _, err = run_cli(["compare", "tiny", "tiny-spp", *common, "--out", str(tmp_path / "c")], capsys)
+    assert code == 0 and "stale" not in err, err
+    code, _, err = run_cli(["compare", "tiny", "tiny-spp", *common, "--set", "svm.C=0.01", "--out", str(tmp_path / "d")], capsys)
+    assert code == 0, err
+    assert f"`rcnn run tiny --runs-dir {runs} --set finetune.max_iter=8 --set svm.C=0.01` recomputes them" in err, err
+    code, _, err = run_cli(["compare", "tiny", "tiny-spp", *common, "--set", "svm.nope=1", "--out", str(tmp_path / "e")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "svm.nope" in err and "Traceback" not in err, err
     doc = yaml.safe_load(traced.pipelines.read_text())
     for name in PIPELINES:
         doc["pipelines"][name].setdefault("finetune", {})["max_iter"] = 8  # what the runs were made with
@@ -281,10 +290,11 @@ def test_same_size_damage_to_a_cached_part_is_refused_and_shown_by_verify(traced
 
     # Sizes are checked always, bytes on request: only --verify sees this damage.
     code, out, _ = run_cli(["status", "tiny", *common], capsys)
-    assert "damaged" not in out
-    code, out, _ = run_cli(["status", "tiny", "--verify", *common], capsys)
+    assert code == 0 and "damaged" not in out
+    code, out, err = run_cli(["status", "tiny", "--verify", *common], capsys)
     damaged = [line for line in out.splitlines() if "damaged" in line]
-    assert code == 0 and len(damaged) == 1 and "features/trainval" in damaged[0] and part.name in damaged[0]
+    assert code == 1 and "1 stage output(s) damaged; rerun each with --force" in err
+    assert len(damaged) == 1 and "features/trainval" in damaged[0] and part.name in damaged[0]
 
     code, _, err = run_cli(["features", "tiny", "--force", "--quiet", *common], capsys)
     assert code == 0, err
@@ -301,7 +311,7 @@ def test_a_truncated_output_is_shown_damaged_and_recomputed(traced, tmp_path, ca
     common = ["--pipelines-file", str(traced.pipelines), "--runs-dir", str(runs), "--set", FAST[0]]
     code, out, _ = run_cli(["status", "tiny", *common], capsys)
     line = next(line for line in out.splitlines() if "proposals/test" in line)
-    assert "damaged" in line and f"proposals.h5 is {size - 100} bytes, {size} when written" in line
+    assert code == 1 and "damaged" in line and f"proposals.h5 is {size - 100} bytes, {size} when written" in line
     code, out, err = run_cli(["run", "tiny", "--until", "features", "--quiet", *common], capsys)
     assert code == 0 and "proposals/test: damaged (" in out and "recomputing" in out, err
     assert out_file.stat().st_size == size and "features/test: up to date" in out  # same proposals again
