@@ -63,7 +63,8 @@ STAGE_HELP = {
     "finetune": """Fine-tune the CNN on regions of the trainval split of PIPELINE.
 
     SPP-net pipelines train only fc6, fc7 and the classifier on windows pooled from the
-    cached conv maps (background IoU in [0.1, 0.5), as in SPP-net). Windows map to cells
+    cached conv maps (the shipped ones set background IoU in [0.1, 0.5), as in SPP-net:
+    finetune.bg_low 0.1; method: spp alone keeps R-CNN's 0). Windows map to cells
     by SPP-net's rule, with the trunk's receptive-field offset (spp.offset: trunk; 0 for
     the formula as printed). With finetune.mirror half the training windows are read
     from the flipped image's maps, at the mirrored place; spp.random_scale pools them at

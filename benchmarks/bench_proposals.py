@@ -54,11 +54,17 @@ def opencv_direct(path: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "voc07-mini")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--images", type=int, default=40)
-    ap.add_argument("--jobs", type=int, default=os.cpu_count())
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "voc07-mini",
+        metavar="DIR",
+        help="a VOC-layout folder (default: voc07-mini in the shared data folder beside the checkout)",
+    )
+    ap.add_argument("--split", default="test", help="split whose first images are measured (default: test)")
+    ap.add_argument("--images", type=int, default=40, help="how many images (default: 40)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes, both sides (default: every core)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds of each side; medians reported (default: 3)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-proposals-"))

@@ -36,10 +36,21 @@ from rcnn.runtime import keep_freed_memory
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "voc07-mini")
-    ap.add_argument("--weights", default=str(REPO.parent / "shared" / "weights" / "squeezenet1_0-imagenet.pth"))
-    ap.add_argument("--images", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "voc07-mini",
+        metavar="DIR",
+        help="a VOC-layout folder whose test images are used (default: voc07-mini in the shared data folder)",
+    )
+    ap.add_argument(
+        "--weights",
+        default=str(REPO.parent / "shared" / "weights" / "squeezenet1_0-imagenet.pth"),
+        metavar="FILE",
+        help="SqueezeNet 1.0 state dict (default: the one in the shared weights folder)",
+    )
+    ap.add_argument("--images", type=int, default=6, help="how many images (default: 6)")
+    ap.add_argument("--repeats", type=int, default=5, help="alternating rounds of each method; medians reported (default: 5)")
     args = ap.parse_args()
     kept = keep_freed_memory()  # as the rcnn command runs
 

@@ -115,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test's sizes
     ap.add_argument("--json", type=Path, metavar="OUT", help="also write every figure, the settings and the machine here")
     ap.add_argument("--data", type=Path, metavar="DIR", help="a VOC folder (default: synthetic images)")
-    ap.add_argument("--split", default="trainval", help="split of --data whose first images are measured")
+    ap.add_argument("--split", default="trainval", help="split of --data whose first images are measured (default: trainval)")
     ap.add_argument("--weights", metavar="FILE", help="SqueezeNet 1.0 state dict (torchvision's names) for both sides")
     ap.add_argument("--proposals", choices=("random", "ss"), default="random",
                     help="boxes: random, half of them around objects (default), or selective search (fast mode)")  # fmt: skip

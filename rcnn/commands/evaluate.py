@@ -55,7 +55,9 @@ def evaluate_cmd(
     With PIPELINE: run the evaluate stage (test proposals scored by the class SVMs,
     per-class NMS, with and without box regression), write devkit result files and
     precision-recall plots to the runs folder, and print the AP table. Like every
-    stage it is skipped when up to date; --force recomputes it. Example:
+    stage it is skipped when up to date; --force recomputes it. A --metric other than
+    the pipeline's evaluate.metric scores the stage's devkit files again with it and
+    prints that table, leaving the stored evaluation as it is. Example:
       rcnn evaluate demo --metric voc10
 
     \b
@@ -112,11 +114,40 @@ def evaluate_cmd(
 def _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster):
     from rcnn.stages import evaluate
 
-    overrides = (*overrides, f"evaluate.metric={metric}") if metric else overrides
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster)
     ensure_data(ctx)
     manifests = run_one("evaluate", ctx)
     manifest = next(iter(manifests.values()))
-    click.echo(evaluate.table(ctx, manifest))
+    metrics = manifest["metrics"]
+    if metric is not None and metric != metrics["metric"]:
+        metrics = rescore(ctx, manifest["split"], metric)
+        click.echo(
+            f"{metric}: scored again from the stage's devkit result files; the stored evaluation "
+            f"({manifest['metrics']['metric']}, the pipeline's evaluate.metric) is kept"
+        )
+    click.echo(evaluate.table(ctx, {"metrics": metrics}))
     if json_out:
-        write_json(json_out, manifest["metrics"])
+        write_json(json_out, metrics)
+
+
+def rescore(ctx, split: str, metric: str) -> dict:
+    """The evaluate stage's results scored again with ``metric`` from the devkit files it wrote, both variants,
+    in the shape of its ``results.json`` metrics (without its timings). Reads only."""
+    from rcnn.evaluation.detfiles import read_detections
+    from rcnn.evaluation.scoring import ground_truth_by_class
+    from rcnn.evaluation.voc import evaluate
+    from rcnn.stages.evaluate import NAME, VARIANTS
+
+    gt = ground_truth_by_class(ctx.dataset(split).annotations(), ctx.classes)
+    scored = {
+        variant: evaluate(read_detections(ctx.unit_dir(NAME, split) / folder, split, ctx.classes), gt, metric=metric)
+        for variant, folder in VARIANTS.items()
+    }
+    plain, bbox = scored["plain"], scored["bbox"]
+    return {
+        "metric": metric,
+        "mAP": plain.mAP,
+        "mAP_bbox": bbox.mAP,
+        "per_class": plain.to_json()["per_class"],
+        "per_class_bbox": bbox.to_json()["per_class"],
+    }

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from rcnn.commands.shared import make_context, pipeline_options, runs_dir_path, seeded_names
+from rcnn.commands.shared import PIPELINES_FILE_HELP, make_context, pipeline_options, runs_dir_path, seeded_names
 from rcnn.config import PipelineFile, default_pipelines_file
 from rcnn.errors import ConfigError
 from rcnn.report.render import human_size
 
 
 @click.command("pipelines")
-@click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help="The pipelines YAML.")
+@click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help=PIPELINES_FILE_HELP)
 def pipelines_cmd(pipelines_file):
     """List the pipelines defined in pipelines.yaml and what each needs: its data, its weights (and whether
     they are here), and the hardware it is sized for (and whether a GPU is visible here)."""
@@ -74,7 +74,7 @@ def _where(pfile: PipelineFile, name: str, key: str, path: str | None, when_none
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one value (repeatable), as stages take it."
 )
-@click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help="The pipelines YAML.")
+@click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help=PIPELINES_FILE_HELP)
 def config_cmd(pipeline, overrides, pipelines_file):
     """Print PIPELINE's resolved configuration as YAML, each value marked with its origin.
 

@@ -17,15 +17,15 @@ def runs_dir_path(value: str | None) -> Path:
     return Path(value or os.environ.get("RCNN_RUNS_DIR", "runs"))
 
 
+PIPELINES_FILE_HELP = (
+    "The pipelines YAML, whose pipelines come on top of the shipped ones "
+    "[default: $RCNN_PIPELINES, ./pipelines.yaml, or the one shipped]."
+)
+
+
 def pipeline_options(f):
     """Options shared by every command that runs or inspects a pipeline's stages."""
-    f = click.option(
-        "--pipelines-file",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="The pipelines YAML, whose pipelines come on top of the shipped ones "
-        "[default: $RCNN_PIPELINES, ./pipelines.yaml, or the one shipped].",
-    )(f)
+    f = click.option("--pipelines-file", type=click.Path(dir_okay=False), default=None, help=PIPELINES_FILE_HELP)(f)
     f = click.option(
         "--set",
         "overrides",
@@ -33,7 +33,7 @@ def pipeline_options(f):
         metavar="KEY=VALUE",
         help="Override one configuration value, e.g. --set proposals.max_proposals=2000 (repeatable).",
     )(f)
-    f = click.option("--runs-dir", default=None, help=RUNS_DIR_HELP)(f)
+    f = click.option("--runs-dir", default=None, metavar="DIR", help=RUNS_DIR_HELP)(f)
     return f
 
 

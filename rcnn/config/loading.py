@@ -146,6 +146,8 @@ def _check_together(cfg: PipelineConfig, where: str) -> None:
             f"{where}: 'svm.evict_threshold' ({cfg.svm.evict_threshold:g}) must be below "
             f"'svm.hard_threshold' ({cfg.svm.hard_threshold:g}), or evicted negatives would count as hard"
         )
+    if cfg.data.root is None and cfg.data.synthetic is None:
+        raise ConfigError(f"{where}: set 'data.root' (a VOC-layout folder) or 'data.synthetic' (data generated for it)")
     sizes = INPUT_SIZES[m.backbone]
     if m.input_size is not None and m.input_size not in sizes:
         raise ConfigError(f"{where}: 'model.input_size' must be {sizes} for backbone {m.backbone}; got {m.input_size}")
@@ -158,6 +160,34 @@ def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
         full = f"{prefix}{key}"
         keys.extend(_dotted_keys(value, full + ".") if isinstance(value, dict) and value else [full])
     return keys
+
+
+def _anchor_paths(cls: type, raw: dict, base: Path) -> dict:
+    """``raw`` with each relative path made absolute against ``base``, in a plain value or in the default of a
+    ``${VAR:-default}`` (the variable itself is kept, so that hints can still name it)."""
+
+    def absolute(text: str) -> str:
+        return text if not text or os.path.isabs(text) else str((base / text).resolve())
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(raw)
+    for key, value in raw.items():
+        if key not in fields:
+            continue  # refused, naming the key, when the pipeline is built
+        tp = hints[key]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
+        if isinstance(value, dict) and dataclasses.is_dataclass(tp):
+            out[key] = _anchor_paths(tp, value, base)
+        elif fields[key].metadata.get("path") and isinstance(value, str):
+            if value in fields[key].metadata.get("keywords", ()) or value.startswith("pipeline:"):
+                continue
+            if _ENV.search(value):
+                out[key] = _ENV.sub(lambda m: m[0] if m[2] is None else f"${{{m[1]}:-{absolute(m[2])}}}", value)
+            else:
+                out[key] = absolute(value)
+    return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -256,7 +286,9 @@ class PipelineFile:
 
     def _resolved_raw(self, name: str, seen: tuple[str, ...] = ()) -> dict:
         if name not in self._raw and self._shipped is not None and name in self._shipped._raw:
-            return self._shipped._resolved_raw(name)  # its parents are the shipped file's own: no cycle through this file
+            # Its parents are the shipped file's own (no cycle through this file), and its relative paths mean what
+            # they mean there, also in a pipeline of this file that extends it.
+            return _anchor_paths(PipelineConfig, self._shipped._resolved_raw(name), self._shipped.relative_to)
         if name not in self._raw:
             known = ", ".join(self.names)
             where = f"{self.path} or the shipped {SHIPPED_PIPELINES.name}" if self._shipped else str(self.path)

@@ -70,9 +70,16 @@ class ModelConfig:
         keywords=("imagenet", "scratch"),
     )
     input_size: int | None = setting(
-        None, "side of the warped region; null: the backbone's own (227 AlexNet as R-CNN, 224 VGG16, 64 tiny)", ge=16
+        None,
+        "side of the warped region; null: the backbone's own (227 AlexNet as R-CNN, 227 SqueezeNet, 224 VGG16, 64 tiny)",
+        ge=16,
     )
-    fc_dim: int | None = setting(None, "width of fc6/fc7 where the head is new (squeezenet1_0, tiny); null: 4096 / 256", ge=1)
+    fc_dim: int | None = setting(
+        None,
+        "width of fc6/fc7: new layers for squeezenet1_0 and tiny (null: 1024 / 256); alexnet and vgg16 keep their "
+        "pretrained 4096 (null or 4096 only)",
+        ge=1,
+    )
     seed: int = setting(0, "seed of the weights drawn afresh", ge=0)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when present, else the CPU", fingerprint=False)
     precision: Literal["auto", "float32", "bfloat16"] = setting(

@@ -92,7 +92,12 @@ def render_reference() -> str:
                 continue
             allowed = f.metadata.get("range")
             note = "" if f.metadata.get("fingerprint", True) else ". *Not in the fingerprint.*"
-            note += ". A relative path is from the pipelines file's folder" if f.metadata.get("path") else ""
+            note += (
+                ". A relative path is from the folder of the pipelines file that sets it (the working directory "
+                "for the file installed with the package)"
+                if f.metadata.get("path")
+                else ""
+            )
             rows.append(
                 (f.name, _type_text(hints[f.name]), _scalar(f.default), str(allowed) if allowed else "", f.metadata["doc"] + note)
             )

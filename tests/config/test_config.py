@@ -92,7 +92,7 @@ def test_extends_merges_sections(tmp_path):
             tmp_path,
             (
                 "pipelines:\n"
-                "  base: {description: b, proposals: {mode: single, min_size: 5}}\n"
+                "  base: {description: b, data: {root: voc}, proposals: {mode: single, min_size: 5}}\n"
                 "  child: {extends: base, proposals: {min_size: 9}}\n"
             ),
         )
@@ -110,7 +110,7 @@ def test_environment_variables(tmp_path, monkeypatch):
 
 
 def test_fingerprint_ignores_worker_count(tmp_path):
-    pf = PipelineFile(write(tmp_path, "pipelines:\n  a: {}\n"))
+    pf = PipelineFile(write(tmp_path, "pipelines:\n  a: {data: {root: voc}}\n"))
     one = fingerprint_params(pf.load("a", ["proposals.n_jobs=1"]).proposals)
     two = fingerprint_params(pf.load("a", ["proposals.n_jobs=2"]).proposals)
     assert one == two and "n_jobs" not in one
@@ -265,6 +265,33 @@ def test_pipeline_names_must_be_plain_folder_names(tmp_path, name, why):
     # A pipeline's name is its folder in the runs folder.
     with pytest.raises(ConfigError, match=f"pipeline name .* cannot be a folder name .*{why}"):
         PipelineFile(write(tmp_path, f"pipelines:\n  {name}:\n    description: x\n"))
+
+
+def test_a_shipped_parents_relative_paths_keep_their_meaning_in_a_pipeline_extending_it(tmp_path, monkeypatch):
+    # voc07-mini's data and weights are relative to the shipped file (behind variables); a pipeline of your own that
+    # extends it must find them where voc07-mini does, not beside your file.
+    for var in ("RCNN_VOC07_MINI", "RCNN_SQUEEZENET_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    mine = tmp_path / "elsewhere" / "pipelines.yaml"
+    mine.parent.mkdir()
+    mine.write_text("pipelines:\n  more-boxes:\n    extends: voc07-mini\n    proposals: {max_proposals: 1000}\n")
+    shipped = PipelineFile(REPO / "pipelines.yaml").load("voc07-mini")
+    pf = PipelineFile(mine)
+    cfg = pf.load("more-boxes")
+    assert (cfg.data.root, cfg.model.weights) == (shipped.data.root, shipped.model.weights)
+    assert not cfg.data.root.startswith(str(mine.parent)) and cfg.proposals.max_proposals == 1000
+    assert pf.environment_variables("more-boxes", "data.root") == ["RCNN_VOC07_MINI"]  # still named in hints
+    monkeypatch.setenv("RCNN_VOC07_MINI", "/data/mini")
+    assert pf.load("more-boxes").data.root == "/data/mini"
+    # A relative path written in your own file is still from your file's folder.
+    mine.write_text("pipelines:\n  more-boxes:\n    extends: voc07-mini\n    data: {root: mini}\n")
+    assert PipelineFile(mine).load("more-boxes").data.root == str((mine.parent / "mini").resolve())
+
+
+def test_a_pipeline_without_data_is_refused_when_loaded(tmp_path):
+    pf = PipelineFile(write(tmp_path, "pipelines:\n  z:\n    description: no data\n"))
+    with pytest.raises(ConfigError, match="pipeline 'z'.*set 'data.root' .* or 'data.synthetic'"):
+        pf.load("z")
 
 
 def test_a_file_of_your_own_adds_to_the_shipped_pipelines(tmp_path, monkeypatch, capsys):

@@ -35,18 +35,25 @@ def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_pat
     code, out, _ = run(["status", "tiny", *common[:-1]], capsys)
     assert out.count(" done ") == 8 and "stale" not in out
 
-    # `rcnn evaluate PIPELINE` is a stage command: a skip that prints the table, --force recomputes,
-    # --metric is the pipeline's evaluate.metric (another fingerprint, so computed afresh), --json writes it.
+    # `rcnn evaluate PIPELINE` is a stage command: a skip that prints the table, --force recomputes; --metric
+    # scores the stage's devkit files again with another metric, leaving the stored evaluation; --json writes it.
     code, out, err = run(["evaluate", "tiny", *common], capsys)
     assert code == 0, err
     assert "evaluate/test: up to date, skipped" in out and f"{results['mAP']:>8.4f}" in out and "(voc07)" in out
     code, out, err = run(["evaluate", "tiny", "--force", *common], capsys)
     assert code == 0 and "evaluate/test: done in" in out and "up to date" not in out
+    stored = (unit / "results.json").read_bytes()
     code, out, err = run(["evaluate", "tiny", "--metric", "voc10", "--json", str(tmp_path / "ap10.json"), *common], capsys)
-    assert code == 0 and "evaluate/test: stale" in out and "(voc10)" in out
+    assert code == 0 and "evaluate/test: up to date, skipped" in out and "scored again" in out and "(voc10)" in out, err
     voc10 = json.loads((tmp_path / "ap10.json").read_text())
-    assert voc10["metric"] == "voc10"
-    assert voc10["mAP"] == pytest.approx(score_devkit_detections(tiny_voc, "test", unit / "detections", "voc10").mAP)
+    assert voc10["metric"] == "voc10" and (unit / "results.json").read_bytes() == stored
+    for key, folder in (("mAP", "detections"), ("mAP_bbox", "detections-bbox")):
+        assert voc10[key] == pytest.approx(score_devkit_detections(tiny_voc, "test", unit / folder, "voc10").mAP)
+    code, out, _ = run(["status", "tiny", *common[:-1]], capsys)
+    assert out.count(" done ") == 8 and "stale" not in out
+    # The pipeline's own metric is the stored table; voc07 files rescored give the same numbers.
+    code, out, _ = run(["evaluate", "tiny", "--metric", "voc07", *common], capsys)
+    assert code == 0 and "scored again" not in out and f"{results['mAP']:>8.4f}" in out
     code, _, err = run(["evaluate", "tiny", "--detections", str(unit / "detections"), *common], capsys)
     assert code == 2 and "--detections" in err and len(err.strip().splitlines()) == 1
 
