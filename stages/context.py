@@ -57,6 +57,11 @@ class Context:
     def unit_dir(self, stage: str, split: str) -> Path:
         return self.root / stage / split
 
+    def command(self, stage: str, pipeline: str | None = None) -> str:
+        """``rcnn STAGE PIPELINE`` (this pipeline by default) on this runs folder, as an error's hint gives it:
+        with ``--runs-dir`` where it is not the default one, or following the hint would act on that one."""
+        return f"rcnn {stage} {pipeline or self.cfg.name}{store.runs_dir_option(self.runs_dir)}"
+
     @cached_property
     def data_root(self) -> Path:
         """The dataset folder (synthetic data lives under the runs folder)."""
@@ -77,9 +82,8 @@ class Context:
             unit = self.runs_dir / other / "finetune" / self.cfg.data.trainval
             manifest = store.read_manifest(unit)
             if manifest is None:
-                raise UserError(
-                    f"model.weights is {w}, but pipeline '{other}' has no fine-tuned model yet; run `rcnn finetune {other}` first"
-                )
+                need = self.command("finetune", other)
+                raise UserError(f"model.weights is {w}, but pipeline '{other}' has no fine-tuned model yet; run `{need}` first")
             verify = store.Verifier(unit, manifest)
             for name in manifest["outputs"]:  # the weights and their description, read by the model loader
                 verify(unit / name)

@@ -214,7 +214,7 @@ def check_recomputable(ctx: Context, split: str) -> None:
     if manifest["inputs"].get("finetune") != model or manifest["params"] != params(ctx):
         raise UserError(
             f"features/{split} of pipeline '{ctx.cfg.name}' was computed with another fine-tuned model or other "
-            f"settings, and rows not cached would be computed with today's; run `rcnn features {ctx.cfg.name}` first"
+            f"settings, and rows not cached would be computed with today's; run `{ctx.command('features')}` first"
         )
 
 

@@ -92,12 +92,18 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     history_path = work / "history.json"
     state = None
     if state_path.is_file() and history_path.is_file():
-        state = TrainState.load(state_path)
-        model.load_state_dict(state.model)
-        # The history may be one checkpoint ahead of the state if a kill fell between the two writes.
-        state.history = [h for h in json.loads(history_path.read_text()) if h["iteration"] <= state.iteration]
-        ctx.log(f"{NAME}/{split}: resuming from iteration {state.iteration}")
-    else:
+        try:
+            state = TrainState.load(state_path)
+            model.load_state_dict(state.model)
+            # The history may be one checkpoint ahead of the state if a kill fell between the two writes.
+            state.history = [h for h in json.loads(history_path.read_text()) if h["iteration"] <= state.iteration]
+            ctx.log(f"{NAME}/{split}: resuming from iteration {state.iteration}")
+        except (UserError, ValueError, KeyError, TypeError, RuntimeError) as e:  # damaged: never trusted
+            ctx.log(f"{NAME}/{split}: the saved training state cannot be used ({str(e).splitlines()[0]}); starting afresh")
+            state_path.unlink()
+            history_path.unlink()
+            state, model = None, method.untrained_model(ctx)  # nothing of the damaged state kept
+    if state is None:
         loaded = initialise(model, ctx.weights()[0])
         ctx.log(
             f"{NAME}/{split}: {cfg.model.backbone}, {len(loaded)} pretrained tensors ({cfg.model.weights}), "

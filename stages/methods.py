@@ -365,7 +365,7 @@ class PyramidReader(LayerReader):
         manifest = store.read_manifest(ctx.unit_dir(convmaps.NAME, split)) or {}
         self.stride = int(manifest.get("metrics", {}).get("stride", 0))
         if self.stride < 1:
-            raise UserError(f"the conv maps of {split} are missing or incomplete: run `rcnn convmaps {ctx.cfg.name}`")
+            raise UserError(f"the conv maps of {split} are missing or incomplete: run `{ctx.command('convmaps')}`")
         self.offset = window_offset  # where the fine-tuned model placed its windows
         self.levels = tuple(ctx.cfg.spp.levels)
         self.target = ctx.cfg.spp.target_size

@@ -54,7 +54,7 @@ def upstream_digest(ctx: Context, stage: str, split: str) -> str:
         reasons = store.unit_status(unit, expected).reasons
         raise UpstreamStale(
             f"{stage}/{split} of pipeline '{ctx.cfg.name}' is stale ({'; '.join(reasons)}); "
-            f"`rcnn run {ctx.cfg.name}` (with the same settings) recomputes it and the stages after it"
+            f"`{ctx.command('run')}` (with the same settings) recomputes it and the stages after it"
         )
     return store.outputs_digest(manifest)
 
@@ -77,7 +77,7 @@ def _completed(ctx: Context, stage: str, split: str) -> dict:
     manifest = store.read_manifest(ctx.unit_dir(stage, split))
     if manifest is None:
         raise UserError(
-            f"stage '{stage}' ({split}) of pipeline '{ctx.cfg.name}' has not run yet; run `rcnn {stage} {ctx.cfg.name}` first"
+            f"stage '{stage}' ({split}) of pipeline '{ctx.cfg.name}' has not run yet; run `{ctx.command(stage)}` first"
         )
     return manifest
 
@@ -85,7 +85,7 @@ def _completed(ctx: Context, stage: str, split: str) -> dict:
 def check_same_origin(ctx: Context, stage: str, split: str, manifest: dict) -> None:
     """Refuse an upstream unit whose recorded class list or data fingerprints differ from the configuration's."""
     what = f"{stage}/{split} of pipeline '{ctx.cfg.name}'"
-    fix = f"rerun `rcnn {stage} {ctx.cfg.name}` (or `rcnn run {ctx.cfg.name}`) with this configuration to rebuild it"
+    fix = f"rerun `{ctx.command(stage)}` (or `{ctx.command('run')}`) with this configuration to rebuild it"
     recorded = manifest.get("data", {})
     root, here = recorded.get("root", "an unrecorded dataset"), str(ctx.data_root.resolve())
     # The class list first: it also decides which images --skip-bad leaves out.

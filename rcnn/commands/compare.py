@@ -129,4 +129,5 @@ def _reaching(sentence: str, run_dir: Path) -> str:
     if run_dir.parent.resolve() == runs_dir_path(None).resolve():
         return sentence
     where = f" --runs-dir {shlex.quote(str(run_dir.parent))}"
-    return re.sub(rf"`(rcnn [a-z-]+ {re.escape(run_dir.name)})([ `])", lambda m: f"`{m.group(1)}{where}{m.group(2)}", sentence)
+    pattern = rf"`(rcnn [a-z-]+ {re.escape(run_dir.name)})(?! --runs-dir)([ `])"
+    return re.sub(pattern, lambda m: f"`{m.group(1)}{where}{m.group(2)}", sentence)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rcnn.errors import UserError
 from rcnn.evaluation.detfiles import devkit_filename
-from rcnn.store.artifacts import read_manifest
+from rcnn.store.artifacts import output_damage, read_manifest, rerun_hint
 
 # Stages that train or score rather than cache features; every other stage (R-CNN's
 # features, SPP-net's convmaps and features) counts towards the feature cache.
@@ -33,6 +33,7 @@ class UnitSummary:
     libraries: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     inputs: tuple[str, ...] = ()
+    data_digest: str | None = None  # the fingerprint of the split's images and annotations the unit read
     shared_with: str | None = None  # the pipeline whose outputs this unit reuses (hard links)
     problem: str | None = None
 
@@ -152,6 +153,11 @@ def _read_unit(unit_dir: Path, pipeline: str) -> UnitSummary:
         # The lock file appears on any attempt; the work folder only while a run is under way or cut short.
         how = "has not finished (work in progress or interrupted)" if (unit_dir / ".work").is_dir() else "has not run"
         return UnitSummary(stage, split, "missing", problem=f"{stage}/{split} {how}: run `rcnn {stage} {pipeline}`")
+    # Sizes of every output, and the bytes of the evaluation's (small) files the report shows: a damaged unit's
+    # figures are left out, not reported.
+    damage = output_damage(unit_dir, m, verify=stage == "evaluate")
+    if damage:
+        return UnitSummary(stage, split, "missing", problem=f"{stage}/{split} is damaged ({damage[0]}): {rerun_hint(unit_dir)}")
     timings = m.get("timings") or {}
     reused = m.get("reused_from")
     return UnitSummary(
@@ -166,6 +172,7 @@ def _read_unit(unit_dir: Path, pipeline: str) -> UnitSummary:
         libraries=m.get("libraries") or {},
         data=m.get("data") or {},
         inputs=tuple(m.get("inputs") or ()),
+        data_digest=(m.get("inputs") or {}).get(f"data/{split}"),
         # reused_from is the twin unit, <runs>/<pipeline>/<stage>/<split>.
         shared_with=Path(reused).parent.parent.name if reused else None,
     )

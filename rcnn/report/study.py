@@ -83,7 +83,7 @@ def _section_compared(s: _Study) -> list:
     blocks.append(
         ("table", Table(["run", "folder", "data root", "test split", "test images", "classes", "metric", "devices"], rows))
     )
-    if len({(run.data_root, run.test_split) for run in runs}) > 1:
+    if len({_test_data(run) for run in runs}) > 1:
         blocks.append(("p", "**The runs were tested on different data or splits: their numbers are not like for like.**"))
     versions: dict[str, list[str]] = {}
     for r, run in enumerate(runs):
@@ -94,6 +94,13 @@ def _section_compared(s: _Study) -> list:
         rows = [[lib, *(" / ".join(sorted(set(v))) or "n/a" for v in per_run)] for lib, per_run in sorted(versions.items())]
         blocks += [("p", "Library versions recorded in the manifests:"), ("table", Table(["library", *s.labels], rows))]
     return blocks + _settings(s)
+
+
+def _test_data(run: RunSummary) -> object:
+    """What a run was tested on: the fingerprint of its test images and annotations, as its proposals recorded it
+    (a copied runs folder or a moved dataset keeps it), else where the data was and the split."""
+    proposals = run.complete("proposals", run.test_split)
+    return (proposals.data_digest if proposals is not None else None) or (run.data_root, run.test_split)
 
 
 def _settings(s: _Study) -> list:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,11 +145,34 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def rerun_hint(unit_dir: Path) -> str:
-    """The command that rebuilds a unit ``<runs>/<pipeline>/<stage>/<split>``, as a clause of an error."""
+    """The command that rebuilds a unit ``<runs>/<pipeline>/<stage>/<split>``, as a clause of an error: with
+    ``--runs-dir`` where the unit is not in the default runs folder, or the command would act on that one."""
     unit_dir = Path(unit_dir)
     stage, pipeline = unit_dir.parent.name, unit_dir.parent.parent.name
     # Each stage folder is named as the `rcnn` command that writes it.
-    return f"rerun `rcnn {stage} {pipeline} --force`"
+    return f"rerun `rcnn {stage} {pipeline}{runs_dir_option(unit_dir.parent.parent.parent)} --force`"
+
+
+def runs_dir_option(runs_dir: Path) -> str:
+    """`` --runs-dir DIR`` for a command on ``runs_dir``, or nothing where it is the default runs folder
+    (``$RCNN_RUNS_DIR``, else ``./runs``)."""
+    if Path(runs_dir).resolve() == Path(os.environ.get("RCNN_RUNS_DIR", "runs")).resolve():
+        return ""
+    return f" --runs-dir {shlex.quote(str(runs_dir))}"
+
+
+def _well_formed(manifest: dict) -> bool:
+    """The parts of a manifest that are read as they are: its fingerprint, and each output's size and digest."""
+    outputs = manifest["outputs"]
+    return (
+        isinstance(manifest["fingerprint"], str)
+        and isinstance(manifest["params"], dict)
+        and isinstance(manifest["inputs"], dict)
+        and isinstance(outputs, dict)
+        and all(
+            isinstance(o, dict) and isinstance(o.get("bytes"), int) and isinstance(o.get("digest"), str) for o in outputs.values()
+        )
+    )
 
 
 def read_manifest(unit_dir: Path) -> dict | None:
@@ -161,7 +185,7 @@ def read_manifest(unit_dir: Path) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"'{path}' is damaged (not valid JSON); {rerun_hint(unit_dir)}") from None
     required = {"manifest_schema", "fingerprint", "outputs", "params", "inputs"}
-    if not isinstance(manifest, dict) or not required <= set(manifest):
+    if not isinstance(manifest, dict) or not required <= set(manifest) or not _well_formed(manifest):
         raise UserError(f"'{path}' is not an rcnn manifest; {rerun_hint(unit_dir)}")
     if manifest["manifest_schema"] != MANIFEST_SCHEMA:
         raise UserError(f"'{path}' has manifest schema {manifest['manifest_schema']}, expected {MANIFEST_SCHEMA}")
@@ -174,7 +198,10 @@ def unit_status(unit_dir: Path, expected: Fingerprint, verify: bool = False) -> 
     A current unit whose outputs differ in size from the manifest's record is damaged;
     with ``verify``, so is one whose outputs' bytes differ from the recorded digests.
     """
-    manifest = read_manifest(unit_dir)
+    try:
+        manifest = read_manifest(unit_dir)
+    except UserError as e:  # shown, and recomputed by the next run, rather than stopping every command
+        return UnitStatus("damaged", [str(e).split("; rerun")[0]])
     if manifest is None:
         return UnitStatus("missing", ["never completed"])
     if manifest["fingerprint"] == expected.digest:

@@ -80,8 +80,8 @@ class TrainState:
     def load(cls, path: Path) -> TrainState:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged state is recomputed rather than trusted
-            raise UserError(f"training state '{path}' is damaged ({e}); rerun with --force") from None
+        except Exception as e:  # a damaged state is never trusted: the caller starts afresh
+            raise UserError(f"training state '{path}' is damaged ({e})") from None
         return cls(int(raw["iteration"]), raw["model"], raw["optimizer"], raw["torch_rng"], raw.get("cuda_rng"))
 
 

@@ -15,7 +15,7 @@ from rcnn.errors import UserError
 from rcnn.evaluation.detfiles import devkit_filename, write_devkit_file
 from rcnn.report.runs import load_run
 from rcnn.report.study import write_report
-from rcnn.store.artifacts import write_json_atomic
+from rcnn.store.artifacts import file_digest, write_json_atomic
 
 CLASSES = list(SYNTH_CLASSES)
 RESULTS = {
@@ -32,10 +32,14 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def _unit(runs: Path, pipeline: str, stage: str, split: str, data_root: Path, *, wall_s: float, started: float,
-          metrics: dict, outputs: dict[str, int] | None = None, reused_from: str | None = None,
+          metrics: dict, outputs: dict[str, int | None] | None = None, reused_from: str | None = None,
           params: dict | None = None) -> Path:  # fmt: skip
+    """A unit's manifest, and its outputs: ``size`` zero bytes each, or (None) the file already written there."""
     unit = runs / pipeline / stage / split
     unit.mkdir(parents=True, exist_ok=True)
+    for name, size in (outputs or {}).items():
+        if size is not None:
+            (unit / name).write_bytes(bytes(size))
     manifest = {
         "manifest_schema": 1,
         "fingerprint": f"{pipeline}-{stage}-{split}",
@@ -48,7 +52,7 @@ def _unit(runs: Path, pipeline: str, stage: str, split: str, data_root: Path, *,
         "libraries": {"numpy": "2.0.0", "torch": "2.5.0"},
         "timings": {"started": started, "wall_s": wall_s},
         "metrics": metrics,
-        "outputs": {name: {"digest": "0" * 32, "bytes": size} for name, size in (outputs or {}).items()},
+        "outputs": {name: {"digest": file_digest(unit / name), "bytes": (unit / name).stat().st_size} for name in outputs or {}},
     }
     if reused_from:
         manifest["reused_from"] = reused_from
@@ -68,9 +72,8 @@ def _evaluate(runs: Path, pipeline: str, data_root: Path, seed: int) -> None:
         "seconds_per_image_classify": r["classify"],
         "seconds_per_image_features": r["features"],
     }
-    unit = _unit(
-        runs, pipeline, "evaluate", "test", data_root, wall_s=2.0, started=50.0, metrics=results, outputs={"results.json": 10}
-    )
+    unit = runs / pipeline / "evaluate" / "test"
+    unit.mkdir(parents=True, exist_ok=True)
     write_json_atomic(unit / "results.json", results)
     rng = np.random.default_rng(seed)
     anns = VOCDataset(data_root, "test").annotations()
@@ -87,6 +90,8 @@ def _evaluate(runs: Path, pipeline: str, data_root: Path, seed: int) -> None:
                 scores.append(rng.uniform(0.0, 0.7))
                 boxes.append([5, 5, 30, 30])
             write_devkit_file(unit / folder / devkit_filename("test", name), ids, np.array(scores), np.array(boxes))
+    _unit(runs, pipeline, "evaluate", "test", data_root, wall_s=2.0, started=50.0, metrics=results,
+          outputs={"results.json": None})  # fmt: skip
 
 
 def make_runs(runs: Path, data_root: Path) -> None:

@@ -388,7 +388,7 @@ def test_upstream_built_from_other_data_is_refused_naming_both(voc_copy, tmp_pat
         err,
         f"proposals/trainval of pipeline 'tiny' was built from dataset {voc_copy} [trainval]",
         f"but this configuration reads {other} [trainval]",
-        "rerun `rcnn proposals tiny` (or `rcnn run tiny`)",
+        f"rerun `rcnn proposals tiny --runs-dir {tmp_path / 'runs'}` (or `rcnn run tiny --runs-dir {tmp_path / 'runs'}`)",
     )
     # The same data moved elsewhere is not "other data".
     moved = tmp_path / "moved"
@@ -422,7 +422,7 @@ def test_upstream_built_from_other_classes_is_refused_naming_both(pipelines_file
         err,
         f"finetune/trainval of pipeline 'tiny' was built from classes ({', '.join(built)}) "
         f"but this configuration has ({', '.join(now)})",
-        "rerun `rcnn finetune tiny` (or `rcnn run tiny`)",
+        f"rerun `rcnn finetune tiny --runs-dir {tmp_path / 'runs'}` (or `rcnn run tiny --runs-dir {tmp_path / 'runs'}`)",
     )
     assert not (tmp_path / "runs" / "tiny" / "features" / "trainval" / "manifest.json").exists()
 

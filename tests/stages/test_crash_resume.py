@@ -236,3 +236,30 @@ def test_sigkill_in_finetune_features_and_svm_then_resume(medium_voc, tmp_path):
     _kill_when(rcnn("train-svm", "tiny", "--runs-dir", str(runs), *common), cwd, lambda: (unit("train-svm") / ".work").exists())
     subprocess.run(rcnn("train-svm", "tiny", "--runs-dir", str(runs), *common), cwd=cwd, check=True, capture_output=True)
     assert _digests(runs, "train-svm", "trainval") == _digests(ref, "train-svm", "trainval")
+
+
+def test_a_damaged_training_state_is_dropped_and_training_starts_afresh(pipelines_file, tmp_path, capsys):
+    """A state file cut short (a crash during its write, a full disk) must not stop every later run: it is never
+    trusted, and training starts again from the pretrained weights, to the bytes of a run that never had it."""
+    from conftest import run_cli
+
+    from rcnn.commands.shared import make_context
+    from rcnn.stages import finetune
+    from rcnn.stages.provenance import fingerprint
+    from rcnn.store import artifacts as store
+
+    common = ["--pipelines-file", str(pipelines_file), "--set", "finetune.max_iter=6", "--set", "finetune.eval_every=3"]
+    ref, runs = tmp_path / "ref", tmp_path / "runs"
+    for where in (ref, runs):
+        assert run_cli(["run", "tiny", "--until", "proposals", "--quiet", "--runs-dir", str(where), *common], capsys)[0] == 0
+    assert run_cli(["finetune", "tiny", "--quiet", "--runs-dir", str(ref), *common], capsys)[0] == 0
+    ctx = make_context("tiny", str(runs), tuple(common[3::2]), str(pipelines_file), quiet=True)
+    unit = ctx.unit_dir("finetune", "trainval")
+    work = store.work_dir(unit, fingerprint(ctx, finetune, "trainval"))
+    (work / "train_state.pt").write_bytes(b"PK\x03\x04" + bytes(3000))  # a zip archive cut short
+    (work / "history.json").write_text('[{"iteration": 3, "lo')
+    code, out, err = run_cli(["finetune", "tiny", "--runs-dir", str(runs), *common], capsys)
+    assert code == 0, err
+    assert "the saved training state cannot be used (" in out and "starting afresh" in out and "resuming" not in out
+    written = [store.read_manifest(r / "tiny" / "finetune" / "trainval")["outputs"] for r in (ref, runs)]
+    assert [{n: o["digest"] for n, o in w.items()} for w in written] == [{n: o["digest"] for n, o in written[0].items()}] * 2

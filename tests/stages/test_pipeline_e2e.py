@@ -122,7 +122,8 @@ def test_stage_before_its_input_is_one_line(pipelines_file, tmp_path, capsys):
     common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs"), "--quiet"]
     code, _, err = run(["features", "tiny", *common], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "has not run yet; run `rcnn proposals tiny` first" in err
+    # The command it gives reaches this runs folder: a bare `rcnn proposals tiny` would compute in ./runs.
+    assert f"has not run yet; run `rcnn proposals tiny --runs-dir {tmp_path / 'runs'}` first" in err
 
 
 def test_spp_pipeline_shares_proposals_and_compares(pipelines_file, tiny_voc, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,14 +144,24 @@ def test_damaged_manifest_is_reported(pipelines_file, tmp_path):
     ctx, _ = make_ctx(pipelines_file, runs)
     run_stage(ctx, proposals)
     path = ctx.unit_dir("proposals", "test") / "manifest.json"
-    path.write_text(path.read_text()[:40])
-    with pytest.raises(UserError, match=r"manifest.json' is damaged \(not valid JSON\); rerun `rcnn proposals tiny --force`$"):
+    good = path.read_text()
+    path.write_text(good[:40])
+    # The command reaches this runs folder, which is not the default one.
+    hint = f"rerun `rcnn proposals tiny --runs-dir {runs} --force`"
+    with pytest.raises(UserError, match=rf"manifest.json' is damaged \(not valid JSON\); {hint}$"):
         store.read_manifest(path.parent)
-    path.write_text("{}")
-    with pytest.raises(UserError, match=r"is not an rcnn manifest; rerun `rcnn proposals tiny --force`$"):
-        store.read_manifest(path.parent)
-    # evaluate has no command of its own: it is rerun within `rcnn run`.
-    assert store.rerun_hint(runs / "tiny" / "evaluate" / "test") == "rerun `rcnn evaluate tiny --force`"
+    # Shown as damaged, not raised, and rebuilt by the next run without --force.
+    status = unit_status(ctx, proposals, "test")
+    assert status.state == "damaged" and "not valid JSON" in status.reasons[0] and status.manifest is None
+    out = run_stage(ctx, proposals)
+    assert json.loads(path.read_text())["fingerprint"] == out["test"]["fingerprint"] == json.loads(good)["fingerprint"]
+    for bad in ("{}", json.dumps({**json.loads(good), "outputs": ["proposals.h5"]})):
+        path.write_text(bad)
+        with pytest.raises(UserError, match=rf"is not an rcnn manifest; {hint}$"):
+            store.read_manifest(path.parent)
+        assert unit_status(ctx, proposals, "test").state == "damaged"
+    assert store.rerun_hint(runs / "tiny" / "evaluate" / "test") == f"rerun `rcnn evaluate tiny --runs-dir {runs} --force`"
+    assert store.rerun_hint(Path("runs") / "tiny" / "evaluate" / "test") == "rerun `rcnn evaluate tiny --force`"
 
 
 def test_spp_models_map_windows_with_the_configured_offset(pipelines_file, tmp_path):

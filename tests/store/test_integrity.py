@@ -286,7 +286,7 @@ def test_same_size_damage_to_a_cached_part_is_refused_and_shown_by_verify(traced
     code, _, err = run_cli(["train-svm", "tiny", "--force", "--quiet", *common], capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
-    assert f"{part.name}' is damaged" in lines[0] and "rerun `rcnn features tiny --force`" in lines[0]
+    assert f"{part.name}' is damaged" in lines[0] and f"rerun `rcnn features tiny --runs-dir {runs} --force`" in lines[0]
 
     # Sizes are checked always, bytes on request: only --verify sees this damage.
     code, out, _ = run_cli(["status", "tiny", *common], capsys)
@@ -365,3 +365,37 @@ def test_the_data_generator_is_no_stages_code():
     for stage in STAGES.values():
         closure = code_identity.closure(stage.__name__)
         assert "rcnn.data.synth" not in closure and "rcnn.stages.prepare" not in closure, stage.__name__
+
+
+def test_compare_leaves_out_a_damaged_evaluation_and_says_so(traced, tmp_path, capsys, monkeypatch):
+    runs = copy_runs(traced, tmp_path)
+    monkeypatch.setenv("RCNN_PIPELINES", str(traced.pipelines))
+    results = runs / "tiny" / "evaluate" / "test" / "results.json"
+    doc = json.loads(results.read_text())
+    doc["mAP"] = 0.97531  # an edit of the kind a hand or a bad disk makes, keeping the file's size or not
+    results.write_text(json.dumps(doc))
+    code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    assert "tiny: evaluate/test is damaged (output results.json " in err, err
+    assert f"rerun `rcnn evaluate tiny --runs-dir {runs} --force`" in err, err  # one --runs-dir, not two
+    assert "0.9753" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_compare_judges_like_for_like_by_the_data_not_by_its_path(traced, tmp_path, capsys, monkeypatch):
+    runs = copy_runs(traced, tmp_path)
+    monkeypatch.setenv("RCNN_PIPELINES", str(traced.pipelines))
+    manifests = sorted((runs / "tiny-spp").glob("*/*/manifest.json"))
+    root = json.loads(manifests[0].read_text())["data"]["root"]
+    moved = tmp_path / "moved"
+    moved.symlink_to(root)  # the same data, reached by another path (a copied runs folder, a moved dataset)
+    for path in manifests:
+        path.write_text(path.read_text().replace(json.dumps(root), json.dumps(str(moved))))
+    warning = "tested on different data or splits"
+    code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0 and warning not in (tmp_path / "a" / "report.md").read_text(), err
+    proposals = runs / "tiny-spp" / "proposals" / "test" / "manifest.json"
+    doc = json.loads(proposals.read_text())
+    doc["inputs"]["data/test"] = "0" * 32  # other test images
+    proposals.write_text(json.dumps(doc))
+    code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / "b")], capsys)
+    assert code == 0 and warning in (tmp_path / "b" / "report.md").read_text(), err

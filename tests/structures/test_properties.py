@@ -106,7 +106,7 @@ def test_config_loader_accepts_only_well_typed_values(key, value):
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "p.yaml"
-        path.write_text(yaml.safe_dump({"pipelines": {"p": {"proposals": {key: value}}}}))
+        path.write_text(yaml.safe_dump({"pipelines": {"p": {"data": {"root": "voc"}, "proposals": {key: value}}}}))
         try:
             cfg = PipelineFile(path).load("p")
         except ConfigError as e:
