@@ -119,6 +119,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         write_json_atomic(history_path, new.history)
         new.save(state_path)
 
+    start = state.iteration if state is not None else 0
     bar = progress_bar(ctx, ft.max_iter, f"finetune {split}", unit="it")
     history = fine_tune(
         regions,
@@ -150,6 +151,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     last = history[-1] if history else {}
     metrics = {
         "iterations": ft.max_iter,
+        "iterations_computed": ft.max_iter - start,  # fewer after a resume: the stage's time covers only these
         "val_acc": last.get("val_acc"),
         "train_acc": last.get("train_acc"),
         "loss": last.get("loss"),

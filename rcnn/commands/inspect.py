@@ -51,6 +51,16 @@ def pipelines_cmd(pipelines_file):
             click.echo("      hardware: a CPU is enough")
 
 
+def _resumed(manifest: dict) -> str:
+    """Where a resumed run's time covers only part of the unit's work, how much of it."""
+    m = manifest.get("metrics") or {}
+    for what in ("images", "iterations"):
+        done, total = m.get(f"{what}_computed"), m.get(what)
+        if isinstance(done, int) and isinstance(total, int) and done < total:
+            return f" (resumed: the time of {done} of {total} {what})"
+    return ""
+
+
 def _undescribed(path: Path, name: str) -> str:
     """What to say of a pipeline without a description of its own (a parent's would describe another pipeline)."""
     import yaml
@@ -151,7 +161,7 @@ def status_cmd(pipeline, skip_bad, verify, seeds, runs_dir, overrides, pipelines
                 line = f"  {stage_name + '/' + split:<24} {st.state:<8}"
                 if st.manifest is not None:
                     size = sum(o["bytes"] for o in st.manifest["outputs"].values())
-                    line += f" {human_size(size):>9}  {st.manifest['timings']['wall_s']:8.1f} s"
+                    line += f" {human_size(size):>9}  {st.manifest['timings']['wall_s']:8.1f} s{_resumed(st.manifest)}"
                     skipped = st.manifest.get("data", {}).get("images_skipped")
                     line += f"  {skipped} bad image(s) skipped" if skipped else ""
                 if st.reasons:

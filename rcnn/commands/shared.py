@@ -8,13 +8,16 @@ from pathlib import Path
 import click
 
 from rcnn.config import PipelineFile, default_pipelines_file
-from rcnn.errors import ConfigError
+from rcnn.errors import ConfigError, UserError
 
 RUNS_DIR_HELP = "Folder holding one sub-folder per pipeline [default: $RCNN_RUNS_DIR or ./runs]."
 
 
 def runs_dir_path(value: str | None) -> Path:
-    return Path(value or os.environ.get("RCNN_RUNS_DIR", "runs"))
+    path = Path(value or os.environ.get("RCNN_RUNS_DIR", "runs"))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the runs folder '{path}' is a file, not a folder; give another with --runs-dir or $RCNN_RUNS_DIR")
+    return path
 
 
 PIPELINES_FILE_HELP = (

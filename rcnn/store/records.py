@@ -54,7 +54,9 @@ class RecordWriter:
     A part is flushed when it holds ``chunk_size`` images, or (if ``max_seconds``
     is set) when that long has passed since the last flush, bounding the work a
     kill can lose. Without ``max_seconds``, images written in a fixed order always
-    fall into the same parts, so a resumed run writes byte-identical files.
+    fall into the same parts, so a resumed run writes byte-identical files; to keep
+    that after an exception or Ctrl-C as after a kill, a part not yet full is then
+    dropped (its images are computed again on resume) rather than written short.
 
     With ``background``, a full part is written (and fsynced) by a thread of its own while the caller
     computes the next: at most one part is being written and one filled, and a write's error is raised
@@ -114,9 +116,12 @@ class RecordWriter:
     def __enter__(self) -> RecordWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        # Whatever was computed before an exception is still worth keeping.
+    def __exit__(self, exc_type, *exc) -> None:
+        # Whatever was computed before an exception is still worth keeping, unless writing it would shift the
+        # fixed part boundaries: a short part makes every later part, and the stages reading them, differ.
         try:
+            if exc_type is not None and self.max_seconds is None and len(self._buffer) < self.chunk_size:
+                self._buffer.clear()
             self.flush()
             self.wait()
         finally:

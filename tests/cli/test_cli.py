@@ -278,3 +278,12 @@ def test_sizes_are_in_binary_units_as_compare_writes_them():
     from rcnn.report.render import human_size
 
     assert [human_size(n) for n in (512, 43_072, 5 * 2**20, 3 * 2**30)] == ["512 B", "42.1 KiB", "5.0 MiB", "3.0 GiB"]
+
+
+@pytest.mark.parametrize("argv", [["status", "demo"], ["run"], ["compare", "demo", "demo-spp", "--out", "r"]])
+def test_a_runs_folder_that_is_a_file_is_one_line(argv, tmp_path, capsys, monkeypatch):
+    # `rcnn status` listed every stage as never run, exit 0.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs.txt").write_text("")
+    code, _, err = run([*argv, "--runs-dir", "runs.txt"], capsys)
+    assert_one_line_error(code, err, "the runs folder 'runs.txt' is a file, not a folder", 1)

@@ -80,6 +80,11 @@ def test_sigkill_midway_then_resume_gives_identical_outputs(medium_voc, referenc
     )
     assert "resuming" in resumed.stdout
     assert outputs(runs) == outputs(reference)
+    # Its recorded time is that of the images this run computed, and the status says so.
+    options = [c for c in common if c != "--quiet"]
+    status = subprocess.run(rcnn("status", "tiny", "--runs-dir", str(runs), *options), cwd=cwd, capture_output=True, text=True)
+    (line,) = [x for x in status.stdout.splitlines() if "proposals/trainval" in x]
+    assert re.search(r"\(resumed: the time of \d+ of 36 images\)", line), line
 
 
 def _live_processes_in_group(pgid: int) -> list[int]:
@@ -218,6 +223,10 @@ def test_sigkill_in_finetune_features_and_svm_then_resume(medium_voc, tmp_path):
     )
     assert "resuming from iteration" in out.stdout
     assert _digests(runs, "finetune", "trainval") == _digests(ref, "finetune", "trainval")
+    options = [c for c in common if c != "--quiet"]
+    status = subprocess.run(rcnn("status", "tiny", "--runs-dir", str(runs), *options), cwd=cwd, capture_output=True, text=True)
+    (line,) = [x for x in status.stdout.splitlines() if "finetune/trainval" in x]
+    assert re.search(r"\(resumed: the time of \d+ of 60 iterations\)", line), line
 
     # Features: killed after the first complete part, resumed at the next image, same bytes.
     _kill_when(

@@ -123,11 +123,33 @@ def test_a_background_write_error_is_raised_and_earlier_parts_are_kept(tmp_path,
     assert sorted(p.name for p in parts.iterdir()) == ["part-0-000000.h5", "part-0-000002.h5"]
 
 
-def test_an_error_in_the_caller_still_writes_what_was_computed(tmp_path):
-    parts = tmp_path / "parts"
+def test_an_error_in_the_caller_keeps_full_parts_and_a_resume_writes_the_same_files(tmp_path):
+    # A short part written at Ctrl-C would shift every later part's images: other files than an unbroken run's,
+    # and every stage reading them stale. It is dropped; its images are computed again.
+    ids = [f"im{i}" for i in range(7)]
+    for background in (False, True):
+        parts, whole = tmp_path / f"parts-{background}", tmp_path / f"whole-{background}"
+        with pytest.raises(KeyboardInterrupt):
+            with records.RecordWriter(parts, "k", chunk_size=2, background=background) as w:
+                for image_id in ids[:3]:
+                    w.add(image_id, {"x": np.full(1, int(image_id[2:]))})
+                raise KeyboardInterrupt
+        assert set(records.completed_parts(parts)) == {"im0", "im1"}
+        done = records.completed_parts(parts)
+        with records.RecordWriter(parts, "k", chunk_size=2, background=background) as w:
+            for image_id in ids:
+                if image_id not in done:
+                    w.add(image_id, {"x": np.full(1, int(image_id[2:]))})
+        with records.RecordWriter(whole, "k", chunk_size=2, background=background) as w:
+            for image_id in ids:
+                w.add(image_id, {"x": np.full(1, int(image_id[2:]))})
+        resumed = {p.name: p.read_bytes() for p in sorted(parts.glob("part-*.h5"))}
+        assert resumed == {p.name: p.read_bytes() for p in sorted(whole.glob("part-*.h5"))} and len(resumed) == 4
+    # Without fixed parts (a writer flushed by time), what was computed is written.
+    timed = tmp_path / "timed"
     with pytest.raises(KeyboardInterrupt):
-        with records.RecordWriter(parts, "k", chunk_size=2, background=True) as w:
-            for i in range(3):
-                w.add(f"im{i}", {"x": np.zeros(1)})
+        with records.RecordWriter(timed, "k", chunk_size=2, max_seconds=60.0) as w:
+            for image_id in ids[:3]:
+                w.add(image_id, {"x": np.zeros(1)})
             raise KeyboardInterrupt
-    assert set(records.completed_parts(parts)) == {"im0", "im1", "im2"}
+    assert set(records.completed_parts(timed)) == {"im0", "im1", "im2"}
