@@ -7,6 +7,7 @@ instead), so a change to it makes no result stale by itself.
 from __future__ import annotations
 
 from rcnn.data.datasets import check_pipeline_data
+from rcnn.errors import UserError
 
 from .context import Context
 
@@ -23,7 +24,14 @@ def ensure_data(ctx: Context) -> None:
         from rcnn.data.synth import generate_dataset
 
         ctx.log(f"generating {synth.images} synthetic images in {ctx.data_root}")
-        generate_dataset(ctx.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=ctx.progress)
+        try:
+            generate_dataset(ctx.data_root, n_images=synth.images, seed=synth.seed, size=synth.size, progress=ctx.progress)
+        except UserError:
+            if synthetic_data_pending(ctx):
+                raise
+            # Another rcnn process generated it meanwhile (two first runs at once): the folder is named by the
+            # generator's settings and moved into place only when complete, so that data is this data.
+            ctx.log(f"{ctx.data_root} was generated meanwhile by another rcnn process; using it")
     # What the annotations tell is checked before any stage starts its long work.
     data = ctx.cfg.data
     trainval = ctx.dataset(data.trainval)

@@ -9,6 +9,7 @@ only through readers that check them against their manifest (:func:`rcnn.stages.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +54,8 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
         status = store.unit_status(unit, expected)
         if status.state == "done" and not ctx.force:
             ctx.log(f"{label}: up to date, skipped")
+            # Left by an interrupted --force run of a unit that was complete: nothing will resume it.
+            shutil.rmtree(unit / store.WORK, ignore_errors=True)
             return status.manifest
         if status.state in ("stale", "damaged") and not ctx.force:
             ctx.log(f"{label}: {status.state} ({'; '.join(status.reasons)}), recomputing")

@@ -241,3 +241,28 @@ def test_argument_validation(tmp_path, kwargs, option):
     with pytest.raises(UserError, match=option):
         generate_dataset(tmp_path / "ds", **{"n_images": 3, "size": 64, "progress": False, **kwargs})
     assert not (tmp_path / "ds").exists()
+
+
+def test_two_first_runs_at_once_share_the_data_one_of_them_generated(tmp_path, monkeypatch, capsys):
+    # The second to finish found the folder made meanwhile: "cannot write dataset folder …: Directory not empty".
+    from rcnn.commands.shared import make_context
+    from rcnn.data import synth
+    from rcnn.stages.prepare import ensure_data
+
+    overrides = ("data.synthetic.images=6", "data.synthetic.size=64")
+    ctx = make_context("demo", str(tmp_path / "runs"), overrides, None, quiet=True)
+    logs = []
+    ctx.log = logs.append
+    real, calls = synth._write_dataset, []
+
+    def other_process_first(out, *args):
+        calls.append(out)
+        if len(calls) == 1:
+            synth.generate_dataset(ctx.data_root, 6, 0, 64, progress=False)  # the other run, finishing first
+        return real(out, *args)
+
+    monkeypatch.setattr(synth, "_write_dataset", other_process_first)
+    ensure_data(ctx)
+    assert "was generated meanwhile by another rcnn process; using it" in logs[-1]
+    assert len(ctx.dataset("trainval")) + len(ctx.dataset("test")) == 6
+    assert [p.name for p in ctx.data_root.parent.iterdir()] == [ctx.data_root.name]  # no temporary folder left

@@ -38,10 +38,13 @@ def test_first_run_computes_second_skips(pipelines_file, tmp_path):
     assert json.loads((unit / "manifest.json").read_text())["fingerprint"] == m["fingerprint"]
     assert not (unit / ".work").exists()
 
+    # What an interrupted `--force` run of the complete unit left is removed by the skip: nothing would resume it.
+    leftover = store.work_dir(unit, fingerprint(ctx, proposals, "test")) / "parts"
+    leftover.mkdir()
     ctx2, logs2 = make_ctx(pipelines_file, runs)
     again = run_stage(ctx2, proposals)
     assert all("up to date, skipped" in line for line in logs2)
-    assert again["test"]["fingerprint"] == m["fingerprint"]
+    assert again["test"]["fingerprint"] == m["fingerprint"] and not (unit / ".work").exists()
 
 
 def test_parameter_change_makes_stale_with_reason(pipelines_file, tmp_path):
