@@ -9,6 +9,8 @@ only through readers that check them against their manifest (:func:`rcnn.stages.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import shutil
 import time
 from pathlib import Path
@@ -50,44 +52,58 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
     unit = ctx.unit_dir(stage.NAME, split)
     label = f"{stage.NAME}/{split}"
     expected = fingerprint(ctx, stage, split)
-    with store.unit_lock(unit, wait=ctx.wait, what=f"{label} of pipeline '{ctx.cfg.name}'"):
-        status = store.unit_status(unit, expected)
-        if status.state == "done" and not ctx.force:
-            ctx.log(f"{label}: up to date, skipped")
-            # Left by an interrupted --force run of a unit that was complete: nothing will resume it.
-            shutil.rmtree(unit / store.WORK, ignore_errors=True)
-            return status.manifest
-        if status.state in ("stale", "damaged") and not ctx.force:
-            ctx.log(f"{label}: {status.state} ({'; '.join(status.reasons)}), recomputing")
-        if not ctx.force:
-            twin = store.find_equivalent(ctx.runs_dir, stage.NAME, split, expected, exclude=unit)
-            if twin is not None:
-                return _reuse(ctx, unit, twin, label)
-        started = time.time()
-        work = store.work_dir(unit, expected)
+    with contextlib.ExitStack() as held:
         try:
-            outputs, metrics = stage.compute(ctx, split, work)
-        finally:
-            release_freed_memory()  # so that the next stage in this process does not start on top of this one's peak
-        manifest = {
-            "stage": stage.NAME,
-            "split": split,
-            "pipeline": ctx.cfg.name,
-            "data": data_record(ctx, split),
-            "schema_version": stage.SCHEMA_VERSION,
-            "fingerprint": expected.digest,
-            "params": expected.params,
-            "inputs": expected.inputs,
-            "code": {"version": __version__, "digest": expected.code, "modules": expected.code_modules},
-            "libraries": store.library_versions(),
-            "timings": {"started": started, "wall_s": time.time() - started},
-            "metrics": metrics,
-        }
-        if ctx.cluster is not None:  # where the work ran; not in the fingerprint, so either run is up to date for the other
-            manifest["cluster"] = ctx.cluster.record(label)
-        manifest = store.commit(unit, outputs, manifest)
-        ctx.log(f"{label}: done in {manifest['timings']['wall_s']:.1f} s")
-        return manifest
+            held.enter_context(store.unit_lock(unit, wait=ctx.wait, what=f"{label} of pipeline '{ctx.cfg.name}'"))
+        except OSError as e:
+            # A runs folder one may read but not write (a shared or archived store): a complete unit needs no lock
+            # to be skipped (its manifest is written last, atomically); anything else to do is refused as it was.
+            status = store.unit_status(unit, expected)
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or status.state != "done" or ctx.force:
+                raise
+            ctx.log(f"{label}: up to date, skipped")
+            return status.manifest
+        return _run_locked(ctx, stage, split, unit, label, expected)
+
+
+def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: str, expected: store.Fingerprint) -> dict:
+    status = store.unit_status(unit, expected)
+    if status.state == "done" and not ctx.force:
+        ctx.log(f"{label}: up to date, skipped")
+        # Left by an interrupted --force run of a unit that was complete: nothing will resume it.
+        shutil.rmtree(unit / store.WORK, ignore_errors=True)
+        return status.manifest
+    if status.state in ("stale", "damaged") and not ctx.force:
+        ctx.log(f"{label}: {status.state} ({'; '.join(status.reasons)}), recomputing")
+    if not ctx.force:
+        twin = store.find_equivalent(ctx.runs_dir, stage.NAME, split, expected, exclude=unit)
+        if twin is not None:
+            return _reuse(ctx, unit, twin, label)
+    started = time.time()
+    work = store.work_dir(unit, expected)
+    try:
+        outputs, metrics = stage.compute(ctx, split, work)
+    finally:
+        release_freed_memory()  # so that the next stage in this process does not start on top of this one's peak
+    manifest = {
+        "stage": stage.NAME,
+        "split": split,
+        "pipeline": ctx.cfg.name,
+        "data": data_record(ctx, split),
+        "schema_version": stage.SCHEMA_VERSION,
+        "fingerprint": expected.digest,
+        "params": expected.params,
+        "inputs": expected.inputs,
+        "code": {"version": __version__, "digest": expected.code, "modules": expected.code_modules},
+        "libraries": store.library_versions(),
+        "timings": {"started": started, "wall_s": time.time() - started},
+        "metrics": metrics,
+    }
+    if ctx.cluster is not None:  # where the work ran; not in the fingerprint, so either run is up to date for the other
+        manifest["cluster"] = ctx.cluster.record(label)
+    manifest = store.commit(unit, outputs, manifest)
+    ctx.log(f"{label}: done in {manifest['timings']['wall_s']:.1f} s")
+    return manifest
 
 
 def _reuse(ctx: Context, unit: Path, twin: Path, label: str) -> dict:

@@ -177,3 +177,25 @@ def test_spp_models_map_windows_with_the_configured_offset(pipelines_file, tmp_p
     assert untrained_model(ctx, spp=True).spec.offset == 0.0  # the paper's formula as printed
     ctx, _ = make_ctx(pipelines_file, tmp_path / "runs", "tiny-spp", ["spp.offset=2.5"])
     assert untrained_model(ctx, spp=True).spec.offset == 2.5
+
+
+def test_a_complete_unit_in_a_read_only_runs_folder_is_skipped_without_its_lock(pipelines_file, tmp_path, monkeypatch):
+    # A shared or archived store: `rcnn run` stopped at the first lock file it could not create, with nothing to do.
+    import errno
+
+    runs = tmp_path / "runs"
+    run_stage(make_ctx(pipelines_file, runs)[0], proposals)
+
+    def read_only(unit_dir, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(unit_dir / ".lock"))
+
+    monkeypatch.setattr(store, "unit_lock", read_only)
+    ctx, logs = make_ctx(pipelines_file, runs)
+    out = run_stage(ctx, proposals)
+    assert set(out) == {"trainval", "test"}
+    assert logs == ["proposals/trainval: up to date, skipped", "proposals/test: up to date, skipped"]
+    # Work to do, or --force, still needs the lock: the error is the file system's, as before.
+    for overrides, force in (("proposals.max_proposals=20",), False), ((), True):
+        ctx, _ = make_ctx(pipelines_file, runs, overrides=list(overrides), force=force)
+        with pytest.raises(OSError, match="Read-only file system"):
+            run_stage(ctx, proposals)
