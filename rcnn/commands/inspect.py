@@ -11,6 +11,7 @@ from rcnn.commands.shared import PIPELINES_FILE_HELP, make_context, pipeline_opt
 from rcnn.config import PipelineFile, default_pipelines_file
 from rcnn.errors import ConfigError
 from rcnn.report.render import human_size
+from rcnn.report.runs import resumed_note
 
 
 @click.command("pipelines")
@@ -49,16 +50,6 @@ def pipelines_cmd(pipelines_file):
             click.echo(f"      hardware: a GPU (CUDA){visible}")
         elif cfg.hardware == "cpu":
             click.echo("      hardware: a CPU is enough")
-
-
-def _resumed(manifest: dict) -> str:
-    """Where a resumed run's time covers only part of the unit's work, how much of it."""
-    m = manifest.get("metrics") or {}
-    for what in ("images", "iterations"):
-        done, total = m.get(f"{what}_computed"), m.get(what)
-        if isinstance(done, int) and isinstance(total, int) and done < total:
-            return f" (resumed: the time of {done} of {total} {what})"
-    return ""
 
 
 def _undescribed(path: Path, name: str) -> str:
@@ -161,7 +152,9 @@ def status_cmd(pipeline, skip_bad, verify, seeds, runs_dir, overrides, pipelines
                 line = f"  {stage_name + '/' + split:<24} {st.state:<8}"
                 if st.manifest is not None:
                     size = sum(o["bytes"] for o in st.manifest["outputs"].values())
-                    line += f" {human_size(size):>9}  {st.manifest['timings']['wall_s']:8.1f} s{_resumed(st.manifest)}"
+                    line += f" {human_size(size):>9}  {st.manifest['timings']['wall_s']:8.1f} s"
+                    resumed = resumed_note(st.manifest.get("metrics") or {})
+                    line += f" ({resumed})" if resumed else ""
                     skipped = st.manifest.get("data", {}).get("images_skipped")
                     line += f"  {skipped} bad image(s) skipped" if skipped else ""
                 if st.reasons:

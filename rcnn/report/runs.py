@@ -139,6 +139,16 @@ class RunSummary:
         return sum(u.output_bytes for u in done), done, [u for u in units if u.state != "complete"]
 
 
+def resumed_note(metrics: dict) -> str:
+    """``resumed: the time of K of N images`` (or iterations) where a unit's recorded time covers only the share
+    a resumed run computed; empty otherwise."""
+    for what in ("images", "iterations"):
+        done, total = metrics.get(f"{what}_computed"), metrics.get(what)
+        if isinstance(done, int) and isinstance(total, int) and done < total:
+            return f"resumed: the time of {done} of {total} {what}"
+    return ""
+
+
 def number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 

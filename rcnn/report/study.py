@@ -12,7 +12,7 @@ from pathlib import Path
 from rcnn.report import figures as figs
 from rcnn.report import seeds as report_seeds
 from rcnn.report.render import Table, html_page, human_size, markdown, write_text
-from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, number
+from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, number, resumed_note
 
 # ---------------------------------------------------------------------------------------
 # The report: a list of blocks, rendered once as Markdown and once as HTML.
@@ -249,6 +249,7 @@ def _section_stages(s: _Study) -> list:
             spi = number(m.get("seconds_per_image"))
             images_per_s = number(m.get("images_per_s")) or (1 / spi if spi else None)
             note = f"shared with {u.shared_with}" if u.shared_with else "" if u.state == "complete" else "**missing**"
+            note = "; ".join(filter(None, [note, resumed_note(m)]))
             size = human_size(u.output_bytes) if u.state == "complete" else ""
             speeds = [_fmt(images_per_s, ".2f", ""), _fmt(m.get("boxes_per_s"), ".0f", "")]
             rows.append([label, u.stage, u.split, _fmt(u.wall_s, ".1f", ""), *speeds, size, note])

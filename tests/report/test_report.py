@@ -340,3 +340,16 @@ def test_pr_plots_refuse_a_class_name_that_leaves_their_folder(tmp_path):
     with pytest.raises(ValueError, match="cannot be a file name"):
         plot_pr_curves(_eval_result(["../../ESCAPED"]), folder)
     assert not list(tmp_path.rglob("ESCAPED*"))
+
+
+def test_a_resumed_units_time_is_said_to_cover_only_its_share(tmp_path, data_root):
+    make_runs(tmp_path / "runs", data_root)
+    metrics = {"images": 10, "images_computed": 4, "seconds_per_image": 0.5}
+    _unit(tmp_path / "runs", "rcnn", "features", "test", data_root, wall_s=2.0, started=20.0, metrics=metrics,
+          outputs={"index.json": 4000})  # fmt: skip
+    runs = [load_run(tmp_path / "runs" / "rcnn"), load_run(tmp_path / "runs" / "spp")]
+    markdown = (write_report(runs, tmp_path / "out", grid_images=0)["markdown"]).read_text()
+    stages = markdown.split("\n## Stages: wall time and throughput\n", 1)[1].split("\n## ", 1)[0]
+    (row,) = [line for line in stages.splitlines() if line.startswith("| rcnn | features | test |")]
+    assert row.rstrip(" |").endswith("resumed: the time of 4 of 10 images"), row
+    assert "resumed" not in stages.replace(row, "")
