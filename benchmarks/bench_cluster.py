@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, exit_in_one_line, machine_info, machine_line, subset
+from common import exit_in_one_line, machine_info, machine_line, subset, subset_options
 from joblib import Parallel, delayed
 
 from rcnn.cluster.session import open_session
@@ -64,15 +64,7 @@ def run_once(cfg, runs: Path, cluster: str | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--data",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "voc07-mini",
-        metavar="DIR",
-        help="a VOC-layout folder (default: voc07-mini in the shared data folder beside the checkout)",
-    )
-    ap.add_argument("--split", default="test", help="split whose first images are measured (default: test)")
-    ap.add_argument("--images", type=int, default=40, help="how many images (default: 40)")
+    subset_options(ap)
     ap.add_argument("--repeats", type=int, default=1, help="rounds of each way; medians reported (default: 1)")
     args = ap.parse_args()
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import cv2
-from common import REPO, exit_in_one_line, machine_info, machine_line, subset
+from common import exit_in_one_line, machine_info, machine_line, subset, subset_options
 from joblib import Parallel, delayed
 
 from rcnn.config import PipelineFile
@@ -54,15 +54,7 @@ def opencv_direct(path: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--data",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "voc07-mini",
-        metavar="DIR",
-        help="a VOC-layout folder (default: voc07-mini in the shared data folder beside the checkout)",
-    )
-    ap.add_argument("--split", default="test", help="split whose first images are measured (default: test)")
-    ap.add_argument("--images", type=int, default=40, help="how many images (default: 40)")
+    subset_options(ap)
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes, both sides (default: every core)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds of each side; medians reported (default: 3)")
     args = ap.parse_args()

@@ -223,6 +223,15 @@ def pipeline_options(ap: argparse.ArgumentParser, runs_help: str = "the runs fol
                     help="override one configuration value (repeatable)")  # fmt: skip
 
 
+def subset_options(ap: argparse.ArgumentParser) -> None:
+    """``--data``, ``--split`` and ``--images``: the first images of a split of a VOC-layout folder (read by
+    :func:`subset`)."""
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "voc07-mini", metavar="DIR",
+                    help="a VOC-layout folder (default: voc07-mini in the shared data folder beside the checkout)")  # fmt: skip
+    ap.add_argument("--split", default="test", help="split whose first images are measured (default: test)")
+    ap.add_argument("--images", type=int, default=40, help="how many images (default: 40)")
+
+
 def rcnn_command(stage: str, args: argparse.Namespace) -> str:
     """The ``rcnn STAGE PIPELINE`` command that computes what a script on ``args``' runs folder needs, with the
     options that reach that folder and pipeline (a bare one would compute in ./runs, with other settings)."""
