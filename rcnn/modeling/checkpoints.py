@@ -3,8 +3,10 @@ fine-tuned checkpoints that load without executing code."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from pickle import UnpicklingError
@@ -126,11 +128,26 @@ def _torchvision_names(name: str) -> dict[str, str]:
     return out
 
 
+def save_tensors(obj: object, path: Path) -> None:
+    """``torch.save(obj, path)``, where a write that fails is the error any other write gives: an ``OSError``
+    (no space left, naming the file) or one line, never torch's ``RuntimeError`` about a zip position, and no
+    partial file is left."""
+    path = Path(path)
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        full = shutil.disk_usage(path.parent).free < 1 << 20
+        path.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise UserError(f"could not write '{path}' ({str(e).splitlines()[0]})") from None
+
+
 def save_checkpoint(path: Path, model: DetectorNet, meta: dict) -> None:
     """Write ``model``'s state dict to ``path`` and its description to ``path`` + ``.json``, atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
+    save_tensors(model.state_dict(), tmp)
     os.replace(tmp, path)
     info = {"spec": asdict(model.spec), "num_classes": model.classifier.out_features, **meta}
     if model.spec.spp_levels:

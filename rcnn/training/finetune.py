@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rcnn.errors import UserError
+from rcnn.modeling.checkpoints import save_tensors
 from rcnn.modeling.inference import flush_denormals, inference_dtype
 from rcnn.modeling.transfer import to_device
 from rcnn.training.sampling import FgBgSampler
@@ -73,7 +74,7 @@ class TrainState:
         if self.cuda_rng is not None:
             state["cuda_rng"] = self.cuda_rng
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
+        save_tensors(state, tmp)
         tmp.replace(path)
 
     @classmethod

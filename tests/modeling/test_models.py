@@ -241,3 +241,29 @@ def test_checkpoints_keep_the_offset_their_windows_were_mapped_with(tmp_path):
     del meta["spec"]["offset"]
     (tmp_path / "m.pt.json").write_text(json.dumps(meta))
     assert load_checkpoint(tmp_path / "m.pt")[0].spec.offset == 0.0
+
+
+@pytest.mark.parametrize("free, error", [(0, OSError), (10 << 30, UserError)])
+def test_a_checkpoint_write_that_fails_is_a_write_error_and_leaves_no_file(tmp_path, monkeypatch, free, error):
+    # On a full disk torch.save raised "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", a traceback.
+    import errno
+    import shutil
+
+    from rcnn.modeling import checkpoints
+
+    torch_says = "[enforce fail at inline_container.cc:672] . unexpected pos 652608 vs 652504"
+
+    def short_write(obj, path):
+        path.write_bytes(b"PK\x03\x04")
+        raise RuntimeError(torch_says)
+
+    monkeypatch.setattr(checkpoints.torch, "save", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, (1 << 30) - free, free))
+    model = build_model("tiny", 3, input_size=32)
+    with pytest.raises(error) as caught:
+        save_checkpoint(tmp_path / "model.pt", model, {})
+    if error is OSError:
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / ".model.pt.tmp")
+    else:
+        assert str(caught.value) == f"could not write '{tmp_path / '.model.pt.tmp'}' ({torch_says})"
+    assert list(tmp_path.iterdir()) == []
