@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 import sys
 
 import click
@@ -213,8 +215,10 @@ def main(argv=None) -> None:
         sys.exit(130)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
-            where = f": {e.filename}" if e.filename else ""
-            click.echo(f"rcnn: error: {e.strerror}{where}; completed work is kept", err=True)
+            # HDF5's own message spans lines and names the file inside it ("filename = '…'"): said as any other.
+            named = e.filename or next(iter(re.findall(r"filename = '([^']*)'", str(e))), None)
+            where = f": {named}" if named else ""
+            click.echo(f"rcnn: error: {os.strerror(e.errno)}{where}; completed work is kept", err=True)
             sys.exit(1)
         raise
 

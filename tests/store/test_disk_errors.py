@@ -70,3 +70,21 @@ def test_second_writer_refuses_or_waits(pipelines_file, tmp_path, capsys):
     holder.join()
     assert code == 0, err
     assert released.is_set() and "recall" in out
+
+
+def test_hdf5s_own_disk_full_message_is_said_in_one_line_naming_the_file(pipelines_file, tmp_path, capsys, monkeypatch):
+    # h5py's message spans two lines (its time stamp ends in a newline) and names the file only inside it.
+    part = tmp_path / "runs" / "tiny" / "proposals" / "trainval" / ".work" / "parts" / "part-0-000000.h5.123.tmp"
+    said = (
+        "Can't close file (file write failed: time = Sat Dec  5 22:29:18 2026\n, "
+        f"filename = '{part}', file descriptor = 16, errno = 28, error message = 'No space left on device', "
+        "buf = 0x7fb968102e20, total write size = 2048, bytes this sub-write = 2048, offset = 4096)"
+    )
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        raise OSError(errno.ENOSPC, said)
+
+    monkeypatch.setattr(h5py, "File", full_disk)
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    code, _, err = run_cli(["proposals", "tiny", *common], capsys)
+    assert code == 1 and err == f"rcnn: error: No space left on device: {part}; completed work is kept\n", err
