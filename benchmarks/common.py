@@ -35,6 +35,7 @@ from rcnn.modeling.inference import for_inference  # noqa: E402
 from rcnn.modeling.spp_geometry import image_scales  # noqa: E402
 from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.stages.methods import build_method  # noqa: E402
+from rcnn.store.artifacts import runs_dir_option  # noqa: E402
 
 # ----------------------------------------------------------------------------- machine and versions
 
@@ -235,14 +236,11 @@ def subset_options(ap: argparse.ArgumentParser) -> None:
 def rcnn_command(stage: str, args: argparse.Namespace) -> str:
     """The ``rcnn STAGE PIPELINE`` command that computes what a script on ``args``' runs folder needs, with the
     options that reach that folder and pipeline (a bare one would compute in ./runs, with other settings)."""
-    words = ["rcnn", stage, args.pipeline]
-    if args.runs_dir.resolve() != Path(os.environ.get("RCNN_RUNS_DIR", "runs")).resolve():
-        words += ["--runs-dir", str(args.runs_dir)]
-    if args.pipelines_file:
-        words += ["--pipelines-file", str(args.pipelines_file)]
+    words = ["--pipelines-file", str(args.pipelines_file)] if args.pipelines_file else []
     for text in args.overrides:
         words += ["--set", text]
-    return shlex.join(words)
+    options = runs_dir_option(args.runs_dir) + "".join(f" {shlex.quote(w)}" for w in words)
+    return f"rcnn {stage} {shlex.quote(args.pipeline)}{options}"
 
 
 def run_script(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
