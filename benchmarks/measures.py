@@ -32,6 +32,7 @@ from rcnn.modeling.spp import PYRAMID_LEVELS
 from rcnn.modeling.spp_geometry import TARGET_SIZE, image_scales
 from rcnn.stages import convmaps
 from rcnn.stages.context import Context
+from rcnn.stages.finetune import schedule as finetune_schedule
 from rcnn.stages.image_records import one_ahead
 from rcnn.stages.methods import build_method
 from rcnn.stages.runner import run_stage
@@ -321,7 +322,7 @@ def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBg
     """Regions per second of the stage's training step (the loop body of stages/finetune.py) and the stock one,
     taking turns on the same mini-batches after one untimed step each."""
     ft, device = ctx.cfg.finetune, b.device
-    optimizer = torch.optim.SGD(regions.trainable(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
+    optimizer = finetune_schedule(ctx).make_optimizer(regions.model, regions.trainable())
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def ours(it: int, batch: np.ndarray) -> float:

@@ -28,7 +28,9 @@ class DataConfig:
     classes: tuple[str, ...] | None = setting(None, "class names; null: the sorted object names of the trainval split")
     synthetic: SyntheticConfig | None = setting(None, "generate shapes data under the runs folder when root is null")
     use_difficult: bool = setting(
-        False, "train on objects marked difficult too (py-faster-rcnn: no); scoring always ignores them, as the devkit"
+        True,
+        "train on objects marked difficult too (R-CNN's and SPP-net's releases: yes, their roidb_from_voc.m keeps "
+        "every object; py-faster-rcnn: no); scoring always ignores them, as the devkit",
     )
 
 
@@ -40,7 +42,8 @@ class ProposalsConfig:
         "fast", "fast: Uijlings' fast mode as R-CNN ran it (HSV+Lab, k = 50/100, two strategies); single: one strategy"
     )
     resize_width: int | None = setting(
-        None, "resize to this width before the search, boxes mapped back (R-CNN's release: 500); null: as is", ge=16
+        None, "resize to this width before the search, boxes mapped back (R-CNN's release searched VOC at full size; its "
+        "rcnn_detect.m demo at 500); null: as is", ge=16
     )
     # The search's time and memory grow faster than the pixel count (a 6000 x 6000 photo: 14 min, 6.3 GB), and
     # Uijlings' segment sizes (k = 50/100) were set for VOC's 500 x 375 (0.19 Mpx); 1 Mpx leaves VOC and the demo as is.
@@ -120,6 +123,15 @@ class FinetuneConfig:
     lr: float = setting(0.001, "learning rate (R-CNN: 0.001, a tenth of the pre-training rate)", gt=0)
     momentum: float = setting(0.9, "SGD momentum (R-CNN: 0.9)", ge=0, lt=1)
     weight_decay: float = setting(0.0005, "weight decay (R-CNN: 0.0005)", ge=0)
+    bias_lr_mult: float = setting(
+        2.0, "biases' learning rate over lr (R-CNN's and SPP-net's fine-tuning prototxts: blobs_lr 2 on biases)", gt=0
+    )
+    bias_decay: bool = setting(
+        False, "weight decay on biases too (R-CNN's prototxt: weight_decay 0 on biases; SPP-net's decays fc6's and fc7's)"
+    )
+    classifier_lr_mult: float = setting(
+        10.0, "the new classifier's learning rate over lr (R-CNN's fc8_pascal: blobs_lr 10; SPP-net's: 1)", gt=0
+    )
     max_iter: int = setting(40000, "SGD iterations", ge=1)
     step_size: int = setting(20000, "multiply lr by gamma every step_size iterations", ge=1)
     gamma: float = setting(0.1, "learning-rate decay factor", gt=0, le=1)

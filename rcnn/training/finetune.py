@@ -46,10 +46,46 @@ class Schedule:
     gamma: float = 0.1
     eval_every: int = 1000  # validate and checkpoint this often
     seed: int = 0  # of the mini-batch order
+    # Caffe's per-blob multipliers in R-CNN's pascal_finetune_train.prototxt: biases learn at 2x the rate
+    # without weight decay; the new classifier (fc8_pascal) at 10x.
+    bias_lr_mult: float = 2.0
+    bias_decay: bool = False
+    classifier_lr_mult: float = 10.0
 
     def lr_at(self, iteration: int) -> float:
         # From the iteration alone, so that resuming needs no scheduler state.
         return self.lr * self.gamma ** (iteration // self.step_size)
+
+    def param_groups(self, model: nn.Module, trainable: list[nn.Parameter]) -> list[dict]:
+        """``trainable`` (parameters of ``model``) in optimiser groups, each with its ``lr_mult`` and weight decay.
+
+        A parameter is a bias when it is one-dimensional, and the classifier's when it belongs to
+        ``model.classifier``; parameters treated alike share one group, in ``model``'s order.
+        """
+        wanted = {id(p) for p in trainable}
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if id(p) not in wanted:
+                continue
+            bias = p.ndim == 1
+            mult = (self.bias_lr_mult if bias else 1.0) * (self.classifier_lr_mult if name.startswith("classifier.") else 1.0)
+            decay = 0.0 if bias and not self.bias_decay else self.weight_decay
+            groups.setdefault((mult, decay), []).append(p)
+        return [{"params": ps, "lr_mult": mult, "weight_decay": decay} for (mult, decay), ps in groups.items()]
+
+    def make_optimizer(self, model: nn.Module, trainable: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimiser over ``trainable`` at the first iteration's rates (see :meth:`set_lr`)."""
+        groups = self.param_groups(model, trainable)
+        if self.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=self.lr)
+        else:
+            opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        self.set_lr(opt, 0)
+        return opt
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr_at(iteration) * group["lr_mult"]
 
 
 @dataclass
@@ -159,11 +195,7 @@ def fine_tune(
     kernels are chosen, so that a resumed run does not drift from an unbroken one. ``progress`` is a tqdm-like
     bar (``update``, ``set_postfix``), or None.
     """
-    params = regions.trainable()
-    if schedule.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    optimizer = schedule.make_optimizer(regions.model, regions.trainable())
     start_iter, history = 0, []
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
@@ -188,8 +220,7 @@ def fine_tune(
     run_loss, run_acc, run_n = _zero(device), _zero(device), 0
     for it in range(start_iter, schedule.max_iter):
         regions.train_mode()
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(it)
+        schedule.set_lr(optimizer, it)
         batch = next(batches)
         img_idx, reg_idx = sampler.locate(batch)
         target = to_device(sampler.labels[batch], device)
@@ -220,7 +251,7 @@ def fine_tune(
                     "loss": mean_loss,
                     "train_acc": mean_acc,
                     "val_acc": val_acc,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": schedule.lr_at(it),
                     "seconds": time.perf_counter() - started,
                 }
             )
