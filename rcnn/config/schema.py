@@ -42,8 +42,10 @@ class ProposalsConfig:
         "fast", "fast: Uijlings' fast mode as R-CNN ran it (HSV+Lab, k = 50/100, two strategies); single: one strategy"
     )
     resize_width: int | None = setting(
-        None, "resize to this width before the search, boxes mapped back (R-CNN's release searched VOC at full size; its "
-        "rcnn_detect.m demo at 500); null: as is", ge=16
+        None,
+        "resize to this width before the search, boxes mapped back (R-CNN's release searched VOC at full size; its "
+        "rcnn_detect.m demo at 500); null: as is",
+        ge=16,
     )
     # The search's time and memory grow faster than the pixel count (a 6000 x 6000 photo: 14 min, 6.3 GB), and
     # Uijlings' segment sizes (k = 50/100) were set for VOC's 500 x 375 (0.19 Mpx); 1 Mpx leaves VOC and the demo as is.

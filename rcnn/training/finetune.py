@@ -59,15 +59,15 @@ class Schedule:
     def param_groups(self, model: nn.Module, trainable: list[nn.Parameter]) -> list[dict]:
         """``trainable`` (parameters of ``model``) in optimiser groups, each with its ``lr_mult`` and weight decay.
 
-        A parameter is a bias when it is one-dimensional, and the classifier's when it belongs to
-        ``model.classifier``; parameters treated alike share one group, in ``model``'s order.
+        A parameter is a bias when its name ends in ``bias`` (batch-norm scales are weights, as Caffe had none),
+        and the classifier's when it belongs to ``model.classifier``; parameters treated alike share one group.
         """
         wanted = {id(p) for p in trainable}
         groups: dict[tuple[float, float], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if id(p) not in wanted:
                 continue
-            bias = p.ndim == 1
+            bias = name.endswith("bias")
             mult = (self.bias_lr_mult if bias else 1.0) * (self.classifier_lr_mult if name.startswith("classifier.") else 1.0)
             decay = 0.0 if bias and not self.bias_decay else self.weight_decay
             groups.setdefault((mult, decay), []).append(p)
