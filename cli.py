@@ -41,6 +41,13 @@ def cli():
       rcnn status demo                # what is done, stale or missing
       rcnn evaluate --data VOC --split test --detections results/
 
+    \b
+    Your own data:
+      a VOC-layout folder (JPEGImages/, Annotations/*.xml, ImageSets/Main/{trainval,test}.txt),
+      checked with `rcnn data stats DIR --check`; then a pipeline in ./pipelines.yaml such as
+        pipelines: {cells: {extends: bccd, data: {root: /data/cells, classes: [cell, platelet]}}}
+      and `rcnn run cells` (README: "Your own data").
+
     On Linux the C allocator is told to reuse freed memory (R-CNN's feature
     extraction runs about 2x faster on a CPU); RCNN_KEEP_FREED_MEMORY=0 turns it off.
     """

@@ -40,11 +40,13 @@ def data_synth(directory, images, seed, size, quiet):
 def data_stats(directory, split, check):
     """Print images, objects per class, difficult counts and box sizes of a VOC split, and its bad images.
 
-    Every annotation is parsed and every image file must exist; with --check every
-    image is also decoded, as the stages will. Images with a problem are listed, one
-    line each, and left out of the counts; the exit status is then 1.
+    Every annotation of the split (trainval unless --split says another) is parsed and
+    every image file must exist; with --check every image is also decoded, as the stages
+    will, and images whose EXIF orientation tag turns them in viewers are named (boxes
+    refer to the stored pixels). Images with a problem are listed, one line each, and
+    left out of the counts; the exit status is then 1.
     """
-    from rcnn.data.datasets import ROOT_LAYOUT, VOCDataset, find_bad_images
+    from rcnn.data.datasets import ROOT_LAYOUT, VOCDataset, exif_orientation, find_bad_images
     from rcnn.data.stats import dataset_stats, format_stats
 
     if not Path(directory).is_dir():
@@ -55,6 +57,12 @@ def data_stats(directory, split, check):
     else:
         bad = {i: reason for i in dataset.ids if (reason := dataset.problem(i)) is not None}
     click.echo(format_stats(dataset_stats(VOCDataset(directory, split, skip=bad))))
+    turned = [i for i in dataset.ids if check and i not in bad and exif_orientation(dataset.image_path(i)) != 1]
+    if turned:
+        click.echo(
+            f"\n  note: {len(turned)} image(s) carry an EXIF orientation tag that viewers apply and rcnn does not "
+            f"(boxes refer to the stored pixels, as in VOC): {', '.join(turned[:5])}{', ...' if len(turned) > 5 else ''}"
+        )
     if bad:
         click.echo(f"\n  {len(bad)} bad image(s), left out above:")
         for image_id, reason in bad.items():

@@ -12,7 +12,7 @@ from rcnn.errors import UserError
 
 @click.command("detect")
 @click.argument("pipeline")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the drawn images and JSON.")
 @click.option(
     "--threshold",
@@ -25,19 +25,25 @@ from rcnn.errors import UserError
 def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, overrides, pipelines_file):
     """Run PIPELINE's trained detector on any IMAGES.
 
+    IMAGES are files, or folders standing for the image files in them (by suffix:
+    .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp; other files there are passed over).
     Proposals are computed on the fly with the pipeline's settings; each image is
     written to --out with its labelled boxes drawn (<name>.det.jpg) beside a JSON of
-    its detections (<name>.json: class, score, box as x1 y1 x2 y2 pixels); images of
-    the same name get <name>-2, <name>-3, ... An image that cannot be read is named on
-    stderr and the rest are processed; the exit status is then 1. Images are only
-    read, never executed or trusted beyond decoding. Example:
+    its detections (<name>.json: class, score, box as x1 y1 x2 y2 in pixels from the
+    image's top-left corner, 0-based and continuous: a VOC XML's xmin is x1 + 1);
+    images of the same name get <name>-2, <name>-3, ... An image that cannot be read
+    is named on stderr and the rest are processed; the exit status is then 1. Images
+    are decoded as stored: an EXIF orientation tag is not applied. They are only read,
+    never executed or trusted beyond decoding. Example:
 
     \b
       rcnn detect demo runs/_data/synth-n240-s0-px256/JPEGImages/000003.jpg --out det/
+      rcnn detect demo photos/ --out det/
     """
     from rcnn.detection.detector import detect_files
     from rcnn.stages import evaluate, finetune
 
+    images = image_arguments(images)
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
     evaluate.check_trained(ctx, bbox=not no_bbox_reg)
     model, meta = finetune.load(ctx)
@@ -60,3 +66,19 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     if failed:
         raise UserError(f"{failed} of {len(images)} image(s) could not be read (each named above); wrote the other {written}")
     click.echo(f"wrote {written}")
+
+
+def image_arguments(args: tuple[str, ...]) -> list[str]:
+    """Each argument, or for a folder the image files in it, sorted by name; a folder without any is refused."""
+    from rcnn.data.datasets import IMAGE_SUFFIXES
+
+    paths = []
+    for arg in args:
+        if not Path(arg).is_dir():
+            paths.append(arg)
+            continue
+        found = sorted(str(p) for p in Path(arg).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise UserError(f"folder '{arg}' has no image file ({', '.join(IMAGE_SUFFIXES)}); nothing was run")
+        paths += found
+    return paths

@@ -115,8 +115,9 @@ def _build(cls: type, raw: dict, prefix: str, where: str, base: Path | None) -> 
         value = _coerce(hints[key], value, full, where, base)
         keywords = fields[key].metadata.get("keywords", ())
         is_keyword = value in keywords or (isinstance(value, str) and value.startswith("pipeline:"))
-        if fields[key].metadata.get("path") and isinstance(value, str) and base is not None and not is_keyword:
-            value = str((base / value).resolve()) if not os.path.isabs(value) else value
+        if fields[key].metadata.get("path") and isinstance(value, str) and not is_keyword:
+            value = os.path.expanduser(value)
+            value = str((base / value).resolve()) if base is not None and not os.path.isabs(value) else value
         _check_range(fields[key].metadata.get("range"), value, full, where)
         kwargs[key] = value
     try:
@@ -146,6 +147,9 @@ def _check_together(cfg: PipelineConfig, where: str) -> None:
             f"{where}: 'svm.evict_threshold' ({cfg.svm.evict_threshold:g}) must be below "
             f"'svm.hard_threshold' ({cfg.svm.hard_threshold:g}), or evicted negatives would count as hard"
         )
+    repeated = sorted({c for c in cfg.data.classes or () if cfg.data.classes.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: 'data.classes' lists {', '.join(map(repr, repeated))} more than once")
     if cfg.data.root is None and cfg.data.synthetic is None:
         raise ConfigError(f"{where}: set 'data.root' (a VOC-layout folder) or 'data.synthetic' (data generated for it)")
     sizes = INPUT_SIZES[m.backbone]
@@ -167,7 +171,7 @@ def _anchor_paths(cls: type, raw: dict, base: Path) -> dict:
     ``${VAR:-default}`` (the variable itself is kept, so that hints can still name it)."""
 
     def absolute(text: str) -> str:
-        return text if not text or os.path.isabs(text) else str((base / text).resolve())
+        return text if not text or os.path.isabs(text := os.path.expanduser(text)) else str((base / text).resolve())
 
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -291,7 +295,8 @@ class PipelineFile:
             return _anchor_paths(PipelineConfig, self._shipped._resolved_raw(name), self._shipped.relative_to)
         if name not in self._raw:
             known = ", ".join(self.names)
-            where = f"{self.path} or the shipped {SHIPPED_PIPELINES.name}" if self._shipped else str(self.path)
+            mine = "no ./pipelines.yaml here; --pipelines-file FILE or $RCNN_PIPELINES names a file of yours"
+            where = f"{self.path} or the shipped {SHIPPED_PIPELINES.name}" if self._shipped else f"{self.path} ({mine})"
             raise ConfigError(f"unknown pipeline '{name}' in {where} (known: {known})")
         if name in seen:
             raise ConfigError(f"{self.path}: pipeline '{name}' extends itself through {' -> '.join(seen)}")

@@ -6,7 +6,9 @@ project's float32 ``(x1, y1, x2, y2)`` continuous boxes (see :mod:`rcnn.structur
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +24,13 @@ from rcnn.structures.boxes import from_voc_pixels
 
 # What a dataset root holds, for the commands' advice when one is missing.
 ROOT_LAYOUT = "the folder holding JPEGImages/, Annotations/ and ImageSets/Main/"
+# Image files looked for as JPEGImages/<id><suffix>, in this order and in either case: VOC's .jpg first.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# EXIF orientations that viewers show turned or mirrored (1 is as stored).
+TURNED = {
+    **{2: "mirrored", 3: "turned 180°", 4: "upside down and mirrored", 5: "turned and mirrored"},
+    **{6: "turned 90° clockwise", 7: "turned and mirrored", 8: "turned 90° anticlockwise"},
+}
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,9 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnot
     try:
         root = ET.parse(xml_path).getroot()
     except FileNotFoundError:
-        raise UserError(f"annotation '{xml_path}' is missing (listed in the split file)") from None
+        stem, suffix = os.path.splitext(image_id)
+        hint = f"; split files list ids without an extension ('{stem}')" if suffix.lower() in IMAGE_SUFFIXES + (".xml",) else ""
+        raise UserError(f"annotation '{xml_path}' is missing (listed in the split file){hint}") from None
     except ET.ParseError as e:
         raise UserError(f"{xml_path}: malformed XML ({e})") from None
     size = root.find("size")
@@ -111,7 +122,8 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnot
 def _read_split_file(split_file: Path) -> list[str]:
     """The image ids of a split file: one per line, or VOC's per-class layout ``<id> <-1|0|1>``."""
     ids = []
-    for lineno, line in enumerate(split_file.read_text().splitlines(), start=1):
+    # utf-8-sig: Windows editors start the file with a byte-order mark, which would join the first id.
+    for lineno, line in enumerate(split_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         fields = line.split()
         if len(fields) == 2 and fields[1] in ("-1", "0", "1"):
             fields = fields[:1]
@@ -129,7 +141,8 @@ class VOCDataset:
     """Images and annotations of one split of a VOC-layout folder.
 
     ``root/ImageSets/Main/<split>.txt`` lists the ids; ``root/Annotations/<id>.xml``
-    and ``root/JPEGImages/<id>.jpg`` hold the data. Annotations are parsed lazily
+    and ``root/JPEGImages/<id>.jpg`` hold the data (or ``<id>`` with another of
+    :data:`IMAGE_SUFFIXES`, when there is no ``.jpg``). Annotations are parsed lazily
     and cached.
 
     ``skip`` maps ids listed in the split to why they are left out (as
@@ -163,12 +176,21 @@ class VOCDataset:
         self.skipped: dict[str, str] = {i: skip[i] for i in ids if i in skip}
         self.ids: list[str] = [i for i in ids if i not in self.skipped]
         self._cache: dict[str, ImageAnnotation] = {}
+        self._paths: dict[str, Path] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def image_path(self, image_id: str) -> Path:
-        return self.root / "JPEGImages" / f"{image_id}.jpg"
+        """``JPEGImages/<id>.jpg``, else the first ``<id>`` with another image suffix; the ``.jpg`` when none is there."""
+        if image_id not in self._paths:
+            folder, found = self.root / "JPEGImages", None
+            for suffix in IMAGE_SUFFIXES:
+                found = next((p for s in (suffix, suffix.upper()) if (p := folder / f"{image_id}{s}").is_file()), None)
+                if found is not None:
+                    break
+            self._paths[image_id] = found or folder / f"{image_id}.jpg"
+        return self._paths[image_id]
 
     def annotation(self, image_id: str) -> ImageAnnotation:
         if image_id not in self._cache:
@@ -194,12 +216,19 @@ class VOCDataset:
         except UserError as e:
             return str(e)
         if not ann.path.is_file():
-            return f"image '{ann.path}' is listed in {self.split_file} but missing"
+            others = ", ".join(s for s in IMAGE_SUFFIXES if s != ".jpg")
+            return f"image '{ann.path}' is listed in {self.split_file} but missing (nor is there {image_id} with {others})"
         unknown = [name for name in ann.labels if classes is not None and name not in classes]
         if unknown:
+            close = difflib.get_close_matches(unknown[0].casefold(), [c.casefold() for c in classes], n=1, cutoff=0.75)
+            advice = (
+                f"did you mean '{classes[[c.casefold() for c in classes].index(close[0])]}'?"
+                if close
+                else "add it to data.classes (a class needs objects in trainval to be learnt), or rename or remove the object"
+            )
             return (
                 f"{self.root / 'Annotations' / (image_id + '.xml')}: class '{unknown[0]}' is not in the "
-                f"pipeline's class list ({', '.join(classes)}); add it to data.classes"
+                f"pipeline's class list ({', '.join(classes)}); {advice}"
             )
         return None
 
@@ -288,7 +317,7 @@ def check_pipeline_data(trainval: VOCDataset, test: VOCDataset, classes: tuple[s
     class is one of ``classes`` (:meth:`VOCDataset.check`); every class name can be a
     file name; and every class has an object to train on in ``trainval`` (one not
     marked difficult, unless ``use_difficult``), which the class SVMs need (R-CNN trains
-    one per class). Decoding every image is left to the stages (or ``--skip-bad``).
+    one per class); and ``test`` has an object to score. Decoding every image is left to the stages (or ``--skip-bad``).
 
     Raises:
         UserError: the first defect, in one line naming the file or the classes.
@@ -312,6 +341,11 @@ def check_pipeline_data(trainval: VOCDataset, test: VOCDataset, classes: tuple[s
         raise UserError(
             f"{which} no object to train on in split '{trainval.split}' of {trainval.root}{why}; "
             "annotate some, or leave them out of data.classes"
+        )
+    if not any((~ann.difficult).any() for ann in test.annotations()):
+        raise UserError(
+            f"split '{test.split}' of {test.root} has no object to score (none, or only objects marked difficult, which "
+            "the devkit ignores), so its mAP would be undefined; annotate some, or set data.test to another split"
         )
 
 
@@ -347,5 +381,25 @@ def load_image(ann: ImageAnnotation) -> np.ndarray:
     image = decode_image(ann.path)
     h, w = image.shape[:2]
     if (w, h) != (ann.width, ann.height):
-        raise UserError(f"image '{ann.path}' is {w}x{h} but its annotation says {ann.width}x{ann.height}")
+        orientation = exif_orientation(ann.path)
+        turned = TURNED[orientation] if orientation >= 5 else ""  # 5 to 8 swap width and height
+        hint = (
+            f" (its EXIF orientation tag shows it {turned} in viewers; boxes refer to the stored pixels, as in VOC: "
+            "save the image upright, or annotate the stored frame)"
+            if turned
+            else ""
+        )
+        raise UserError(f"image '{ann.path}' is {w}x{h} but its annotation says {ann.width}x{ann.height}{hint}")
     return image
+
+
+def exif_orientation(path: Path) -> int:
+    """The image's EXIF orientation (1 to 8; 1 when it has none or cannot be read). Only the header is read."""
+    from PIL import Image  # Pillow: a dependency of matplotlib; imported only here
+
+    try:
+        with Image.open(path) as im:
+            value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 -- any unreadable header means no orientation to report
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1

@@ -151,7 +151,21 @@ def test_data_stats_lists_bad_images_and_check_decodes_them(voc_copy, capsys):
     assert f"[trainval]: {len(trainval) - 2} images" in out and f"  {trainval[1]}: image '" in out and "an empty file" in out
     assert_one_line_error(code, err, f"2 of {len(trainval)} image(s)", 1)
     code, out, err = run(["data", "stats", str(voc_copy), "--split", "test", "--check"], capsys)
+    assert code == 0 and err == "" and "bad image" not in out and "EXIF" not in out
+    # A photo whose EXIF tag turns it in viewers is named: its boxes are read against the stored pixels.
+    from PIL import Image
+
+    test_ids = VOCDataset(voc_copy, "test").ids
+    photo = voc_copy / "JPEGImages" / f"{test_ids[0]}.jpg"
+    exif = Image.open(photo).getexif()
+    exif[0x0112] = 6
+    Image.open(photo).save(photo, exif=exif)
+    code, out, err = run(["data", "stats", str(voc_copy), "--split", "test", "--check"], capsys)
     assert code == 0 and err == "" and "bad image" not in out
+    assert out.splitlines()[-1].strip() == (
+        "note: 1 image(s) carry an EXIF orientation tag that viewers apply and rcnn does not "
+        f"(boxes refer to the stored pixels, as in VOC): {test_ids[0]}"
+    )
 
 
 def test_missing_image_and_malformed_xml_are_one_line(voc_copy, tmp_path, capsys):

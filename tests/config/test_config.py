@@ -335,3 +335,24 @@ def test_a_file_of_your_own_adds_to_the_shipped_pipelines(tmp_path, monkeypatch,
     assert "  cells: (no description; extends bccd)\n" in mine and "  bccd: BCCD" in theirs
     with pytest.raises(ConfigError, match="unknown pipeline 'cels' in pipelines.yaml or the shipped pipelines.yaml"):
         pf.load("cels")
+
+
+def test_a_class_listed_twice_is_refused_when_loaded(tmp_path):
+    # It was accepted; the run failed after fine-tuning and features with "RBC: no ground-truth box to train on".
+    pf = PipelineFile(write(tmp_path, "pipelines:\n  z:\n    data: {root: d, classes: [a, RBC, b, RBC]}\n"))
+    with pytest.raises(ConfigError, match=r"'data.classes' lists 'RBC' more than once$"):
+        pf.load("z")
+
+
+def test_a_home_folder_in_a_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    pf = PipelineFile(write(tmp_path, "pipelines:\n  z:\n    data: {root: ~/cells}\n"))
+    assert pf.load("z").data.root == str(tmp_path / "home" / "cells")
+    assert pf.load("z", overrides=["data.root=~/other"]).data.root == str(tmp_path / "home" / "other")
+
+
+def test_an_unknown_pipeline_of_the_shipped_file_says_how_to_name_yours():
+    from rcnn.config import default_pipelines_file
+
+    with pytest.raises(ConfigError, match=r"\(no ./pipelines.yaml here; --pipelines-file FILE or \$RCNN_PIPELINES names"):
+        PipelineFile(default_pipelines_file()).load("cells")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import cv2
 import numpy as np
 import pytest
 
@@ -185,3 +186,72 @@ def test_bad_images_are_found_skipped_and_change_the_fingerprint(voc_copy):
     assert find_bad_images(VOCDataset(voc_copy, "trainval")) == {}
     # Nothing skipped: the same fingerprint as a dataset read without skipping.
     assert VOCDataset(voc_copy, "trainval", skip={}).fingerprint == before
+
+
+def test_images_under_other_suffixes_are_found_and_a_missing_one_says_where_it_looked(voc_copy):
+    ds = VOCDataset(voc_copy, "trainval")
+    first, second = ds.ids[:2]
+    jpg = voc_copy / "JPEGImages" / f"{first}.jpg"
+    png = jpg.with_suffix(".PNG")
+    png.write_bytes(cv2.imencode(".png", cv2.imread(str(jpg)))[1].tobytes())
+    jpg.unlink()
+    (voc_copy / "JPEGImages" / f"{second}.jpg").unlink()
+    ds = VOCDataset(voc_copy, "trainval")
+    assert ds.image_path(first) == png and ds.problem(first) is None and ds.decode_problem(first) is None
+    assert ds.problem(second) == (
+        f"image '{voc_copy / 'JPEGImages' / second}.jpg' is listed in {ds.split_file} but missing "
+        f"(nor is there {second} with .jpeg, .png, .bmp, .tif, .tiff, .webp)"
+    )
+
+
+def test_a_byte_order_mark_in_a_split_file_is_not_part_of_the_first_id(voc_copy):
+    split = voc_copy / "ImageSets" / "Main" / "trainval.txt"
+    ids = VOCDataset(voc_copy, "trainval").ids
+    split.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(ids).encode())
+    assert VOCDataset(voc_copy, "trainval").ids == ids
+
+
+def test_ids_written_with_their_extension_get_a_hint(voc_copy):
+    split = voc_copy / "ImageSets" / "Main" / "trainval.txt"
+    first = VOCDataset(voc_copy, "trainval").ids[0]
+    split.write_text(f"{first}.jpg\n")
+    problem = VOCDataset(voc_copy, "trainval").problem(f"{first}.jpg")
+    assert problem.endswith(f"is missing (listed in the split file); split files list ids without an extension ('{first}')")
+
+
+def test_a_class_name_differing_in_case_gets_a_suggestion(voc_copy):
+    ds = VOCDataset(voc_copy, "trainval")
+    image_id = ds.ids[0]
+    name = ds.annotation(image_id).labels[0]
+    others = tuple(c for c in ds.classes() if c != name)
+    problem = ds.problem(image_id, (*others, name.upper()))
+    assert problem.endswith(f"did you mean '{name.upper()}'?")
+    advice = "add it to data.classes (a class needs objects in trainval to be learnt), or rename or remove the object"
+    assert ds.problem(image_id, others).endswith(advice)
+
+
+def test_a_test_split_with_nothing_to_score_is_refused(voc_copy):
+    trainval, test = VOCDataset(voc_copy, "trainval"), VOCDataset(voc_copy, "test")
+    for cls in test.classes():
+        _mark_difficult(voc_copy, "test", cls)
+    with pytest.raises(UserError, match=r"^split 'test' of .* has no object to score \(none, or only objects marked difficult"):
+        check_pipeline_data(trainval, VOCDataset(voc_copy, "test"), trainval.classes())
+
+
+def test_a_turned_photo_whose_size_disagrees_names_its_exif_tag(voc_copy):
+    import dataclasses
+
+    from PIL import Image
+
+    ds = VOCDataset(voc_copy, "trainval")
+    ann = ds.annotation(ds.ids[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 30 wide and 20 high; viewers show it turned, 20 wide and 30 high
+    Image.new("RGB", (30, 20), (90, 90, 90)).save(ann.path, exif=exif)
+    as_displayed = dataclasses.replace(ann, width=20, height=30)
+    turned = r"is 30x20 but its annotation says 20x30 \(its EXIF orientation tag shows it turned 90° clockwise"
+    with pytest.raises(UserError, match=turned):
+        load_image(as_displayed)
+    Image.new("RGB", (30, 20), (90, 90, 90)).save(ann.path)  # no tag: no hint
+    with pytest.raises(UserError, match=r"annotation says 20x30$"):
+        load_image(as_displayed)

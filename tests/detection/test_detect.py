@@ -135,3 +135,23 @@ def test_the_help_example_is_an_image_the_demo_generates(capsys):
     code, out, _ = run_cli(["detect", "--help"], capsys)
     assert code == 0 and f"rcnn detect demo {demo.data_root}/JPEGImages/000003.jpg --out det/" in out
     assert (REPO / "docs" / "store.md").read_text().count(f"_data/{demo.data_root.name}/") == 1
+
+
+def test_a_folder_stands_for_the_images_in_it(tmp_path, capsys, monkeypatch, pipelines_file):
+    # A folder was refused ("is a directory"), and one among the arguments stopped the whole batch.
+    _fake_pipeline(monkeypatch)
+    folder = tmp_path / "photos"
+    _image(folder / "b.png", 12, 14, 90)
+    _image(folder / "a.JPG", 10, 10, 40)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub").mkdir()
+    single = _image(tmp_path / "c.jpg", 8, 8, 200)
+    (tmp_path / "empty").mkdir()
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs")]
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["detect", "tiny", str(folder), str(single), "--out", str(out), *common], capsys)
+    assert code == 0 and stderr == "", stderr
+    assert [line.split(":")[0] for line in stdout.splitlines()[:3]] == [str(folder / "a.JPG"), str(folder / "b.png"), str(single)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}{e}" for n in "abc" for e in (".json", ".det.jpg"))
+    code, _, stderr = run_cli(["detect", "tiny", str(tmp_path / "empty"), "--out", str(tmp_path / "o2"), *common], capsys)
+    assert code == 1 and stderr.strip().splitlines()[-1].startswith(f"rcnn: error: folder '{tmp_path / 'empty'}' has no image")
