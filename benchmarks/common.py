@@ -36,19 +36,9 @@ from rcnn.modeling.spp_geometry import image_scales  # noqa: E402
 from rcnn.runtime import keep_freed_memory  # noqa: E402
 from rcnn.stages.methods import build_method  # noqa: E402
 from rcnn.store.artifacts import runs_dir_option  # noqa: E402
+from rcnn.store.machine import cpu_model  # noqa: E402
 
 # ----------------------------------------------------------------------------- machine and versions
-
-
-def cpu_model() -> str:
-    """The processor's name from /proc/cpuinfo (``platform.processor()`` is empty on most Linux systems)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str:

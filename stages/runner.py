@@ -20,6 +20,7 @@ from rcnn import __version__
 from rcnn.errors import UserError
 from rcnn.runtime import release_freed_memory
 from rcnn.store import artifacts as store
+from rcnn.store.machine import machine_record
 
 from .context import Context, data_record
 from .provenance import fingerprint
@@ -96,6 +97,7 @@ def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: 
         "inputs": expected.inputs,
         "code": {"version": __version__, "digest": expected.code, "modules": expected.code_modules},
         "libraries": store.library_versions(),
+        "machine": machine_record(metrics.get("device")),
         "timings": {"started": started, "wall_s": time.time() - started},
         "metrics": metrics,
     }

@@ -36,6 +36,8 @@ class UnitSummary:
     data_digest: str | None = None  # the fingerprint of the split's images and annotations the unit read
     shared_with: str | None = None  # the pipeline whose outputs this unit reuses (hard links)
     problem: str | None = None
+    machine: dict = field(default_factory=dict)  # where it was computed (rcnn.store.machine.machine_record)
+    code: str = ""  # the rcnn version and the digest of the code it ran
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,22 @@ class RunSummary:
     def complete(self, stage: str, split: str | None) -> UnitSummary | None:
         u = self.unit(stage, split)
         return u if u is not None and u.state == "complete" else None
+
+    @property
+    def test_data(self) -> object:
+        """What the run was tested on: the fingerprint of its test images and annotations, as its proposals
+        recorded it (a copied runs folder or a moved dataset keeps it), else where the data was and the split."""
+        proposals = self.complete("proposals", self.test_split)
+        return (proposals.data_digest if proposals is not None else None) or (self.data_root, self.test_split)
+
+    @property
+    def fixed_trunk(self) -> str | None:
+        """``model.weights`` where fine-tuning starts from another pipeline's network (``pipeline:NAME``)."""
+        for u in self.units:
+            weights = (u.params.get("model") or {}).get("weights") if isinstance(u.params.get("model"), dict) else None
+            if isinstance(weights, str) and weights.startswith("pipeline:"):
+                return weights
+        return None
 
     def test_time(self) -> TestTime:
         proposals = self.complete("proposals", self.test_split)
@@ -185,6 +203,8 @@ def _read_unit(unit_dir: Path, pipeline: str) -> UnitSummary:
         data_digest=(m.get("inputs") or {}).get(f"data/{split}"),
         # reused_from is the twin unit, <runs>/<pipeline>/<stage>/<split>.
         shared_with=Path(reused).parent.parent.name if reused else None,
+        machine=m.get("machine") if isinstance(m.get("machine"), dict) else {},
+        code=" ".join(str(v)[:12] for v in ((m.get("code") or {}).get(k) for k in ("version", "digest")) if v),
     )
 
 

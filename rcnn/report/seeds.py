@@ -80,7 +80,9 @@ def seeds_table(classes: Sequence[str], seeds: Sequence[int], results: Sequence[
     """The AP table of ``rcnn run --seeds``: each seed's mAP, then every class as mean ± sample std."""
     spreads = ap_spreads(results, classes)
     n = len(results)
-    lines = [f"  over {n} seeds ({', '.join(map(str, seeds))}): mean ± sample standard deviation (n - 1)"]
+    metric = next((r["metric"] for r in results if r.get("metric")), None)
+    what = f"{metric} AP, mean" if metric else "mean"
+    lines = [f"  over {n} seed{'s' if n != 1 else ''} ({', '.join(map(str, seeds))}): {what} ± sample standard deviation (n - 1)"]
     lines.append(f"  {'seed':<16}{'mAP':>8}{'mAP bbox':>10}")
     for seed, r in zip(seeds, results):
         lines.append(f"  {seed:<16}{_cell(r.get('mAP')):>8}{_cell(r.get('mAP_bbox')):>10}")
@@ -150,3 +152,20 @@ def per_class_table(labels: Sequence[str], groups: Sequence[Sequence], classes: 
     means = [{v: {c: x.mean if x else None for c, x in sp[v].items()} for v in VARIANTS} for sp in spreads]
     errors = [{v: {c: x.std if x else None for c, x in sp[v].items()} for v in VARIANTS} for sp in spreads]
     return headers, rows, means, errors
+
+
+def poolable(group: Sequence, left_out: list[str]) -> list:
+    """The seed runs (:class:`rcnn.report.runs.RunSummary`) scored like the group's first scored one, with its
+    metric and on its test data; each other one is named in ``left_out`` with why."""
+    ref = next((r for r in group if r.results), None)
+    kept = []
+    for r in group:
+        metric, ref_metric = (r.results or {}).get("metric"), (ref.results if ref else {}).get("metric")
+        why = f"scored with {metric}, `{ref.name}` with {ref_metric}" if r.results and metric != ref_metric else None
+        if why is None and r.results and r.test_data != ref.test_data:
+            why = f"tested on other data than `{ref.name}`"
+        if why:
+            left_out.append(f"`{r.name}` ({why})")
+        else:
+            kept.append(r)
+    return kept

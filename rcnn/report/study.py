@@ -6,6 +6,7 @@ The runs come from :func:`rcnn.report.runs.load_run`; the PNGs from :mod:`rcnn.r
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from rcnn.report import figures as figs
 from rcnn.report import seeds as report_seeds
 from rcnn.report.render import Table, html_page, human_size, markdown, write_text
 from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, number, resumed_note
+from rcnn.store.machine import machine_text
 
 # ---------------------------------------------------------------------------------------
 # The report: a list of blocks, rendered once as Markdown and once as HTML.
@@ -23,7 +25,9 @@ class _Study:
 
     def __init__(self, runs: list[RunSummary], figure_dir: Path, seed_runs: list[list[RunSummary]] | None = None):
         self.runs = runs
-        self.seed_runs = seed_runs  # per run, its seed runs (``runs`` holds the first of each)
+        self.left_out: list[str] = []  # seed runs not pooled with their group's, each with why
+        # per run, its seed runs (``runs`` holds the first of each)
+        self.seed_runs = [report_seeds.poolable(group, self.left_out) for group in seed_runs] if seed_runs else seed_runs
         self.labels = _unique_labels(runs)
         self.figure_dir = figure_dir
         self.figures: dict[str, Path] = {}
@@ -63,7 +67,14 @@ def _section_compared(s: _Study) -> list:
         names = "; ".join(f"{label}: " + ", ".join(f"`{r.name}`" for r in g) for label, g in zip(s.labels, s.seed_runs))
         names = f"each over seeds, {names}; the table shows the first seed run"
     compared = f"Compared {len(runs)} {'run' if len(runs) == 1 else 'runs'} ({names})"
-    blocks: list = [("p", f"{compared}; differences and ratios are against the first, **{s.baseline}**.")]
+    metrics = "metric voc07: VOC2007's 11-point interpolated AP; voc10: the area under the precision envelope"
+    blocks: list = [
+        (
+            "p",
+            f"{compared}; differences and ratios are against the first, **{s.baseline}**. AP counts a "
+            f"detection correct at IoU ≥ 0.5 with an unmatched object, as the VOC devkit ({metrics}).",
+        )
+    ]
     rows = []
     for label, run in zip(s.labels, runs):
         devices: dict[str, list[str]] = {}
@@ -83,8 +94,9 @@ def _section_compared(s: _Study) -> list:
     blocks.append(
         ("table", Table(["run", "folder", "data root", "test split", "test images", "classes", "metric", "devices"], rows))
     )
-    if len({_test_data(run) for run in runs}) > 1:
+    if len({run.test_data for run in runs}) > 1:
         blocks.append(("p", "**The runs were tested on different data or splits: their numbers are not like for like.**"))
+    blocks += _provenance(s)
     versions: dict[str, list[str]] = {}
     for r, run in enumerate(runs):
         for u in run.units:
@@ -96,11 +108,22 @@ def _section_compared(s: _Study) -> list:
     return blocks + _settings(s)
 
 
-def _test_data(run: RunSummary) -> object:
-    """What a run was tested on: the fingerprint of its test images and annotations, as its proposals recorded it
-    (a copied runs folder or a moved dataset keeps it), else where the data was and the split."""
-    proposals = run.complete("proposals", run.test_split)
-    return (proposals.data_digest if proposals is not None else None) or (run.data_root, run.test_split)
+def _provenance(s: _Study) -> list:
+    """When, where and with which code each run's test-split timings were taken, and a warning where the machines
+    differ: the speed ratios further down would compare the machines as well as the methods."""
+    rows, machines = [], set()
+    for label, run in zip(s.labels, s.runs):
+        timed = [u for u in run.units if u.split == run.test_split and u.state == "complete" and u.shared_with is None]
+        when = min((u.started for u in timed if u.started), default=None)
+        where = list(dict.fromkeys(machine_text(u.machine) for u in timed))
+        machines.update(w for w in where if w != "n/a")
+        code = list(dict.fromkeys(u.code for u in timed if u.code))
+        day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when)) if when else "n/a"
+        rows.append([label, " / ".join(code) or "n/a", day, " / ".join(where) or "n/a"])
+    blocks = [("table", Table(["run", "rcnn code (version, digest)", "test split first timed", "machine"], rows))]
+    if len(machines) > 1:
+        blocks.append(("p", "**The runs were timed on different machines: the speed ratios compare the machines too.**"))
+    return blocks
 
 
 def _settings(s: _Study) -> list:
@@ -153,9 +176,10 @@ def _section_map(s: _Study) -> list:
             rows.append([label, "n/a", "n/a", "", "n/a", ""])
             continue
         diffs = []
+        like = res.get("metric") == base.get("metric") and run.test_data == s.runs[0].test_data  # else no difference
         for key in ("mAP", "mAP_bbox"):
             a, b = number(res.get(key)), number(base.get(key))
-            diffs.append("baseline" if run is s.runs[0] else "n/a" if a is None or b is None else f"{a - b:+.4f}")
+            diffs.append("baseline" if run is s.runs[0] else "n/a" if a is None or b is None or not like else f"{a - b:+.4f}")
         rows.append([label, str(res.get("metric", "n/a")), _fmt(res.get("mAP")), diffs[0], _fmt(res.get("mAP_bbox")), diffs[1]])
     headers = ["run", "metric", "mAP", f"Δ vs {s.baseline}", "mAP +bbox", f"Δ vs {s.baseline}"]
     blocks.append(("table", Table(headers, rows)))
@@ -201,9 +225,20 @@ def _section_map_seeds(s: _Study) -> list:
         "touches shared). mAP is the mean ± sample standard deviation (divisor n - 1) over its n seed runs with "
         "results, with the lowest and highest; the differences compare means. Every seed run's own mAP follows."
     )
+    trunks = [f"{label}'s on `{w}`" for label, group in zip(s.labels, s.seed_runs) if (w := group[0].fixed_trunk)]
+    if trunks:
+        text += (
+            " Seed runs that fine-tune on another pipeline's network all share that one network ("
+            + "; ".join(trunks)
+            + "): their spread leaves out its training, which the other runs' spread includes."
+        )
     first = ", ".join(f"{label}: `{group[0].name}`" for label, group in zip(s.labels, s.seed_runs))
     later = f"The settings, curves, times, cache and detections further down are each run's first seed run ({first})."
     blocks = [("h2", "Mean average precision over seeds"), ("p", text), ("table", Table(*table))]
+    if s.left_out:
+        blocks.append(("p", f"**Left out of the means, as not like for like with their group: {'; '.join(s.left_out)}.**"))
+    if len({(r.results or {}).get("metric") for group in s.seed_runs for r in group if r.results}) > 1:
+        blocks.append(("p", "**The runs use different AP metrics (voc07 / voc10): their mAPs are not comparable.**"))
     return blocks + [("table", Table(*each)), ("p", later)]
 
 
@@ -235,7 +270,8 @@ def _section_pr(s: _Study) -> list:
         blocks.append(("p", f"No curves for {', '.join(absent)} (see *What is missing*)."))
     caption = (
         "Precision against recall per class, recomputed from each run's box-regressed devkit files and the "
-        "ground truth (the AP in each legend is recomputed too, and should equal the +bbox column above)."
+        "ground truth: the raw precision at each detection, not the envelope the AP interpolates (the AP in each "
+        "legend is recomputed too, and should equal the +bbox column above)."
     )
     return blocks + [("figure", "pr_curves", caption)]
 
@@ -343,7 +379,8 @@ def _section_grid(s: _Study, grid_images: int) -> list:
     s.figures["detections"] = figs.detection_grid(s.figure_dir / "detections.png", s.labels, images, top, _all_classes(s))
     caption = (
         f"The first {len(images)} test images with objects; each run's top detections (box-regressed, the best "
-        "objects + 2 per image over all classes, labelled with class and score); ground truth dotted white."
+        "objects + 2 per image over all classes, labelled with class and SVM score, whose margin is 0); ground "
+        "truth dotted white."
     )
     return blocks + [("figure", "detections", caption)]
 

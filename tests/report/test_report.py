@@ -353,3 +353,47 @@ def test_a_resumed_units_time_is_said_to_cover_only_its_share(tmp_path, data_roo
     (row,) = [line for line in stages.splitlines() if line.startswith("| rcnn | features | test |")]
     assert row.rstrip(" |").endswith("resumed: the time of 4 of 10 images"), row
     assert "resumed" not in stages.replace(row, "")
+
+
+def test_provenance_names_code_time_and_machine_and_warns_when_machines_differ(tmp_path, data_root):
+    # Reports printed speed ratios of runs timed hours apart on unknown machines, with no commit, date or machine.
+    import json
+    import time
+
+    make_runs(tmp_path / "runs", data_root)
+    for pipeline, gpu in (("rcnn", None), ("spp", "NVIDIA H100")):
+        for manifest in (tmp_path / "runs" / pipeline).glob("*/test/manifest.json"):
+            m = json.loads(manifest.read_text())
+            m["machine"] = {"cpu": "Intel Xeon", "cores": 16, "gpu": gpu}
+            m["code"] = {"version": "0.3.0", "digest": "0123456789abcdef"}
+            write_json_atomic(manifest, m)
+    runs = [load_run(tmp_path / "runs" / "rcnn"), load_run(tmp_path / "runs" / "spp")]
+    md = write_report(runs, tmp_path / "out", grid_images=1)["markdown"].read_text()
+    first = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(1.0))  # rcnn's test proposals started at 1.0 s
+    assert f"| rcnn | 0.3.0 0123456789ab | {first} | Intel Xeon, 16 cores |" in md
+    # spp's test proposals are rcnn's (shared), so its own timings start with its conv maps, at 15 s
+    spp_first = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(15.0))
+    assert f"| spp | 0.3.0 0123456789ab | {spp_first} | NVIDIA H100 (Intel Xeon, 16 cores) |" in md
+    assert "**The runs were timed on different machines: the speed ratios compare the machines too.**" in md
+    # Manifests written before the machine was recorded: n/a, and no warning.
+    plain = write_report([load_run(tmp_path / "runs" / "rcnn")] * 2, tmp_path / "out2", grid_images=1)["markdown"].read_text()
+    assert "timed on different machines" not in plain
+
+
+def test_a_difference_is_not_computed_between_runs_scored_differently(tmp_path, data_root):
+    import json
+
+    make_runs(tmp_path / "runs", data_root)
+    results = tmp_path / "runs" / "spp" / "evaluate" / "test" / "results.json"
+    r = json.loads(results.read_text())
+    r["metric"] = "voc10"
+    results.write_text(json.dumps(r))
+    manifest = results.parent / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["outputs"]["results.json"] = {"digest": file_digest(results), "bytes": results.stat().st_size}
+    write_json_atomic(manifest, m)
+    runs = [load_run(tmp_path / "runs" / "rcnn"), load_run(tmp_path / "runs" / "spp")]
+    md = write_report(runs, tmp_path / "out", grid_images=1)["markdown"].read_text()
+    row = _table_row(md, "Mean average precision", "spp")
+    assert row[1] == "voc10" and row[3] == "n/a" and row[5] == "n/a"
+    assert "**The runs use different AP metrics (voc07 / voc10): their mAPs are not comparable.**" in md

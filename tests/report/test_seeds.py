@@ -143,6 +143,17 @@ def test_run_seeds_then_status_and_compare(pipelines_file, tmp_path, capsys):
     assert f"| tiny | seed 1 | `{runs / 'tiny@seed1'}` | {maps[1]:.4f} |" in md
     assert f"| **mAP** | **{s.text()}** |" in md and (report / "figures" / "ap_per_class.png").stat().st_size > 1000
 
+    # A seed run scored with another metric is left out of the mean, and the report says so (it was pooled).
+    code, _, err = run_cli(["evaluate", "tiny@seed1", "--set", "evaluate.metric=voc10", *common, "--quiet"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["compare", "tiny", "--seeds", "0,1", "--out", str(report), "--runs-dir", str(runs)], capsys)
+    md = (report / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| tiny | seed 0 | 1 |"))
+    assert f"| {maps[0]:.4f} (n = 1) |" in row
+    assert "**Left out of the means, as not like for like with their group: `tiny@seed1` (scored with voc10, `tiny@seed0` " in md
+    code, _, err = run_cli(["evaluate", "tiny@seed1", *common, "--quiet"], capsys)
+    assert code == 0, err
+
     code, _, err = run_cli(["compare", "tiny", "--seeds", "0,2", "--out", str(report), "--runs-dir", str(runs)], capsys)
     assert code == 1 and "tiny@seed2' does not exist; `rcnn run tiny --seeds 0,2` makes it" in err
 
