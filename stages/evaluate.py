@@ -1,8 +1,9 @@
 """Stage `evaluate`: detect on the test split and score it as the VOC devkit does.
 
-Test proposals are scored by the class SVMs; for each class, boxes go through
-greedy NMS at IoU 0.3 and the best ``max_per_image`` are kept, once as proposed
-and once after box regression. Both sets are written as devkit result files and
+Test proposals are scored by the class SVMs; for each class the ``top_per_image`` best
+(R-CNN: 100) go through greedy NMS at IoU 0.3, once as proposed and once after box
+regression, and over the whole split only the ``top_per_set`` best per image on average
+are kept (R-CNN's ``rcnn_test.m``). Both sets are written as devkit result files and
 scored (per-class AP and mAP); precision-recall curves are drawn per class.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.data.filenames import child_path
-from rcnn.detection.detector import ClassDetections, per_class_nms
+from rcnn.detection.detector import ClassDetections, per_class_nms, set_thresholds
 from rcnn.evaluation.detfiles import devkit_filename, write_devkit_file
 from rcnn.evaluation.scoring import ground_truth_by_class
 from rcnn.evaluation.voc import Detections, EvalResult, evaluate
@@ -47,6 +48,8 @@ def params(ctx: Context) -> dict:
     e = ctx.cfg.evaluate
     return {
         "nms_threshold": e.nms_threshold,
+        "top_per_image": e.top_per_image,
+        "top_per_set": e.top_per_set,
         "max_per_image": e.max_per_image,
         "metric": e.metric,
         "svm_layer": ctx.cfg.svm.layer,
@@ -107,10 +110,12 @@ def image_records(ctx: Context, split: str, ids: list[str]):
                 e.nms_threshold,
                 e.max_per_image,
                 refine=lambda c, f=pool5, b=boxes: reg.predict(f, b, c),
+                top=e.top_per_image,
             )
             seconds = time.perf_counter() - start
-            plain = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image)
-            arrays = {**pack(plain, "plain"), **pack(refined, "bbox")}
+            plain = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image, top=e.top_per_image)
+            # the scores that entered NMS, class by class (as many for every class): the cap over the split needs them
+            arrays = {**pack(plain, "plain"), **pack(refined, "bbox"), "candidates": np.stack(plain.candidates)}
             yield image_id, arrays, {"images": 1, "classify": seconds, "features": pooling}
 
 
@@ -142,10 +147,16 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     index = work / "index.json"
     records.write_index(parts, index, dataset.ids, KIND)
     results: dict[str, dict[str, ClassDetections]] = {v: {} for v in VARIANTS}
+    candidates = []
     with records.RecordSet(index, KIND) as rs:
         for image_id in dataset.ids:
             for v in VARIANTS:
                 results[v][image_id] = unpack(rs, image_id, v, len(ctx.classes))
+            candidates.append(list(rs.array(image_id, "candidates", np.float32, 2)))
+    if e.top_per_set is not None:  # the same scores in both variants: regression moves boxes, not scores
+        limit = e.top_per_set * len(dataset.ids)
+        thresholds = set_thresholds(candidates, len(ctx.classes), limit)
+        results = {v: {i: d.at_least(thresholds) for i, d in found.items()} for v, found in results.items()}
     gt = ground_truth_by_class(dataset.annotations(), ctx.classes)
     outputs: dict[str, Path] = {}
     evals: dict[str, EvalResult] = {}
@@ -265,4 +276,5 @@ def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = T
         max_proposals=cfg.proposals.max_proposals,
         nms_threshold=cfg.evaluate.nms_threshold,
         max_per_image=cfg.evaluate.max_per_image,
+        top_per_image=cfg.evaluate.top_per_image,
     )

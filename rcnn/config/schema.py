@@ -195,7 +195,19 @@ class EvaluateConfig:
     """Test-time detection and scoring."""
 
     nms_threshold: float = setting(0.3, "per-class greedy NMS IoU (R-CNN: 0.3)", gt=0, le=1)
-    max_per_image: int = setting(100, "detections kept per class and image", ge=1)
+    top_per_image: int | None = setting(
+        100,
+        "proposals per class and image, best SVM scores first, that go on to box regression and NMS (R-CNN's "
+        "rcnn_test.m: 100); null: all",
+        ge=1,
+    )
+    top_per_set: int | None = setting(
+        40,
+        "then, per class, only the best this many per test image on average over the split are kept (rcnn_test.m: "
+        "100,000 per 2,500 images, before NMS); null: no such cap",
+        ge=1,
+    )
+    max_per_image: int = setting(100, "detections kept per class and image after NMS", ge=1)
     metric: Literal["voc07", "voc10"] = setting("voc07", "voc07: 11-point AP (VOC2007 devkit); voc10: all-point AP")
 
 

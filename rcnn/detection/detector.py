@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -18,10 +18,27 @@ from rcnn.structures.boxes import clip_boxes
 
 @dataclass
 class ClassDetections:
-    """Detections of one image, per class: ``boxes[c]`` float32 ``[K, 4]`` (x1, y1, x2, y2), ``scores[c]`` ``[K]``."""
+    """Detections of one image, per class: ``boxes[c]`` float32 ``[K, 4]`` (x1, y1, x2, y2), ``scores[c]`` ``[K]``.
+
+    ``candidates[c]`` holds the scores of the boxes that went into class ``c``'s NMS (empty when not kept).
+    """
 
     boxes: list[np.ndarray]
     scores: list[np.ndarray]
+    candidates: list[np.ndarray] = field(default_factory=list)
+
+    def at_least(self, thresholds: np.ndarray) -> ClassDetections:
+        """The detections of each class ``c`` scoring at least ``thresholds[c]``."""
+        keep = [s >= t for s, t in zip(self.scores, thresholds.tolist())]
+        return ClassDetections([b[k] for b, k in zip(self.boxes, keep)], [s[k] for s, k in zip(self.scores, keep)])
+
+
+def top_by_score(scores: np.ndarray, top: int | None) -> np.ndarray | slice:
+    """The ``top`` highest of ``scores [N]`` (ties to the earlier box), as indices in their original order; every
+    box (a slice) when ``top`` is None or not below N."""
+    if top is None or top >= len(scores):
+        return slice(None)
+    return np.sort(np.argsort(-scores, kind="stable")[:top])
 
 
 def per_class_nms(
@@ -32,20 +49,42 @@ def per_class_nms(
     nms_threshold: float,
     max_per_image: int,
     refine: Callable[[int], np.ndarray] | None = None,
+    top: int | None = None,
 ) -> ClassDetections:
-    """Greedy NMS per class over scored boxes, keeping the ``max_per_image`` best of each class.
+    """Per class: the ``top`` best-scoring boxes, regressed by ``refine``, through greedy NMS; the ``max_per_image``
+    best survivors kept. R-CNN's ``rcnn_test.m`` keeps the 100 best per class and image before regression and NMS.
 
     Args:
         scores: ``[N, C]`` class scores of ``boxes [N, 4]`` (x1, y1, x2, y2).
         refine: optional ``refine(c) -> [N, 4]``, the boxes regressed for class ``c``
             (clipped to the image before NMS).
+        top: boxes per class that enter NMS; None: all.
     """
-    out = ClassDetections([], [])
+    out = ClassDetections([], [], [])
     for c in range(scores.shape[1]):
-        b = boxes if refine is None else clip_boxes(refine(c), width, height)
-        keep = nms(b, scores[:, c], nms_threshold)[:max_per_image]
+        sel = top_by_score(scores[:, c], top)
+        b = (boxes if refine is None else clip_boxes(refine(c), width, height))[sel]
+        s = scores[sel, c]
+        keep = nms(b, s, nms_threshold)[:max_per_image]
         out.boxes.append(b[keep])
-        out.scores.append(scores[keep, c].astype(np.float32))
+        out.scores.append(s[keep].astype(np.float32))
+        out.candidates.append(s.astype(np.float32))
+    return out
+
+
+def set_thresholds(candidates: Iterable[list[np.ndarray]], num_classes: int, limit: int) -> np.ndarray:
+    """Per class, the ``limit``-th best candidate score over all images (``candidates``: per image, per class,
+    the scores that entered NMS), or -inf where there are no more than ``limit``: detections scoring below it
+    are dropped, R-CNN's cap of 40 boxes per test image and class on average over the set (``rcnn_test.m``)."""
+    per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    for image in candidates:
+        for c, s in enumerate(image):
+            per_class[c].append(s)
+    out = np.full(num_classes, -np.inf, np.float32)
+    for c, parts in enumerate(per_class):
+        s = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        if len(s) > limit:
+            out[c] = np.partition(s, len(s) - limit)[len(s) - limit]
     return out
 
 
@@ -73,6 +112,7 @@ class Detector:
     max_proposals: int | None = None
     nms_threshold: float = 0.3
     max_per_image: int = 100
+    top_per_image: int | None = 100  # R-CNN's rcnn_test.m
 
     def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
         """Detections of one BGR image ``[H, W, 3]``."""
@@ -87,7 +127,7 @@ class Detector:
         if self.bbox is not None:
             pool5 = feats[self.bbox_layer].astype(np.float32)
             refine = lambda c: self.bbox.predict(pool5, proposals, c)  # noqa: E731
-        return per_class_nms(scores, proposals, w, h, self.nms_threshold, self.max_per_image, refine)
+        return per_class_nms(scores, proposals, w, h, self.nms_threshold, self.max_per_image, refine, self.top_per_image)
 
 
 @dataclass(frozen=True)
