@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -164,6 +165,8 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
     )
     data, images, classes = "", [], ()
     info = machine_info(device)
+    # Other work on the machine slows both sides, not always alike: say how busy it was when the run started.
+    when, load = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.getloadavg()[0]
 
     def report(complete: bool) -> dict:
         """Everything measured so far, the settings and the machine, as written to --json."""
@@ -179,6 +182,8 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
             "weights": weights,
             "precision": {"ours": ours_precision, "stock": f"{amp} autocast"},
             "machine": info,
+            "date": when,
+            "load_average_at_start": load,
             "allocator": allocator,
             "seconds": time.perf_counter() - started,
             "measurements": results,
@@ -195,6 +200,8 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
             f"{mode} run on {device}: {len(images)} images ({data}), {np.mean([len(b) for b in boxes]):.0f} "
             f"{'selective-search' if args.proposals == 'ss' else 'random'} boxes per image, {len(classes)} classes"
         )
+        like = "" if "bfloat16" in ours_precision or device.type == "cuda" else " (--precision bfloat16: both in bfloat16)"
+        print(f"precision: ours {ours_precision.split(': ')[-1].split(',')[0]}, stock {amp} autocast{like}")
         for name in args.only or MEASUREMENTS:
             tick = time.perf_counter()
             try:
@@ -224,6 +231,8 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
     print(machine_line(info))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"allocator: {allocator}; peak resident memory {peak:.0f} MB; whole run {wall:.0f} s")
+    rounds = "one timed round" if sizes.repeats == 1 else f"the median of {sizes.repeats} timed rounds"
+    print(f"started {when}, load average {load:.2f} on {os.cpu_count()} cores; each figure is {rounds}")
     if args.json:
         write_json(args, report(True))
     return 1 if failed else 0

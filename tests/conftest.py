@@ -50,6 +50,9 @@ def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
                   context_pad: 3
                   optimizer: adam
                   lr: 0.001
+                  bias_lr_mult: 1           # trained from scratch, as the demo: one rate for every layer
+                  bias_decay: true
+                  classifier_lr_mult: 1
                   batch_size: 32
                   max_iter: 24
                   step_size: 20
