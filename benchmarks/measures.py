@@ -7,7 +7,6 @@ A measurement takes a :class:`Bench` and returns ``{name: figures}``; figures ho
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from rcnn.stages.image_records import one_ahead
 from rcnn.stages.methods import build_method
 from rcnn.stages.runner import run_stage
 from rcnn.store import records
-from rcnn.training.finetune import training_autocast
+from rcnn.training.finetune import deterministic_cudnn, training_autocast
 from rcnn.training.regions import finetune_labels, image_regions, regression_rows
 from rcnn.training.sampling import FgBgSampler
 
@@ -303,21 +302,6 @@ def _regions(b: Bench, ctx: Context) -> tuple[list[np.ndarray], FgBgSampler]:
     return boxes, FgBgSampler.from_image_labels(labels, batch_size=ft.batch_size, fg_fraction=ft.fg_fraction)
 
 
-@contextlib.contextmanager
-def stage_cudnn(device: torch.device):
-    """cuDNN as the finetune stage sets it on a GPU (deterministic kernels, so that a resumed run equals an
-    unbroken one), for our steps only; the stock steps keep PyTorch's defaults."""
-    if device.type != "cuda":
-        yield
-        return
-    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
-
-
 def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBgSampler) -> dict:
     """Regions per second of the stage's training step (the loop body of stages/finetune.py) and the stock one,
     taking turns on the same mini-batches after one untimed step each."""
@@ -326,7 +310,7 @@ def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBg
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def ours(it: int, batch: np.ndarray) -> float:
-        with stage_cudnn(device):
+        with deterministic_cudnn(device):
             return _step(it, batch)
 
     def _step(it: int, batch: np.ndarray) -> float:

@@ -20,12 +20,18 @@ def cpu_model() -> str:
 
 
 def machine_record(device: object = None) -> dict:
-    """The processor, its core count and, when ``device`` names a CUDA device (``"cuda:0"``), the card's name."""
+    """The processor, its core count and, when ``device`` names a CUDA device (a stage's device label, such as
+    ``"cuda:0 (NVIDIA H100 80GB HBM3)"``, or ``"cuda:0"``), the card's name. Never raises: a manifest is written
+    after the stage's work, which must not be lost to this record."""
     gpu = None
     if isinstance(device, str) and device.startswith("cuda"):
-        import torch  # only a stage that ran on a GPU gets here, with torch loaded already
+        named = device.partition(" (")[2].rstrip(")")
+        try:
+            import torch  # only a stage that ran on a GPU gets here, with torch loaded already
 
-        gpu = torch.cuda.get_device_name(torch.device(device))
+            gpu = named or torch.cuda.get_device_name(torch.device(device.split()[0]))
+        except Exception:  # noqa: BLE001 -- no card to ask: the label's own name, or unknown
+            gpu = named or "unknown GPU"
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu}
 
 

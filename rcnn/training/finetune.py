@@ -15,6 +15,7 @@ It is :class:`rcnn.methods.rcnn_regions.WarpedRegions` for R-CNN and
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,67 +204,81 @@ def fine_tune(
         if device.type == "cuda" and resume.cuda_rng is not None:  # dropout masks on the GPU come from its own generator
             torch.cuda.set_rng_state(resume.cuda_rng, device)
         start_iter, history = resume.iteration, list(resume.history)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    loss_fn = nn.CrossEntropyLoss()
-    flush = device.type == "cpu" and FLUSH_EVERY > 0  # a GPU computes with subnormal numbers at full speed
-    batches = sampler.epoch_batches(schedule.seed, n_batches=schedule.max_iter)
-    for _ in range(start_iter):
-        next(batches)
+    with deterministic_cudnn(device):  # the process's settings are restored afterwards
+        loss_fn = nn.CrossEntropyLoss()
+        flush = device.type == "cpu" and FLUSH_EVERY > 0  # a GPU computes with subnormal numbers at full speed
+        batches = sampler.epoch_batches(schedule.seed, n_batches=schedule.max_iter)
+        for _ in range(start_iter):
+            next(batches)
 
-    if progress is not None:
-        progress.update(start_iter)
-    started = shown = time.perf_counter()
-    # Running sums stay on the device (float64, adding float32 values as Python floats would): reading them
-    # makes the host wait for the device, so they are read for the progress bar at most once a second and at
-    # each evaluation, not at every step.
-    run_loss, run_acc, run_n = _zero(device), _zero(device), 0
-    for it in range(start_iter, schedule.max_iter):
-        regions.train_mode()
-        schedule.set_lr(optimizer, it)
-        batch = next(batches)
-        img_idx, reg_idx = sampler.locate(batch)
-        target = to_device(sampler.labels[batch], device)
-        with training_autocast(device, precision):
-            logits = regions.logits(img_idx, reg_idx, it)
-            loss = loss_fn(logits.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if flush and (it + 1) % FLUSH_EVERY == 0:  # subnormal weights and optimizer state: see flush_denormals
-            flush_denormals(t for group in optimizer.param_groups for t in group["params"])
-            flush_denormals(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
-        run_loss += loss.detach()
-        run_acc += (logits.argmax(1) == target).float().mean()
-        run_n += 1
-        evaluate = (it + 1) % schedule.eval_every == 0 or it + 1 == schedule.max_iter
         if progress is not None:
-            progress.update(1)
-            if evaluate or time.perf_counter() - shown >= 1.0:
-                progress.set_postfix(loss=f"{float(run_loss) / run_n:.3f}", acc=f"{float(run_acc) / run_n:.3f}")
-                shown = time.perf_counter()
-        if evaluate:
-            val_acc = validate()
-            mean_loss, mean_acc = float(run_loss) / run_n, float(run_acc) / run_n
-            history.append(
-                {
-                    "iteration": it + 1,
-                    "loss": mean_loss,
-                    "train_acc": mean_acc,
-                    "val_acc": val_acc,
-                    "lr": schedule.lr_at(it),
-                    "seconds": time.perf_counter() - started,
-                }
-            )
-            log(
-                f"iteration {it + 1}/{schedule.max_iter}  loss {mean_loss:.3f}  "
-                f"train acc {mean_acc:.3f}  val acc {'n/a' if val_acc is None else f'{val_acc:.3f}'}"
-            )
-            run_loss, run_acc, run_n = _zero(device), _zero(device), 0
-            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-            model_state = regions.model.state_dict()
-            checkpoint(TrainState(it + 1, model_state, optimizer.state_dict(), torch.get_rng_state(), cuda_rng, list(history)))
-    return history
+            progress.update(start_iter)
+        started = shown = time.perf_counter()
+        # Running sums stay on the device (float64, adding float32 values as Python floats would): reading them
+        # makes the host wait for the device, so they are read for the progress bar at most once a second and at
+        # each evaluation, not at every step.
+        run_loss, run_acc, run_n = _zero(device), _zero(device), 0
+        for it in range(start_iter, schedule.max_iter):
+            regions.train_mode()
+            schedule.set_lr(optimizer, it)
+            batch = next(batches)
+            img_idx, reg_idx = sampler.locate(batch)
+            target = to_device(sampler.labels[batch], device)
+            with training_autocast(device, precision):
+                logits = regions.logits(img_idx, reg_idx, it)
+                loss = loss_fn(logits.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if flush and (it + 1) % FLUSH_EVERY == 0:  # subnormal weights and optimizer state: see flush_denormals
+                flush_denormals(t for group in optimizer.param_groups for t in group["params"])
+                flush_denormals(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+            run_loss += loss.detach()
+            run_acc += (logits.argmax(1) == target).float().mean()
+            run_n += 1
+            evaluate = (it + 1) % schedule.eval_every == 0 or it + 1 == schedule.max_iter
+            if progress is not None:
+                progress.update(1)
+                if evaluate or time.perf_counter() - shown >= 1.0:
+                    progress.set_postfix(loss=f"{float(run_loss) / run_n:.3f}", acc=f"{float(run_acc) / run_n:.3f}")
+                    shown = time.perf_counter()
+            if evaluate:
+                val_acc = validate()
+                mean_loss, mean_acc = float(run_loss) / run_n, float(run_acc) / run_n
+                history.append(
+                    {
+                        "iteration": it + 1,
+                        "loss": mean_loss,
+                        "train_acc": mean_acc,
+                        "val_acc": val_acc,
+                        "lr": schedule.lr_at(it),
+                        "seconds": time.perf_counter() - started,
+                    }
+                )
+                log(
+                    f"iteration {it + 1}/{schedule.max_iter}  loss {mean_loss:.3f}  "
+                    f"train acc {mean_acc:.3f}  val acc {'n/a' if val_acc is None else f'{val_acc:.3f}'}"
+                )
+                run_loss, run_acc, run_n = _zero(device), _zero(device), 0
+                cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+                model_state = regions.model.state_dict()
+                rng = torch.get_rng_state()
+                checkpoint(TrainState(it + 1, model_state, optimizer.state_dict(), rng, cuda_rng, list(history)))
+        return history
+
+
+@contextlib.contextmanager
+def deterministic_cudnn(device: torch.device):
+    """On a GPU, cuDNN's deterministic kernels without autotuning while the block runs; the flags as they were after."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 def _zero(device: torch.device) -> torch.Tensor:

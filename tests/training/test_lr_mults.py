@@ -1,4 +1,4 @@
-"""Fine-tuning's per-layer learning rates and weight decay: R-CNN's prototxt multipliers."""
+"""Fine-tuning's optimiser: R-CNN's per-layer rates and weight decay (its prototxt's multipliers), and cuDNN's flags."""
 
 from __future__ import annotations
 
@@ -70,3 +70,21 @@ def test_uniform_settings_train_exactly_as_one_group():
                 opt.step()
         for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
             assert torch.equal(pa, pb), n
+
+
+def test_fine_tunings_cudnn_settings_last_only_while_it_runs():
+    # They were set for the rest of the process: a `rcnn run` then extracted features with deterministic kernels.
+    import torch
+
+    from rcnn.training.finetune import deterministic_cudnn
+
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+        with deterministic_cudnn(torch.device("cuda")):  # the flags can be set without a card
+            assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (True, False)
+        assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+        with deterministic_cudnn(torch.device("cpu")):
+            assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
