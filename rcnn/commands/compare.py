@@ -117,7 +117,8 @@ def stale_results(run_dir: Path, overrides: tuple[str, ...] = (), pipelines_file
     return [
         _reaching(
             f"{first} ({why}){others} are stale, as `rcnn status {run_dir.name}{options}` says: the report shows the "
-            f"figures they recorded; `rcnn run {run_dir.name}{options}` recomputes them",
+            f"figures they recorded; `rcnn run {run_dir.name}{options}` recomputes them"
+            + ("" if overrides else " (for a run made with --set options, give `rcnn compare` the same ones first)"),
             run_dir,
         )
     ]

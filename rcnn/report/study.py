@@ -71,8 +71,8 @@ def _section_compared(s: _Study) -> list:
     blocks: list = [
         (
             "p",
-            f"{compared}; differences and ratios are against the first, **{s.baseline}**. AP counts a "
-            f"detection correct at IoU ≥ 0.5 with an unmatched object, as the VOC devkit ({metrics}).",
+            f"{compared}; differences and ratios are against the first, **{s.baseline}**. A detection is correct "
+            f"where it overlaps an object not yet matched by IoU ≥ 0.5, as in the VOC devkit ({metrics}).",
         )
     ]
     rows = []
@@ -117,10 +117,10 @@ def _provenance(s: _Study) -> list:
         when = min((u.started for u in timed if u.started), default=None)
         where = list(dict.fromkeys(machine_text(u.machine) for u in timed))
         machines.update(w for w in where if w != "n/a")
-        code = list(dict.fromkeys(u.code for u in timed if u.code))
+        code = next((u.code for u in reversed(timed) if u.code), "n/a")  # the last stage's code covers the stages before
         day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when)) if when else "n/a"
-        rows.append([label, " / ".join(code) or "n/a", day, " / ".join(where) or "n/a"])
-    blocks = [("table", Table(["run", "rcnn code (version, digest)", "test split first timed", "machine"], rows))]
+        rows.append([label, code, day, " / ".join(where) or "n/a"])
+    blocks = [("table", Table(["run", "rcnn version, evaluate's code digest", "test split first timed", "machine"], rows))]
     if len(machines) > 1:
         blocks.append(("p", "**The runs were timed on different machines: the speed ratios compare the machines too.**"))
     return blocks
@@ -379,8 +379,8 @@ def _section_grid(s: _Study, grid_images: int) -> list:
     s.figures["detections"] = figs.detection_grid(s.figure_dir / "detections.png", s.labels, images, top, _all_classes(s))
     caption = (
         f"The first {len(images)} test images with objects; each run's top detections (box-regressed, the best "
-        "objects + 2 per image over all classes, labelled with class and SVM score, whose margin is 0); ground "
-        "truth dotted white."
+        "objects + 2 per image over all classes, labelled with class and SVM score, 0 being the SVM's boundary); "
+        "ground truth dotted white."
     )
     return blocks + [("figure", "detections", caption)]
 

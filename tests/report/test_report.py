@@ -365,7 +365,7 @@ def test_provenance_names_code_time_and_machine_and_warns_when_machines_differ(t
         for manifest in (tmp_path / "runs" / pipeline).glob("*/test/manifest.json"):
             m = json.loads(manifest.read_text())
             m["machine"] = {"cpu": "Intel Xeon", "cores": 16, "gpu": gpu}
-            m["code"] = {"version": "0.3.0", "digest": "0123456789abcdef"}
+            m["code"] = {"version": "0.3.0", "digest": "0123456789abcdef" if m["stage"] == "evaluate" else "other"}
             write_json_atomic(manifest, m)
     runs = [load_run(tmp_path / "runs" / "rcnn"), load_run(tmp_path / "runs" / "spp")]
     md = write_report(runs, tmp_path / "out", grid_images=1)["markdown"].read_text()

@@ -246,6 +246,8 @@ def test_compare_says_which_results_are_stale_under_todays_pipelines_file(traced
     assert "tiny: finetune/trainval (parameter finetune.max_iter: 8 -> " in err and "are stale" in err, err
     # The command it gives must reach these runs, which are not in ./runs: it said `rcnn run tiny` alone.
     assert f"`rcnn run tiny --runs-dir {runs}` recomputes them" in err, err
+    # Following it would recompute a run made with --set without them, replacing it: the --set come first.
+    assert "recomputes them (for a run made with --set options, give `rcnn compare` the same ones first)" in err, err
     assert "stale" in (tmp_path / "a" / "report.md").read_text()
     # Judged with the --set the runs were made with, as `rcnn status` would be: current.
     common = ["--runs-dir", str(runs), "--set", "finetune.max_iter=8"]
@@ -254,6 +256,7 @@ def test_compare_says_which_results_are_stale_under_todays_pipelines_file(traced
     code, _, err = run_cli(["compare", "tiny", "tiny-spp", *common, "--set", "svm.C=0.01", "--out", str(tmp_path / "d")], capsys)
     assert code == 0, err
     assert f"`rcnn run tiny --runs-dir {runs} --set finetune.max_iter=8 --set svm.C=0.01` recomputes them" in err, err
+    assert "give `rcnn compare` the same ones" not in err
     code, _, err = run_cli(["compare", "tiny", "tiny-spp", *common, "--set", "svm.nope=1", "--out", str(tmp_path / "e")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "svm.nope" in err and "Traceback" not in err, err
     doc = yaml.safe_load(traced.pipelines.read_text())
