@@ -393,6 +393,20 @@ def load_image(ann: ImageAnnotation) -> np.ndarray:
     return image
 
 
+def dim_16bit_peak(path: Path) -> int | None:
+    """The largest value of a 16-bit PNG or TIFF that uses under a sixteenth of its range (12-bit camera data, for
+    one), which decodes to 8 bits nearly black; None for any other image."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"\x89PNG", b"II*\x00", b"MM\x00*"):
+        return None
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.dtype != np.uint16:
+        return None
+    peak = int(image.max())
+    return peak if peak < 4096 else None
+
+
 def exif_orientation(path: Path) -> int:
     """The image's EXIF orientation (1 to 8; 1 when it has none or cannot be read). Only the header is read."""
     from PIL import Image  # Pillow: a dependency of matplotlib; imported only here

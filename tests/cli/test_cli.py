@@ -166,6 +166,19 @@ def test_data_stats_lists_bad_images_and_check_decodes_them(voc_copy, capsys):
         "note: 1 image(s) carry an EXIF orientation tag that viewers apply and rcnn does not "
         f"(boxes refer to the stored pixels, as in VOC): {test_ids[0]}"
     )
+    # 12-bit data in a 16-bit PNG decoded to 8 bits nearly black, silently.
+    import cv2
+    import numpy as np
+
+    dim = voc_copy / "JPEGImages" / f"{test_ids[1]}.jpg"
+    pixels = cv2.imread(str(dim)).astype(np.uint16) * 16  # values up to 4080 of 65535
+    dim.write_bytes(cv2.imencode(".png", pixels)[1].tobytes())
+    code, out, err = run(["data", "stats", str(voc_copy), "--split", "test", "--check"], capsys)
+    assert code == 0 and err == "", err
+    note = next(line.strip() for line in out.splitlines() if "16-bit" in line)
+    assert note.startswith("note: 1 16-bit image(s) use values only up to the one given") and note.endswith(
+        f": {test_ids[1]} ({int(pixels.max())})"
+    )
 
 
 def test_missing_image_and_malformed_xml_are_one_line(voc_copy, tmp_path, capsys):
