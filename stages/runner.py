@@ -38,7 +38,14 @@ def unit_status(ctx: Context, stage: ModuleType, split: str, verify: bool = Fals
         except UserError:
             manifest = None
         return store.UnitStatus("stale" if manifest else "missing", [str(e)], manifest)
-    return store.unit_status(unit, expected, verify)
+    status = store.unit_status(unit, expected, verify)
+    before = ((status.manifest or {}).get("data") or {}).get("root")
+    if status.state == "stale" and before and before != str(ctx.data_root.resolve()):
+        # "changed" would suggest the files were edited: this configuration reads another folder
+        changed = f"input data/{split} changed"
+        where = f"input data/{split} is another folder: {ctx.data_root.resolve()}, where the unit read {before}"
+        status.reasons[:] = [where if r == changed else r for r in status.reasons]
+    return status
 
 
 def run_stage(ctx: Context, stage: ModuleType) -> dict[str, dict]:

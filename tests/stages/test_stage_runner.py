@@ -79,6 +79,28 @@ def test_data_change_and_deleted_output_make_stale(pipelines_file, tmp_path, voc
     assert st.state == "stale" and "deleted" in st.reasons[0]
 
 
+def test_a_unit_built_from_another_folder_says_so_rather_than_changed(tmp_path, voc_copy):
+    # `--set data.root=OTHER` read as "input data/test changed", as if the files had been edited. (A copy of the
+    # same files is the same data: its units stay done.)
+    import shutil
+
+    from conftest import write_pipelines
+
+    pf = write_pipelines(tmp_path / "p.yaml", voc_copy)
+    runs = tmp_path / "runs"
+    run_stage(make_ctx(pf, runs)[0], proposals)
+    other = tmp_path / "other"
+    shutil.copytree(voc_copy, other)
+    for xml in (other / "Annotations").glob("*.xml"):
+        xml.write_text(xml.read_text() + "\n")
+    ctx, _ = make_ctx(pf, runs, overrides=[f"data.root={other}"])
+    reasons = unit_status(ctx, proposals, "test").reasons
+    assert f"input data/test is another folder: {other.resolve()}, where the unit read {voc_copy.resolve()}" in reasons
+    for xml in (voc_copy / "Annotations").glob("*.xml"):  # the same folder, its files edited: "changed"
+        xml.write_text(xml.read_text() + "\n")
+    assert "input data/test changed" in unit_status(make_ctx(pf, runs)[0], proposals, "test").reasons
+
+
 def test_force_recomputes_identically(pipelines_file, tmp_path):
     runs = tmp_path / "runs"
     first = run_stage(make_ctx(pipelines_file, runs)[0], proposals)
