@@ -306,6 +306,11 @@ class PooledRegions:
         self.mirror, self.seed, self.random_scale = mirror, seed, random_scale
         self._cache: OrderedDict[tuple[int, bool], tuple[list[torch.Tensor], np.ndarray, np.ndarray]] = OrderedDict()
         self.device = next(model.parameters()).device
+        # Maps kept on the device, oldest dropped first: at most 4000 images, and on a GPU at most a quarter of
+        # its memory (five scales of a VOC image are about 3 MB each: 4000 would not fit a 24 GB card).
+        self._cache_bytes, self.cache_limit = 0, None
+        if self.device.type == "cuda":
+            self.cache_limit = torch.cuda.get_device_properties(self.device).total_memory // 4
         for p in model.trunk.parameters():
             p.requires_grad_(False)
 
@@ -330,8 +335,12 @@ class PooledRegions:
             spec = self.model.spec
             rects = scale_cells([m.shape for m in maps], factors, boxes, spec.stride, spec.offset)
             self._cache[key] = (maps, select_scale(boxes, list(factors), self.target), rects)
-            if len(self._cache) > 4000:
-                self._cache.popitem(last=False)
+            self._cache_bytes += sum(m.numel() * m.element_size() for m in maps)
+            while len(self._cache) > 1 and (
+                len(self._cache) > 4000 or (self.cache_limit is not None and self._cache_bytes > self.cache_limit)
+            ):
+                old_maps = self._cache.popitem(last=False)[1][0]
+                self._cache_bytes -= sum(m.numel() * m.element_size() for m in old_maps)
         return self._cache[key]
 
     def pooled(

@@ -127,3 +127,17 @@ def test_without_mirror_or_random_scale_training_windows_are_read_as_at_test_tim
     monkeypatch.setattr(pooled_regions, "pooled", spy)
     pooled_regions.logits(np.array([0, 0, 1, 1]), np.array([0, 1, 2, 3]), iteration=3)
     assert seen == [(None, None)]
+
+
+def test_maps_kept_on_the_device_stay_within_their_byte_limit(regions):
+    # Capped by count alone (4000 images), five scales of VOC images would not fit a 24 GB card.
+    pooled_regions, maps, _ = regions("finetune.mirror=true")
+    one = sum(m.nbytes for m in maps["a", False])
+    pooled_regions.cache_limit = one + one // 2  # room for one image's maps, not two
+    img, reg = np.array([0, 1, 0]), np.array([0, 1, 2])
+    before = pooled_regions.pooled(img, reg).numpy()
+    assert len(pooled_regions._cache) == 1  # the other image was read, then dropped to stay within the limit
+    np.testing.assert_array_equal(pooled_regions.pooled(img, reg).numpy(), before)  # read again: the same windows
+    pooled_regions.cache_limit = None
+    pooled_regions.pooled(np.array([0, 1]), np.array([0, 1]), np.array([True, True]))
+    assert len(pooled_regions._cache) == 3  # without a limit (a CPU), every image read is kept
