@@ -114,8 +114,9 @@ def image_records(ctx: Context, split: str, ids: list[str]):
             )
             seconds = time.perf_counter() - start
             plain = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image, top=e.top_per_image)
-            # the scores that entered NMS, class by class (as many for every class): the cap over the split needs them
-            arrays = {**pack(plain, "plain"), **pack(refined, "bbox"), "candidates": np.stack(plain.candidates)}
+            arrays = {**pack(plain, "plain"), **pack(refined, "bbox")}
+            if e.top_per_set is not None:  # the scores that entered NMS, class by class: the cap over the split reads them
+                arrays["candidates"] = np.stack(plain.candidates)
             yield image_id, arrays, {"images": 1, "classify": seconds, "features": pooling}
 
 
@@ -152,7 +153,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         for image_id in dataset.ids:
             for v in VARIANTS:
                 results[v][image_id] = unpack(rs, image_id, v, len(ctx.classes))
-            candidates.append(list(rs.array(image_id, "candidates", np.float32, 2)))
+            if e.top_per_set is not None:
+                candidates.append(list(rs.array(image_id, "candidates", np.float32, 2)))
     if e.top_per_set is not None:  # the same scores in both variants: regression moves boxes, not scores
         limit = e.top_per_set * len(dataset.ids)
         thresholds = set_thresholds(candidates, len(ctx.classes), limit)

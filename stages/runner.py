@@ -104,7 +104,8 @@ def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: 
         "inputs": expected.inputs,
         "code": {"version": __version__, "digest": expected.code, "modules": expected.code_modules},
         "libraries": store.library_versions(),
-        "machine": machine_record(metrics.get("device")),
+        # the workers' machines are in "cluster"; this process's would be only the client's
+        "machine": machine_record(metrics.get("device")) if ctx.cluster is None else None,
         "timings": {"started": started, "wall_s": time.time() - started},
         "metrics": metrics,
     }

@@ -46,7 +46,8 @@ def data_stats(directory, split, check):
     refer to the stored pixels). Images with a problem are listed, one line each, and
     left out of the counts; the exit status is then 1.
     """
-    from rcnn.data.datasets import ROOT_LAYOUT, VOCDataset, dim_16bit_peak, exif_orientation, find_bad_images
+    from rcnn.data.datasets import ROOT_LAYOUT, VOCDataset, find_bad_images
+    from rcnn.data.imagefile import dim_16bit_peak, exif_orientation
     from rcnn.data.stats import dataset_stats, format_stats
 
     if not Path(directory).is_dir():
@@ -63,7 +64,7 @@ def data_stats(directory, split, check):
             f"\n  note: {len(turned)} image(s) carry an EXIF orientation tag that viewers apply and rcnn does not "
             f"(boxes refer to the stored pixels, as in VOC): {', '.join(turned[:5])}{', ...' if len(turned) > 5 else ''}"
         )
-    dim = {i: peak for i in dataset.ids if check and i not in bad and (peak := dim_16bit_peak(dataset.image_path(i)))}
+    dim = {i: peak for i in dataset.ids if check and i not in bad and (peak := dim_16bit_peak(dataset.image_path(i))) is not None}
     if dim:
         first = ", ".join(f"{i} ({peak})" for i, peak in list(dim.items())[:5]) + (", ..." if len(dim) > 5 else "")
         click.echo(

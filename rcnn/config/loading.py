@@ -295,7 +295,7 @@ class PipelineFile:
             return _anchor_paths(PipelineConfig, self._shipped._resolved_raw(name), self._shipped.relative_to)
         if name not in self._raw:
             known = ", ".join(self.names)
-            mine = "no ./pipelines.yaml here; --pipelines-file FILE or $RCNN_PIPELINES names a file of yours"
+            mine = "pipelines of yours: ./pipelines.yaml, or the file --pipelines-file FILE or $RCNN_PIPELINES names"
             where = f"{self.path} or the shipped {SHIPPED_PIPELINES.name}" if self._shipped else f"{self.path} ({mine})"
             raise ConfigError(f"unknown pipeline '{name}' in {where} (known: {known})")
         if name in seen:

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from rcnn.data.filenames import name_problem
+from rcnn.data.imagefile import TURNED, exif_orientation
 from rcnn.errors import UserError
 from rcnn.structures.boxes import from_voc_pixels
 
@@ -26,11 +27,6 @@ from rcnn.structures.boxes import from_voc_pixels
 ROOT_LAYOUT = "the folder holding JPEGImages/, Annotations/ and ImageSets/Main/"
 # Image files looked for as JPEGImages/<id><suffix>, in this order and in either case: VOC's .jpg first.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# EXIF orientations that viewers show turned or mirrored (1 is as stored).
-TURNED = {
-    **{2: "mirrored", 3: "turned 180°", 4: "upside down and mirrored", 5: "turned and mirrored"},
-    **{6: "turned 90° clockwise", 7: "turned and mirrored", 8: "turned 90° anticlockwise"},
-}
 
 
 @dataclass(frozen=True)
@@ -310,7 +306,7 @@ def find_bad_images(
     return bad
 
 
-def check_pipeline_data(trainval: VOCDataset, test: VOCDataset, classes: tuple[str, ...], use_difficult: bool = False) -> None:
+def check_pipeline_data(trainval: VOCDataset, test: VOCDataset, classes: tuple[str, ...], use_difficult: bool = True) -> None:
     """Everything about a pipeline's data that its annotations tell, checked before the first long stage.
 
     Every annotation of both splits parses, every image file exists and every object's
@@ -326,6 +322,9 @@ def check_pipeline_data(trainval: VOCDataset, test: VOCDataset, classes: tuple[s
         problem = name_problem(name)
         if problem is not None:
             raise UserError(f"class name {name!r} of the pipeline's class list cannot be a file name ({problem})")
+    alike = [c for c in classes if [d.casefold() for d in classes].count(c.casefold()) > 1]
+    if alike:  # their devkit files and plots would be one file on a case-insensitive filesystem (macOS, Windows)
+        raise UserError(f"classes {', '.join(map(repr, alike))} differ only in case; give them one spelling or other names")
     trainval.check(classes)
     test.check(classes)
     usable: set[str] = set()
@@ -391,29 +390,3 @@ def load_image(ann: ImageAnnotation) -> np.ndarray:
         )
         raise UserError(f"image '{ann.path}' is {w}x{h} but its annotation says {ann.width}x{ann.height}{hint}")
     return image
-
-
-def dim_16bit_peak(path: Path) -> int | None:
-    """The largest value of a 16-bit PNG or TIFF that uses under a sixteenth of its range (12-bit camera data, for
-    one), which decodes to 8 bits nearly black; None for any other image."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic not in (b"\x89PNG", b"II*\x00", b"MM\x00*"):
-        return None
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None or image.dtype != np.uint16:
-        return None
-    peak = int(image.max())
-    return peak if peak < 4096 else None
-
-
-def exif_orientation(path: Path) -> int:
-    """The image's EXIF orientation (1 to 8; 1 when it has none or cannot be read). Only the header is read."""
-    from PIL import Image  # Pillow: a dependency of matplotlib; imported only here
-
-    try:
-        with Image.open(path) as im:
-            value = im.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 -- any unreadable header means no orientation to report
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1

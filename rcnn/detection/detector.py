@@ -28,7 +28,7 @@ class ClassDetections:
     candidates: list[np.ndarray] = field(default_factory=list)
 
     def at_least(self, thresholds: np.ndarray) -> ClassDetections:
-        """The detections of each class ``c`` scoring at least ``thresholds[c]``."""
+        """The detections of each class ``c`` scoring at least ``thresholds[c]`` (``thresholds``: float32 ``[C]``)."""
         keep = [s >= t for s, t in zip(self.scores, thresholds.tolist())]
         return ClassDetections([b[k] for b, k in zip(self.boxes, keep)], [s[k] for s, k in zip(self.scores, keep)])
 

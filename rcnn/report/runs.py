@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rcnn.errors import UserError
 from rcnn.evaluation.detfiles import devkit_filename
 from rcnn.store.artifacts import output_damage, read_manifest, rerun_hint
+from rcnn.store.machine import machine_text
 
 # Stages that train or score rather than cache features; every other stage (R-CNN's
 # features, SPP-net's convmaps and features) counts towards the feature cache.
@@ -102,6 +104,18 @@ class RunSummary:
         recorded it (a copied runs folder or a moved dataset keeps it), else where the data was and the split."""
         proposals = self.complete("proposals", self.test_split)
         return (proposals.data_digest if proposals is not None else None) or (self.data_root, self.test_split)
+
+    def provenance(self) -> tuple[str, str, str]:
+        """Of the units timed on the test split (not those shared from another run): the rcnn version and code
+        digest of the last one (each stage's digest covers its own modules), when the first started, and the
+        machine: the processor, with the cards the stages that ran on a device named (the others name none)."""
+        timed = [u for u in self.units if u.split == self.test_split and u.state == "complete" and u.shared_with is None]
+        when = min((u.started for u in timed if u.started), default=None)
+        hosts = sorted({machine_text({**u.machine, "gpu": None}) for u in timed} - {"n/a"})
+        gpus = sorted({u.machine["gpu"] for u in timed if u.machine.get("gpu")})
+        where = (f"{', '.join(gpus)} ({' / '.join(hosts)})" if gpus else " / ".join(hosts)) or "n/a"
+        code = next((u.code for u in reversed(timed) if u.code), "n/a")
+        return code, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when)) if when else "n/a", where
 
     @property
     def fixed_trunk(self) -> str | None:

@@ -162,7 +162,8 @@ def poolable(group: Sequence, left_out: list[str]) -> list:
     for r in group:
         metric, ref_metric = (r.results or {}).get("metric"), (ref.results if ref else {}).get("metric")
         why = f"scored with {metric}, `{ref.name}` with {ref_metric}" if r.results and metric != ref_metric else None
-        if why is None and r.results and r.test_data != ref.test_data:
+        known = isinstance(r.test_data, str) and isinstance(ref.test_data, str)  # fingerprints both recorded
+        if why is None and r.results and known and r.test_data != ref.test_data:
             why = f"tested on other data than `{ref.name}`"
         if why:
             left_out.append(f"`{r.name}` ({why})")

@@ -6,7 +6,6 @@ The runs come from :func:`rcnn.report.runs.load_run`; the PNGs from :mod:`rcnn.r
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from rcnn.report import figures as figs
 from rcnn.report import seeds as report_seeds
 from rcnn.report.render import Table, html_page, human_size, markdown, write_text
 from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, number, resumed_note
-from rcnn.store.machine import machine_text
 
 # ---------------------------------------------------------------------------------------
 # The report: a list of blocks, rendered once as Markdown and once as HTML.
@@ -111,17 +109,9 @@ def _section_compared(s: _Study) -> list:
 def _provenance(s: _Study) -> list:
     """When, where and with which code each run's test-split timings were taken, and a warning where the machines
     differ: the speed ratios further down would compare the machines as well as the methods."""
-    rows, machines = [], set()
-    for label, run in zip(s.labels, s.runs):
-        timed = [u for u in run.units if u.split == run.test_split and u.state == "complete" and u.shared_with is None]
-        when = min((u.started for u in timed if u.started), default=None)
-        where = list(dict.fromkeys(machine_text(u.machine) for u in timed))
-        machines.update(w for w in where if w != "n/a")
-        code = next((u.code for u in reversed(timed) if u.code), "n/a")  # the last stage's code covers the stages before
-        day = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when)) if when else "n/a"
-        rows.append([label, code, day, " / ".join(where) or "n/a"])
-    blocks = [("table", Table(["run", "rcnn version, evaluate's code digest", "test split first timed", "machine"], rows))]
-    if len(machines) > 1:
+    rows = [[label, *run.provenance()] for label, run in zip(s.labels, s.runs)]
+    blocks = [("table", Table(["run", "rcnn version, last stage's code digest", "test split first timed", "machine"], rows))]
+    if len({row[3] for row in rows} - {"n/a"}) > 1:
         blocks.append(("p", "**The runs were timed on different machines: the speed ratios compare the machines too.**"))
     return blocks
 

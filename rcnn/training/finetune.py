@@ -64,6 +64,8 @@ class Schedule:
         and the classifier's when it belongs to ``model.classifier``; parameters treated alike share one group.
         """
         wanted = {id(p) for p in trainable}
+        if not wanted <= {id(p) for p in model.parameters()}:
+            raise ValueError("trainable parameters must belong to the model")
         groups: dict[tuple[float, float], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if id(p) not in wanted:
@@ -85,6 +87,7 @@ class Schedule:
         return opt
 
     def set_lr(self, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+        """Each group's rate at ``iteration``: the schedule's rate times the group's ``lr_mult``."""
         for group in optimizer.param_groups:
             group["lr"] = self.lr_at(iteration) * group["lr_mult"]
 

@@ -354,5 +354,5 @@ def test_a_home_folder_in_a_path_is_expanded(tmp_path, monkeypatch):
 def test_an_unknown_pipeline_of_the_shipped_file_says_how_to_name_yours():
     from rcnn.config import default_pipelines_file
 
-    with pytest.raises(ConfigError, match=r"\(no ./pipelines.yaml here; --pipelines-file FILE or \$RCNN_PIPELINES names"):
+    with pytest.raises(ConfigError, match=r"\(pipelines of yours: ./pipelines.yaml, or the file --pipelines-file FILE or "):
         PipelineFile(default_pipelines_file()).load("cells")

@@ -149,8 +149,8 @@ def test_pipeline_data_check_names_classes_without_training_objects(voc_copy):
     trainval = VOCDataset(voc_copy, "trainval")
     assert "star" in trainval.classes()
     with pytest.raises(UserError, match=r"^class star has no object .*\(star: only objects marked difficult; data.use_difficult"):
-        check_pipeline_data(trainval, test, found)
-    check_pipeline_data(trainval, test, found, use_difficult=True)
+        check_pipeline_data(trainval, test, found, use_difficult=False)
+    check_pipeline_data(trainval, test, found)  # R-CNN's default: difficult objects are trained on
 
 
 def test_pipeline_data_check_reads_both_splits_and_the_class_list(voc_copy):
@@ -255,3 +255,11 @@ def test_a_turned_photo_whose_size_disagrees_names_its_exif_tag(voc_copy):
     Image.new("RGB", (30, 20), (90, 90, 90)).save(ann.path)  # no tag: no hint
     with pytest.raises(UserError, match=r"annotation says 20x30$"):
         load_image(as_displayed)
+
+
+def test_classes_differing_only_in_case_are_refused(voc_copy):
+    # Their devkit files and plots would be one file on a case-insensitive filesystem.
+    trainval, test = VOCDataset(voc_copy, "trainval"), VOCDataset(voc_copy, "test")
+    found = trainval.classes()
+    with pytest.raises(UserError, match=rf"^classes '{found[0]}', '{found[0].upper()}' differ only in case"):
+        check_pipeline_data(trainval, test, (*found, found[0].upper()))

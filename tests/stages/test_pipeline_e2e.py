@@ -67,6 +67,23 @@ def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_pat
     )
     assert (det / f"{image.stem}.det.jpg").stat().st_size > 0
 
+    # R-CNN's test-time caps: the best evaluate.top_per_set per test image on average, per class over the split,
+    # in both variants' devkit files (here the default of 40 leaves every detection NMS kept: 26 per class).
+    def lines(folder: str) -> dict[str, int]:
+        return {f.name: len(f.read_text().splitlines()) for f in sorted((unit / folder).glob("*.txt"))}
+
+    images = len(VOCDataset(tiny_voc, "test").ids)
+    capped = {folder: lines(folder) for folder in ("detections", "detections-bbox")}
+    for top_per_set, most in (("1", images), ("null", None)):
+        code, _, err = run(["evaluate", "tiny", "--set", f"evaluate.top_per_set={top_per_set}", *common], capsys)
+        assert code == 0, err
+        for folder in ("detections", "detections-bbox"):
+            counts = lines(folder)
+            if most is not None:
+                assert max(counts.values()) == most, counts  # every class has more candidates than that
+            else:
+                assert all(counts[c] >= capped[folder][c] for c in counts), (counts, capped)  # nothing left out
+
 
 def assert_pooled_on_demand_matches_detector(pipelines_file, runs_dir):
     """SPP's pool5 read back for box regression equals what the test-time detector pools for the same boxes."""
