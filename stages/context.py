@@ -103,7 +103,7 @@ class Context:
                     else "set data.root, e.g. --set data.root=PATH"
                 )
                 raise UserError(f"dataset root '{self.data_root}' does not exist ({advice})")
-            dataset = VOCDataset(self.data_root, split)
+            dataset = VOCDataset(self.data_root, split, only=self._only_classes(split))
             self._datasets[split] = self._without_bad_images(dataset) if self.skip_bad else dataset
         return self._datasets[split]
 
@@ -121,7 +121,15 @@ class Context:
         if bad and len(bad) == len(dataset):
             first = next(iter(bad.values()))
             raise UserError(f"every image of split '{dataset.split}' in {dataset.root} is bad; the first: {first}")
-        return VOCDataset(dataset.root, dataset.split, skip=bad) if bad else dataset
+        return VOCDataset(dataset.root, dataset.split, skip=bad, only=dataset.only) if bad else dataset
+
+    def _only_classes(self, split: str) -> tuple[str, ...] | None:
+        """The classes kept under ``data.other_classes: ignore`` (None: every object is kept); an unconfigured
+        class list is the trainval split's, so there only other splits can hold other classes."""
+        data = self.cfg.data
+        if data.other_classes != "ignore" or (data.classes is None and split == data.trainval):
+            return None
+        return self.classes
 
     def skipped_images(self) -> dict[str, dict[str, str]]:
         """Per split read so far, the ids left out by ``skip_bad`` and why."""

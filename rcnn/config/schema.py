@@ -27,6 +27,12 @@ class DataConfig:
     test: str = setting("test", "split it is scored on")
     classes: tuple[str, ...] | None = setting(None, "class names; null: the sorted object names of the trainval split")
     synthetic: SyntheticConfig | None = setting(None, "generate shapes data under the runs folder when root is null")
+    other_classes: Literal["error", "ignore"] = setting(
+        "error",
+        "objects of classes not in data.classes: error refuses them before any stage; ignore leaves them out of the "
+        "annotations, to detect a subset of a dataset's classes (their regions are then background, and not scored)",
+        fingerprint=False,  # a unit completes under error only where there are none, which ignore reads alike
+    )
     use_difficult: bool = setting(
         True,
         "train on objects marked difficult too (R-CNN's and SPP-net's releases: yes, their roidb_from_voc.m keeps "

@@ -6,6 +6,7 @@ project's float32 ``(x1, y1, x2, y2)`` continuous boxes (see :mod:`rcnn.structur
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import os
@@ -141,14 +142,18 @@ class VOCDataset:
     :data:`IMAGE_SUFFIXES`, when there is no ``.jpg``). Annotations are parsed lazily
     and cached.
 
+    ``only`` (a class list) leaves objects of other classes out of every annotation, for a detector of a
+    subset of the dataset's classes.
+
     ``skip`` maps ids listed in the split to why they are left out (as
     :func:`find_bad_images` returns it): they are not in ``ids`` and not read by
     :attr:`fingerprint`, and stay named in ``skipped``.
     """
 
-    def __init__(self, root: str | Path, split: str, skip: Mapping[str, str] | None = None):
+    def __init__(self, root: str | Path, split: str, skip: Mapping[str, str] | None = None, only: tuple[str, ...] | None = None):
         self.root = Path(root)
         self.split = split
+        self.only = only  # with a class list, objects of other classes are left out of every annotation
         if not self.root.is_dir():  # each caller says how to name another (ROOT_LAYOUT)
             raise UserError(f"dataset root '{self.root}' does not exist")
         problem = name_problem(split)
@@ -191,7 +196,12 @@ class VOCDataset:
     def annotation(self, image_id: str) -> ImageAnnotation:
         if image_id not in self._cache:
             xml_path = self.root / "Annotations" / f"{image_id}.xml"
-            self._cache[image_id] = parse_voc_xml(xml_path, self.image_path(image_id), image_id)
+            ann = parse_voc_xml(xml_path, self.image_path(image_id), image_id)
+            if self.only is not None:
+                keep = np.array([name in self.only for name in ann.labels], bool)
+                labels = tuple(name for name, k in zip(ann.labels, keep) if k)
+                ann = dataclasses.replace(ann, boxes=ann.boxes[keep], labels=labels, difficult=ann.difficult[keep])
+            self._cache[image_id] = ann
         return self._cache[image_id]
 
     def annotations(self) -> list[ImageAnnotation]:
@@ -220,7 +230,8 @@ class VOCDataset:
             advice = (
                 f"did you mean '{classes[[c.casefold() for c in classes].index(close[0])]}'?"
                 if close
-                else "add it to data.classes (a class needs objects in trainval to be learnt), or rename or remove the object"
+                else "add it to data.classes (a class needs objects in trainval to be learnt), or rename or remove the "
+                "object, or set data.other_classes: ignore to leave such objects out"
             )
             return (
                 f"{self.root / 'Annotations' / (image_id + '.xml')}: class '{unknown[0]}' is not in the "

@@ -226,7 +226,10 @@ def test_a_class_name_differing_in_case_gets_a_suggestion(voc_copy):
     others = tuple(c for c in ds.classes() if c != name)
     problem = ds.problem(image_id, (*others, name.upper()))
     assert problem.endswith(f"did you mean '{name.upper()}'?")
-    advice = "add it to data.classes (a class needs objects in trainval to be learnt), or rename or remove the object"
+    advice = (
+        "add it to data.classes (a class needs objects in trainval to be learnt), or rename or remove the object, "
+        "or set data.other_classes: ignore to leave such objects out"
+    )
     assert ds.problem(image_id, others).endswith(advice)
 
 
@@ -263,3 +266,18 @@ def test_classes_differing_only_in_case_are_refused(voc_copy):
     found = trainval.classes()
     with pytest.raises(UserError, match=rf"^classes '{found[0]}', '{found[0].upper()}' differ only in case"):
         check_pipeline_data(trainval, test, (*found, found[0].upper()))
+
+
+def test_only_keeps_the_listed_classes_objects(voc_copy):
+    full = VOCDataset(voc_copy, "trainval")
+    keep = full.classes()[:2]
+    only = VOCDataset(voc_copy, "trainval", only=keep)
+    assert only.classes() == keep
+    for image_id in full.ids:
+        a, b = full.annotation(image_id), only.annotation(image_id)
+        mask = [name in keep for name in a.labels]
+        assert b.labels == tuple(n for n, k in zip(a.labels, mask) if k)
+        np.testing.assert_array_equal(b.boxes, a.boxes[mask])
+        np.testing.assert_array_equal(b.difficult, a.difficult[mask])
+        assert only.problem(image_id, keep) is None
+    assert only.fingerprint == full.fingerprint  # the same files: what is left out is the configuration's doing

@@ -154,6 +154,30 @@ def test_unknown_class_with_a_fixed_class_list(voc_copy, tmp_path, capsys):
     assert e.value.code == 1 and "'unicorn' is not in the pipeline's class list" in err
 
 
+def test_a_subset_of_the_classes_is_trained_with_other_classes_ignored(voc_copy, tmp_path, capsys):
+    # There was no way to detect a subset of a dataset's classes: any other class stopped the run.
+    import json
+
+    pf = write_pipelines(tmp_path / "p.yaml", voc_copy)
+    common = [
+        "--pipelines-file",
+        str(pf),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--quiet",
+        "--set",
+        "data.classes=[circle,square]",
+    ]
+    code, _, err = run_cli(["run", "tiny", *common], capsys)
+    assert code == 1 and "is not in the pipeline's class list (circle, square)" in err and "data.other_classes: ignore" in err
+    code, _, err = run_cli(["run", "tiny", *common, "--set", "data.other_classes=ignore"], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "test" / "results.json").read_text())
+    assert sorted(results["per_class"]) == ["circle", "square"]
+    names = sorted(f.name for f in (tmp_path / "runs" / "tiny" / "evaluate" / "test" / "detections").iterdir())
+    assert names == ["comp4_det_test_circle.txt", "comp4_det_test_square.txt"]
+
+
 def run_pipeline(voc, tmp_path, capsys, *flags: str) -> tuple[int, str, str]:
     pf = write_pipelines(tmp_path / "p.yaml", voc)
     return run_cli(["run", "tiny", "--pipelines-file", str(pf), "--runs-dir", str(tmp_path / "runs"), "--quiet", *flags], capsys)
