@@ -117,12 +117,18 @@ def map_tables(labels: Sequence[str], groups: Sequence[Sequence], classes: Seque
     """(headers, rows) of the mAP over each group of seed runs (:class:`rcnn.report.runs.RunSummary`), the
     first group the baseline, and (headers, rows) of every seed run's own mAP."""
     spreads = _group_spreads(groups, classes)
+    scored = [next((r for r in group if r.results), None) for group in groups]
     rows = []
-    for label, group, sp in zip(labels, groups, spreads):
+    for label, group, sp, first in zip(labels, groups, spreads, scored):
         cells = [label, ", ".join(_seed_label(r.name) for r in group), str(sum(1 for r in group if r.results))]
+        # no difference between groups scored with different metrics or on different data
+        like = first is not None and scored[0] is not None and first.results.get("metric") == scored[0].results.get("metric")
+        data = (first.test_data, scored[0].test_data) if like else (None, None)
+        like = like and not (all(isinstance(d, str) for d in data) and data[0] != data[1])
         for variant in VARIANTS:
             this, base = sp[variant]["mAP"], spreads[0][variant]["mAP"]
-            diff = "baseline" if sp is spreads[0] else "n/a" if this is None or base is None else f"{this.mean - base.mean:+.4f}"
+            none = this is None or base is None or not like
+            diff = "baseline" if sp is spreads[0] else "n/a" if none else f"{this.mean - base.mean:+.4f}"
             cells += [this.text() if this else "n/a", this.range_text() if this else "n/a", diff]
         rows.append(cells)
     headers = ["run", "seed runs", "n"]

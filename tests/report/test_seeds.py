@@ -151,6 +151,12 @@ def test_run_seeds_then_status_and_compare(pipelines_file, tmp_path, capsys):
     row = next(line for line in md.splitlines() if line.startswith("| tiny | seed 0 | 1 |"))
     assert f"| {maps[0]:.4f} (n = 1) |" in row
     assert "**Left out of the means, as not like for like with their group: `tiny@seed1` (scored with voc10, `tiny@seed0` " in md
+    # Groups scored with different metrics get no difference, as single runs do.
+    argv = ["compare", "tiny-twin", "tiny", "--seeds", "1", "--out", str(report), "--runs-dir", str(runs)]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    row = next(line for line in (report / "report.md").read_text().splitlines() if line.startswith("| tiny | seed 1 | 1 |"))
+    assert row.count("| n/a |") == 2, row
     code, _, err = run_cli(["evaluate", "tiny@seed1", *common, "--quiet"], capsys)
     assert code == 0, err
 
