@@ -54,9 +54,9 @@ def pipelines_cmd(pipelines_file):
 
 def _undescribed(path: Path, name: str) -> str:
     """What to say of a pipeline without a description of its own (a parent's would describe another pipeline)."""
-    import yaml
+    from rcnn.config.yamlfile import load_yaml
 
-    parent = (yaml.safe_load(path.read_text()).get("pipelines") or {}).get(name, {}).get("extends")
+    parent = (load_yaml(path.read_text()).get("pipelines") or {}).get(name, {}).get("extends")
     return f"(no description; extends {parent})" if parent else "(no description)"
 
 

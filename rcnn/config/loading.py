@@ -20,6 +20,7 @@ import yaml
 from rcnn.config.fields import Range
 from rcnn.config.schema import INPUT_SIZES, PipelineConfig
 from rcnn.config.seeds import SEED_KEYS, SEEDED_NAME, split_seeded_name
+from rcnn.config.yamlfile import load_yaml
 from rcnn.data.filenames import name_problem
 from rcnn.errors import ConfigError
 
@@ -224,7 +225,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text}: expected key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -246,7 +247,7 @@ class PipelineFile:
         if not self.path.is_file():
             raise ConfigError(f"pipeline file '{self.path}' does not exist")
         try:
-            doc = yaml.safe_load(self.path.read_text())
+            doc = load_yaml(self.path.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""

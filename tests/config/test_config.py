@@ -80,6 +80,17 @@ def test_overrides_are_typed_and_checked(tmp_path):
     assert parse_override("a.b= 3") == ("a.b", 3)
 
 
+def test_exponent_without_a_dot_is_a_number_in_the_file_and_in_set(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; users write it, as YAML 1.2 and every other parser allow.
+    pf = PipelineFile(write(tmp_path, "pipelines:\n  a:\n    data: {root: d}\n    finetune: {lr: 1e-4}\n"))
+    assert pf.load("a").finetune.lr == pytest.approx(1e-4)
+    assert pf.load("a", ["finetune.lr=5E-3"]).finetune.lr == pytest.approx(5e-3)
+    with pytest.raises(ConfigError, match=r"'finetune.lr' must be > 0; got -0.0005"):  # a number, so its range applies
+        pf.load("a", ["finetune.lr=-.5e-3"])
+    texts = ("2e3", "1.0e-4", "3", "1e", "e5", "abc")
+    assert [parse_override(f"x={t}")[1] for t in texts] == [2000.0, 1e-4, 3, "1e", "e5", "abc"]
+
+
 def test_override_of_nested_optional_section(tmp_path):
     pf = PipelineFile(write(tmp_path, "pipelines:\n  a: {}\n"))
     cfg = pf.load("a", ["data.synthetic.images=7"])
