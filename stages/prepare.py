@@ -6,7 +6,7 @@ instead), so a change to it makes no result stale by itself.
 
 from __future__ import annotations
 
-from rcnn.data.datasets import check_pipeline_data
+from rcnn.data.datasets import VOCDataset, check_pipeline_data, close_class
 from rcnn.errors import UserError
 
 from .context import Context
@@ -33,8 +33,33 @@ def ensure_data(ctx: Context) -> None:
             # generator's settings and moved into place only when complete, so that data is this data.
             ctx.log(f"{ctx.data_root} was generated meanwhile by another rcnn process; using it")
     # What the annotations tell is checked before any stage starts its long work.
+    for note in check_data(ctx):
+        ctx.log(note)
+
+
+def check_data(ctx: Context) -> list[str]:
+    """Check what the pipeline's annotations tell (:func:`check_pipeline_data`); the notes to show the user.
+
+    Raises:
+        UserError: the first defect, as the next run would stop on it.
+    """
     data = ctx.cfg.data
     trainval = ctx.dataset(data.trainval)
     trainval.require_images()  # before ctx.classes reads the classes of its images
     test = ctx.dataset(data.test)
     check_pipeline_data(trainval, test, ctx.classes, data.use_difficult)
+    return [note for dataset in (trainval, test) if (note := left_out_note(dataset, ctx.classes))]
+
+
+def left_out_note(dataset: VOCDataset, classes: tuple[str, ...]) -> str | None:
+    """One line counting the objects ``data.other_classes: ignore`` left out of a split (after its annotations
+    are parsed), per class, with the likely misspellings of a listed class named: a typo is left out silently."""
+    if not dataset.left_out:
+        return None
+    counts = ", ".join(f"{name} {n}" for name, n in dataset.left_out.most_common())
+    typos = [f"'{name}' (did you mean '{close}'?)" for name in dataset.left_out if (close := close_class(name, classes))]
+    total = sum(dataset.left_out.values())
+    line = (
+        f"data/{dataset.split}: {total} object(s) of classes outside data.classes left out (data.other_classes: ignore): {counts}"
+    )
+    return line + ("; misspelt? " + ", ".join(typos) if typos else "")

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import os
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -154,6 +155,7 @@ class VOCDataset:
         self.root = Path(root)
         self.split = split
         self.only = only  # with a class list, objects of other classes are left out of every annotation
+        self.left_out: Counter[str] = Counter()  # per class, the objects left out so far (of annotations parsed)
         if not self.root.is_dir():  # each caller says how to name another (ROOT_LAYOUT)
             raise UserError(f"dataset root '{self.root}' does not exist")
         problem = name_problem(split)
@@ -199,6 +201,7 @@ class VOCDataset:
             ann = parse_voc_xml(xml_path, self.image_path(image_id), image_id)
             if self.only is not None:
                 keep = np.array([name in self.only for name in ann.labels], bool)
+                self.left_out.update(name for name, k in zip(ann.labels, keep) if not k)
                 labels = tuple(name for name, k in zip(ann.labels, keep) if k)
                 ann = dataclasses.replace(ann, boxes=ann.boxes[keep], labels=labels, difficult=ann.difficult[keep])
             self._cache[image_id] = ann
@@ -226,9 +229,9 @@ class VOCDataset:
             return f"image '{ann.path}' is listed in {self.split_file} but missing (nor is there {image_id} with {others})"
         unknown = [name for name in ann.labels if classes is not None and name not in classes]
         if unknown:
-            close = difflib.get_close_matches(unknown[0].casefold(), [c.casefold() for c in classes], n=1, cutoff=0.75)
+            close = close_class(unknown[0], classes)
             advice = (
-                f"did you mean '{classes[[c.casefold() for c in classes].index(close[0])]}'?"
+                f"did you mean '{close}'?"
                 if close
                 else "add it to data.classes (a class needs objects in trainval to be learnt), or rename or remove the "
                 "object, or set data.other_classes: ignore to leave such objects out"
@@ -287,6 +290,13 @@ class VOCDataset:
         if self.skipped:
             h.update(("skipped:" + "\n".join(self.skipped)).encode())
         return h.hexdigest()
+
+
+def close_class(name: str, classes: tuple[str, ...]) -> str | None:
+    """The class of ``classes`` that ``name`` is most likely a misspelling of, if one is close enough."""
+    folded = [c.casefold() for c in classes]
+    close = difflib.get_close_matches(name.casefold(), folded, n=1, cutoff=0.75)
+    return classes[folded.index(close[0])] if close else None
 
 
 def find_bad_images(

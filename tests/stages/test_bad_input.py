@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -170,12 +171,38 @@ def test_a_subset_of_the_classes_is_trained_with_other_classes_ignored(voc_copy,
     ]
     code, _, err = run_cli(["run", "tiny", *common], capsys)
     assert code == 1 and "is not in the pipeline's class list (circle, square)" in err and "data.other_classes: ignore" in err
-    code, _, err = run_cli(["run", "tiny", *common, "--set", "data.other_classes=ignore"], capsys)
+    code, out, err = run_cli(["run", "tiny", *common, "--set", "data.other_classes=ignore"], capsys)
     assert code == 0, err
+    # What was left out is counted per split and class, so a misspelt class is not dropped unseen.
+    for split in ("trainval", "test"):
+        others = Counter(n for a in VOCDataset(voc_copy, split).annotations() for n in a.labels if n not in ("circle", "square"))
+        counts = ", ".join(f"{name} {n}" for name, n in others.most_common())
+        line = f"data/{split}: {others.total()} object(s) of classes outside data.classes left out (data.other_classes: ignore): "
+        assert line + counts + "\n" in out
+    # status says what the next run would do: it notes the same under ignore, and under error (every stage
+    # done, as other_classes changes no result) that the run stops before its first stage.
+    status = ["status", "tiny", *[a for a in common if a != "--quiet"]]
+    code, out, _ = run_cli([*status, "--set", "data.other_classes=ignore"], capsys)
+    assert code == 0 and line + counts + "\n" in out and "data: the next run" not in out
+    code, out, _ = run_cli(status, capsys)
+    assert code == 0 and " missing" not in out and " stale" not in out
+    assert "  data: the next run stops before its first stage: " in out and "data.other_classes: ignore" in out
     results = json.loads((tmp_path / "runs" / "tiny" / "evaluate" / "test" / "results.json").read_text())
     assert sorted(results["per_class"]) == ["circle", "square"]
     names = sorted(f.name for f in (tmp_path / "runs" / "tiny" / "evaluate" / "test" / "detections").iterdir())
     assert names == ["comp4_det_test_circle.txt", "comp4_det_test_square.txt"]
+
+
+def test_objects_left_out_under_ignore_name_a_likely_misspelling(voc_copy):
+    from rcnn.stages.prepare import left_out_note
+
+    classes = ("circles", "square")
+    ds = VOCDataset(voc_copy, "trainval", only=classes)
+    assert left_out_note(ds, classes) is None  # nothing parsed yet, nothing left out
+    ds.annotations()
+    note = left_out_note(ds, classes)
+    assert "circle " in note and note.endswith("; misspelt? 'circle' (did you mean 'circles'?)")
+    assert "triangle" in note and "'triangle' (did you mean" not in note
 
 
 def run_pipeline(voc, tmp_path, capsys, *flags: str) -> tuple[int, str, str]:
