@@ -26,7 +26,9 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     """Run PIPELINE's trained detector on any IMAGES.
 
     IMAGES are files, or folders standing for the image files in them (by suffix:
-    .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp; other files there are passed over).
+    .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp; other files there, and its
+    sub-folders, are passed over, with a note naming the sub-folders); a file
+    given twice is detected once.
     Proposals are computed on the fly with the pipeline's settings; each image is
     written to --out with its labelled boxes drawn (<name>.det.jpg) beside a JSON of
     its detections (<name>.json: class, score, box as x1 y1 x2 y2 in pixels from the
@@ -69,16 +71,32 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
 
 
 def image_arguments(args: tuple[str, ...]) -> list[str]:
-    """Each argument, or for a folder the image files in it, sorted by name; a folder without any is refused."""
+    """Each argument, or for a folder the image files in it, sorted by name, each file once; a folder without
+    any is refused. A folder's sub-folders are not searched, and a note on stderr says so."""
     from rcnn.data.datasets import IMAGE_SUFFIXES
 
-    paths = []
+    paths: list[str] = []
+    seen: dict[Path, str] = {}
     for arg in args:
         if not Path(arg).is_dir():
-            paths.append(arg)
-            continue
-        found = sorted(str(p) for p in Path(arg).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not found:
-            raise UserError(f"folder '{arg}' has no image file ({', '.join(IMAGE_SUFFIXES)}); nothing was run")
-        paths += found
+            found = [arg]
+        else:
+            entries = sorted(Path(arg).iterdir())
+            found = [str(p) for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            subs = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+            if subs:
+                shown = ", ".join(subs[:3]) + (", ..." if len(subs) > 3 else "")
+                what = f"its {len(subs)} sub-folder(s) ({shown}) are not searched; name them too to detect their images"
+                if not found:
+                    raise UserError(f"folder '{arg}' has no image file ({', '.join(IMAGE_SUFFIXES)}); {what}")
+                click.echo(f"note: folder '{arg}': {what}", err=True)
+            if not found:
+                raise UserError(f"folder '{arg}' has no image file ({', '.join(IMAGE_SUFFIXES)}); nothing was run")
+        for path in found:
+            key = Path(path).resolve()
+            if key in seen:
+                click.echo(f"note: '{path}' is '{seen[key]}' again; it is detected once", err=True)
+                continue
+            seen[key] = path
+            paths.append(path)
     return paths

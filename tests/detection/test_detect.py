@@ -149,9 +149,20 @@ def test_a_folder_stands_for_the_images_in_it(tmp_path, capsys, monkeypatch, pip
     (tmp_path / "empty").mkdir()
     common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs")]
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(["detect", "tiny", str(folder), str(single), "--out", str(out), *common], capsys)
-    assert code == 0 and stderr == "", stderr
+    # The same file twice (here inside the folder and by name) is detected once; the sub-folder is not searched.
+    again = str(tmp_path / "photos" / ".." / "photos" / "b.png")
+    argv = ["detect", "tiny", str(folder), str(single), again, "--out", str(out), *common]
+    code, stdout, stderr = run_cli(argv, capsys)
+    assert code == 0, stderr
+    assert stderr.splitlines() == [
+        f"note: folder '{folder}': its 1 sub-folder(s) (sub) are not searched; name them too to detect their images",
+        f"note: '{again}' is '{folder / 'b.png'}' again; it is detected once",
+    ]
     assert [line.split(":")[0] for line in stdout.splitlines()[:3]] == [str(folder / "a.JPG"), str(folder / "b.png"), str(single)]
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}{e}" for n in "abc" for e in (".json", ".det.jpg"))
+    assert stdout.splitlines()[-1].startswith("wrote 3 image(s)")
+    _image(tmp_path / "nested" / "inner" / "d.jpg", 8, 8, 100)
+    code, _, stderr = run_cli(["detect", "tiny", str(tmp_path / "nested"), "--out", str(tmp_path / "o3"), *common], capsys)
+    assert code == 1 and stderr.strip().endswith("(inner) are not searched; name them too to detect their images")
     code, _, stderr = run_cli(["detect", "tiny", str(tmp_path / "empty"), "--out", str(tmp_path / "o2"), *common], capsys)
     assert code == 1 and stderr.strip().splitlines()[-1].startswith(f"rcnn: error: folder '{tmp_path / 'empty'}' has no image")
