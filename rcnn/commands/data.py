@@ -43,11 +43,12 @@ def data_stats(directory, split, check):
     Every annotation of the split (trainval unless --split says another) is parsed and
     every image file must exist; with --check every image is also decoded, as the stages
     will, and images whose EXIF orientation tag turns them in viewers are named (boxes
-    refer to the stored pixels). Images with a problem are listed, one line each, and
+    refer to the stored pixels). An id with more than one image file (x.jpg and x.png)
+    is noted, naming the one read. Images with a problem are listed, one line each, and
     left out of the counts; the exit status is then 1.
     """
-    from rcnn.data.datasets import ROOT_LAYOUT, VOCDataset, find_bad_images
-    from rcnn.data.imagefile import dim_16bit_peak, exif_orientation
+    from rcnn.data.datasets import IMAGE_SUFFIXES, ROOT_LAYOUT, VOCDataset, find_bad_images
+    from rcnn.data.imagefile import dim_16bit_peak, exif_orientation, several_files
     from rcnn.data.stats import dataset_stats, format_stats
 
     if not Path(directory).is_dir():
@@ -70,6 +71,14 @@ def data_stats(directory, split, check):
         click.echo(
             f"\n  note: {len(dim)} 16-bit image(s) use values only up to the one given, of 65535, and decode to 8 bits "
             f"nearly black (rcnn keeps the top 8 bits); scale them to the full range first: {first}"
+        )
+    several = several_files(dataset.root / "JPEGImages", dataset.ids, IMAGE_SUFFIXES)
+    if several:
+        first = "; ".join(f"{', '.join(names)}: {dataset.image_path(i).name} read" for i, names in list(several.items())[:3])
+        click.echo(
+            f"\n  note: {len(several)} image id(s) have more than one image file, and only one is read (.jpg first, then "
+            f"{', '.join(IMAGE_SUFFIXES[1:])}); remove the others if they are not the same picture: {first}"
+            + ("; ..." if len(several) > 3 else "")
         )
     if bad:
         click.echo(f"\n  {len(bad)} bad image(s), left out above:")

@@ -179,6 +179,17 @@ def test_data_stats_lists_bad_images_and_check_decodes_them(voc_copy, capsys):
     assert note.startswith("note: 1 16-bit image(s) use values only up to the one given") and note.endswith(
         f": {test_ids[1]} ({int(pixels.max())})"
     )
+    # An id with a .jpg and a .png (some images converted, the originals kept): one is read, silently.
+    (voc_copy / "JPEGImages" / f"{test_ids[0]}.PNG").write_bytes(b"another picture")
+    (voc_copy / "JPEGImages" / f"{test_ids[0]}-crop.png").write_bytes(b"another id")
+    code, out, err = run(["data", "stats", str(voc_copy), "--split", "test"], capsys)
+    assert code == 0 and err == "", err
+    note = next(line.strip() for line in out.splitlines() if "more than one" in line)
+    assert note == (
+        "note: 1 image id(s) have more than one image file, and only one is read (.jpg first, then .jpeg, .png, .bmp, "
+        f".tif, .tiff, .webp); remove the others if they are not the same picture: {test_ids[0]}.PNG, {test_ids[0]}.jpg: "
+        f"{test_ids[0]}.jpg read"
+    )
 
 
 def test_missing_image_and_malformed_xml_are_one_line(voc_copy, tmp_path, capsys):
