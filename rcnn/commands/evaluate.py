@@ -97,6 +97,7 @@ def evaluate_cmd(
     if data_dir is None or detections is None:
         raise ConfigError("give a PIPELINE, or --data VOCDIR and --detections PATH to score devkit files")
     from rcnn.data.datasets import ROOT_LAYOUT
+    from rcnn.evaluation.detfiles import detection_file_classes
     from rcnn.evaluation.scoring import format_ap_table, score_devkit_detections
 
     if not Path(data_dir).is_dir():
@@ -107,6 +108,14 @@ def evaluate_cmd(
         raise ConfigError("--classes: give at least one class name")
     result = score_devkit_detections(Path(data_dir), split, Path(detections), metric or "voc07", classes=wanted)
     click.echo(format_ap_table(result, f"{data_dir} [{split}], detections from {detections}"))
+    if wanted is None and Path(detections).is_dir():  # e.g. the files of a run on a subset of the data's classes
+        named = set(detection_file_classes(detections, split))
+        fileless = [name for name, r in result.per_class.items() if name not in named and r.npos > 0]
+        if fileless:
+            click.echo(
+                f"  note: no result file for {', '.join(fileless)} in {detections}: scored 0 and counted in the mAP; "
+                "--classes names the classes to score"
+            )
     if json_out:
         write_json(json_out, result.to_json())
 

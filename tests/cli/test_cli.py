@@ -294,6 +294,21 @@ def test_evaluate_devkit_files(tiny_voc, tmp_path, capsys):
     # A subset of a full results folder: the other classes' files are left out (they were refused).
     code, out, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--classes", one], capsys)
     assert code == 0 and err == "" and [line.split()[0] for line in out.splitlines()[2:-1]] == [one], out
+    # A folder without the files of some of the split's classes (a run on a subset of them): those classes score
+    # 0 in the mean, which is said, with the option that leaves them out.
+    others = sorted(files)[1:]
+    for name in others:
+        (det / f"comp4_det_test_{name}.txt").rename(tmp_path / name)
+    code, out, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det)], capsys)
+    assert code == 0 and err == "" and f"  {'mAP':<16}{1 / len(files):>8.4f}" in out, out
+    assert out.splitlines()[-1] == (
+        f"  note: no result file for {', '.join(others)} in {det}: scored 0 and counted in the mAP; --classes names the "
+        "classes to score"
+    )
+    code, out, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--classes", one], capsys)
+    assert code == 0 and "note:" not in out and f"  {'mAP':<16}{1:>8.4f}" in out, out
+    for name in others:
+        (tmp_path / name).rename(det / f"comp4_det_test_{name}.txt")
     # A class neither the split nor a file knows is refused (it was dropped without a word).
     code, _, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--classes", f"{one},unicorn"], capsys)
     known = ", ".join(sorted([*files, "hexagon"]))
