@@ -115,24 +115,32 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     if state is None:
         method.prepare_training(ctx, regions, sampler)
 
+    start = state.iteration if state is not None else 0
+    saved = [start]  # the iteration of the last checkpoint on disk
+
     def checkpoint(new: TrainState) -> None:
         write_json_atomic(history_path, new.history)
         new.save(state_path)
+        saved[0] = new.iteration
 
-    start = state.iteration if state is not None else 0
     bar = progress_bar(ctx, ft.max_iter, f"finetune {split}", unit="it")
-    history = fine_tune(
-        regions,
-        sampler,
-        schedule(ctx),
-        device,
-        validate=lambda: accuracy(regions, labels, val, device, cfg.model.precision),
-        checkpoint=checkpoint,
-        resume=state,
-        progress=bar,
-        log=lambda line: ctx.log(f"{NAME}/{split}: {line}"),
-        precision=cfg.model.precision,
-    )
+    try:
+        history = fine_tune(
+            regions,
+            sampler,
+            schedule(ctx),
+            device,
+            validate=lambda: accuracy(regions, labels, val, device, cfg.model.precision),
+            checkpoint=checkpoint,
+            resume=state,
+            progress=bar,
+            log=lambda line: ctx.log(f"{NAME}/{split}: {line}"),
+            precision=cfg.model.precision,
+        )
+    except KeyboardInterrupt:
+        bar.close()
+        ctx.log(f"{NAME}/{split}: interrupted; {resume_point(saved[0], ft.eval_every)}")
+        raise
     bar.close()
 
     model.cpu()
@@ -163,6 +171,13 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         "fc6_input_scale": float(model.fc6_input_scale),
     }
     return {MODEL: out, MODEL + ".json": out.with_name(MODEL + ".json")}, metrics
+
+
+def resume_point(saved: int, every: int) -> str:
+    """What a rerun of an interrupted fine-tuning starts from, given the iteration of its last checkpoint."""
+    if saved == 0:
+        return f"no checkpoint was written yet (one every finetune.eval_every = {every} iterations), so a rerun starts afresh"
+    return f"a rerun resumes from the checkpoint of iteration {saved} (one every finetune.eval_every = {every} iterations)"
 
 
 def load(ctx: Context):

@@ -169,6 +169,38 @@ def test_ctrl_c_outside_the_wait_for_workers_still_stops_them(pipelines_file, tm
     assert err.strip().endswith("rcnn: interrupted; completed work is kept and a rerun resumes it")
 
 
+def test_ctrl_c_in_finetune_says_where_the_rerun_resumes(pipelines_file, tmp_path, monkeypatch, capsys):
+    # It said only "completed work is kept", not that the work since the last checkpoint is lost.
+    from conftest import run_cli
+
+    from rcnn.stages import finetune
+
+    real = finetune.fine_tune
+
+    def stopped_after_two_checkpoints(*args, checkpoint, **kwargs):
+        def counted(state):
+            checkpoint(state)
+            if state.iteration >= 4:
+                raise KeyboardInterrupt
+
+        return real(*args, checkpoint=counted, **kwargs)
+
+    monkeypatch.setattr(finetune, "fine_tune", stopped_after_two_checkpoints)
+    argv = ["finetune", "tiny", "--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
+    argv += ["--set", "finetune.max_iter=8", "--set", "finetune.eval_every=2"]
+    assert run_cli(["proposals", *argv[1:]], capsys)[0] == 0
+    code, out, err = run_cli(argv, capsys)
+    assert code == 130, err
+    said = "finetune/trainval: interrupted; a rerun resumes from the checkpoint of iteration 4 (one every finetune.eval_every = 2"
+    assert said in out and err.strip().endswith("rcnn: interrupted; completed work is kept and a rerun resumes it")
+    monkeypatch.setattr(finetune, "fine_tune", real)
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0 and "finetune/trainval: resuming from iteration 4" in out, err
+    assert finetune.resume_point(0, 1000) == (
+        "no checkpoint was written yet (one every finetune.eval_every = 1000 iterations), so a rerun starts afresh"
+    )
+
+
 def _digests(runs: Path, stage: str, split: str) -> dict:
     manifest = json.loads((runs / "tiny" / stage / split / "manifest.json").read_text())
     return {k: v["digest"] for k, v in manifest["outputs"].items()}
