@@ -43,13 +43,14 @@ def data_stats(directory, split, check):
     Every annotation of the split (trainval unless --split says another) is parsed and
     every image file must exist; with --check every image is also decoded, as the stages
     will, and images whose EXIF orientation tag turns them in viewers are named (boxes
-    refer to the stored pixels). An id with more than one image file (x.jpg and x.png)
-    is noted, naming the one read. Images with a problem are listed, one line each, and
+    refer to the stored pixels), as are JPEGs that decode only with the decoder's
+    warnings (damaged mid-file) and dim 16-bit images. An id with more than one image
+    file (x.jpg and x.png) is noted, naming the one read. Images with a problem are listed, one line each, and
     left out of the counts; the exit status is then 1.
     """
     from rcnn.data.datasets import IMAGE_SUFFIXES, ROOT_LAYOUT, VOCDataset, find_bad_images
-    from rcnn.data.imagefile import dim_16bit_peak, exif_orientation, several_files
-    from rcnn.data.stats import dataset_stats, format_stats
+    from rcnn.data.imagefile import dim_16bit_peak, exif_orientation
+    from rcnn.data.stats import dataset_stats, decoder_warnings, format_stats, several_files
 
     if not Path(directory).is_dir():
         raise UserError(f"dataset root '{directory}' does not exist; give `rcnn data stats` {ROOT_LAYOUT}")
@@ -71,6 +72,13 @@ def data_stats(directory, split, check):
         click.echo(
             f"\n  note: {len(dim)} 16-bit image(s) use values only up to the one given, of 65535, and decode to 8 bits "
             f"nearly black (rcnn keeps the top 8 bits); scale them to the full range first: {first}"
+        )
+    damaged = {i: text for i in dataset.ids if check and i not in bad and (text := decoder_warnings(dataset.image_path(i)))}
+    if damaged:
+        first = "; ".join(f"{i} ({text})" for i, text in list(damaged.items())[:3]) + ("; ..." if len(damaged) > 3 else "")
+        click.echo(
+            f"\n  note: {len(damaged)} image(s) decode only with the decoder's warnings (damaged data: parts may be grey "
+            f"or shifted; the stages use them as decoded, and their warnings name no file): {first}"
         )
     several = several_files(dataset.root / "JPEGImages", dataset.ids, IMAGE_SUFFIXES)
     if several:

@@ -1,9 +1,8 @@
 """What an image file's header says beyond its pixels, for advice on own data: the EXIF orientation viewers apply,
-16-bit images that use little of their range, and ids with more than one image file."""
+and 16-bit images that use little of their range."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -49,14 +48,3 @@ def exif_orientation(path: Path) -> int:
     except Exception:  # noqa: BLE001 -- any unreadable header means no orientation to report
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
-def several_files(folder: Path, ids: list[str], suffixes: tuple[str, ...]) -> dict[str, list[str]]:
-    """The ids among ``ids`` with more than one image file in ``folder`` (``x.jpg`` and ``x.png``), each with
-    its file names, sorted: only one of them is read, which a user who converted some images may not expect."""
-    wanted, files = set(ids), {}
-    for path in folder.iterdir() if folder.is_dir() else ():
-        stem, suffix = os.path.splitext(path.name)
-        if stem in wanted and suffix.lower() in suffixes:
-            files.setdefault(stem, []).append(path.name)
-    return {i: sorted(names) for i, names in files.items() if len(names) > 1}

@@ -1,10 +1,17 @@
-"""Dataset statistics for `rcnn data stats`: images, objects per class, difficult counts, box sizes."""
+"""Dataset statistics for `rcnn data stats`: images, objects per class, difficult counts, box sizes; and what
+it notes beside them: ids with several image files, JPEGs that decode only with the decoder's warnings."""
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
-from rcnn.data.datasets import VOCDataset
+from rcnn.data.datasets import VOCDataset, decode_image
+from rcnn.errors import UserError
 from rcnn.structures.boxes import box_area
 
 # COCO's size buckets (Lin et al., 2014), by box area in pixels.
@@ -70,3 +77,34 @@ def format_stats(s: dict) -> str:
             + "  (small < 32^2 px, large >= 96^2 px)",
         ]
     return "\n".join(lines)
+
+
+def several_files(folder: Path, ids: list[str], suffixes: tuple[str, ...]) -> dict[str, list[str]]:
+    """The ids among ``ids`` with more than one image file in ``folder`` (``x.jpg`` and ``x.png``), each with
+    its file names, sorted: only one of them is read, which a user who converted some images may not expect."""
+    wanted, files = set(ids), {}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        stem, suffix = os.path.splitext(path.name)
+        if stem in wanted and suffix.lower() in suffixes:
+            files.setdefault(stem, []).append(path.name)
+    return {i: sorted(names) for i, names in files.items() if len(names) > 1}
+
+
+def decoder_warnings(path: Path) -> str | None:
+    """What the image decoder writes to stderr while decoding ``path`` (libjpeg's "Corrupt JPEG data: …" for a
+    JPEG damaged mid-file, which decodes with grey or shifted parts and a warning that names no file); None if
+    nothing. Reads the process's file descriptor 2, so only for a single-threaded check."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            decode_image(path)
+        except UserError:
+            pass  # named as a bad image by the caller's own check
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        text = " ".join(caught.read().decode(errors="replace").split())
+    return text or None

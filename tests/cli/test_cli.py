@@ -151,7 +151,17 @@ def test_data_stats_lists_bad_images_and_check_decodes_them(voc_copy, capsys):
     assert f"[trainval]: {len(trainval) - 2} images" in out and f"  {trainval[1]}: image '" in out and "an empty file" in out
     assert_one_line_error(code, err, f"2 of {len(trainval)} image(s)", 1)
     code, out, err = run(["data", "stats", str(voc_copy), "--split", "test", "--check"], capsys)
-    assert code == 0 and err == "" and "bad image" not in out and "EXIF" not in out
+    assert code == 0 and err == "" and "bad image" not in out and "EXIF" not in out and "warnings" not in out
+    # A JPEG damaged mid-file decodes, with libjpeg's "Corrupt JPEG data" on stderr naming no file: --check names it.
+    damaged = voc_copy / "JPEGImages" / f"{trainval[2]}.jpg"
+    data = bytearray(damaged.read_bytes())
+    start = data.index(b"\xff\xda") + 20  # into the entropy-coded data after the start-of-scan marker
+    data[start : start + 8] = b"\xff\xd0" * 4  # restart markers where none belong
+    damaged.write_bytes(bytes(data))
+    code, out, err = run(["data", "stats", str(voc_copy), "--check"], capsys)
+    note = next(line.strip() for line in out.splitlines() if "decoder's warnings" in line)
+    assert note.startswith("note: 1 image(s) decode only with the decoder's warnings")
+    assert f": {trainval[2]} (Corrupt JPEG" in note
     # A photo whose EXIF tag turns it in viewers is named: its boxes are read against the stored pixels.
     from PIL import Image
 
