@@ -48,7 +48,38 @@ def check_data(ctx: Context) -> list[str]:
     trainval.require_images()  # before ctx.classes reads the classes of its images
     test = ctx.dataset(data.test)
     check_pipeline_data(trainval, test, ctx.classes, data.use_difficult)
-    return [note for dataset in (trainval, test) if (note := left_out_note(dataset, ctx.classes))]
+    notes = [note for dataset in (trainval, test) if (note := left_out_note(dataset, ctx.classes))]
+    return notes + ([note] if (note := stale_weights_note(ctx)) else [])
+
+
+def stale_weights_note(ctx: Context) -> str | None:
+    """A line saying so when ``model.weights: pipeline:NAME`` names a fine-tuned model trained by other code than
+    this (after an update of rcnn): this pipeline would build on it as it is. Only the code is compared: NAME's
+    settings are its own, which this command's options need not be."""
+    weights = ctx.cfg.model.weights
+    if not weights.startswith("pipeline:"):
+        return None
+    from rcnn.store import artifacts as store
+    from rcnn.store import code_identity
+
+    from . import finetune
+    from .provenance import code_digests
+
+    other = weights.split(":", 1)[1]
+    try:
+        manifest = store.read_manifest(ctx.runs_dir / other / finetune.NAME / ctx.cfg.data.trainval)
+    except UserError:  # damaged: the weights' own check says so when they are read
+        return None
+    modules = code_digests(finetune)
+    code = (manifest or {}).get("code") or {}
+    if manifest is None or code.get("digest") == code_identity.combined_digest(modules):
+        return None
+    changed = store.changed_modules(code["modules"], modules) if isinstance(code.get("modules"), dict) else []
+    which = f" ({', '.join(changed[:4])}{' and more' if len(changed) > 4 else ''} changed)" if changed else ""
+    return (
+        f"model.weights: {weights}: that pipeline's fine-tuned model was trained by other code{which}; this pipeline "
+        f"builds on it as it is; `{ctx.command('finetune', other)}` first would build on one trained by this code"
+    )
 
 
 def left_out_note(dataset: VOCDataset, classes: tuple[str, ...]) -> str | None:

@@ -481,3 +481,26 @@ def test_upstream_built_from_other_classes_is_refused_naming_both(pipelines_file
     assert code == 0, err
     assert "finetune/trainval: stale (parameter classes" in out
     assert manifest(tmp_path, "features", "test")["params"]["classes"] == now
+
+
+def test_a_trunk_trained_by_other_code_is_noted_where_it_is_built_on(pipelines_file, tmp_path, capsys):
+    # model.weights: pipeline:tiny used tiny's fine-tuned model without a word after rcnn changed under it.
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path)]
+    assert run_cli(["finetune", "tiny", *common, "--quiet"], capsys)[0] == 1  # proposals first
+    assert run_cli(["proposals", "tiny", *common, "--quiet"], capsys)[0] == 0
+    assert run_cli(["finetune", "tiny", *common, "--quiet"], capsys)[0] == 0
+    code, out, _ = run_cli(["status", "tiny-spp", *common], capsys)
+    assert code == 0 and "model.weights" not in out  # trained by this code: nothing to say
+    path = tmp_path / "tiny" / "finetune" / "trainval" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["code"]["modules"]["rcnn.training.finetune"] = "0" * 32  # as an older rcnn recorded it
+    manifest["code"]["digest"] = "0" * 32
+    path.write_text(json.dumps(manifest))
+    said = (
+        "model.weights: pipeline:tiny: that pipeline's fine-tuned model was trained by other code "
+        "(rcnn.training.finetune changed); this pipeline builds on it as it is; `rcnn finetune tiny --runs-dir"
+    )
+    code, out, _ = run_cli(["status", "tiny-spp", *common], capsys)
+    assert code == 0 and said in out
+    code, out, err = run_cli(["proposals", "tiny-spp", *common, "--quiet"], capsys)
+    assert code == 0 and said in out, err
