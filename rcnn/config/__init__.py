@@ -1,7 +1,8 @@
 """Pipeline configuration: typed dataclasses loaded once from pipelines.yaml, ``--set`` overrides, readable views.
 
 ``fields`` declares how a setting is described, ``schema`` holds the sections, ``loading`` reads and checks
-a pipelines file, ``seeds`` names seed runs and ``view`` prints configurations for people.
+a pipelines file, ``seeds`` names seed runs, ``yamlfile`` parses YAML and ``--set`` values, and ``view`` prints
+configurations for people.
 """
 
 from rcnn.config.fields import Range, setting
@@ -10,7 +11,6 @@ from rcnn.config.loading import (
     PipelineFile,
     default_pipelines_file,
     fingerprint_params,
-    parse_override,
     section_kwargs,
 )
 from rcnn.config.schema import (
@@ -28,6 +28,7 @@ from rcnn.config.schema import (
     SVMConfig,
     SyntheticConfig,
 )
+from rcnn.config.yamlfile import parse_override
 
 __all__ = [
     "INPUT_SIZES",

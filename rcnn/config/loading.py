@@ -20,7 +20,7 @@ import yaml
 from rcnn.config.fields import Range
 from rcnn.config.schema import INPUT_SIZES, PipelineConfig
 from rcnn.config.seeds import SEED_KEYS, SEEDED_NAME, split_seeded_name
-from rcnn.config.yamlfile import load_yaml
+from rcnn.config.yamlfile import load_yaml, parse_override
 from rcnn.data.filenames import name_problem
 from rcnn.errors import ConfigError
 
@@ -217,18 +217,6 @@ def _check_override_path(cls: type, dotted: str) -> None:
             known = ", ".join(h for h in hints if h != "name")
             raise ConfigError(f"--set {dotted}: unknown key '{part}' (known keys here: {known})")
         tp = hints[part]
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ``("a.b", value)`` with the value parsed as YAML (so 3 is an int)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text}: expected key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
 
 
 def _apply_override(raw: dict, dotted: str, value: Any) -> dict:
