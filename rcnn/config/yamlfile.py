@@ -1,9 +1,8 @@
 """YAML as pipelines and ``--set`` values are written: ``1e-4`` is a number.
 
 PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent (``1.0e-4``), so ``lr: 1e-4``
-would load as the string ``"1e-4"`` and be refused as "not a number". YAML 1.2 (and every other
-YAML library a user has met) reads it as a float; this loader does too, and is otherwise PyYAML's
-safe loader.
+would load as the string ``"1e-4"`` and be refused as "not a number". YAML 1.2 reads it as a float;
+this loader does too, and is otherwise PyYAML's safe loader.
 """
 
 from __future__ import annotations
