@@ -243,11 +243,13 @@ def fine_tune(
             if progress is not None:
                 progress.update(1)
                 if evaluate or time.perf_counter() - shown >= 1.0:
-                    progress.set_postfix(loss=f"{float(run_loss) / run_n:.3f}", acc=f"{float(run_acc) / run_n:.3f}")
+                    progress.set_postfix(
+                        loss=f"{_finite(run_loss, it, schedule) / run_n:.3f}", acc=f"{float(run_acc) / run_n:.3f}"
+                    )
                     shown = time.perf_counter()
             if evaluate:
+                mean_loss, mean_acc = _finite(run_loss, it, schedule) / run_n, float(run_acc) / run_n
                 val_acc = validate()
-                mean_loss, mean_acc = float(run_loss) / run_n, float(run_acc) / run_n
                 history.append(
                     {
                         "iteration": it + 1,
@@ -282,6 +284,19 @@ def deterministic_cudnn(device: torch.device):
         yield
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+def _finite(run_loss: torch.Tensor, it: int, schedule: Schedule) -> float:
+    """The running loss sum, read from the device; a diverged run (nan or inf) stops here, before its network is
+    kept as a checkpoint or used: every later stage would compute on it, and fail far from the cause."""
+    value = float(run_loss)
+    if not np.isfinite(value):
+        raise UserError(
+            f"fine-tuning diverged: the loss is {value} by iteration {it + 1} of {schedule.max_iter} (learning rate "
+            f"{schedule.lr_at(it):g} then; the classifier's is {schedule.classifier_lr_mult:g}x that); lower finetune.lr "
+            f"(now {schedule.lr:g})"
+        )
+    return value
 
 
 def _zero(device: torch.device) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 
@@ -504,3 +505,47 @@ def test_a_trunk_trained_by_other_code_is_noted_where_it_is_built_on(pipelines_f
     assert code == 0 and said in out
     code, out, err = run_cli(["proposals", "tiny-spp", *common, "--quiet"], capsys)
     assert code == 0 and said in out, err
+
+
+def test_fine_tuning_that_diverges_stops_with_the_setting_to_lower(pipelines_file, tmp_path, capsys):
+    # A loss gone nan was "done": its features were cached and train-svm failed far from the cause.
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
+    code, _, err = run_cli(["run", "tiny", *common, "--set", "finetune.lr=1e30"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert re.match(r"rcnn: error: fine-tuning diverged: the loss is (nan|inf) by iteration 8 of 24 \(learning rate 1e\+30", err)
+    assert err.strip().endswith("lower finetune.lr (now 1e+30)")
+    assert not (tmp_path / "tiny" / "finetune" / "trainval" / "manifest.json").exists()
+    assert not (tmp_path / "tiny" / "features").exists()
+
+
+def test_features_out_of_float16_range_stop_the_stage_naming_the_image(pipelines_file, tmp_path, capsys, monkeypatch):
+    # A network whose loss stayed finite but whose activations overflow float16 cached inf/nan, and the SVMs
+    # failed in scikit-learn ("Input X contains NaN").
+    import torch
+
+    from rcnn.stages import features
+    from rcnn.stages.features import all_finite
+
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
+    assert run_cli(["run", "tiny", "--until", "finetune", *common], capsys)[0] == 0
+    loaded = features.inference_model
+
+    def blown_up(ctx):  # as a fine-tuning with a far too high rate leaves it, its loss still finite
+        model = loaded(ctx)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1e4)
+        return model
+
+    monkeypatch.setattr(features, "inference_model", blown_up)
+    code, _, err = run_cli(["run", "tiny", *common], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert re.match(r"rcnn: error: features/trainval: the \w+ features of image \S+ hold inf or nan \(float16", err), err
+    assert not (tmp_path / "tiny" / "features" / "trainval" / "manifest.json").exists()
+    values = np.zeros((3, 4), np.float16)
+    assert all_finite(values) and all_finite(values.astype(np.float32))
+    for bad in (np.inf, -np.inf, np.nan):
+        values[1, 2] = bad
+        assert not all_finite(values) and not all_finite(values.astype(np.float32))
+        values[1, 2] = 65504  # float16's largest
+        assert all_finite(values)
