@@ -27,8 +27,8 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
 
     IMAGES are files, or folders standing for the image files in them (by suffix:
     .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp; other files there, and its
-    sub-folders, are passed over, with a note naming the sub-folders); a file
-    given twice is detected once.
+    sub-folders and the <name>.det.jpg this command draws, are passed over, with
+    a note); a file given twice is detected once.
     Proposals are computed on the fly with the pipeline's settings; each image is
     written to --out with its labelled boxes drawn (<name>.det.jpg) beside a JSON of
     its detections (<name>.json: class, score, box as x1 y1 x2 y2 in pixels from the
@@ -83,6 +83,10 @@ def image_arguments(args: tuple[str, ...]) -> list[str]:
         else:
             entries = sorted(Path(arg).iterdir())
             found = [str(p) for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            drawn = [p for p in found if p.lower().endswith(".det.jpg")]  # this command's own outputs, as --out DIR
+            if drawn:
+                found = [p for p in found if p not in drawn]
+                click.echo(f"note: folder '{arg}': {len(drawn)} drawn detection file(s) (*.det.jpg) passed over", err=True)
             subs = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
             if subs:
                 shown = ", ".join(subs[:3]) + (", ..." if len(subs) > 3 else "")

@@ -171,10 +171,13 @@ def detect_files(
     that no output replaces another. An image that cannot be read or decoded is reported in
     its :class:`FileResult` (``error``) and the others are still processed. Yields one result
     per path, in order, with the detections scoring at least ``threshold`` (class, score, box).
+    Selective search is seeded per image from ``seed`` and the file's stem, as the proposals stage seeds it
+    from ``proposals.seed`` and the image id, so an image of the dataset gets the proposals its stage kept.
     """
     from rcnn.data.datasets import decode_image
     from rcnn.data.filenames import child_path
     from rcnn.errors import UserError
+    from rcnn.proposals.selective_search import image_seed
     from rcnn.runtime import one_blas_thread
     from rcnn.store.artifacts import write_json_atomic
 
@@ -186,7 +189,8 @@ def detect_files(
             except UserError as e:
                 yield FileResult(path, None, [], str(e))
                 continue
-            canvas, found = draw_detections(image, detector(image, seed=seed), detector.classes, threshold)
+            dets = detector(image, seed=image_seed(seed, Path(path).stem))
+            canvas, found = draw_detections(image, dets, detector.classes, threshold)
             ok, jpeg = cv2.imencode(".jpg", canvas)
             if not ok:
                 raise RuntimeError(f"OpenCV could not encode the drawn detections of {path}")
