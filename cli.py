@@ -166,6 +166,9 @@ def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, 
     if until is not None:  # before any work: a stage this method lacks would never stop the loop below
         check_stage(until, contexts[0].cfg, option=f"--until {until}: ")
     warn_without_gpu(contexts[0].cfg)
+    stages = list(pipeline_stages(contexts[0].cfg.method))
+    if {"finetune", "convmaps"} & set(stages[: stages.index(until) + 1] if until else stages):
+        contexts[0].weights()  # a missing weights file is said now, not after the proposals of every image
     results = []
     for ctx in contexts:
         if seeds is not None:

@@ -44,6 +44,8 @@ class Context:
     # The environment variables the pipelines file reads data.root from (e.g. RCNN_VOC2007), for the advice
     # when that folder is missing; empty when --set gave it.
     root_variables: tuple[str, ...] = ()
+    # Likewise for model.weights (e.g. RCNN_SQUEEZENET_WEIGHTS).
+    weights_variables: tuple[str, ...] = ()
     _datasets: dict[str, VOCDataset] = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self) -> dict:
@@ -89,7 +91,12 @@ class Context:
                 verify(unit / name)
             return str(unit / "model.pt"), {"weights": store.outputs_digest(manifest)}
         if not Path(w).is_file():
-            raise UserError(f"model.weights: file '{w}' does not exist")
+            where = " or ".join(f"${v}" for v in self.weights_variables)
+            advice = f"set {where} to the file" if where else "give the file's path"
+            raise UserError(
+                f"model.weights: file '{w}' does not exist ({advice}, or --set model.weights=PATH; imagenet for "
+                "torchvision's ImageNet weights)"
+            )
         return w, {"weights": store.file_digest(Path(w))}
 
     def dataset(self, split: str) -> VOCDataset:

@@ -88,6 +88,8 @@ def make_context(
     ctx = Context(cfg=cfg, runs_dir=runs_dir_path(runs_dir), force=force, wait=wait, progress=not quiet, skip_bad=skip_bad)
     if not any(o.replace(" ", "").startswith(("data.root=", "data=")) for o in overrides):
         ctx.root_variables = tuple(pfile.environment_variables(pipeline, "data.root"))
+    if not any(o.replace(" ", "").startswith(("model.weights=", "model=")) for o in overrides):
+        ctx.weights_variables = tuple(pfile.environment_variables(pipeline, "model.weights"))
     attach_cluster(ctx, cluster)
     return ctx
 
