@@ -74,6 +74,12 @@ class Context:
             raise UserError(f"pipeline '{self.cfg.name}': set data.root or data.synthetic")
         return self.runs_dir / "_data" / f"synth-n{synth.images}-s{synth.seed}-px{synth.size}"
 
+    def weights_param(self) -> str:
+        """``model.weights`` as a stage's parameters record it: a file as ``file``, since its content digest is an
+        input (:meth:`weights`) and the same bytes at another path are the same network."""
+        w = self.cfg.model.weights
+        return w if w in ("imagenet", "scratch") or w.startswith("pipeline:") else "file"
+
     def weights(self) -> tuple[str, dict[str, str]]:
         """``model.weights`` as :func:`rcnn.modeling.checkpoints.initialise` takes it, and the input digest it adds."""
         w = self.cfg.model.weights

@@ -57,7 +57,7 @@ def params(ctx: Context) -> dict:
     m = ctx.cfg.model
     return {
         "backbone": m.backbone,
-        "weights": m.weights,
+        "weights": ctx.weights_param(),
         "precision": m.precision,
         "scales": list(ctx.cfg.spp.scales),
         "max_side": ctx.cfg.spp.max_side,

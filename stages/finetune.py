@@ -45,7 +45,7 @@ def params(ctx: Context) -> dict:
     method = build_method(ctx.cfg)
     return {
         "method": method.name,
-        "model": fingerprint_params(ctx.cfg.model),
+        "model": {**fingerprint_params(ctx.cfg.model), "weights": ctx.weights_param()},
         "finetune": fingerprint_params(ctx.cfg.finetune),
         "classes": list(ctx.classes),
         "use_difficult": ctx.cfg.data.use_difficult,

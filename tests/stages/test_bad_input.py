@@ -549,3 +549,26 @@ def test_features_out_of_float16_range_stop_the_stage_naming_the_image(pipelines
         assert not all_finite(values) and not all_finite(values.astype(np.float32))
         values[1, 2] = 65504  # float16's largest
         assert all_finite(values)
+
+
+def test_the_same_weights_file_at_another_path_keeps_the_fine_tuning(pipelines_file, tmp_path, capsys):
+    # The path was a parameter besides the file's digest: a copy of the same bytes (a moved runs folder, another
+    # $RCNN_SQUEEZENET_WEIGHTS) made fine-tuning and everything after it stale, and rcnn detect refused.
+    import torch
+
+    from rcnn.modeling.models import build_model
+
+    first, copy, other = tmp_path / "a.pth", tmp_path / "b.pth", tmp_path / "c.pth"
+    torch.save(build_model("tiny", 6, 32, seed=0).state_dict(), first)
+    shutil.copy(first, copy)
+    torch.save(build_model("tiny", 6, 32, seed=1).state_dict(), other)
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs")]
+    assert run_cli(["run", "tiny", "--until", "finetune", *common, "--quiet", "--set", f"model.weights={first}"], capsys)[0] == 0
+
+    def finetune_state(weights):
+        code, out, _ = run_cli(["status", "tiny", *common, "--set", f"model.weights={weights}"], capsys)
+        assert code == 0
+        return next(line for line in out.splitlines() if "finetune/trainval" in line).split()[1:]
+
+    assert finetune_state(copy)[0] == "done"
+    assert finetune_state(other)[0] == "stale" and "input weights changed" in " ".join(finetune_state(other))
