@@ -75,14 +75,19 @@ def _run_unit(ctx: Context, stage: ModuleType, split: str) -> dict:
 
 
 def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: str, expected: store.Fingerprint) -> dict:
-    status = store.unit_status(unit, expected)
+    status = unit_status(ctx, stage, split)  # its reasons worded as rcnn status words them
+    other_work = _work_of_another_configuration(unit, expected)
     if status.state == "done" and not ctx.force:
-        ctx.log(f"{label}: up to date, skipped")
-        # Left by an interrupted --force run of a unit that was complete: nothing will resume it.
-        shutil.rmtree(unit / store.WORK, ignore_errors=True)
+        if other_work:  # e.g. a --set variant stopped midway: it resumes when that configuration runs again
+            ctx.log(f"{label}: up to date, skipped (its {store.WORK} folder keeps the unfinished work of another configuration)")
+        else:  # left by an interrupted --force run of this configuration: nothing will resume it
+            ctx.log(f"{label}: up to date, skipped")
+            shutil.rmtree(unit / store.WORK, ignore_errors=True)
         return status.manifest
     if status.state in ("stale", "damaged") and not ctx.force:
         ctx.log(f"{label}: {status.state} ({'; '.join(status.reasons)}), recomputing")
+    if other_work:
+        ctx.log(f"{label}: the unfinished work of another configuration in its {store.WORK} folder is discarded")
     if not ctx.force:
         twin = store.find_equivalent(ctx.runs_dir, stage.NAME, split, expected, exclude=unit)
         if twin is not None:
@@ -114,6 +119,12 @@ def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: 
     manifest = store.commit(unit, outputs, manifest)
     ctx.log(f"{label}: done in {manifest['timings']['wall_s']:.1f} s")
     return manifest
+
+
+def _work_of_another_configuration(unit: Path, expected: store.Fingerprint) -> bool:
+    """Whether the unit's scratch folder holds work towards another fingerprint than ``expected``."""
+    tag = unit / store.WORK / "fingerprint"
+    return tag.is_file() and tag.read_text().strip() != expected.digest
 
 
 def _reuse(ctx: Context, unit: Path, twin: Path, label: str) -> dict:

@@ -572,3 +572,29 @@ def test_the_same_weights_file_at_another_path_keeps_the_fine_tuning(pipelines_f
 
     assert finetune_state(copy)[0] == "done"
     assert finetune_state(other)[0] == "stale" and "input weights changed" in " ".join(finetune_state(other))
+
+
+def test_unfinished_work_of_another_configuration_is_kept_while_the_unit_is_done(voc_copy, tmp_path, capsys):
+    # A --set variant stopped midway left its training state in .work; the next run of the plain configuration,
+    # finding its unit done, deleted it without a word.
+    pf = write_pipelines(tmp_path / "p.yaml", voc_copy)
+    common = ["proposals", "tiny", "--pipelines-file", str(pf), "--runs-dir", str(tmp_path / "runs"), "--quiet"]
+    assert run_cli(common, capsys)[0] == 0
+    work = tmp_path / "runs" / "tiny" / "proposals" / "trainval" / ".work"
+    work.mkdir()
+    (work / "fingerprint").write_text("0" * 32 + "\n")  # another configuration's
+    (work / "state").write_text("hours of work")
+    code, out, _ = run_cli(common, capsys)
+    assert code == 0 and "proposals/trainval: up to date, skipped (its .work folder keeps the unfinished work" in out
+    assert (work / "state").is_file()
+    # Recomputing the unit for a configuration of its own discards it, and says so; the reason is worded as
+    # rcnn status words it (a run said "input data/trainval changed" for another folder).
+    other = tmp_path / "other"
+    shutil.copytree(voc_copy, other)
+    with (other / "Annotations" / f"{first(other)}.xml").open("a") as xml:
+        xml.write("<!-- edited -->\n")
+    code, out, err = run_cli([*common, "--set", f"data.root={other}"], capsys)
+    assert code == 0, err
+    assert f"proposals/trainval: stale (input data/trainval is another folder: {other}, where the unit read {voc_copy})" in out
+    assert "proposals/trainval: the unfinished work of another configuration in its .work folder is discarded" in out
+    assert not (work / "state").exists()
