@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from rcnn.commands.shared import pipeline_options, runs_dir_path, seeded_names
+from rcnn.commands.shared import output_folder, pipeline_options, runs_dir_path, seeded_names
 from rcnn.errors import ConfigError, UserError
 
 
@@ -56,6 +56,7 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir, overrides, 
         )
     if labels and len(labels) != len(runs):
         raise ConfigError(f"--label given {len(labels)} times for {len(runs)} runs")
+    out = output_folder(out_dir)
     groups = []
     for k, run in enumerate(runs):
         path = Path(run) if Path(run).is_dir() and not (runs_dir_path(runs_dir) / run).is_dir() else runs_dir_path(runs_dir) / run
@@ -74,7 +75,7 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir, overrides, 
                 click.echo(f"{summary.name if seeds else summary.label}: {sentence}", err=True)
         groups.append(group)
     summaries = [group[0] for group in groups]
-    written = write_report(summaries, Path(out_dir), grid_images=grid_images, seed_runs=groups if seeds else None)
+    written = write_report(summaries, out, grid_images=grid_images, seed_runs=groups if seeds else None)
     click.echo(f"wrote {written.get('html', out_dir)} and {written.get('markdown', '')}")
 
 

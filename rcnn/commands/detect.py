@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rcnn.commands.shared import make_context, pipeline_options
+from rcnn.commands.shared import make_context, output_folder, pipeline_options
 from rcnn.errors import UserError
 
 
@@ -45,12 +45,12 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     from rcnn.detection.detector import detect_files
     from rcnn.stages import evaluate, finetune
 
+    out = output_folder(out_dir)
     images = image_arguments(images)
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
     evaluate.check_trained(ctx, bbox=not no_bbox_reg)
     model, meta = finetune.load(ctx)
     detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
-    out = Path(out_dir)
     failed = 0
     for r in detect_files(detector, images, out, threshold, ctx.cfg.proposals.seed):
         if r.error is not None:

@@ -17,6 +17,26 @@ def runs_dir_path(value: str | None) -> Path:
     path = Path(value or os.environ.get("RCNN_RUNS_DIR", "runs"))
     if path.exists() and not path.is_dir():
         raise UserError(f"the runs folder '{path}' is a file, not a folder; give another with --runs-dir or $RCNN_RUNS_DIR")
+    blocked = file_above(path)
+    if blocked is not None:
+        raise UserError(f"the runs folder '{path}' cannot be made: '{blocked}' is a file; give another with --runs-dir")
+    return path
+
+
+def file_above(path: Path) -> Path | None:
+    """The nearest existing folder-to-be above ``path`` when it is a file (so ``path`` can never be made), else None."""
+    for above in Path(path).parents:
+        if above.exists():
+            return None if above.is_dir() else above
+    return None
+
+
+def output_folder(value: str, option: str = "--out") -> Path:
+    """``value`` as a folder a command writes to, refused in one line where it cannot be one."""
+    path = Path(value)
+    blocked = path if path.exists() and not path.is_dir() else file_above(path)
+    if blocked is not None:
+        raise UserError(f"{option} {value}: '{blocked}' is a file, so the folder cannot be made; give another")
     return path
 
 

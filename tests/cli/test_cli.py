@@ -356,6 +356,23 @@ def test_sizes_are_in_binary_units_as_compare_writes_them():
     assert [human_size(n) for n in (512, 43_072, 5 * 2**20, 3 * 2**30)] == ["512 B", "42.1 KiB", "5.0 MiB", "3.0 GiB"]
 
 
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["run", "--runs-dir", "runs.txt/sub"], "the runs folder 'runs.txt/sub' cannot be made: 'runs.txt' is a file"),
+        (["status", "demo", "--runs-dir", "runs.txt/sub"], "the runs folder 'runs.txt/sub' cannot be made: 'runs.txt' is a file"),
+        (["compare", "demo", "demo-spp", "--out", "runs.txt/r"], "--out runs.txt/r: 'runs.txt' is a file, so the folder"),
+        (["detect", "demo", "x.jpg", "--out", "runs.txt/d/e"], "--out runs.txt/d/e: 'runs.txt' is a file, so the folder"),
+    ],
+)
+def test_a_folder_under_a_file_is_one_line(argv, said, tmp_path, capsys, monkeypatch):
+    # Each was a NotADirectoryError traceback (rcnn status listed every stage as missing).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs.txt").write_text("")
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, said, 1)
+
+
 @pytest.mark.parametrize("argv", [["status", "demo"], ["run"], ["compare", "demo", "demo-spp", "--out", "r"]])
 def test_a_runs_folder_that_is_a_file_is_one_line(argv, tmp_path, capsys, monkeypatch):
     # `rcnn status` listed every stage as never run, exit 0.
