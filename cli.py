@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 
 import click
 
@@ -198,8 +200,31 @@ def run_cmd(pipeline, until, seeds, runs_dir, overrides, pipelines_file, force, 
 INTERRUPTED = "rcnn: interrupted; completed work is kept and a rerun resumes it"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a batch system's preemption), handled as Ctrl-C is: the work done is saved."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv=None) -> None:
-    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    """Console entry point: user errors become one line on stderr and a non-zero exit; SIGTERM stops as Ctrl-C."""
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(e: BaseException) -> None:
+    terminated = isinstance(e, Terminated)
+    click.echo(INTERRUPTED.replace("interrupted", "terminated (SIGTERM)") if terminated else INTERRUPTED, err=True)
+    sys.exit(128 + signal.SIGTERM if terminated else 130)
+
+
+def _main(argv=None) -> None:
     try:
         code = cli.main(args=argv, prog_name="rcnn", standalone_mode=False)
         if isinstance(code, int) and code:
@@ -215,14 +240,15 @@ def main(argv=None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Abort as e:
         # Click turns Ctrl-C into Abort (from the KeyboardInterrupt) when it does not exit itself.
-        click.echo(INTERRUPTED if isinstance(e.__cause__, KeyboardInterrupt) else "aborted", err=True)
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            _stopped(e.__cause__)
+        click.echo("aborted", err=True)
         sys.exit(130)
     except UserError as e:
         click.echo(f"rcnn: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo(INTERRUPTED, err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _stopped(e)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
             # HDF5's own message spans lines and names the file inside it ("filename = '…'"): said as any other.

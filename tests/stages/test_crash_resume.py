@@ -131,6 +131,26 @@ def test_ctrl_c_stops_the_workers_says_what_is_kept_and_a_rerun_resumes(medium_v
     assert outputs(runs) == outputs(reference)
 
 
+def test_sigterm_saves_the_work_done_as_ctrl_c_does(medium_voc, tmp_path):
+    # kill, timeout and a batch system's preemption send SIGTERM: the run died without a word and lost the
+    # images not yet written to a part.
+    pf = write_pipelines(tmp_path / "p.yaml", medium_voc)
+    common = ["--pipelines-file", str(pf), *PROPOSALS]
+    runs = tmp_path / "runs"
+    proc = start_until_first_part(runs, common, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.poll() is None, "the stage finished before it could be terminated"
+    proc.send_signal(signal.SIGTERM)  # to the process alone, as kill PID does
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "rcnn: terminated (SIGTERM); completed work is kept and a rerun resumes it"
+    kept = re.search(r"proposals/trainval: interrupted; the proposals of (\d+) of 36 images are kept", out)
+    assert kept and "Traceback" not in err, (out, err)
+    resumed = subprocess.run(
+        rcnn("proposals", "tiny", "--runs-dir", str(runs), *common), cwd=CWD, capture_output=True, text=True, check=True
+    )
+    assert f"proposals/trainval: resuming, {kept.group(1)} of 36 images already done" in resumed.stdout
+
+
 def test_ctrl_c_outside_the_wait_for_workers_still_stops_them(pipelines_file, tmp_path, monkeypatch, capsys):
     # Ctrl-C can land while the loop writes records rather than waits for the workers; joblib
     # then kills them only if the stage closes its results (else the exit waits for the queue).
