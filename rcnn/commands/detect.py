@@ -48,6 +48,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     out = output_folder(out_dir)
     images = image_arguments(images)
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
+    untrained(ctx, last="train-svm" if no_bbox_reg else "train-bbox")
     evaluate.check_trained(ctx, bbox=not no_bbox_reg)
     model, meta = finetune.load(ctx)
     detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
@@ -59,7 +60,8 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
             continue
         found = r.detections
         best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
-        line = f"{r.path}: {len(found)} detections{(' (' + best + (', ...' if len(found) > 5 else '') + ')') if found else ''}"
+        listed = f" ({best}{', ...' if len(found) > 5 else ''})" if found else ""
+        line = f"{r.path}: {len(found)} detection{'' if len(found) == 1 else 's'}{listed}"
         click.echo(line + (f" -> {r.output}.json" if r.output != Path(r.path).stem else ""))
     done = len(images) - failed
     written = f"{done} image(s) with their detections drawn and {done} JSON file(s) to {out}"
@@ -68,6 +70,21 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     if failed:
         raise UserError(f"{failed} of {len(images)} image(s) could not be read (each named above); wrote the other {written}")
     click.echo(f"wrote {written}")
+
+
+def untrained(ctx, last: str) -> None:
+    """Refuse, naming the first stage that has not run on the training split and the command that runs the rest,
+    a pipeline not trained up to ``last`` (it named the last stage, as if that one alone were missing)."""
+    from rcnn.stages import pipeline_stages
+    from rcnn.store import artifacts as store
+
+    names = list(pipeline_stages(ctx.cfg.method))
+    for name in names[: names.index(last) + 1]:
+        if store.read_manifest(ctx.unit_dir(name, ctx.cfg.data.trainval)) is None:
+            raise UserError(
+                f"pipeline '{ctx.cfg.name}' is not trained yet: {name}/{ctx.cfg.data.trainval} has not run; "
+                f"`{ctx.command('run')} --until {last}` trains it"
+            )
 
 
 def image_arguments(args: tuple[str, ...]) -> list[str]:

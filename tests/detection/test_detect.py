@@ -81,8 +81,8 @@ def test_detect_command_reports_each_bad_image_and_fails_at_the_end(batch, tmp_p
         "rcnn: error: 1 of 5 image(s) could not be read (each named above); "
         f"wrote the other 4 image(s) with their detections drawn and 4 JSON file(s) to {out}"
     )
-    assert f"{batch[1]}: 1 detections (bright 0.78) -> x-2.json" in stdout
-    assert f"{batch[0]}: 1 detections (bright 0.16)\n" in stdout  # its own name: nothing to say
+    assert f"{batch[1]}: 1 detection (bright 0.78) -> x-2.json" in stdout
+    assert f"{batch[0]}: 1 detection (bright 0.16)\n" in stdout  # its own name: nothing to say
     assert json.loads((out / "z.json").read_text())["image"] == str(batch[4])  # processed after the bad one
 
 
@@ -90,6 +90,9 @@ def _fake_pipeline(monkeypatch):
     from rcnn.stages import evaluate, finetune
 
     """``rcnn detect`` on a stand-in trained pipeline: current, and a detector scoring whole images."""
+    from rcnn.commands import detect
+
+    monkeypatch.setattr(detect, "untrained", lambda ctx, last: None)
     monkeypatch.setattr(evaluate, "check_trained", lambda ctx, bbox=True: None)
     monkeypatch.setattr(finetune, "load", lambda ctx: (None, {"classes": list(WholeImageDetector.classes)}))
     monkeypatch.setattr(evaluate, "build_detector", lambda ctx, model, classes, bbox=True: WholeImageDetector())
@@ -190,3 +193,17 @@ def test_selective_search_is_seeded_per_image_as_the_proposals_stage_seeds_it(ba
     good = [p for p in batch if p.name != "y.jpg"]
     list(detect_files(Spy(), good, tmp_path / "out", threshold=0.0, seed=7))
     assert seen == [image_seed(7, p.stem) for p in good] and len(set(seen)) == 3  # x, X and z
+
+
+def test_an_untrained_pipeline_names_its_first_stage_not_run(tmp_path, capsys, pipelines_file):
+    # After a fine-tuning that never finished it said "stage 'train-svm' (trainval) ... has not run yet; run
+    # `rcnn train-svm ...` first", which would fail in turn for want of the features.
+    common = ["--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path / "runs")]
+    assert run_cli(["proposals", "tiny", *common, "--quiet"], capsys)[0] == 0
+    image = _image(tmp_path / "a.jpg", 20, 20, 90)
+    for extra, last in (([], "train-bbox"), (["--no-bbox-reg"], "train-svm")):
+        code, _, err = run_cli(["detect", "tiny", str(image), "--out", str(tmp_path / "o"), *extra, *common], capsys)
+        assert code == 1 and err.strip() == (
+            "rcnn: error: pipeline 'tiny' is not trained yet: finetune/trainval has not run; "
+            f"`rcnn run tiny --runs-dir {tmp_path / 'runs'} --until {last}` trains it"
+        )
