@@ -39,6 +39,10 @@ def unit_status(ctx: Context, stage: ModuleType, split: str, verify: bool = Fals
             manifest = None
         return store.UnitStatus("stale" if manifest else "missing", [str(e)], manifest)
     status = store.unit_status(unit, expected, verify)
+    if status.state in ("missing", "stale") and not _work_of_another_configuration(unit, expected):
+        note = _unfinished(unit / store.WORK)
+        if note:
+            status.reasons.append(note)
     before = ((status.manifest or {}).get("data") or {}).get("root")
     if status.state == "stale" and before and before != str(ctx.data_root.resolve()):
         # "changed" would suggest the files were edited: this configuration reads another folder
@@ -119,6 +123,23 @@ def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: 
     manifest = store.commit(unit, outputs, manifest)
     ctx.log(f"{label}: done in {manifest['timings']['wall_s']:.1f} s")
     return manifest
+
+
+def _unfinished(work: Path) -> str | None:
+    """What the unit's scratch folder holds towards this configuration, which the next run resumes from; None if
+    nothing (fine-tuning's last checkpoint, or the images of a per-image stage already written)."""
+    import json
+
+    from rcnn.store import records
+
+    if (work / "train_state.pt").is_file():
+        try:
+            done = json.loads((work / "history.json").read_text())[-1]["iteration"]
+        except (OSError, ValueError, LookupError, TypeError):
+            return "its unfinished work resumes"
+        return f"its unfinished work resumes (fine-tuning checkpointed at iteration {done})"
+    done = records.count_completed(work / "parts") if (work / "parts").is_dir() else 0
+    return f"its unfinished work resumes ({done} images done)" if done else None
 
 
 def _work_of_another_configuration(unit: Path, expected: store.Fingerprint) -> bool:

@@ -182,6 +182,19 @@ def completed_parts(parts_dir: Path) -> dict[str, Path]:
     return index
 
 
+def count_completed(parts_dir: Path) -> int:
+    """How many distinct images the complete parts of ``parts_dir`` hold; reads only (for a status, while a writer
+    may be at work: unreadable parts are passed over, not removed as :func:`completed_parts` removes them)."""
+    ids: set[str] = set()
+    for part in sorted(Path(parts_dir).glob("part-*.h5")):
+        try:
+            with h5py.File(part, "r") as h5:
+                ids.update(h5["images"].keys())
+        except (OSError, KeyError):
+            continue
+    return len(ids)
+
+
 def consolidate(parts_dir: Path, out_path: Path, order: list[str], kind: str, attrs: Mapping | None = None) -> None:
     """Join the records of ``order`` from the parts into one HDF5 file, atomically."""
     index = completed_parts(parts_dir)

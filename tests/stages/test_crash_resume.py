@@ -145,6 +145,10 @@ def test_sigterm_saves_the_work_done_as_ctrl_c_does(medium_voc, tmp_path):
     assert err.strip().splitlines()[-1] == "rcnn: terminated (SIGTERM); completed work is kept and a rerun resumes it"
     kept = re.search(r"proposals/trainval: interrupted; the proposals of (\d+) of 36 images are kept", out)
     assert kept and "Traceback" not in err, (out, err)
+    options = [c for c in common if c != "--quiet"]
+    status = subprocess.run(rcnn("status", "tiny", "--runs-dir", str(runs), *options), cwd=CWD, capture_output=True, text=True)
+    (line,) = [x for x in status.stdout.splitlines() if "proposals/trainval" in x]
+    assert line.endswith(f"never completed; its unfinished work resumes ({kept.group(1)} images done)"), line
     resumed = subprocess.run(
         rcnn("proposals", "tiny", "--runs-dir", str(runs), *common), cwd=CWD, capture_output=True, text=True, check=True
     )
@@ -213,6 +217,11 @@ def test_ctrl_c_in_finetune_says_where_the_rerun_resumes(pipelines_file, tmp_pat
     assert code == 130, err
     said = "finetune/trainval: interrupted; a rerun resumes from the checkpoint of iteration 4 (one every finetune.eval_every = 2"
     assert said in out and err.strip().endswith("rcnn: interrupted; completed work is kept and a rerun resumes it")
+    # rcnn status said only "missing  never completed".
+    status = ["status", "tiny", *[a for a in argv[2:] if a != "--quiet"]]
+    code, out, _ = run_cli(status, capsys)
+    line = next(x for x in out.splitlines() if "finetune/trainval" in x)
+    assert line.split()[1] == "missing" and line.endswith("its unfinished work resumes (fine-tuning checkpointed at iteration 4)")
     monkeypatch.setattr(finetune, "fine_tune", real)
     code, out, err = run_cli(argv, capsys)
     assert code == 0 and "finetune/trainval: resuming from iteration 4" in out, err
