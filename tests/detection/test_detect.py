@@ -207,3 +207,37 @@ def test_an_untrained_pipeline_names_its_first_stage_not_run(tmp_path, capsys, p
             "rcnn: error: pipeline 'tiny' is not trained yet: finetune/trainval has not run; "
             f"`rcnn run tiny --runs-dir {tmp_path / 'runs'} --until {last}` trains it"
         )
+
+
+def test_a_trained_runs_folder_detects_without_its_training_data(voc_copy, tmp_path, capsys):
+    # rcnn detect refused ("dataset root ... does not exist") unless every training and test image was there:
+    # a runs folder trained on one machine could not detect on another.
+    import shutil
+
+    from conftest import write_pipelines
+
+    pf = write_pipelines(tmp_path / "p.yaml", voc_copy)
+    common = ["--pipelines-file", str(pf), "--runs-dir", str(tmp_path / "runs")]
+    assert run_cli(["run", "tiny", "--until", "train-bbox", *common, "--quiet"], capsys)[0] == 0
+    image = next((voc_copy / "JPEGImages").iterdir())
+    photo = shutil.copy(image, tmp_path / "photo.jpg")
+    argv = ["detect", "tiny", str(photo), *common]
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "with")], capsys)
+    assert code == 0 and err == "", err
+    shutil.move(voc_copy, tmp_path / "elsewhere")
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "without")], capsys)
+    assert code == 0 and err.startswith(f"note: the training data ({voc_copy}) is not here, so the trained stages"), err
+    assert (tmp_path / "with" / "photo.json").read_text() == (tmp_path / "without" / "photo.json").read_text()
+    # What can still be told without the data is refused as before: other settings, or units that do not chain.
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "o"), "--set", "svm.C=0.5"], capsys)
+    assert code == 1 and "rcnn: error: train-svm/trainval of pipeline 'tiny' was made with other settings; rerun" in err
+    manifest = tmp_path / "runs" / "tiny" / "train-svm" / "trainval" / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["inputs"]["features/trainval"] = "0" * 32
+    manifest.write_text(json.dumps(record))
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "was made from another features/trainval than the one here" in err, err
+    record["code"]["digest"] = "0" * 32
+    manifest.write_text(json.dumps(record))
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "train-svm/trainval of pipeline 'tiny' was made by other code; rerun" in err, err
