@@ -160,6 +160,9 @@ def describe(manifest: dict) -> str:
     o = m.get("overall", {})
     rate = m.get("images_per_s")
     rate_text = f", {rate:.2f} img/s" if rate else ""
+    computed = m.get("images_computed")
+    if rate and computed is not None and computed < m.get("images", 0):  # a resumed run timed only what it computed
+        rate_text += f" over the {computed} images computed (start-up included; the rest resumed)"
     return (
         f"{m.get('images', 0)} images, {m.get('boxes_per_image', 0):.0f} boxes/image, "
         f"recall {o.get('recall@0.5', float('nan')):.3f} @0.5 / {o.get('recall@0.7', float('nan')):.3f} @0.7, "
