@@ -116,7 +116,7 @@ class Context:
                     else "set data.root, e.g. --set data.root=PATH"
                 )
                 raise UserError(f"dataset root '{self.data_root}' does not exist ({advice})")
-            dataset = VOCDataset(self.data_root, split, only=self._only_classes(split))
+            dataset = VOCDataset(self.data_root, split, only=self._only_classes(split), clip=self.cfg.data.clip_boxes)
             self._datasets[split] = self._without_bad_images(dataset) if self.skip_bad else dataset
         return self._datasets[split]
 
@@ -134,7 +134,7 @@ class Context:
         if bad and len(bad) == len(dataset):
             first = next(iter(bad.values()))
             raise UserError(f"every image of split '{dataset.split}' in {dataset.root} is bad; the first: {first}")
-        return VOCDataset(dataset.root, dataset.split, skip=bad, only=dataset.only) if bad else dataset
+        return VOCDataset(dataset.root, dataset.split, skip=bad, only=dataset.only, clip=dataset.clip) if bad else dataset
 
     def _only_classes(self, split: str) -> tuple[str, ...] | None:
         """The classes kept under ``data.other_classes: ignore`` (None: every object is kept); an unconfigured

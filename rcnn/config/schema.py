@@ -33,6 +33,12 @@ class DataConfig:
         "annotations, to detect a subset of a dataset's classes (their regions are then background, and not scored)",
         fingerprint=False,  # a unit completes under error only where there are none, which ignore reads alike
     )
+    clip_boxes: bool = setting(
+        False,
+        "clip boxes that reach past the image (a 0-based xmin of 0, an xmax of width + 1, as some annotation tools "
+        "export) to its edge; false refuses such an image, naming the box (VOC's own boxes lie inside)",
+        fingerprint=False,  # a unit completes without clipping only where no box needs it, which clipping reads alike
+    )
     use_difficult: bool = setting(
         True,
         "train on objects marked difficult too (R-CNN's and SPP-net's releases: yes, their roidb_from_voc.m keeps "

@@ -68,8 +68,11 @@ def _number(node: ET.Element, tag: str, xml_path: Path) -> float:
         raise UserError(f"{xml_path}: <{tag}> is not a number: {text!r}") from None
 
 
-def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnotation:
-    """Read one VOC annotation file; raise :class:`UserError` naming the file on any defect."""
+def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str, clip: bool = False) -> ImageAnnotation:
+    """Read one VOC annotation file; raise :class:`UserError` naming the file on any defect.
+
+    With ``clip``, a box reaching past the image is clipped to it (1-based: x in [1, width]); one lying wholly
+    outside is refused still."""
     try:
         root = ET.parse(xml_path).getroot()
     except FileNotFoundError:
@@ -97,10 +100,14 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str) -> ImageAnnot
         box = [_number(bb, t, xml_path) for t in ("xmin", "ymin", "xmax", "ymax")]
         if box[2] < box[0] or box[3] < box[1]:
             raise UserError(f"{xml_path}: object {k} ({name}) has an inverted box {box} (xmax < xmin or ymax < ymin)")
+        wholly = box[0] > width or box[1] > height or box[2] < 1 or box[3] < 1
+        if clip and not wholly:
+            box = [max(box[0], 1), max(box[1], 1), min(box[2], width), min(box[3], height)]
         if box[0] < 1 or box[1] < 1 or box[2] > width or box[3] > height:
+            advice = "" if clip else ", or set data.clip_boxes: true to clip boxes to the image"
             raise UserError(
-                f"{xml_path}: object {k} ({name}) box {box} lies outside the {width}x{height} image "
-                "(VOC boxes are 1-based pixels inside the image); fix the box or the <size>"
+                f"{xml_path}: object {k} ({name}) box {box} lies {'wholly ' if wholly else ''}outside the {width}x{height} "
+                f"image (VOC boxes are 1-based pixels inside the image); fix the box or the <size>{advice}"
             )
         diff = obj.find("difficult")
         voc.append(box)
@@ -151,9 +158,17 @@ class VOCDataset:
     :attr:`fingerprint`, and stay named in ``skipped``.
     """
 
-    def __init__(self, root: str | Path, split: str, skip: Mapping[str, str] | None = None, only: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        skip: Mapping[str, str] | None = None,
+        only: tuple[str, ...] | None = None,
+        clip: bool = False,
+    ):
         self.root = Path(root)
         self.split = split
+        self.clip = clip  # boxes reaching past the image are clipped to it (data.clip_boxes)
         self.only = only  # with a class list, objects of other classes are left out of every annotation
         self.left_out: Counter[str] = Counter()  # per class, the objects left out so far (of annotations parsed)
         if not self.root.is_dir():  # each caller says how to name another (ROOT_LAYOUT)
@@ -198,7 +213,7 @@ class VOCDataset:
     def annotation(self, image_id: str) -> ImageAnnotation:
         if image_id not in self._cache:
             xml_path = self.root / "Annotations" / f"{image_id}.xml"
-            ann = parse_voc_xml(xml_path, self.image_path(image_id), image_id)
+            ann = parse_voc_xml(xml_path, self.image_path(image_id), image_id, self.clip)
             if self.only is not None:
                 keep = np.array([name in self.only for name in ann.labels], bool)
                 self.left_out.update(name for name, k in zip(ann.labels, keep) if not k)

@@ -63,7 +63,8 @@ class TestData:
                 self.notes.append(f"{self.labels[r]}: the manifests do not say where the test data is")
             else:
                 try:
-                    self._annotations[key] = VOCDataset(run.data_root, run.test_split).annotations()
+                    # clipped as data.clip_boxes clips: boxes past the edge are drawn at it (a run refused them otherwise)
+                    self._annotations[key] = VOCDataset(run.data_root, run.test_split, clip=True).annotations()
                 except UserError as err:
                     self.notes.append(f"{self.labels[r]}: cannot read the test data ({err})")
         return self._annotations[key]

@@ -15,6 +15,7 @@ from PIL import Image
 from rcnn.cli import main
 from rcnn.config import PipelineFile
 from rcnn.data.datasets import VOCDataset, decode_image
+from rcnn.errors import UserError
 from rcnn.stages.context import Context
 from rcnn.store import records
 
@@ -598,3 +599,26 @@ def test_unfinished_work_of_another_configuration_is_kept_while_the_unit_is_done
     assert f"proposals/trainval: stale (input data/trainval is another folder: {other}, where the unit read {voc_copy})" in out
     assert "proposals/trainval: the unfinished work of another configuration in its .work folder is discarded" in out
     assert not (work / "state").exists()
+
+
+def test_boxes_past_the_edge_are_clipped_with_clip_boxes(voc_copy, tmp_path, capsys):
+    # An annotation tool's off-by-one (xmax = width + 1, or a 0-based xmin of 0) cost the whole image, with no way
+    # to keep it short of editing every XML.
+    _set_first_xmax(voc_copy, "97")  # the images are 96 px wide
+    xml = voc_copy / "Annotations" / f"{first(voc_copy)}.xml"
+    code, _, err = run_pipeline(voc_copy, tmp_path, capsys, "--until", "proposals")
+    assert (
+        code == 1
+        and "lies outside the 96x96 image" in err
+        and err.strip().endswith("fix the box or the <size>, or set data.clip_boxes: true to clip boxes to the image")
+    )
+    code, _, err = run_pipeline(voc_copy, tmp_path, capsys, "--until", "proposals", "--set", "data.clip_boxes=true")
+    assert code == 0, err
+    ann = VOCDataset(voc_copy, "trainval", clip=True).annotation(first(voc_copy))
+    assert ann.boxes[0][2] == 96  # continuous, 0-based: the 1-based xmax 96 is the right edge
+    # A box wholly outside is an error still: no clipping makes it an object of this image.
+    text = xml.read_text()
+    text = re.sub(r"<xmin>[^<]*</xmin>", "<xmin>120</xmin>", text, count=1)
+    xml.write_text(re.sub(r"<xmax>[^<]*</xmax>", "<xmax>130</xmax>", text, count=1))
+    with pytest.raises(UserError, match=r"lies wholly outside the 96x96 image .*fix the box or the <size>$"):
+        VOCDataset(voc_copy, "trainval", clip=True).annotation(first(voc_copy))
