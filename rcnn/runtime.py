@@ -96,3 +96,20 @@ def quiet_matplotlib():
             yield
         finally:
             fonts.setLevel(level)
+
+
+@contextlib.contextmanager
+def strict_float32(enabled: bool = True):
+    """With ``enabled``, float32 convolutions and matrix products in float32 on NVIDIA cards too: PyTorch lets cuDNN
+    use TF32 (a 10-bit mantissa) for convolutions by default. The flags are restored afterwards."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

@@ -18,7 +18,7 @@ from types import ModuleType
 
 from rcnn import __version__
 from rcnn.errors import UserError
-from rcnn.runtime import release_freed_memory
+from rcnn.runtime import release_freed_memory, strict_float32
 from rcnn.store import artifacts as store
 from rcnn.store.machine import machine_record
 
@@ -99,7 +99,8 @@ def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: 
     started = time.time()
     work = store.work_dir(unit, expected)
     try:
-        outputs, metrics = stage.compute(ctx, split, work)
+        with strict_float32(ctx.cfg.model.precision == "float32"):  # float32 means float32 on a GPU too, not TF32
+            outputs, metrics = stage.compute(ctx, split, work)
     finally:
         release_freed_memory()  # so that the next stage in this process does not start on top of this one's peak
     manifest = {

@@ -104,7 +104,7 @@ class ModelConfig:
         "arithmetic of fine-tuning (autocast) and feature extraction (the weights cast once): auto: bfloat16 on a "
         "GPU, float32 on a CPU; bfloat16 on a CPU too pays where the processor has bfloat16 matrix units (R-CNN's "
         "features 1.7x faster on an Intel Xeon with AMX) and may cost where it has none; float32 on a GPU gives "
-        "reference numbers, up to PyTorch's default of TF32 convolutions on NVIDIA cards",
+        "reference numbers (TF32, PyTorch's default for convolutions on NVIDIA cards, is turned off)",
     )
     warp: Literal["auto", "opencv", "torch"] = setting(
         "auto",

@@ -88,3 +88,31 @@ def test_fine_tunings_cudnn_settings_last_only_while_it_runs():
             assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
+def test_float32_turns_tf32_off_while_a_stage_computes(pipelines_file, tmp_path, capsys, monkeypatch):
+    # model.precision: float32 on an NVIDIA card still let cuDNN use TF32 (a 10-bit mantissa) for convolutions.
+    from conftest import run_cli
+
+    from rcnn.runtime import strict_float32
+    from rcnn.stages import proposals
+
+    seen = []
+    real = proposals.compute
+
+    def recording(ctx, split, work):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real(ctx, split, work)
+
+    monkeypatch.setattr(proposals, "compute", recording)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    common = ["proposals", "tiny", "--pipelines-file", str(pipelines_file), "--quiet"]
+    assert run_cli([*common, "--runs-dir", str(tmp_path / "a"), "--set", "model.precision=float32"], capsys)[0] == 0
+    assert seen == [(False, False)] * 2
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before  # restored
+    seen.clear()
+    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    assert run_cli([*common, "--runs-dir", str(tmp_path / "b")], capsys)[0] == 0
+    assert seen[0][0] is True  # auto (bfloat16 on a GPU) leaves the flags alone
+    with strict_float32(False):
+        assert torch.backends.cudnn.allow_tf32 is True
