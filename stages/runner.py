@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -20,7 +19,7 @@ from rcnn import __version__
 from rcnn.errors import UserError
 from rcnn.runtime import release_freed_memory, strict_float32
 from rcnn.store import artifacts as store
-from rcnn.store.machine import machine_record
+from rcnn.store.machine import Stopwatch, machine_record
 
 from .context import Context, data_record
 from .provenance import fingerprint
@@ -96,7 +95,7 @@ def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: 
         twin = store.find_equivalent(ctx.runs_dir, stage.NAME, split, expected, exclude=unit)
         if twin is not None:
             return _reuse(ctx, unit, twin, label)
-    started = time.time()
+    clock = Stopwatch()
     work = store.work_dir(unit, expected)
     try:
         with strict_float32(ctx.cfg.model.precision == "float32"):  # float32 means float32 on a GPU too, not TF32
@@ -114,9 +113,9 @@ def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: 
         "inputs": expected.inputs,
         "code": {"version": __version__, "digest": expected.code, "modules": expected.code_modules},
         "libraries": store.library_versions(),
-        # the workers' machines are in "cluster"; this process's would be only the client's
+        # the workers' machines are in "cluster"; this process's (and its load) would be only the client's
         "machine": machine_record(metrics.get("device")) if ctx.cluster is None else None,
-        "timings": {"started": started, "wall_s": time.time() - started},
+        "timings": clock.timings(machine=ctx.cluster is None),
         "metrics": metrics,
     }
     if ctx.cluster is not None:  # where the work ran; not in the fingerprint, so either run is up to date for the other

@@ -23,7 +23,7 @@ class Table:
         """Per column: whether it holds numbers (right-aligned)."""
         cells = list(zip(*self.rows)) if self.rows else [()] * len(self.headers)
         return [
-            i > 0 and all(_NUMERIC.match(c.strip("*")) or c in ("", "n/a", "baseline") for c in col)
+            i > 0 and all(_NUMERIC.match(c.strip("*")) or c in ("", "-", "n/a", "baseline", "about the same") for c in col)
             for i, col in enumerate(cells)
         ]
 

@@ -29,6 +29,8 @@ class UnitSummary:
     state: str
     wall_s: float | None = None
     started: float | None = None
+    cpu_s: float | None = None  # processor seconds of the stage's process and of the workers it waited for
+    load_1m: float | None = None  # the machine's 1-minute load average, the higher of the stage's start and end
     output_bytes: int = 0
     metrics: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # the stage's settings, as its fingerprint recorded them
@@ -100,10 +102,31 @@ class RunSummary:
 
     @property
     def test_data(self) -> object:
-        """What the run was tested on: the fingerprint of its test images and annotations, as its proposals
-        recorded it (a copied runs folder or a moved dataset keeps it), else where the data was and the split."""
-        proposals = self.complete("proposals", self.test_split)
-        return (proposals.data_digest if proposals is not None else None) or (self.data_root, self.test_split)
+        """What the run was tested on: the fingerprint of the test images and annotations its evaluation read, as
+        that unit recorded it among its inputs (a copied runs folder or a moved dataset keeps it; proposals rebuilt
+        since from other data do not change it), else as its test proposals recorded it, else where the data was
+        and the split."""
+        units = (self.complete("evaluate", self.test_split), self.complete("proposals", self.test_split))
+        return next((u.data_digest for u in units if u is not None and u.data_digest), None) or (self.data_root, self.test_split)
+
+    @property
+    def scored_classes(self) -> frozenset[str] | None:
+        """The classes the evaluation scored, whose APs its mAP averages (None without results)."""
+        if self.results is None:
+            return None
+        per_class = self.results.get("per_class")
+        return frozenset(per_class if isinstance(per_class, dict) else self.classes)
+
+    def test_load(self) -> tuple[float, str, int | None] | None:
+        """The highest 1-minute load average the units on the test split recorded (those the test time is taken
+        from; a shared unit's, when it was computed), the unit (``features/test``) and that machine's cores; None
+        where none recorded it (older manifests, work on a cluster)."""
+        loads = [u for u in self.units if u.split == self.test_split and u.state == "complete" and u.load_1m is not None]
+        if not loads:
+            return None
+        top = max(loads, key=lambda u: u.load_1m)
+        cores = top.machine.get("cores")
+        return top.load_1m, f"{top.stage}/{top.split}", cores if isinstance(cores, int) else None
 
     def provenance(self) -> tuple[str, str, str]:
         """Of the units timed on the test split (not those shared from another run): the rcnn version and code
@@ -185,6 +208,11 @@ def number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
+def fmt(value, spec: str = ".4f", none: str = "n/a") -> str:
+    v = number(value)
+    return none if v is None else format(v, spec)
+
+
 def _read_unit(unit_dir: Path, pipeline: str) -> UnitSummary:
     stage, split = unit_dir.parent.name, unit_dir.name
     try:
@@ -202,12 +230,16 @@ def _read_unit(unit_dir: Path, pipeline: str) -> UnitSummary:
         return UnitSummary(stage, split, "missing", problem=f"{stage}/{split} is damaged ({damage[0]}): {rerun_hint(unit_dir)}")
     timings = m.get("timings") or {}
     reused = m.get("reused_from")
+    cpu = [number(timings.get(k)) for k in ("cpu_s", "children_cpu_s")]
+    loads = [v for v in (number(timings.get(k)) for k in ("load_1m_start", "load_1m_end")) if v is not None]
     return UnitSummary(
         stage,
         split,
         "complete",
         wall_s=number(timings.get("wall_s")),
         started=number(timings.get("started")),
+        cpu_s=None if cpu[0] is None else cpu[0] + (cpu[1] or 0.0),
+        load_1m=max(loads, default=None),
         output_bytes=sum(int(o.get("bytes", 0)) for o in m["outputs"].values()),
         metrics=m.get("metrics") or {},
         params=m.get("params") or {},
@@ -321,11 +353,13 @@ def load_run(run_dir: Path) -> RunSummary:
 
     test_images = None
     proposals = next((u for u in complete if u.stage == "proposals" and u.split == test), None)
-    if proposals is not None:
+    scored = ev.data_digest if ev is not None else None
+    if proposals is not None and (scored is None or proposals.data_digest in (None, scored)):  # else of other data
         test_images = proposals.metrics.get("images")
     split_file = data_root / "ImageSets" / "Main" / f"{test}.txt" if data_root and test else None
     if test_images is None and split_file is not None and split_file.is_file():
-        test_images = sum(1 for line in split_file.read_text().splitlines() if line.strip())
+        listed = sum(1 for line in split_file.read_text().splitlines() if line.strip())
+        test_images = listed - len((ev.data if ev is not None else {}).get("skipped") or ())
     return RunSummary(
         name=name,
         run_dir=run_dir,

@@ -121,10 +121,11 @@ def map_tables(labels: Sequence[str], groups: Sequence[Sequence], classes: Seque
     rows = []
     for label, group, sp, first in zip(labels, groups, spreads, scored):
         cells = [label, ", ".join(_seed_label(r.name) for r in group), str(sum(1 for r in group if r.results))]
-        # no difference between groups scored with different metrics or on different data
+        # no difference between groups scored with different metrics, on different data or over different classes
         like = first is not None and scored[0] is not None and first.results.get("metric") == scored[0].results.get("metric")
         data = (first.test_data, scored[0].test_data) if like else (None, None)
         like = like and not (all(isinstance(d, str) for d in data) and data[0] != data[1])
+        like = like and first.scored_classes == scored[0].scored_classes
         for variant in VARIANTS:
             this, base = sp[variant]["mAP"], spreads[0][variant]["mAP"]
             none = this is None or base is None or not like
@@ -162,7 +163,7 @@ def per_class_table(labels: Sequence[str], groups: Sequence[Sequence], classes: 
 
 def poolable(group: Sequence, left_out: list[str]) -> list:
     """The seed runs (:class:`rcnn.report.runs.RunSummary`) scored like the group's first scored one, with its
-    metric and on its test data; each other one is named in ``left_out`` with why."""
+    metric, on its test data and over its classes; each other one is named in ``left_out`` with why."""
     ref = next((r for r in group if r.results), None)
     kept = []
     for r in group:
@@ -171,6 +172,11 @@ def poolable(group: Sequence, left_out: list[str]) -> list:
         known = isinstance(r.test_data, str) and isinstance(ref.test_data, str)  # fingerprints both recorded
         if why is None and r.results and known and r.test_data != ref.test_data:
             why = f"tested on other data than `{ref.name}`"
+        if why is None and r.results and r.scored_classes != ref.scored_classes:
+            lacks = ", ".join(sorted(ref.scored_classes - r.scored_classes))
+            adds = ", ".join(sorted(r.scored_classes - ref.scored_classes))
+            how = "; ".join(filter(None, [lacks and f"without {lacks}", adds and f"with {adds}"]))
+            why = f"its mAP averages other classes than `{ref.name}`'s ({how})"
         if why:
             left_out.append(f"`{r.name}` ({why})")
         else:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from rcnn.report import figures as figs
 from rcnn.report import seeds as report_seeds
-from rcnn.report.render import Table, html_page, human_size, markdown, write_text
-from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, number, resumed_note
+from rcnn.report.render import Table, html_page, markdown, write_text
+from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, fmt, number
+from rcnn.report.speed import section_cache, section_stages, section_test_time
 
 # ---------------------------------------------------------------------------------------
 # The report: a list of blocks, rendered once as Markdown and once as HTML.
@@ -45,19 +46,6 @@ def _unique_labels(runs: list[RunSummary]) -> list[str]:
     return labels
 
 
-def _fmt(value, spec: str = ".4f", none: str = "n/a") -> str:
-    v = number(value)
-    return none if v is None else format(v, spec)
-
-
-def _ratio(baseline: float | None, value: float | None, faster: str = "faster", slower: str = "slower") -> str | None:
-    """``"24.3x faster"`` when ``value`` takes 24.3 times less than ``baseline``."""
-    if not baseline or not value:
-        return None
-    r = baseline / value
-    return f"{r:.1f}x {faster}" if r >= 1 else f"{1 / r:.1f}x {slower}"
-
-
 def _section_compared(s: _Study) -> list:
     runs = s.runs
     names = ", ".join(f"`{run.name}`" for run in runs)
@@ -83,9 +71,9 @@ def _section_compared(s: _Study) -> list:
         metric = (run.results or {}).get("metric", "n/a")
         root = f"`{run.data_root}`" if run.data_root else "n/a"
         test_images = str(run.test_images) if run.test_images is not None else "n/a"
-        proposals = run.complete("proposals", run.test_split)
-        if proposals is not None and proposals.data.get("skipped"):  # the count is of the images kept
-            test_images += f" ({len(proposals.data['skipped'])} left out by --skip-bad)"
+        tested = run.complete("evaluate", run.test_split) or run.complete("proposals", run.test_split)
+        if tested is not None and tested.data.get("skipped"):  # the count is of the images kept
+            test_images += f" ({len(tested.data['skipped'])} left out by --skip-bad)"
         rows.append(
             [label, f"`{run.run_dir}`", root, run.test_split or "n/a", test_images, str(len(run.classes)), metric, device]
         )
@@ -166,18 +154,82 @@ def _section_map(s: _Study) -> list:
             rows.append([label, "n/a", "n/a", "", "n/a", ""])
             continue
         diffs = []
-        like = res.get("metric") == base.get("metric") and run.test_data == s.runs[0].test_data  # else no difference
+        like = _scored_alike(run, s.runs[0]) and run.scored_classes == s.runs[0].scored_classes  # else no difference
         for key in ("mAP", "mAP_bbox"):
             a, b = number(res.get(key)), number(base.get(key))
             diffs.append("baseline" if run is s.runs[0] else "n/a" if a is None or b is None or not like else f"{a - b:+.4f}")
-        rows.append([label, str(res.get("metric", "n/a")), _fmt(res.get("mAP")), diffs[0], _fmt(res.get("mAP_bbox")), diffs[1]])
+        rows.append([label, str(res.get("metric", "n/a")), fmt(res.get("mAP")), diffs[0], fmt(res.get("mAP_bbox")), diffs[1]])
     headers = ["run", "metric", "mAP", f"Δ vs {s.baseline}", "mAP +bbox", f"Δ vs {s.baseline}"]
     blocks.append(("table", Table(headers, rows)))
     if len({(run.results or {}).get("metric") for run in s.runs if run.results}) > 1:
         blocks.append(("p", "**The runs use different AP metrics (voc07 / voc10): their mAPs are not comparable.**"))
+    blocks += _class_difference(s.labels, s.runs)
     if any(run.results is None for run in s.runs):
         blocks.append(("p", "Runs marked n/a have no evaluation results; see *What is missing*."))
     return blocks
+
+
+def _scored_alike(run: RunSummary, base: RunSummary) -> bool:
+    """Whether two runs were scored with the same metric on the same test data (their class lists aside)."""
+    return (run.results or {}).get("metric") == (base.results or {}).get("metric") and run.test_data == base.test_data
+
+
+def _names(classes: frozenset[str], most: int = 6) -> str:
+    names = sorted(classes)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _class_difference(labels: list[str], runs: list[RunSummary], per_class: bool = True) -> list:
+    """A bold sentence where a run's mAP averages other classes than the baseline's (``data.classes``, or
+    ``data.other_classes: ignore`` on a subset): its mAP then differs by the classes as well as the method.
+    ``per_class``: the report gives the AP differences on the classes both scored."""
+    base = runs[0].scored_classes
+    differ, tabled = [], False
+    for label, run in zip(labels[1:], runs[1:]):
+        own = run.scored_classes
+        if base is None or own is None or own == base:
+            continue
+        tabled = tabled or _scored_alike(run, runs[0])  # else no table of per-class differences follows
+        how = [f"without {_names(base - own)}" if base - own else "", f"with {_names(own - base)}" if own - base else ""]
+        differ.append(f"{label}'s over {len(own)} ({', '.join(filter(None, how))})")
+    if not differ:
+        return []
+    return [
+        (
+            "p",
+            f"**The mAPs average different classes, {labels[0]}'s over {len(base)}, {'; '.join(differ)}: they are not "
+            "like for like, so no difference is given"
+            + ("; the per-class differences below cover the classes both scored.**" if per_class and tabled else ".**"),
+        )
+    ]
+
+
+def _shared_class_deltas(s: _Study, aps: list[dict]) -> list:
+    """Where a run scored other classes than the baseline (with its metric, on its test data): its AP minus the
+    baseline's on each class both scored, and the mean of those differences."""
+    base = s.runs[0]
+    scored = [run.scored_classes or frozenset() for run in s.runs]
+    cols = [
+        k for k in range(1, len(s.runs)) if scored[0] and scored[k] and scored[k] != scored[0] and _scored_alike(s.runs[k], base)
+    ]
+    classes = [c for c in _all_classes(s) if c in scored[0] and any(c in scored[k] for k in cols)]
+    if not cols or not classes:
+        return []
+    headers, rows = ["class"], [[c] for c in classes] + [["**mean over the classes both scored**"]]
+    for k in cols:
+        for v, suffix in (("plain", ""), ("bbox", " +bbox")):
+            headers.append(f"Δ {s.labels[k]}{suffix}")
+            pairs = {c: (number(aps[k][v].get(c)), number(aps[0][v].get(c))) for c in classes if c in scored[k]}
+            diffs = {c: None if None in ab else ab[0] - ab[1] for c, ab in pairs.items()}
+            for row, c in zip(rows, classes):
+                row.append(fmt(diffs[c], "+.4f") if c in diffs else "-")
+            known = [d for d in diffs.values() if d is not None]
+            rows[-1].append(f"**{sum(known) / len(known):+.4f}**" if known else "n/a")
+    text = (
+        f"AP differences against {s.baseline} on the classes both runs scored (-: a class the run did not score; "
+        "n/a: either run has no AP for it, having no test object of it)."
+    )
+    return [("p", text), ("table", Table(headers, rows))]
 
 
 def _all_classes(s: _Study) -> list[str]:
@@ -199,13 +251,21 @@ def _section_per_class(s: _Study) -> list:
             }
         )
     headers = ["class"] + [h for label in s.labels for h in (label, f"{label} +bbox")]
-    rows = [[c] + [_fmt(a[v].get(c)) for a in aps for v in ("plain", "bbox")] for c in [*classes, "mAP"]]
+    scored = [run.scored_classes if run.results else None for run in s.runs]  # "-": a class the run did not score
+
+    def cell(c: str, k: int, variant: str) -> str:
+        return "-" if c != "mAP" and scored[k] is not None and c not in scored[k] else fmt(aps[k][variant].get(c))
+
+    rows = [[c] + [cell(c, k, v) for k in range(len(aps)) for v in ("plain", "bbox")] for c in [*classes, "mAP"]]
     rows[-1] = [f"**{cell}**" for cell in rows[-1]]
     metric = next((run.results["metric"] for run in s.runs if run.results and "metric" in run.results), "AP")
     path = figs.ap_bars(s.figure_dir / "ap_per_class.png", s.labels, classes, aps, metric)
     s.figures["ap_per_class"] = path
     caption = "AP per class and mAP, one bar per run: top without, bottom with box regression."
-    return blocks + [("table", Table(headers, rows)), ("figure", "ap_per_class", caption)]
+    if any(own is not None and c not in own for own in scored for c in classes):
+        blocks.append(("p", "-: a class the run did not score (not in its class list)."))
+    blocks += [("table", Table(headers, rows)), ("figure", "ap_per_class", caption)]
+    return blocks + _shared_class_deltas(s, aps)
 
 
 def _section_map_seeds(s: _Study) -> list:
@@ -229,6 +289,8 @@ def _section_map_seeds(s: _Study) -> list:
         blocks.append(("p", f"**Left out of the means, as not like for like with their group: {'; '.join(s.left_out)}.**"))
     if len({(r.results or {}).get("metric") for group in s.seed_runs for r in group if r.results}) > 1:
         blocks.append(("p", "**The runs use different AP metrics (voc07 / voc10): their mAPs are not comparable.**"))
+    firsts = [next((r for r in group if r.results), group[0]) for group in s.seed_runs]
+    blocks += _class_difference(s.labels, firsts, per_class=False)
     return blocks + [("table", Table(*each)), ("p", later)]
 
 
@@ -264,100 +326,6 @@ def _section_pr(s: _Study) -> list:
         "legend is recomputed too, and should equal the +bbox column above)."
     )
     return blocks + [("figure", "pr_curves", caption)]
-
-
-def _section_stages(s: _Study) -> list:
-    rows = []
-    for label, run in zip(s.labels, s.runs):
-        own = shared = 0.0
-        for u in run.units:
-            m = u.metrics
-            spi = number(m.get("seconds_per_image"))
-            images_per_s = number(m.get("images_per_s")) or (1 / spi if spi else None)
-            note = f"shared with {u.shared_with}" if u.shared_with else "" if u.state == "complete" else "**missing**"
-            note = "; ".join(filter(None, [note, resumed_note(m)]))
-            size = human_size(u.output_bytes) if u.state == "complete" else ""
-            speeds = [_fmt(images_per_s, ".2f", ""), _fmt(m.get("boxes_per_s"), ".0f", "")]
-            rows.append([label, u.stage, u.split, _fmt(u.wall_s, ".1f", ""), *speeds, size, note])
-            if u.shared_with:
-                shared += u.wall_s or 0.0
-            else:
-                own += u.wall_s or 0.0
-        note = f"+ {shared:.1f} s in shared units" if shared else ""
-        rows.append([label, "**total**", "", f"**{own:.1f}**", "", "", "", note])
-    headers = ["run", "stage", "split", "wall s", "images/s", "boxes/s", "outputs", "note"]
-    text = (
-        "Wall time of every stage and split as recorded in its manifest. A unit *shared with* another pipeline reused "
-        "that pipeline's outputs (same inputs and parameters); its time is the other pipeline's and is left out of the total."
-    )
-    return [("h2", "Stages: wall time and throughput"), ("p", text), ("table", Table(headers, rows))]
-
-
-def _section_test_time(s: _Study) -> list:
-    blocks: list = [("h2", "Test time per image")]
-    times = [run.test_time() for run in s.runs]
-    base = times[0]
-    rows, sentences = [], []
-    for label, t in zip(s.labels, times):
-        stages = f" ({' + '.join(t.feature_stages)})" if t.features is not None else ""
-        feat_ratio = _ratio(base.features, t.features) if t is not base else "baseline"
-        total_ratio = _ratio(base.total, t.total) if t is not base else "baseline"
-        again = _fmt(t.pooled_again) if t.pooled_again is not None else "-"
-        seconds = [_fmt(t.proposals), _fmt(t.features) + stages, _fmt(t.caching), again, _fmt(t.classification), _fmt(t.total)]
-        rows.append([label, *seconds, feat_ratio or "n/a", total_ratio or "n/a"])
-        if t is not base:
-            if feat_ratio:
-                sentences.append(f"{label} features {feat_ratio} than {s.baseline}.")
-            if total_ratio:
-                sentences.append(f"{label} in total {total_ratio} than {s.baseline}.")
-    headers = [
-        "run",
-        "proposals s",
-        "features s",
-        "caching s",
-        "computed again s",
-        "classification s",
-        "total s",
-        "features vs baseline",
-        "total vs baseline",
-    ]
-    text = (
-        "Seconds per test image: proposals (one worker), features (every feature stage on the test split: image "
-        "decoding, warping or the conv trunk, pooling and fc layers, as a detector computes them, including what box "
-        "regression reads), and classification (SVM scoring, box regression and NMS). Caching is what the feature "
-        "stages spent on top writing their features to disk. Computed again is what box regression reads and the "
-        "pipeline does not cache, so computes a second time while evaluating: SPP-net's pyramid, pooled again from "
-        "the conv maps, or R-CNN's pool5 under features.bbox_rows: regression, the test boxes warped through the "
-        "network again; a detector keeps what it computed for the SVMs' features. A detector pays neither, so "
-        "neither is in the total."
-    )
-    blocks += [("p", text), ("table", Table(headers, rows))]
-    if sentences:
-        blocks.append(("list", sentences))
-    if any(t.total is None for t in times):
-        blocks.append(("p", "n/a: the run's manifests do not record that part; see *What is missing*."))
-    if any(v is not None for t in times for v in t.as_dict().values()):
-        s.figures["test_time"] = figs.time_bars(s.figure_dir / "test_time.png", s.labels, [t.as_dict() for t in times])
-        blocks.append(("figure", "test_time", "Test seconds per image, split into proposals, features and classification."))
-    return blocks
-
-
-def _section_cache(s: _Study) -> list:
-    caches = [run.feature_cache() for run in s.runs]
-    base, base_units, base_missing = caches[0]
-    rows, sentences = [], []
-    for r, (label, (size, units, missing)) in enumerate(zip(s.labels, caches)):
-        stages = ", ".join(f"{u.stage}/{u.split}" for u in units) or "none"
-        if missing:
-            stages += "; missing: " + ", ".join(f"{u.stage}/{u.split}" for u in missing)
-        ratio = f"{size / base:.3f}x" if base and units else "n/a"
-        rows.append([label, stages, (human_size(size) if units else "n/a") + (" (incomplete)" if missing else ""), ratio])
-        if r > 0 and units and base_units and not missing and not base_missing:
-            sentences.append(f"{label}'s feature cache is {_ratio(base, size, 'smaller', 'larger')} than {s.baseline}'s.")
-    text = "Bytes on disk of the feature-caching stages' outputs (every split), from the manifests."
-    blocks: list = [("h2", "Feature cache on disk"), ("p", text)]
-    blocks.append(("table", Table(["run", "units", "size", f"size / {s.baseline}"], rows)))
-    return blocks + ([("list", sentences)] if sentences else [])
 
 
 def _section_grid(s: _Study, grid_images: int) -> list:
@@ -400,8 +368,11 @@ def write_report(
     title = "Detector comparison: " + " vs ".join(s.labels) + (" (over seeds)" if seed_runs else "")
     blocks: list = [("h1", title), ("h2", "What was compared"), *_section_compared(s)]
     ap_sections = (_section_map_seeds, _section_per_class_seeds) if seed_runs else (_section_map, _section_per_class)
-    for section in (*ap_sections, _section_pr, _section_stages, _section_test_time, _section_cache):
+    for section in (*ap_sections, _section_pr):
         blocks += section(s)
+    blocks += section_stages(s.labels, s.runs)
+    blocks += section_test_time(s.labels, s.runs, s.figure_dir, s.figures)
+    blocks += section_cache(s.labels, s.runs)
     blocks += _section_grid(s, grid_images)
     blocks += _section_missing(s)
     paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html"}

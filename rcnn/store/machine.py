@@ -1,10 +1,12 @@
-"""The machine a unit was computed on, recorded in its manifest beside the library versions: timings from two
-runs compare methods only when they were taken on the same processor or card."""
+"""The machine a unit was computed on, recorded in its manifest beside the library versions, and how busy it was
+while the unit ran: timings from two runs compare methods only when they were taken on the same processor or card,
+under a similar load."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -41,3 +43,44 @@ def machine_text(record: dict | None) -> str:
         return "n/a"
     host = f"{record['cpu']}, {record.get('cores')} cores"
     return f"{record['gpu']} ({host})" if record.get("gpu") else host
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (processes running or waiting for a core, averaged over the last minute), or
+    None where the system keeps none (Windows)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """Processor seconds (user + system) of this process, all its threads, and of its child processes that
+    have ended and been waited for (a stage's worker pool, once closed)."""
+    t = os.times()
+    return t.user + t.system, t.children_user + t.children_system
+
+
+class Stopwatch:
+    """Wall time, processor time and the load average over one unit's work, for its manifest's ``timings``.
+
+    The load average at the start shows what else kept the machine busy before the work began; at the end it
+    includes the unit's own processes. A stage that waits for a busy processor takes longer in wall time,
+    not in processor time.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.load_start = load_average()
+        self.cpu_start = cpu_seconds()
+
+    def timings(self, machine: bool = True) -> dict:
+        """``started``, ``wall_s`` and, with ``machine`` (the work ran in this process and its workers, not on
+        a cluster's), ``cpu_s``, ``children_cpu_s``, ``load_1m_start`` and ``load_1m_end``."""
+        out: dict = {"started": self.started, "wall_s": time.time() - self.started}
+        if machine:
+            own, children = cpu_seconds()
+            out["cpu_s"] = round(own - self.cpu_start[0], 3)
+            out["children_cpu_s"] = round(children - self.cpu_start[1], 3)
+            out["load_1m_start"], out["load_1m_end"] = self.load_start, load_average()
+        return out

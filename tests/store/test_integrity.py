@@ -396,9 +396,11 @@ def test_compare_judges_like_for_like_by_the_data_not_by_its_path(traced, tmp_pa
     warning = "tested on different data or splits"
     code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / "a")], capsys)
     assert code == 0 and warning not in (tmp_path / "a" / "report.md").read_text(), err
-    proposals = runs / "tiny-spp" / "proposals" / "test" / "manifest.json"
-    doc = json.loads(proposals.read_text())
-    doc["inputs"]["data/test"] = "0" * 32  # other test images
-    proposals.write_text(json.dumps(doc))
-    code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / "b")], capsys)
-    assert code == 0 and warning in (tmp_path / "b" / "report.md").read_text(), err
+    # What the evaluation read decides, not the proposals rebuilt since (`rcnn proposals tiny-spp --set data.root=…`).
+    for stage, out, said in (("proposals", "b", False), ("evaluate", "c", True)):
+        manifest = runs / "tiny-spp" / stage / "test" / "manifest.json"
+        doc = json.loads(manifest.read_text())
+        doc["inputs"]["data/test"] = "0" * 32  # other test images
+        manifest.write_text(json.dumps(doc))
+        code, _, err = run_cli(["compare", "tiny", "tiny-spp", "--runs-dir", str(runs), "--out", str(tmp_path / out)], capsys)
+        assert code == 0 and (warning in (tmp_path / out / "report.md").read_text()) is said, err

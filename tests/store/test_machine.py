@@ -1,13 +1,15 @@
-"""The machine a unit was computed on, in its manifest: what a report needs to say where timings come from."""
+"""The machine a unit was computed on, and how busy it was, in its manifest: what a report needs to say where
+timings come from."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 from conftest import run_cli
 
-from rcnn.store.machine import cpu_model, machine_record, machine_text
+from rcnn.store.machine import Stopwatch, cpu_model, load_average, machine_record, machine_text
 
 
 def test_the_record_names_the_processor_and_a_card_only_for_a_gpu_stage():
@@ -42,3 +44,28 @@ def test_every_manifest_records_its_machine(pipelines_file, tmp_path, capsys):
     for split in ("trainval", "test"):
         manifest = json.loads((runs / "tiny" / "proposals" / split / "manifest.json").read_text())
         assert manifest["machine"] == machine_record(None)
+        # Beside the wall time, what it cost the processor and how busy the machine was (a second user's load
+        # made one run's features 11x slower, and the report said so as a difference of the methods).
+        timings = manifest["timings"]
+        assert timings["cpu_s"] > 0 and timings["children_cpu_s"] >= 0 and timings["wall_s"] > 0
+        assert timings["load_1m_start"] >= 0 and timings["load_1m_end"] >= 0
+
+
+def test_the_stopwatch_times_the_processor_and_the_load_where_the_system_has_one(monkeypatch):
+    clock = Stopwatch()
+    end = clock.started + 0.2
+    while time.time() < end:  # busy: processor time grows with the wall time
+        pass
+    timings = clock.timings()
+    assert 0 < timings["cpu_s"] <= timings["wall_s"] + 0.05 and timings["wall_s"] >= 0.2 and timings["children_cpu_s"] == 0
+    if hasattr(os, "getloadavg"):
+        assert timings["load_1m_start"] >= 0 and timings["load_1m_end"] >= 0
+    assert set(clock.timings(machine=False)) == {"started", "wall_s"}  # on a cluster: the client's would mislead
+
+    def no_load():
+        raise OSError("load average unobtainable")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    assert load_average() is None and Stopwatch().timings()["load_1m_end"] is None
+    monkeypatch.delattr(os, "getloadavg")  # Windows has none
+    assert load_average() is None
