@@ -350,3 +350,20 @@ def test_a_runs_folder_that_is_a_file_is_one_line(argv, tmp_path, capsys, monkey
     (tmp_path / "runs.txt").write_text("")
     code, _, err = run([*argv, "--runs-dir", "runs.txt"], capsys)
     assert_one_line_error(code, err, "the runs folder 'runs.txt' is a file, not a folder", 1)
+
+
+def test_split_files_as_editors_save_them_and_a_missing_split_in_each_command(voc_copy, tmp_path, capsys):
+    split = voc_copy / "ImageSets" / "Main" / "trainval.txt"
+    ids = VOCDataset(voc_copy, "trainval").ids
+    # Notepad's "Unicode": UTF-16 LE with its byte-order mark (a UnicodeDecodeError traceback).
+    split.write_bytes(("\r\n".join(ids) + "\r\n").encode("utf-16"))
+    code, out, err = run(["data", "stats", str(voc_copy)], capsys)
+    assert code == 0 and err == "" and f"[trainval]: {len(ids)} images" in out, err
+    split.write_bytes("\n".join([*ids, "café"]).encode("cp1252"))
+    code, _, err = run(["data", "stats", str(voc_copy)], capsys)
+    assert_one_line_error(code, err, f"{split}, line {len(ids) + 1}: byte 0xe9 is not UTF-8 text; save the file as UTF-8", 1)
+    there = "(is 'val' the right split name? split files there: test, trainval)"
+    code, _, err = run(["data", "stats", str(voc_copy), "--split", "val"], capsys)
+    assert_one_line_error(code, err, f"split file '{voc_copy}/ImageSets/Main/val.txt' does not exist {there}", 1)
+    code, _, err = run(["evaluate", "--data", str(voc_copy), "--split", "val", "--detections", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, there, 1)
