@@ -284,10 +284,11 @@ class VOCDataset:
         return h.hexdigest()
 
 
-def close_class(name: str, classes: tuple[str, ...]) -> str | None:
-    """The class of ``classes`` that ``name`` is most likely a misspelling of, if one is close enough."""
+def close_class(name: str, classes: tuple[str, ...], cutoff: float = 0.75) -> str | None:
+    """The class of ``classes`` that ``name`` is most likely a misspelling of, if one is close enough: its
+    case-blind :class:`difflib.SequenceMatcher` ratio at least ``cutoff``."""
     folded = [c.casefold() for c in classes]
-    close = difflib.get_close_matches(name.casefold(), folded, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name.casefold(), folded, n=1, cutoff=cutoff)
     return classes[folded.index(close[0])] if close else None
 
 
