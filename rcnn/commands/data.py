@@ -45,12 +45,13 @@ def data_stats(directory, split, check):
     will, and images whose EXIF orientation tag turns them in viewers are named (boxes
     refer to the stored pixels), as are JPEGs that decode only with the decoder's
     warnings (damaged mid-file) and dim 16-bit images. An id with more than one image
-    file (x.jpg and x.png) is noted, naming the one read. Images with a problem are listed, one line each, and
+    file (x.jpg and x.png) is noted, naming the one read, and so are class names that
+    differ only in case (RBC, rbc) or are alike (circle, circles). Images with a problem are listed, one line each, and
     left out of the counts; the exit status is then 1.
     """
     from rcnn.data.datasets import IMAGE_SUFFIXES, ROOT_LAYOUT, VOCDataset, find_bad_images
     from rcnn.data.imagefile import dim_16bit_peak, exif_orientation
-    from rcnn.data.stats import dataset_stats, decoder_warnings, format_stats, several_files
+    from rcnn.data.stats import alike_classes, dataset_stats, decoder_warnings, format_stats, several_files
 
     if not Path(directory).is_dir():
         raise UserError(f"dataset root '{directory}' does not exist; give `rcnn data stats` {ROOT_LAYOUT}")
@@ -59,7 +60,19 @@ def data_stats(directory, split, check):
         bad = find_bad_images(dataset)
     else:
         bad = {i: reason for i in dataset.ids if (reason := dataset.problem(i)) is not None}
-    click.echo(format_stats(dataset_stats(VOCDataset(directory, split, skip=bad))))
+    stats = dataset_stats(VOCDataset(directory, split, skip=bad))
+    click.echo(format_stats(stats))
+    case, near = alike_classes(list(stats["per_class"]))
+    if case:
+        click.echo(
+            "\n  note: class names that differ only in case, which a pipeline refuses as two classes (one devkit file on "
+            f"macOS or Windows): {'; '.join(', '.join(group) for group in case)}; give each class one spelling"
+        )
+    if near:
+        click.echo(
+            "\n  note: class names so alike that one may be misspelt (a pipeline learns each as a class of its own): "
+            + "; ".join(f"{a}, {b}" for a, b in near)
+        )
     turned = [i for i in dataset.ids if check and i not in bad and exif_orientation(dataset.image_path(i)) != 1]
     if turned:
         click.echo(

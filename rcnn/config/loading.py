@@ -8,6 +8,7 @@ Nothing mutates a configuration after loading; stages receive plain values from 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -17,8 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-from rcnn.config.fields import Range
-from rcnn.config.schema import INPUT_SIZES, PipelineConfig
+from rcnn.config.checks import check_number, check_path, check_together
+from rcnn.config.schema import PipelineConfig
 from rcnn.config.seeds import SEED_KEYS, SEEDED_NAME, split_seeded_name
 from rcnn.config.yamlfile import load_yaml, parse_override
 from rcnn.data.filenames import name_problem
@@ -96,7 +97,10 @@ def _coerce(tp: Any, value: Any, key: str, where: str, base: Path | None) -> Any
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond a float's range: refused as not finite, as 1e400 is
+            return math.inf if value > 0 else -math.inf
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
@@ -113,49 +117,19 @@ def _build(cls: type, raw: dict, prefix: str, where: str, base: Path | None) -> 
         if key not in fields:
             known = ", ".join(fields)
             raise ConfigError(f"{where}: unknown key '{full}' (known keys here: {known})")
-        value = _coerce(hints[key], value, full, where, base)
+        written, value = value, _coerce(hints[key], value, full, where, base)
         keywords = fields[key].metadata.get("keywords", ())
         is_keyword = value in keywords or (isinstance(value, str) and value.startswith("pipeline:"))
         if fields[key].metadata.get("path") and isinstance(value, str) and not is_keyword:
+            check_path(value, written, full, where)
             value = os.path.expanduser(value)
             value = str((base / value).resolve()) if base is not None and not os.path.isabs(value) else value
-        _check_range(fields[key].metadata.get("range"), value, full, where)
+        check_number(fields[key].metadata.get("range"), value, full, where)
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required key is missing
         raise ConfigError(f"{where}: {prefix or 'pipeline'}: {e}") from None
-
-
-def _check_range(allowed: Range | None, value: Any, key: str, where: str) -> None:
-    """Refuse a number (or a list's number) outside the field's range, naming the key, the value and the range."""
-    if allowed is None:
-        return
-    for v in value if isinstance(value, tuple) else (value,):
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v != v or v not in allowed):
-            raise ConfigError(f"{where}: '{key}' must be {allowed}; got {v!r}")
-
-
-def _check_together(cfg: PipelineConfig, where: str) -> None:
-    """Rules between settings, checked once the whole configuration is built."""
-    ft, m = cfg.finetune, cfg.model
-    if ft.bg_low >= ft.fg_threshold:
-        raise ConfigError(
-            f"{where}: 'finetune.bg_low' ({ft.bg_low:g}) must be below 'finetune.fg_threshold' ({ft.fg_threshold:g})"
-        )
-    if cfg.svm.evict_threshold >= cfg.svm.hard_threshold:
-        raise ConfigError(
-            f"{where}: 'svm.evict_threshold' ({cfg.svm.evict_threshold:g}) must be below "
-            f"'svm.hard_threshold' ({cfg.svm.hard_threshold:g}), or evicted negatives would count as hard"
-        )
-    repeated = sorted({c for c in cfg.data.classes or () if cfg.data.classes.count(c) > 1})
-    if repeated:
-        raise ConfigError(f"{where}: 'data.classes' lists {', '.join(map(repr, repeated))} more than once")
-    if cfg.data.root is None and cfg.data.synthetic is None:
-        raise ConfigError(f"{where}: set 'data.root' (a VOC-layout folder) or 'data.synthetic' (data generated for it)")
-    sizes = INPUT_SIZES[m.backbone]
-    if m.input_size is not None and m.input_size not in sizes:
-        raise ConfigError(f"{where}: 'model.input_size' must be {sizes} for backbone {m.backbone}; got {m.input_size}")
 
 
 def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
@@ -235,7 +209,7 @@ class PipelineFile:
         if not self.path.is_file():
             raise ConfigError(f"pipeline file '{self.path}' does not exist")
         try:
-            doc = load_yaml(self.path.read_text())
+            doc = load_yaml(self.path.read_text(), str(self.path))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""
@@ -357,7 +331,7 @@ class PipelineFile:
         raw = self._resolved_raw(name)
         cfg = _build(PipelineConfig, {"name": name, **raw}, "", where, self.relative_to)
         if not overrides:
-            _check_together(cfg, where)
+            check_together(cfg, where)
             return cfg
         # Overrides are resolved against the working directory, as a user typing
         # a path on the command line expects; values from the file were already
@@ -369,7 +343,7 @@ class PipelineFile:
             raw = _apply_override(raw, key, value)
         where = f"--set on pipeline '{name}'"
         cfg = _build(PipelineConfig, raw, "", where, Path.cwd())
-        _check_together(cfg, where)
+        check_together(cfg, where)
         return cfg
 
 

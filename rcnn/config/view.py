@@ -60,7 +60,10 @@ def render_reference() -> str:
         "Generated from `rcnn/config/schema.py` by `python -m rcnn.config.view docs/pipelines.md`; a test checks that it",
         "matches the code. A pipeline in `pipelines.yaml` sets any of these under its section; `--set section.key=value`",
         "overrides one on the command line; `rcnn config PIPELINE` prints what a pipeline resolves to and where each",
-        "value comes from. A number outside its range is refused when the configuration loads (exit status 2).",
+        "value comes from. A number outside its range or not finite (`.inf`, `1e400`, `.nan`), and an empty path, are",
+        "refused when the configuration loads (exit status 2). Values are read as YAML 1.2 reads them: `1e-4` is a",
+        "number, and only `true` and `false` (or `True`, `FALSE`, ...) are booleans: `yes`, `no`, `on` and `off` are",
+        "strings. A key given twice in one mapping is refused, naming it and its lines.",
         "Settings marked *not in the fingerprint* change how fast a stage runs, never what it computes, so",
         "changing them leaves finished stages up to date.",
         "",
@@ -70,7 +73,8 @@ def render_reference() -> str:
         "search: Uijlings, van de Sande, Gevers, Smeulders, IJCV 2013.",
         "",
         "Rules between settings: `finetune.bg_low` < `finetune.fg_threshold`; `svm.evict_threshold` <",
-        "`svm.hard_threshold`; `model.input_size` within what the backbone accepts:",
+        "`svm.hard_threshold`; `data.classes` null or at least one class, none twice; `model.input_size` within what",
+        "the backbone accepts:",
         "",
     ]
     from rcnn.config import INPUT_SIZES

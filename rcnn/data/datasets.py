@@ -22,6 +22,7 @@ import numpy as np
 
 from rcnn.data.filenames import name_problem
 from rcnn.data.imagefile import TURNED, exif_orientation
+from rcnn.data.splitfile import missing_split_file, not_utf8, read_split_file
 from rcnn.errors import UserError
 from rcnn.structures.boxes import from_voc_pixels
 
@@ -78,9 +79,18 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str, clip: bool = 
     except FileNotFoundError:
         stem, suffix = os.path.splitext(image_id)
         hint = f"; split files list ids without an extension ('{stem}')" if suffix.lower() in IMAGE_SUFFIXES + (".xml",) else ""
+        hint += "; a split file holds no comments: if this line is one, remove it" if image_id.startswith("#") else ""
         raise UserError(f"annotation '{xml_path}' is missing (listed in the split file){hint}") from None
     except ET.ParseError as e:
-        raise UserError(f"{xml_path}: malformed XML ({e})") from None
+        data = xml_path.read_bytes()
+        bad = None if b"encoding=" in data[:200] or b"\x00" in data[:4] else not_utf8(data)  # declared, or UTF-16/32
+        hint = (
+            f"; {bad} is not UTF-8, and the file declares no other encoding: save it as UTF-8, or declare its "
+            'encoding in a first line <?xml version="1.0" encoding="ISO-8859-1"?>'
+            if bad
+            else ""
+        )
+        raise UserError(f"{xml_path}: malformed XML ({e}){hint}") from None
     size = root.find("size")
     if size is None:
         raise UserError(f"{xml_path}: missing <size>")
@@ -124,24 +134,6 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str, clip: bool = 
     )
 
 
-def _read_split_file(split_file: Path) -> list[str]:
-    """The image ids of a split file: one per line, or VOC's per-class layout ``<id> <-1|0|1>``."""
-    ids = []
-    # utf-8-sig: Windows editors start the file with a byte-order mark, which would join the first id.
-    for lineno, line in enumerate(split_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        fields = line.split()
-        if len(fields) == 2 and fields[1] in ("-1", "0", "1"):
-            fields = fields[:1]
-        if len(fields) > 1:
-            # Cutting at the space would report an image "missing" that is there.
-            raise UserError(
-                f"{split_file}, line {lineno}: {line.strip()!r} is not one image id; ids cannot contain "
-                "whitespace (the devkit's result files separate fields by it): rename the image and its annotation"
-            )
-        ids += fields
-    return ids
-
-
 class VOCDataset:
     """Images and annotations of one split of a VOC-layout folder.
 
@@ -179,9 +171,9 @@ class VOCDataset:
             raise UserError(f"split name {split!r} cannot be a file name ({problem}); name a file in {folder}")
         split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
-            raise UserError(f"split file '{split_file}' does not exist (is '{split}' the right split name?)")
+            raise UserError(missing_split_file(split_file.parent, split))
         self.split_file = split_file
-        ids = _read_split_file(split_file)
+        ids = read_split_file(split_file)
         seen: set[str] = set()
         for image_id in ids:
             problem = name_problem(image_id) or ("it starts with '.'" if image_id.startswith(".") else None)
@@ -307,10 +299,11 @@ class VOCDataset:
         return h.hexdigest()
 
 
-def close_class(name: str, classes: tuple[str, ...]) -> str | None:
-    """The class of ``classes`` that ``name`` is most likely a misspelling of, if one is close enough."""
+def close_class(name: str, classes: tuple[str, ...], cutoff: float = 0.75) -> str | None:
+    """The class of ``classes`` that ``name`` is most likely a misspelling of, if one is close enough: its
+    case-blind :class:`difflib.SequenceMatcher` ratio at least ``cutoff``."""
     folded = [c.casefold() for c in classes]
-    close = difflib.get_close_matches(name.casefold(), folded, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name.casefold(), folded, n=1, cutoff=cutoff)
     return classes[folded.index(close[0])] if close else None
 
 

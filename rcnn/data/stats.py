@@ -1,5 +1,6 @@
 """Dataset statistics for `rcnn data stats`: images, objects per class, difficult counts, box sizes; and what
-it notes beside them: ids with several image files, JPEGs that decode only with the decoder's warnings."""
+it notes beside them: ids with several image files, JPEGs that decode only with the decoder's warnings, class
+names that differ only in case or are alike."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.data.datasets import VOCDataset, decode_image
+from rcnn.data.datasets import VOCDataset, close_class, decode_image
 from rcnn.errors import UserError
 from rcnn.structures.boxes import box_area
 
@@ -77,6 +78,18 @@ def format_stats(s: dict) -> str:
             + "  (small < 32^2 px, large >= 96^2 px)",
         ]
     return "\n".join(lines)
+
+
+def alike_classes(names: list[str]) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """Class names likely meant as one: the groups that differ only in case (``RBC``, ``rbc``: a pipeline refuses
+    them as two classes), and pairs so alike that one may be misspelt (``circle``, ``circles``), each sorted."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        groups.setdefault(name.casefold(), []).append(name)
+    firsts = [group[0] for group in groups.values()]
+    # Stricter than the "did you mean" of an unknown class: VOC's car and chair (ratio 0.75) are not alike here.
+    near = [(a, b) for i, a in enumerate(firsts) if (b := close_class(a, tuple(firsts[i + 1 :]), cutoff=0.85))]
+    return [group for group in groups.values() if len(group) > 1], near
 
 
 def several_files(folder: Path, ids: list[str], suffixes: tuple[str, ...]) -> dict[str, list[str]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.data.datasets import ImageAnnotation, VOCDataset
+from rcnn.data.datasets import ImageAnnotation, VOCDataset, close_class
 from rcnn.errors import ConfigError, UserError
 from rcnn.evaluation.detfiles import detection_file_classes, read_detections
 from rcnn.evaluation.voc import ClassGroundTruth, EvalResult, evaluate
@@ -48,9 +48,14 @@ def score_devkit_detections(
     unknown = [name for name in classes if name not in known]
     if unknown:
         which = f"class {unknown[0]!r} is" if len(unknown) == 1 else f"classes {', '.join(map(repr, unknown))} are"
+        close = {name: other for name in unknown if (other := close_class(name, tuple(known)))}
+        if len(unknown) == 1 and close:
+            hint = f"; did you mean {close[unknown[0]]!r}?"
+        else:
+            hint = "; did you mean " + ", ".join(f"{c!r} for {u!r}" for u, c in close.items()) + "?" if close else ""
         raise ConfigError(
             f"{which} to be scored but neither an object of split '{split}' of {data_root} nor named by a file in {detections} "
-            f"(known: {', '.join(known)})"
+            f"(known: {', '.join(known)}){hint}"
         )
     gt = ground_truth_by_class(dataset.annotations(), classes)
     dets = read_detections(detections, split, classes)

@@ -342,6 +342,12 @@ def test_evaluate_devkit_files(tiny_voc, tmp_path, capsys):
         f"(known: {known})",
         2,
     )
+    # A name differing from a known one in case: the class it likely means is named.
+    code, _, err = run(
+        ["evaluate", "--data", str(tiny_voc), "--detections", str(det), "--classes", f"{one},{one.upper()}"], capsys
+    )
+    assert_one_line_error(code, err, f"class '{one.upper()}' is to be scored but neither", 2)
+    assert err.strip().endswith(f"(known: {known}); did you mean '{one}'?")
     (det / "comp4_det_test_hexagon.txt").unlink()
 
     bad = det / f"comp4_det_test_{next(iter(files))}.txt"
@@ -380,3 +386,44 @@ def test_a_runs_folder_that_is_a_file_is_one_line(argv, tmp_path, capsys, monkey
     (tmp_path / "runs.txt").write_text("")
     code, _, err = run([*argv, "--runs-dir", "runs.txt"], capsys)
     assert_one_line_error(code, err, "the runs folder 'runs.txt' is a file, not a folder", 1)
+
+
+def test_data_stats_notes_class_names_that_differ_only_in_case_or_are_alike(voc_copy, capsys):
+    # `rcnn data stats --check` listed RBC and rbc as two classes, exit 0, and the pipeline then refused them.
+    from rcnn.data.stats import dataset_stats
+
+    dataset = VOCDataset(voc_copy, "trainval")
+    counts = dataset_stats(dataset)["per_class"]
+    name, other = [c for c in counts if counts[c]["objects"] >= 2][:2]  # each keeps an object under its own name
+
+    def rename_one(old: str, new: str) -> None:
+        xml = next(p for i in dataset.ids if f"<name>{old}</name>" in (p := voc_copy / "Annotations" / f"{i}.xml").read_text())
+        xml.write_text(xml.read_text().replace(f"<name>{old}</name>", f"<name>{new}</name>", 1))
+
+    rename_one(name, name.upper())
+    code, out, err = run(["data", "stats", str(voc_copy), "--check"], capsys)
+    assert code == 0 and err == "", err
+    assert "\n  note: class names that differ only in case, which a pipeline refuses as two classes (one devkit file on " in out
+    assert f"macOS or Windows): {name.upper()}, {name}; give each class one spelling" in out and "misspelt" not in out
+    rename_one(other, other + "s")
+    code, out, err = run(["data", "stats", str(voc_copy)], capsys)
+    assert code == 0 and err == "", err
+    note = next(line.strip() for line in out.splitlines() if "misspelt" in line)
+    assert note.endswith(f"one may be misspelt (a pipeline learns each as a class of its own): {other}, {other}s")
+
+
+def test_split_files_as_editors_save_them_and_a_missing_split_in_each_command(voc_copy, tmp_path, capsys):
+    split = voc_copy / "ImageSets" / "Main" / "trainval.txt"
+    ids = VOCDataset(voc_copy, "trainval").ids
+    # Notepad's "Unicode": UTF-16 LE with its byte-order mark (a UnicodeDecodeError traceback).
+    split.write_bytes(("\r\n".join(ids) + "\r\n").encode("utf-16"))
+    code, out, err = run(["data", "stats", str(voc_copy)], capsys)
+    assert code == 0 and err == "" and f"[trainval]: {len(ids)} images" in out, err
+    split.write_bytes("\n".join([*ids, "café"]).encode("cp1252"))
+    code, _, err = run(["data", "stats", str(voc_copy)], capsys)
+    assert_one_line_error(code, err, f"{split}, line {len(ids) + 1}: byte 0xe9 is not UTF-8 text; save the file as UTF-8", 1)
+    there = "(is 'val' the right split name? split files there: test, trainval)"
+    code, _, err = run(["data", "stats", str(voc_copy), "--split", "val"], capsys)
+    assert_one_line_error(code, err, f"split file '{voc_copy}/ImageSets/Main/val.txt' does not exist {there}", 1)
+    code, _, err = run(["evaluate", "--data", str(voc_copy), "--split", "val", "--detections", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, there, 1)

@@ -204,7 +204,9 @@ def test_out_of_range_settings_are_refused_with_key_value_and_range(key, allowed
         ("finetune.fg_threshold=1.5", "'finetune.fg_threshold' must be in (0, 1]; got 1.5"),
         ("finetune.bg_low=0.6", "'finetune.bg_low' (0.6) must be below 'finetune.fg_threshold' (0.5)"),
         ("svm.evict_threshold=-0.5", "'svm.evict_threshold' (-0.5) must be below 'svm.hard_threshold'"),
-        ("finetune.lr=.nan", "'finetune.lr' must be > 0; got nan"),
+        ("finetune.lr=.nan", "'finetune.lr' must be a finite number > 0; got nan"),
+        ("finetune.lr=.inf", "'finetune.lr' must be a finite number > 0; got inf"),
+        ("data.root=", "'data.root' is an empty path; give a path"),
     ],
 )
 def test_the_reported_bad_settings(override, needle, tmp_path, capsys, monkeypatch):
