@@ -7,7 +7,6 @@ project's float32 ``(x1, y1, x2, y2)`` continuous boxes (see :mod:`rcnn.structur
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import os
 import xml.etree.ElementTree as ET
@@ -20,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from rcnn.data.filenames import name_problem
+from rcnn.data.filenames import close_class, name_problem
 from rcnn.data.imagefile import TURNED, exif_orientation
 from rcnn.data.splitfile import missing_split_file, not_utf8, read_split_file
 from rcnn.errors import UserError
@@ -297,14 +296,6 @@ class VOCDataset:
         if self.skipped:
             h.update(("skipped:" + "\n".join(self.skipped)).encode())
         return h.hexdigest()
-
-
-def close_class(name: str, classes: tuple[str, ...], cutoff: float = 0.75) -> str | None:
-    """The class of ``classes`` that ``name`` is most likely a misspelling of, if one is close enough: its
-    case-blind :class:`difflib.SequenceMatcher` ratio at least ``cutoff``."""
-    folded = [c.casefold() for c in classes]
-    close = difflib.get_close_matches(name.casefold(), folded, n=1, cutoff=cutoff)
-    return classes[folded.index(close[0])] if close else None
 
 
 def find_bad_images(

@@ -1,11 +1,13 @@
 """File names made from data: class names, image ids, split and pipeline names.
 
 Each must stay one file (or folder) directly inside the folder it is written to; a
-name that would climb out of it, or that no filesystem takes, is refused here.
+name that would climb out of it, or that no filesystem takes, is refused here. And
+the class a misspelt class name most likely meant, for the advice that names it.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -48,3 +50,11 @@ def child_path(folder: str | os.PathLike, name: str) -> Path:
     if problem is not None:
         raise ValueError(f"{name!r} cannot be a file name in {folder}: {problem}")
     return Path(folder) / name
+
+
+def close_class(name: str, classes: tuple[str, ...], cutoff: float = 0.75) -> str | None:
+    """The class of ``classes`` that ``name`` is most likely a misspelling of, if one is close enough: its
+    case-blind :class:`difflib.SequenceMatcher` ratio at least ``cutoff``."""
+    folded = [c.casefold() for c in classes]
+    close = difflib.get_close_matches(name.casefold(), folded, n=1, cutoff=cutoff)
+    return classes[folded.index(close[0])] if close else None
