@@ -123,7 +123,10 @@ def check_as_recorded(ctx, last: str) -> None:
         if params != manifest["params"]:
             raise UserError(f"{label} was made with other settings; {redo}")
         for key, digest in manifest["inputs"].items():
-            upstream = manifests.get(key.split("/")[0]) if key.endswith(f"/{split}") else None
+            # "features/trainval", or a bare stage name (features record the network as "finetune"): that stage's
+            # unit on the training split; keys of other splits and of the data are not judged here
+            stage_name, _, key_split = key.partition("/")
+            upstream = manifests.get(stage_name) if key_split in ("", split) else None
             if upstream is not None and store.outputs_digest(upstream) != digest:
                 raise UserError(f"{label} was made from another {key} than the one here; {redo}")
 

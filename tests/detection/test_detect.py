@@ -231,6 +231,15 @@ def test_a_trained_runs_folder_detects_without_its_training_data(voc_copy, tmp_p
     # What can still be told without the data is refused as before: other settings, or units that do not chain.
     code, _, err = run_cli([*argv, "--out", str(tmp_path / "o"), "--set", "svm.C=0.5"], capsys)
     assert code == 1 and "rcnn: error: train-svm/trainval of pipeline 'tiny' was made with other settings; rerun" in err
+    # Features computed by another network than the one fine-tuning holds now (a fine-tuning rerun alone).
+    features = tmp_path / "runs" / "tiny" / "features" / "trainval" / "manifest.json"
+    saved = features.read_text()
+    record = json.loads(saved)
+    record["inputs"]["finetune"] = "0" * 32
+    features.write_text(json.dumps(record))
+    code, _, err = run_cli([*argv, "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "features/trainval of pipeline 'tiny' was made from another finetune than the one here" in err, err
+    features.write_text(saved)
     manifest = tmp_path / "runs" / "tiny" / "train-svm" / "trainval" / "manifest.json"
     record = json.loads(manifest.read_text())
     record["inputs"]["features/trainval"] = "0" * 32
