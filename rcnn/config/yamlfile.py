@@ -3,9 +3,10 @@
 PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent (``1.0e-4``), so ``lr: 1e-4``
 would load as the string ``"1e-4"`` and be refused as "not a number"; and where ``yes``, ``no``, ``on`` and
 ``off`` are booleans, so ``classes: [yes, no]`` would load as ``[True, False]``. YAML 1.2 reads the first as a
-float and the others as strings (only ``true`` and ``false`` are booleans); this loader does too. A key given
-twice in one mapping (PyYAML keeps the last one silently) is refused, naming the key and its lines. It is
-otherwise PyYAML's safe loader.
+float and the others as strings (only ``true`` and ``false`` are booleans). This loader resolves plain scalars
+as YAML 1.2's core schema does, integers too (``017`` is 17, not octal 15; ``1:30``, ``0b11``, ``1_000`` and
+``2024-01-05`` stay strings, as typed). A key given twice in one mapping (PyYAML keeps the last one silently)
+is refused, naming the key and its lines. It is otherwise PyYAML's safe loader.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import yaml
 
 from rcnn.errors import ConfigError
 
+# YAML 1.2's core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution): the numbers, booleans and nulls
+# there are; everything else (``1:30``, ``0b11``, ``2007_000``, ``2024-01-05``) is a string, as typed.
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT_1_2 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
 _FLOAT_1_2 = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""",
     re.X,
@@ -36,28 +39,45 @@ class _DuplicateKey(yaml.YAMLError):
 
 
 class _Loader(yaml.SafeLoader):
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        # The keys written in this mapping: one merged in by ``<<: *anchor`` may be given again (what a merge is for).
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
-            if key_node.tag == "tag:yaml.org,2002:merge":
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        # Checked as composed, before PyYAML flattens merges (in place, into the merged node too): the keys
+        # written in this mapping. One brought in by ``<<: *anchor`` may be given again (what a merge is for).
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
-            try:
-                if key in seen:
-                    raise _DuplicateKey(key, line, seen[key])
-                seen[key] = line
-            except TypeError:  # an unhashable key: the base class refuses it
-                continue
-        return super().construct_mapping(node, deep=deep)
+            key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key_node.value, line, seen[key])
+            seen[key] = line
+        return node
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+_REPLACED = {_BOOL_TAG, _INT_TAG, _FLOAT_TAG, "tag:yaml.org,2002:timestamp"}
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL_TAG, _BOOL_1_2, list("tTfF"))
+_Loader.add_implicit_resolver(_INT_TAG, _INT_1_2, list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_1_2, list("-+0123456789."))
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text)  # 017 is seventeen, as in YAML 1.2 (1.1 read it as octal 15)
+
+
+def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).lower()
+    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+
+_Loader.add_constructor(_INT_TAG, _construct_int)
+_Loader.add_constructor(_FLOAT_TAG, _construct_float)
 
 
 def load_yaml(text: str, where: str = "") -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from rcnn.config import PipelineFile, parse_override
@@ -54,3 +56,16 @@ def test_a_key_given_twice_in_set_is_refused_and_a_merge_may_override():
         parse_override("data={root: a, root: b}")
     # A key merged in with << may be given again: that is what a merge is for.
     assert load_yaml("base: &b {x: 1, y: 2}\nmine:\n  <<: *b\n  x: 3\n") == {"base": {"x": 1, "y": 2}, "mine": {"x": 3, "y": 2}}
+
+
+def test_plain_scalars_resolve_as_yaml_1_2s_core_schema():
+    # PyYAML's YAML 1.1 read 017 as octal 15, 1:30 as 90, 0b11 as 3, 2007_000 as 2007000 and a date as a date.
+    texts = ["017", "0o17", "0x1F", "-3", "1:30", "0b11", "2007_000", "2024-01-05", "1.", ".5", "-.inf", "1e"]
+    assert [load_yaml(t) for t in texts] == [17, 15, 31, -3, "1:30", "0b11", "2007_000", "2024-01-05", 1.0, 0.5, -math.inf, "1e"]
+    assert math.isnan(load_yaml(".NaN"))
+
+
+def test_a_key_overriding_a_merged_one_is_not_a_duplicate_wherever_the_anchor_sits():
+    # The check ran after PyYAML had flattened a deeper anchored mapping into its user, in place.
+    text = "base: &base {lr: 0.001}\na:\n  b:\n    c: &mid\n      <<: *base\n      lr: 0.01\nuser:\n  <<: *mid\n"
+    assert load_yaml(text)["user"] == {"lr": 0.01}
