@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 
 import cv2  # noqa: E402
 
+from rcnn.data.splitfile import read_split_file  # noqa: E402
 from rcnn.errors import UserError  # noqa: E402
 from rcnn.methods.rcnn_regions import region_features  # noqa: E402
 from rcnn.methods.spp_regions import image_maps, spp_region_features  # noqa: E402
@@ -151,7 +152,7 @@ def split_ids(data: Path, split: str) -> list[str]:
     split_file = Path(data) / "ImageSets" / "Main" / f"{split}.txt"
     if not split_file.is_file():
         raise UserError(f"--data: no split file {split_file} (a VOC folder has ImageSets/Main/<split>.txt)")
-    return split_file.read_text().split()
+    return read_split_file(split_file)  # as the stages read it (UTF-16, VOC's per-class layout)
 
 
 def subset(data: Path, split: str, n: int, dst: Path, name: str = "bench") -> list[str]:

@@ -14,6 +14,10 @@ def run_shard(ctx, stage: str, split: str, parts: str, shard: list, kind: str, p
     from rcnn.stages.runner import add_info
     from rcnn.store import records
 
+    if ctx.cfg.model.precision == "float32":  # float32 on a GPU, not TF32; left so (a worker's tasks share the flags)
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     logs: list[str] = []
     ctx = copy.copy(ctx)  # a worker's threads share the context it was sent; each shard collects its own lines
     ctx.log = logs.append

@@ -45,6 +45,7 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
       rcnn detect demo photos/ --out det/
     """
     from rcnn.detection.detector import detect_files
+    from rcnn.runtime import strict_float32
     from rcnn.stages import evaluate, finetune
 
     out = output_folder(out_dir)
@@ -64,16 +65,17 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     model, meta = finetune.load(ctx)
     detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
     failed = 0
-    for r in detect_files(detector, images, out, threshold, ctx.cfg.proposals.seed):
-        if r.error is not None:
-            failed += 1
-            click.echo(f"skipped: {r.error}", err=True)
-            continue
-        found = r.detections
-        best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
-        listed = f" ({best}{', ...' if len(found) > 5 else ''})" if found else ""
-        line = f"{r.path}: {len(found)} detection{'' if len(found) == 1 else 's'}{listed}"
-        click.echo(line + (f" -> {r.output}.json" if r.output != Path(r.path).stem else ""))
+    with strict_float32(ctx.cfg.model.precision == "float32"):  # float32 on a GPU, not TF32
+        for r in detect_files(detector, images, out, threshold, ctx.cfg.proposals.seed):
+            if r.error is not None:
+                failed += 1
+                click.echo(f"skipped: {r.error}", err=True)
+                continue
+            found = r.detections
+            best = ", ".join(f"{d['class']} {d['score']:.2f}" for d in found[:5])
+            listed = f" ({best}{', ...' if len(found) > 5 else ''})" if found else ""
+            line = f"{r.path}: {len(found)} detection{'' if len(found) == 1 else 's'}{listed}"
+            click.echo(line + (f" -> {r.output}.json" if r.output != Path(r.path).stem else ""))
     done = len(images) - failed
     written = f"{done} image(s) with their detections drawn and {done} JSON file(s) to {out}"
     if failed == len(images):

@@ -106,9 +106,14 @@ def several_files(folder: Path, ids: list[str], suffixes: tuple[str, ...]) -> di
 def decoder_warnings(path: Path) -> str | None:
     """What the image decoder writes to stderr while decoding ``path`` (libjpeg's "Corrupt JPEG data: …" for a
     JPEG damaged mid-file, which decodes with grey or shifted parts and a warning that names no file); None if
-    nothing. Reads the process's file descriptor 2, so only for a single-threaded check."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    nothing, or where file descriptor 2 cannot be redirected (closed). Reads the process's file descriptor 2,
+    so only for a single-threaded check."""
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # stderr closed: the warnings would go nowhere anyway
+        return None
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
         try:

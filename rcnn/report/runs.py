@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rcnn.data.splitfile import read_split_file
 from rcnn.errors import UserError
 from rcnn.evaluation.detfiles import devkit_filename
 from rcnn.store.artifacts import output_damage, read_manifest, rerun_hint
@@ -29,8 +30,8 @@ class UnitSummary:
     state: str
     wall_s: float | None = None
     started: float | None = None
-    cpu_s: float | None = None  # processor seconds of the stage's process and of the workers it waited for
-    load_1m: float | None = None  # the machine's 1-minute load average, the higher of the stage's start and end
+    cpu_s: float | None = None  # processor seconds of the stage's own process
+    load_1m: float | None = None  # others' load: the 1-minute load average at its end less its own busy cores
     output_bytes: int = 0
     metrics: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # the stage's settings, as its fingerprint recorded them
@@ -121,7 +122,11 @@ class RunSummary:
         """The highest 1-minute load average the units on the test split recorded (those the test time is taken
         from; a shared unit's, when it was computed), the unit (``features/test``) and that machine's cores; None
         where none recorded it (older manifests, work on a cluster)."""
-        loads = [u for u in self.units if u.split == self.test_split and u.state == "complete" and u.load_1m is not None]
+        loads = [
+            u
+            for u in self.units
+            if u.split == self.test_split and u.state == "complete" and u.load_1m is not None and u.stage != "proposals"
+        ]  # proposals' worker processes are not its own process's: its estimate would count them as others
         if not loads:
             return None
         top = max(loads, key=lambda u: u.load_1m)
@@ -230,16 +235,20 @@ def _read_unit(unit_dir: Path, pipeline: str) -> UnitSummary:
         return UnitSummary(stage, split, "missing", problem=f"{stage}/{split} is damaged ({damage[0]}): {rerun_hint(unit_dir)}")
     timings = m.get("timings") or {}
     reused = m.get("reused_from")
-    cpu = [number(timings.get(k)) for k in ("cpu_s", "children_cpu_s")]
-    loads = [v for v in (number(timings.get(k)) for k in ("load_1m_start", "load_1m_end")) if v is not None]
+    # This process's processor time: workers a stage keeps for the next (joblib's) are counted only when they exit,
+    # perhaps during another stage, so children_cpu_s is left out. The others' load: the 1-minute load average at
+    # the stage's end less the cores the stage's own process kept busy (its load at the start may be its own
+    # previous stage's).
+    cpu_s, wall_s, load_end = (number(timings.get(k)) for k in ("cpu_s", "wall_s", "load_1m_end"))
+    others = max(0.0, load_end - cpu_s / wall_s) if None not in (cpu_s, wall_s, load_end) and wall_s > 0 else None
     return UnitSummary(
         stage,
         split,
         "complete",
         wall_s=number(timings.get("wall_s")),
         started=number(timings.get("started")),
-        cpu_s=None if cpu[0] is None else cpu[0] + (cpu[1] or 0.0),
-        load_1m=max(loads, default=None),
+        cpu_s=cpu_s,
+        load_1m=others,
         output_bytes=sum(int(o.get("bytes", 0)) for o in m["outputs"].values()),
         metrics=m.get("metrics") or {},
         params=m.get("params") or {},
@@ -358,8 +367,12 @@ def load_run(run_dir: Path) -> RunSummary:
         test_images = proposals.metrics.get("images")
     split_file = data_root / "ImageSets" / "Main" / f"{test}.txt" if data_root and test else None
     if test_images is None and split_file is not None and split_file.is_file():
-        listed = sum(1 for line in split_file.read_text().splitlines() if line.strip())
-        test_images = listed - len((ev.data if ev is not None else {}).get("skipped") or ())
+        try:
+            listed = len(read_split_file(split_file))  # as the stages read it: UTF-16, VOC's per-class layout
+        except UserError:
+            listed = None  # a split file no stage could read either: no count, rather than a wrong one
+        skipped = len((ev.data if ev is not None else {}).get("skipped") or ())
+        test_images = listed - skipped if listed is not None else None
     return RunSummary(
         name=name,
         run_dir=run_dir,

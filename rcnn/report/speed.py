@@ -58,18 +58,19 @@ def section_stages(labels: list[str], runs: list[RunSummary]) -> list:
     text = (
         "Wall time of every stage and split as recorded in its manifest. A unit *shared with* another pipeline reused "
         "that pipeline's outputs (same inputs and parameters); its time is the other pipeline's and is left out of the "
-        "total. CPU s: the processor seconds of the stage's process and of the worker processes it waited for (more "
-        "than the wall time where it kept several cores busy). Load: the machine's 1-minute load average (processes "
-        "running or waiting for a core), the higher of the stage's start and end. Blank where the manifest does not "
-        "record them."
+        "total. CPU s: the processor seconds of the stage's own process (more than the wall time where it kept several "
+        "cores busy; the worker processes of proposals are not counted). Load: what else kept the machine busy, "
+        "estimated as the 1-minute load average (processes running or waiting for a core) at the stage's end less the "
+        "cores its own process kept busy (CPU s over wall s); for proposals it counts its workers too. Blank where the "
+        "manifest does not record them."
     )
     return [("h2", "Stages: wall time and throughput"), ("p", text), ("table", Table(headers, rows))]
 
 
 def load_warning(labels: list[str], runs: list[RunSummary]) -> list:
-    """A sentence giving the load average each run's test-split stages recorded, and a bold warning where it
-    exceeded the machine's cores or differed a lot between the runs (by half the cores, at least 1): the
-    ratios then measure the load as well as the methods. Nothing where no run recorded it."""
+    """A sentence giving what else kept the machine busy while each run's test split was timed, and a bold warning
+    where it reached half the machine's cores (at least one) or differed between the runs by as much: the ratios
+    then measure the load as well as the methods. Nothing where no run recorded it."""
     loads = [run.test_load() for run in runs]
     known = [x for x in loads if x is not None]
     if not known:
@@ -81,16 +82,18 @@ def load_warning(labels: list[str], runs: list[RunSummary]) -> list:
             continue
         load, unit, cores = x
         said.append(f"{label}: {load:.2f} (in {unit}" + (f", on {cores} cores)" if cores else ")"))
-        if cores and load > cores:
-            reasons.append(f"{label}'s test-split stages ran at a load average of {load:.2f}, above the machine's {cores} cores")
+        if load >= max(1.0, (cores or 1) / 2):
+            of = f" of the machine's {cores}" if cores else ""
+            reasons.append(f"other work kept about {load:.1f} cores{of} busy while {label}'s test split was timed")
     text = (
-        "The machine's 1-minute load average while the test split was timed (processes running or waiting for a core, "
-        "the highest any test-split stage recorded at its start or end): " + "; ".join(said) + "."
+        "What else kept the machine busy while the test split was timed, in cores: the 1-minute load average at a "
+        "stage's end less the cores the stage itself kept busy, the highest over the test-split stages after the "
+        "proposals: " + "; ".join(said) + "."
     )
     cores = max(x[2] or 1 for x in known)
     low, high = min(x[0] for x in known), max(x[0] for x in known)
     if len(known) > 1 and high - low >= max(1.0, cores / 2):
-        reasons.append(f"the runs' load averages differ ({low:.2f} against {high:.2f})")
+        reasons.append(f"what else ran differs between the runs ({low:.1f} against {high:.1f} cores)")
     blocks: list = [("p", text)]
     if reasons:
         warning = "; ".join(reasons)

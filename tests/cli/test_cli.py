@@ -175,6 +175,14 @@ def test_data_stats_lists_bad_images_and_check_decodes_them(voc_copy, capsys):
     note = next(line.strip() for line in out.splitlines() if "decoder's warnings" in line)
     assert note.startswith("note: 1 image(s) decode only with the decoder's warnings")
     assert f": {trainval[2]} (Corrupt JPEG" in note
+    # With stderr closed (`2>&-`), where the decoder's warnings cannot be caught, it exited 1 without a word.
+    import subprocess
+    import sys
+
+    script = f"{sys.executable} -c 'from rcnn.cli import main; main()' data stats {voc_copy} --check 2>&-"
+    closed = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert closed.returncode == 1 and f"2 of {len(trainval)} image(s)" not in closed.stdout  # said on stderr, closed
+    assert f"  {trainval[1]}: image '" in closed.stdout, closed.stdout
     # A photo whose EXIF tag turns it in viewers is named: its boxes are read against the stored pixels.
     from PIL import Image
 

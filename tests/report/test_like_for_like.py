@@ -157,19 +157,19 @@ def test_ratios_taken_under_different_loads_are_warned_about(tmp_path):
     busy = make_run(runs, "busy", CELLS, load=9.8, features_s=9.8, cache=978)
     md = _report(tmp_path, quiet, busy)
     assert (
-        "The machine's 1-minute load average while the test split was timed (processes running or waiting for a core, "
-        "the highest any test-split stage recorded at its start or end): quiet: 0.40 (in proposals/test, on 2 cores); "
-        "busy: 9.80 (in proposals/test, on 2 cores)."
-    ) in md
+        "What else kept the machine busy while the test split was timed, in cores: the 1-minute load average at a "
+        "stage's end less the cores the stage itself kept busy, the highest over the test-split stages after the "
+        "proposals: quiet: 0.00 (in features/test, on 2 cores); busy: 9.40 (in features/test, on 2 cores)."
+    ) in md  # each stage kept 0.4 cores busy itself (4 s of processor time in 10 s)
     assert (
-        "**The speed ratios measure the machine's load too: busy's test-split stages ran at a load average of 9.80, "
-        "above the machine's 2 cores; the runs' load averages differ (0.40 against 9.80). Time the runs on an idle "
-        "machine.**"
+        "**The speed ratios measure the machine's load too: other work kept about 9.4 cores of the machine's 2 busy "
+        "while busy's test split was timed; what else ran differs between the runs (0.0 against 9.4 cores). Time the "
+        "runs on an idle machine.**"
     ) in md
     assert "- busy's feature cache is about the same size as quiet's (within ±5%)." in md
     stage = _row(md, "busy", "## Stages: wall time and throughput")
-    assert stage[1:6] == ["proposals", "test", "10.0", "5.0", "9.80"]  # wall, CPU (process + workers), load
-    # Similar loads below the cores: no warning; features within 5%: about as fast.
+    assert stage[1:6] == ["proposals", "test", "10.0", "4.0", "9.40"]  # wall, CPU (its own process), others' load
+    # Others' load under half the cores: no warning; features within 5%: about as fast.
     again = make_run(runs, "again", CELLS, load=0.9, features_s=0.92)
     md = _report(tmp_path, quiet, again)
     assert "**The speed ratios measure" not in md and "- again features about as fast as quiet (within ±5%)." in md
@@ -179,8 +179,9 @@ def test_manifests_without_the_load_still_report_without_a_warning(tmp_path):
     runs = tmp_path / "runs"
     old, new = make_run(runs, "old", CELLS, features_s=0.9), make_run(runs, "new", CELLS, load=9.8, features_s=9.8)
     md = _report(tmp_path, old, new)
-    assert "old: not recorded; new: 9.80 (in proposals/test, on 2 cores)." in md
-    assert "load averages differ" not in md  # one known load is nothing to compare; above the cores is still said
+    assert "old: not recorded; new: 9.40 (in features/test, on 2 cores)." in md
+    assert "differs between the runs" not in md  # one known load is nothing to compare; a high one is still said
+    assert "other work kept about 9.4 cores of the machine's 2 busy while new's test split was timed" in md
     assert "- new features 10.9x slower than old." in md
     assert _row(md, "old", "## Stages: wall time and throughput")[4:6] == ["", ""]
     md = _report(tmp_path, old, make_run(runs, "old2", CELLS, features_s=0.9))

@@ -57,7 +57,8 @@ def test_the_stopwatch_times_the_processor_and_the_load_where_the_system_has_one
     while time.time() < end:  # busy: processor time grows with the wall time
         pass
     timings = clock.timings()
-    assert 0 < timings["cpu_s"] <= timings["wall_s"] + 0.05 and timings["wall_s"] >= 0.2 and timings["children_cpu_s"] == 0
+    # Only bounds that hold whatever else this process's threads or an exiting worker of an earlier test do meanwhile.
+    assert timings["cpu_s"] >= 0.1 and timings["wall_s"] >= 0.2 and timings["children_cpu_s"] >= 0
     if hasattr(os, "getloadavg"):
         assert timings["load_1m_start"] >= 0 and timings["load_1m_end"] >= 0
     assert set(clock.timings(machine=False)) == {"started", "wall_s"}  # on a cluster: the client's would mislead
