@@ -210,12 +210,13 @@ def _terminated(signum, frame) -> None:
 
 def main(argv=None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit; SIGTERM stops as Ctrl-C."""
-    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if installed else None
     try:
         _main(argv)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:  # None: a handler installed outside Python, which cannot be put back; the default instead
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _stopped(e: BaseException) -> None:

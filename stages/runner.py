@@ -38,7 +38,8 @@ def unit_status(ctx: Context, stage: ModuleType, split: str, verify: bool = Fals
             manifest = None
         return store.UnitStatus("stale" if manifest else "missing", [str(e)], manifest)
     status = store.unit_status(unit, expected, verify)
-    if status.state in ("missing", "stale") and not _work_of_another_configuration(unit, expected):
+    tag = unit / store.WORK / "fingerprint"  # work without it is deleted by the next run, not resumed
+    if status.state in ("missing", "stale") and tag.is_file() and tag.read_text().strip() == expected.digest:
         note = _unfinished(unit / store.WORK)
         if note:
             status.reasons.append(note)

@@ -435,3 +435,16 @@ def test_split_files_as_editors_save_them_and_a_missing_split_in_each_command(vo
     assert_one_line_error(code, err, f"split file '{voc_copy}/ImageSets/Main/val.txt' does not exist {there}", 1)
     code, _, err = run(["evaluate", "--data", str(voc_copy), "--split", "val", "--detections", str(tmp_path)], capsys)
     assert_one_line_error(code, err, there, 1)
+
+
+def test_the_sigterm_handler_is_put_back_after_a_command(capsys):
+    # main() handles SIGTERM as Ctrl-C while a command runs; a program calling it keeps its own handler after.
+    import signal
+
+    mine = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert run(["pipelines"], capsys)[0] == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
