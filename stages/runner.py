@@ -38,8 +38,8 @@ def unit_status(ctx: Context, stage: ModuleType, split: str, verify: bool = Fals
             manifest = None
         return store.UnitStatus("stale" if manifest else "missing", [str(e)], manifest)
     status = store.unit_status(unit, expected, verify)
-    tag = unit / store.WORK / "fingerprint"  # work without it is deleted by the next run, not resumed
-    if status.state in ("missing", "stale") and tag.is_file() and tag.read_text().strip() == expected.digest:
+    # work without a tag is deleted by the next run, not resumed
+    if status.state in ("missing", "stale") and store.work_fingerprint(unit) == expected.digest:
         note = _unfinished(unit / store.WORK)
         if note:
             status.reasons.append(note)
@@ -145,8 +145,7 @@ def _unfinished(work: Path) -> str | None:
 
 def _work_of_another_configuration(unit: Path, expected: store.Fingerprint) -> bool:
     """Whether the unit's scratch folder holds work towards another fingerprint than ``expected``."""
-    tag = unit / store.WORK / "fingerprint"
-    return tag.is_file() and tag.read_text().strip() != expected.digest
+    return store.work_fingerprint(unit) not in (None, expected.digest)
 
 
 def _reuse(ctx: Context, unit: Path, twin: Path, label: str) -> dict:

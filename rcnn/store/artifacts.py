@@ -331,11 +331,17 @@ def unit_lock(unit_dir: Path, wait: bool = False, what: str = "") -> Iterator[No
         os.close(fd)
 
 
+def work_fingerprint(unit_dir: Path) -> str | None:
+    """The fingerprint digest the unit's scratch folder holds work towards; None if it has no tag (or no folder)."""
+    tag = Path(unit_dir) / WORK / "fingerprint"
+    return tag.read_text().strip() if tag.is_file() else None
+
+
 def work_dir(unit_dir: Path, fingerprint: Fingerprint) -> Path:
     """The unit's scratch folder, emptied first if it holds work for another fingerprint."""
     work = Path(unit_dir) / WORK
     tag = work / "fingerprint"
-    if work.exists() and (not tag.is_file() or tag.read_text().strip() != fingerprint.digest):
+    if work.exists() and work_fingerprint(unit_dir) != fingerprint.digest:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not tag.is_file():
