@@ -105,7 +105,11 @@ def test_status_before_the_first_run_of_a_synthetic_pipeline_says_the_run_makes_
     assert not (tmp_path / "_data").exists()
     # Data of one's own that is not there is still the user's to fix.
     code, out, _ = run(["status", "demo", "--runs-dir", str(tmp_path), "--set", f"data.root={tmp_path}/none"], capsys)
-    assert code == 0 and out.count("does not exist (set data.root") == 8
+    # Said once, above the stages, which point to it (it was repeated on each of the 8 lines).
+    assert code == 0 and out.count("does not exist (set data.root") == 1, out
+    assert "  data: the next run stops before its first stage: dataset root" in out.splitlines()[1], out
+    units = out.splitlines()[2:]
+    assert len(units) == 8 and all(u.endswith("missing   its data cannot be read (data: above)") for u in units), out
 
 
 def test_status_of_a_synthetic_pipeline_whose_data_was_deleted(tmp_path, capsys):
