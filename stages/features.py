@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.errors import UserError
+from rcnn.methods.rcnn_regions import warp_on_device
 from rcnn.modeling.inference import for_inference
 from rcnn.modeling.models import FEATURE_LAYERS, device_label
 from rcnn.store import artifacts as store
@@ -30,7 +31,7 @@ from rcnn.training.regions import image_regions, regression_rows
 from . import finetune, proposals
 from .context import Context
 from .image_records import images_ahead, one_ahead, write_image_records
-from .methods import build_method, caches_regression_rows
+from .methods import build_method, caches_regression_rows, made_as
 from .provenance import cached_mb, upstream_check, upstream_digest
 
 NAME = "features"
@@ -108,6 +109,7 @@ def image_records(ctx: Context, split: str, ids: list[str]):
     method = build_method(cfg)
     model = inference_model(ctx)
     device = device_label(next(model.parameters()).device)
+    done_as = computed_as(ctx, model)
     layers, sparse, keep_rows, computed = layer_plan(ctx, split)
     with proposals.load(ctx, split) as props, method.region_features(ctx, split) as region_features:
 
@@ -142,6 +144,7 @@ def image_records(ctx: Context, split: str, ids: list[str]):
                 arrays[sparse], arrays[f"{sparse}_rows"] = feats[sparse], chosen[sparse].astype(np.int32)
                 kept = len(chosen[sparse])
             info = {"images": 1, "boxes": len(regions.boxes), "regression_rows": kept, "compute": seconds, "device": device}
+            info.update(done_as)
             return image_id, arrays, info
 
         def start(item):
@@ -185,6 +188,8 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         # the whole cache, records and index, per image of the split, in MiB as every size here
         "mb_per_image": size / len(dataset) / 2**20 if len(dataset) else None,
         "device": totals.get("device"),
+        # model.precision and (R-CNN) model.warp as resolved on that device: what rows computed again must match
+        **{k: totals.get(k) for k in ("precision", "warp") if k in totals},
         "seconds_per_image": wall / done if done else None,
         # what a detector computes (decoding and warping, or pooling from the maps in memory, and the CNN), no I/O
         "compute_seconds_per_image": totals["compute"] / done if done else None,
@@ -211,13 +216,26 @@ def layer_reader(ctx: Context, split: str, layer: str):
     method = build_method(ctx.cfg)
     if layer == method.regression_layer(ctx.cfg):
         check_recomputable(ctx, split)
-    return method.layer_reader(ctx, split, layer, lambda: finetune.window_offset(ctx), lambda: inference_model(ctx))
+    precision = made_as(ctx, split).get("precision")
+    model = lambda: inference_model(ctx, precision)  # noqa: E731 -- loaded only if a row is computed again
+    return method.layer_reader(ctx, split, layer, lambda: finetune.window_offset(ctx), model)
 
 
-def inference_model(ctx: Context):
-    """The fine-tuned model, ready for inference as this stage runs it."""
+def inference_model(ctx: Context, precision: str | None = None):
+    """The fine-tuned model, ready for inference as this stage runs it (in ``precision``; default
+    ``model.precision``)."""
     model, _ = finetune.load(ctx)
-    return for_inference(model, whole_images=build_method(ctx.cfg).whole_images, dtype=ctx.cfg.model.precision)
+    return for_inference(model, whole_images=build_method(ctx.cfg).whole_images, dtype=precision or ctx.cfg.model.precision)
+
+
+def computed_as(ctx: Context, model) -> dict[str, str]:
+    """``model.precision`` and, for R-CNN, ``model.warp`` as they resolve for ``model``'s device (``auto``:
+    float32 and OpenCV on a CPU, bfloat16 and torch on a GPU): what the features of this device are made with."""
+    device = next(model.parameters()).device
+    done = {"precision": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if not build_method(ctx.cfg).whole_images:  # regions warped from the image: R-CNN
+        done["warp"] = "torch" if warp_on_device(ctx.cfg.model.warp, device) else "opencv"
+    return done
 
 
 def check_recomputable(ctx: Context, split: str) -> None:

@@ -98,6 +98,12 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
             # The history may be one checkpoint ahead of the state if a kill fell between the two writes.
             state.history = [h for h in json.loads(history_path.read_text()) if h["iteration"] <= state.iteration]
             ctx.log(f"{NAME}/{split}: resuming from iteration {state.iteration}")
+            if (state.cuda_rng is not None) != (device.type == "cuda"):  # a scratch folder moved between machines
+                ctx.log(
+                    f"{NAME}/{split}: note: its saved state was made on a {'GPU' if state.cuda_rng is not None else 'CPU'} "
+                    f"and goes on on {device_label(device)}, in this device's precision and warp (model.precision and "
+                    "model.warp auto differ between them): the result will not be an unbroken run's"
+                )
         except (UserError, ValueError, KeyError, TypeError, RuntimeError) as e:  # damaged: never trusted
             ctx.log(f"{NAME}/{split}: the saved training state cannot be used ({str(e).splitlines()[0]}); starting afresh")
             state_path.unlink()

@@ -214,8 +214,9 @@ class _Warped(_Started):
     ``load(ann)`` is the host's part (decoding, to RGB), safe to run in a thread ahead of the model; calling
     the object with what it returned computes the features."""
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, warp: str | None = None):
         self.ctx = ctx
+        self.warp = warp or ctx.cfg.model.warp
 
     def __enter__(self) -> _Warped:
         return self
@@ -246,7 +247,7 @@ class _Warped(_Started):
         cfg = self.ctx.cfg
         tick = time.perf_counter()
         pad, batch = cfg.finetune.context_pad, cfg.features.batch_size
-        copy = region_features_later(model, image, boxes, layers, pad, batch, cfg.model.warp, rows)
+        copy = region_features_later(model, image, boxes, layers, pad, batch, self.warp, rows)
         return Pending(copy, decoding + time.perf_counter() - tick)
 
 
@@ -314,6 +315,15 @@ def caches_regression_rows(cfg, split: str) -> bool:
     return split == cfg.data.trainval
 
 
+def made_as(ctx: Context, split: str) -> dict[str, str]:
+    """What features/``split`` recorded it was computed with (``precision``, R-CNN's ``warp``: ``auto`` as
+    resolved on its device), so that rows computed again match its cached ones on any machine: a unit made on a
+    GPU is read on a CPU in bfloat16 with the torch warp. Empty where nothing was recorded: the configured values
+    then apply."""
+    metrics = (store.read_manifest(ctx.unit_dir("features", split)) or {}).get("metrics") or {}
+    return {k: metrics[k] for k in ("precision", "warp") if isinstance(metrics.get(k), str)}
+
+
 class WarpedReader(LayerReader):
     """R-CNN's box-regression layer under ``features.bbox_rows: regression``: rows the features stage cached
     (the regression rows of the training split, listed in ``<layer>_rows``) are read; any other row is computed
@@ -325,6 +335,8 @@ class WarpedReader(LayerReader):
         self.ctx, self.split, self.load_model, self.model = ctx, split, model, None
         self.cached = caches_regression_rows(ctx.cfg, split)
         self.recomputed = 0  # rows computed again, over every call
+        # warped as the features stage warped them, on whichever device it ran (model.warp: auto differs)
+        self.warp = made_as(ctx, split).get("warp")
 
     def rows(self, rs, image_id: str, rows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)
@@ -350,7 +362,7 @@ class WarpedReader(LayerReader):
         if self.model is None:  # loaded on the first row not cached: a reader of cached rows never needs it
             self.model = self.load_model()
         ann = self.ctx.dataset(self.split).annotation(image_id)
-        warped = _Warped(self.ctx)
+        warped = _Warped(self.ctx, self.warp)
         feats, self.compute_seconds = warped(self.model, warped.load(ann), boxes, (self.layer,))
         self.recomputed += len(boxes)
         return feats[self.layer].astype(np.float32)

@@ -233,6 +233,48 @@ def test_ctrl_c_in_finetune_says_where_the_rerun_resumes(pipelines_file, tmp_pat
     )
 
 
+def test_a_training_state_made_on_another_device_resumes_with_a_note(pipelines_file, tmp_path, monkeypatch, capsys):
+    # A scratch folder moved from a GPU machine: model.precision and model.warp `auto` resolve otherwise here, and
+    # the GPU's random state cannot be restored, so the run goes on but is not an unbroken run's.
+    import torch
+    from conftest import run_cli
+
+    from rcnn.stages import finetune
+    from rcnn.training.finetune import TrainState
+
+    real = finetune.fine_tune
+
+    def stopped(*args, checkpoint, **kwargs):
+        def counted(state):
+            checkpoint(state)
+            raise KeyboardInterrupt
+
+        return real(*args, checkpoint=counted, **kwargs)
+
+    monkeypatch.setattr(finetune, "fine_tune", stopped)
+    argv = ["finetune", "tiny", "--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
+    argv += ["--set", "finetune.max_iter=6", "--set", "finetune.eval_every=3"]
+    assert run_cli(["proposals", *argv[1:]], capsys)[0] == 0
+    assert run_cli(argv, capsys)[0] == 130
+    monkeypatch.setattr(finetune, "fine_tune", real)
+    (path,) = (tmp_path / "tiny" / "finetune" / "trainval").rglob("train_state.pt")
+    state = TrainState.load(path)
+    assert state.cuda_rng is None  # made on this CPU
+    code, out, err = run_cli(argv, capsys)  # a plain resume says nothing more
+    assert code == 0 and "resuming from iteration 3" in out and "note:" not in out, err
+    monkeypatch.setattr(finetune, "fine_tune", stopped)  # another configuration, stopped at its first checkpoint
+    assert run_cli([*argv, "--set", "finetune.max_iter=12"], capsys)[0] == 130
+    monkeypatch.setattr(finetune, "fine_tune", real)
+    (path,) = (tmp_path / "tiny" / "finetune" / "trainval").rglob("train_state.pt")
+    state = TrainState.load(path)
+    state.cuda_rng = torch.zeros(16, dtype=torch.uint8)  # as a GPU saves its generator's state
+    state.save(path)
+    code, out, err = run_cli([*argv, "--set", "finetune.max_iter=12"], capsys)
+    assert code == 0 and "resuming from iteration 3" in out, err
+    said = "finetune/trainval: note: its saved state was made on a GPU and goes on on cpu, in this device's precision"
+    assert said in out, out
+
+
 def _digests(runs: Path, stage: str, split: str) -> dict:
     manifest = json.loads((runs / "tiny" / stage / split / "manifest.json").read_text())
     return {k: v["digest"] for k, v in manifest["outputs"].items()}

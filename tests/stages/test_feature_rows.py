@@ -209,3 +209,43 @@ def test_thinning_computed_once_reads_the_rows_each_pass_used_to_thin(runs):
         assert np.array_equal(a.features, b.features) and np.array_equal(a.gt_classes, b.gt_classes)
         assert np.array_equal(a.overlaps, b.overlaps)
     assert sum(len(i.features) for i in once) < sum(len(i.features) for i in everything)  # thinning dropped rows
+
+
+def test_rows_computed_again_are_made_as_the_features_stage_made_them(runs, tmp_path, monkeypatch):
+    # model.precision and model.warp `auto` resolve per device: float32 and OpenCV crops on a CPU, bfloat16 and
+    # the torch warp on a GPU. A unit made on a GPU and read here has its missing rows computed as the GPU made
+    # its cached ones, not in this machine's way beside them.
+    import shutil
+
+    import torch
+
+    from rcnn.stages import features, methods
+
+    shutil.copytree(runs[1], tmp_path / "runs")
+    ctx = context((runs[0], tmp_path / "runs"), "tiny-rows")
+    path = ctx.unit_dir("features", "test") / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert (manifest["metrics"]["precision"], manifest["metrics"]["warp"]) == ("float32", "opencv")
+    made, real = [], methods.region_features_later
+
+    def spy(model, image, boxes, layers, pad, batch, warp, rows):
+        made.append((next(model.parameters()).dtype, warp))
+        return real(model, image, boxes, layers, pad, batch, warp, rows)
+
+    monkeypatch.setattr(methods, "region_features_later", spy)
+
+    def pool5_again() -> np.ndarray:
+        with features.load(ctx, "test") as rs, features.layer_reader(ctx, "test", "pool5") as reader:
+            image_id = rs.ids[0]
+            boxes = rs.array(image_id, "boxes", np.float32, 2)
+            return reader.rows(rs, image_id, np.arange(len(boxes)), boxes)
+
+    here = pool5_again()
+    assert made == [(torch.float32, "opencv")]
+    manifest["metrics"].update(precision="bfloat16", warp="torch")  # as a GPU records them
+    path.write_text(json.dumps(manifest))
+    as_gpu = pool5_again()
+    assert made[-1] == (torch.bfloat16, "torch")
+    # The same boxes through the same model: close, not equal (bfloat16 keeps 8 bits of mantissa).
+    assert here.shape == as_gpu.shape and not np.array_equal(here, as_gpu)
+    assert np.abs(here - as_gpu).max() <= 0.1 * np.abs(here).max()
