@@ -113,7 +113,7 @@ def parse_voc_xml(xml_path: Path, image_path: Path, image_id: str, clip: bool = 
         if clip and not wholly:
             box = [max(box[0], 1), max(box[1], 1), min(box[2], width), min(box[3], height)]
         if box[0] < 1 or box[1] < 1 or box[2] > width or box[3] > height:
-            advice = "" if clip else ", or set data.clip_boxes: true to clip boxes to the image"
+            advice = "" if clip else ", or set data.clip_boxes: true in the pipeline to clip boxes to the image"
             raise UserError(
                 f"{xml_path}: object {k} ({name}) box {box} lies {'wholly ' if wholly else ''}outside the {width}x{height} "
                 f"image (VOC boxes are 1-based pixels inside the image); fix the box or the <size>{advice}"

@@ -610,7 +610,7 @@ def test_boxes_past_the_edge_are_clipped_with_clip_boxes(voc_copy, tmp_path, cap
     assert (
         code == 1
         and "lies outside the 96x96 image" in err
-        and err.strip().endswith("fix the box or the <size>, or set data.clip_boxes: true to clip boxes to the image")
+        and err.strip().endswith("or the <size>, or set data.clip_boxes: true in the pipeline to clip boxes to the image")
     )
     code, _, err = run_pipeline(voc_copy, tmp_path, capsys, "--until", "proposals", "--set", "data.clip_boxes=true")
     assert code == 0, err
