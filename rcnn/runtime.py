@@ -66,6 +66,20 @@ def release_freed_memory() -> bool:
     return True
 
 
+def release_device_caches() -> bool:
+    """Hand a GPU's cached memory back after a stage: the device's free blocks, and the page-locked host buffers
+    the stage's asynchronous copies to the host went through (PyTorch keeps both for reuse until the process ends;
+    the features stage's reach a few GB of host memory the system cannot page out). Whether CUDA was in use."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return False
+    torch.cuda.empty_cache()
+    empty_host = getattr(torch._C, "_host_emptyCache", None)  # no public name for it in torch 2.14
+    if empty_host is not None:
+        empty_host()
+    return True
+
+
 def one_blas_thread() -> threadpool_limits:
     """Context manager: numpy's BLAS on one thread, for per-image loops that mix numpy and torch.
 

@@ -17,7 +17,7 @@ from types import ModuleType
 
 from rcnn import __version__
 from rcnn.errors import UserError
-from rcnn.runtime import release_freed_memory, strict_float32
+from rcnn.runtime import release_device_caches, release_freed_memory, strict_float32
 from rcnn.store import artifacts as store
 from rcnn.store.machine import Stopwatch, machine_record
 
@@ -103,6 +103,7 @@ def _run_locked(ctx: Context, stage: ModuleType, split: str, unit: Path, label: 
             outputs, metrics = stage.compute(ctx, split, work)
     finally:
         release_freed_memory()  # so that the next stage in this process does not start on top of this one's peak
+        release_device_caches()  # a GPU's cached blocks and page-locked host buffers alike
     manifest = {
         "stage": stage.NAME,
         "split": split,

@@ -101,7 +101,21 @@ def test_the_stage_runner_releases_memory_after_every_stage(pipelines_file, tmp_
 
     calls = []
     monkeypatch.setattr(runner, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(runner, "release_device_caches", lambda: calls.append(2))
     argv = ["proposals", "tiny", "--runs-dir", str(tmp_path / "runs"), "--pipelines-file", str(pipelines_file), "--quiet"]
     code, _, err = run_cli(argv, capsys)
     assert code == 0, err
-    assert len(calls) == 2  # one per split computed
+    assert calls == [1, 2, 1, 2]  # after each split computed
+
+
+def test_device_caches_are_released_only_where_cuda_was_used(monkeypatch):
+    import torch
+
+    from rcnn.runtime import release_device_caches
+
+    assert not torch.cuda.is_initialized() and release_device_caches() is False
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("device"))
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: calls.append("host"), raising=False)
+    assert release_device_caches() is True and calls == ["device", "host"]
