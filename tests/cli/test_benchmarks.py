@@ -270,7 +270,9 @@ def bench_overlap(*args) -> subprocess.CompletedProcess:
 
 
 def test_bench_overlap_times_a_stage_both_ways_and_checks_the_bytes(pipelines_file, tmp_path, capsys):
-    from conftest import run_cli
+    from conftest import TEST_DEVICE, run_cli
+
+    from rcnn.modeling.models import device_for
 
     runs = tmp_path / "runs"
     argv = ["run", "tiny", "--until", "finetune", "--runs-dir", str(runs), "--pipelines-file", str(pipelines_file), "--quiet"]
@@ -280,7 +282,7 @@ def test_bench_overlap_times_a_stage_both_ways_and_checks_the_bytes(pipelines_fi
     done = bench_overlap("tiny", "--split", "trainval", "--repeats", "2", "--runs-dir", runs, "--pipelines-file", pipelines_file)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("tiny (rcnn), stage features, split trainval: 4 images, device cpu")
+    assert lines[0].startswith(f"tiny (rcnn), stage features, split trainval: 4 images, device {device_for(TEST_DEVICE)}")
     for way in ("in turn", "overlapped"):
         (line,) = [x for x in lines if x.split(":")[0].strip() == way]
         assert len(line.split("rounds: ")[1].split(", ")) == 2  # one figure per round
