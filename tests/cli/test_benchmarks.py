@@ -244,7 +244,7 @@ def test_profile_features_times_each_phase_of_the_stage(pipeline, phases, pipeli
     table = {}
     for line in done.stdout.splitlines():
         if line.startswith("rcnn."):
-            name, host, calls = line.split()
+            name, host, *_, calls = line.split()  # on a GPU, device times between them
             table[name] = (float(host), float(calls))
     assert phases <= set(table), done.stdout
     # One image: one decode and one record; the CNN ran at least once.
@@ -255,6 +255,35 @@ def test_profile_features_times_each_phase_of_the_stage(pipeline, phases, pipeli
 
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     assert {e.get("name") for e in events} >= phases
+
+
+def test_phase_table_lists_each_range_once_from_its_cpu_row(bench_modules, monkeypatch):
+    # On a GPU each record_function range has a second row, of device type CUDA: it was listed as another phase.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from types import SimpleNamespace
+
+    import profile_features
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(key, device_type, host_us, device_us, count):
+        return SimpleNamespace(key=key, device_type=device_type, cpu_time_total=host_us, device_time_total=device_us, count=count)
+
+    events = [
+        event("rcnn.cnn", cpu, 4000, 6000, 2),
+        event("rcnn.cnn", cuda, 0, 8000, 2),
+        event("rcnn.warp", cpu, 1000, 500, 4),
+        event("aten::conv2d", cpu, 3000, 5000, 2),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    lines = profile_features.phase_table(prof, 2, torch.device("cuda", 0)).splitlines()
+    assert lines[0].split() == ["phase", "host", "ms/img", "device", "ms/img", "device", "span", "ms/img", "calls/img"]
+    assert [line.split() for line in lines[2:]] == [
+        ["rcnn.cnn", "2.00", "3.00", "4.00", "1.0"],
+        ["rcnn.warp", "0.50", "0.25", "0.00", "2.0"],
+    ]
+    lines = profile_features.phase_table(prof, 2, torch.device("cpu")).splitlines()
+    assert [line.split() for line in lines[2:]] == [["rcnn.cnn", "2.00", "1.0"], ["rcnn.warp", "0.50", "2.0"]]
 
 
 def test_profile_features_without_proposals_is_one_line(pipelines_file, tmp_path):
