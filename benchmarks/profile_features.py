@@ -38,6 +38,7 @@ from rcnn.config.loading import default_pipelines_file
 from rcnn.data.datasets import load_image
 from rcnn.errors import UserError
 from rcnn.modeling.models import device_for
+from rcnn.runtime import strict_float32
 from rcnn.stages import features, proposals
 from rcnn.stages.context import Context
 from rcnn.stages.methods import build_method
@@ -96,7 +97,8 @@ def run(args) -> int:
                 writer.add(image_id, arrays)
             boxes_per_image.append(len(regions.boxes))
 
-        with torch.no_grad():
+        # float32 means float32 on a GPU too, not TF32, as stages/runner.py runs the features stage
+        with torch.no_grad(), strict_float32(cfg.model.precision == "float32"):
             for image_id in ids[: args.warmup]:
                 one(image_id)
             with record_function("rcnn.write"):
