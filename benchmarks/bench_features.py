@@ -47,7 +47,7 @@ from rcnn.modeling.inference import inference_autocast, to_float16
 from rcnn.modeling.models import device_for
 from rcnn.modeling.spp_geometry import image_scales
 from rcnn.proposals.selective_search import selective_search
-from rcnn.runtime import keep_freed_memory
+from rcnn.runtime import keep_freed_memory, strict_float32
 from rcnn.stages.context import Context
 from rcnn.stages.prepare import ensure_data
 
@@ -100,11 +100,14 @@ def main() -> None:
                 )
                 n_boxes.append(len(boxes))
 
+                # float32 means float32 on a GPU too, not TF32, as stages/runner.py runs the stages
                 def rcnn(ann=ann, boxes=boxes):
-                    rcnn_image_features(r_net, load_image(ann), boxes, rc.cfg.finetune.context_pad)
+                    with strict_float32(rc.cfg.model.precision == "float32"):
+                        rcnn_image_features(r_net, load_image(ann), boxes, rc.cfg.finetune.context_pad)
 
                 def spp(ann=ann, boxes=boxes):
-                    spp_image_features(s_net, load_image(ann), boxes, s.scales, s.max_side, s.target_size)
+                    with strict_float32(sp.cfg.model.precision == "float32"):
+                        spp_image_features(s_net, load_image(ann), boxes, s.scales, s.max_side, s.target_size)
 
                 def spp_parts(ann=ann, boxes=boxes) -> dict[str, float]:
                     # spp_region_features again, its parts timed apart: trunk (resize, normalise, conv, float16
@@ -132,7 +135,9 @@ def main() -> None:
                         start = time.perf_counter()
                         fn()
                         per_image[name].append(time.perf_counter() - start)
-                    for part, seconds in spp_parts().items():
+                    with strict_float32(sp.cfg.model.precision == "float32"):
+                        spp_seconds = spp_parts()
+                    for part, seconds in spp_seconds.items():
                         per_part.setdefault(part, []).append(seconds)
                 for name in times:
                     times[name].append(statistics.median(per_image[name]))

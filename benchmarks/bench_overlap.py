@@ -28,6 +28,7 @@ from rcnn.config import PipelineFile
 from rcnn.config.loading import default_pipelines_file
 from rcnn.errors import UserError
 from rcnn.modeling.models import device_for
+from rcnn.runtime import strict_float32
 from rcnn.stages import convmaps, features
 from rcnn.stages.context import Context
 from rcnn.store import artifacts as store
@@ -81,7 +82,8 @@ def run(args) -> int:
             for way, ctx in contexts.items():
                 work = tmp / f"{way.replace(' ', '-')}-{r}"
                 tick = time.perf_counter()
-                _, metrics = stage.compute(ctx, split, work)
+                with strict_float32(ctx.cfg.model.precision == "float32"):  # as stages/runner.py runs a stage
+                    _, metrics = stage.compute(ctx, split, work)
                 seconds[way].append((time.perf_counter() - tick) / metrics["images_computed"])
                 written.setdefault(way, folder_bytes(work))
     finally:

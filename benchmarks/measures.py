@@ -29,6 +29,7 @@ from rcnn.modeling.inference import for_inference
 from rcnn.modeling.models import build_model, to_training_device
 from rcnn.modeling.spp import PYRAMID_LEVELS
 from rcnn.modeling.spp_geometry import TARGET_SIZE, image_scales
+from rcnn.runtime import strict_float32
 from rcnn.stages import convmaps
 from rcnn.stages.context import Context
 from rcnn.stages.finetune import schedule as finetune_schedule
@@ -83,6 +84,16 @@ class Bench:
             self._networks[key] = build()
         return self._networks[key]
 
+    def as_stages(self, fn):
+        """``fn`` run as the stages run the library: under ``model.precision: float32``, float32 on a GPU too,
+        not TF32 (stages/runner.py), so that what is timed is what a stage computes."""
+
+        def run(*args):
+            with strict_float32(self.precision == "float32"):
+                return fn(*args)
+
+        return run
+
 
 def context_pad(crop: int) -> int:
     """R-CNN's 16 px of context at 227 px, scaled to ``crop``."""
@@ -99,7 +110,7 @@ def _per_image(b: Bench, ours, baseline) -> tuple[float, float]:
     once per size, not per image."""
     times: dict[str, list[float]] = {"ours": [], "stock": []}
     for image, boxes in zip(b.images, b.boxes):
-        fns = {"ours": partial(ours, image, boxes), "stock": partial(baseline, image, boxes)}
+        fns = {"ours": partial(b.as_stages(ours), image, boxes), "stock": partial(baseline, image, boxes)}
         for name, seconds in alternate(fns, b.sizes.repeats, b.device, warmup=b.sizes.warmup).items():
             times[name].append(seconds)
     return 1000 * float(np.mean(times["ours"])), 1000 * float(np.mean(times["stock"]))
@@ -173,7 +184,7 @@ def _stream(b: Bench, start, baseline) -> tuple[float, float]:
         for image, boxes in pairs:
             baseline(image, boxes)
 
-    times = alternate({"ours": ours, "stock": baseline_all}, b.sizes.repeats, b.device, warmup=b.sizes.warmup)
+    times = alternate({"ours": b.as_stages(ours), "stock": baseline_all}, b.sizes.repeats, b.device, warmup=b.sizes.warmup)
     return 1000 * times["ours"] / len(pairs), 1000 * times["stock"] / len(pairs)
 
 
@@ -329,7 +340,7 @@ def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBg
     times: dict[str, list[float]] = {"ours": [], "stock": []}
     for it, batch in enumerate(sampler.epoch_batches(ft.seed, n_batches=steps + warmup)):
         target = torch.from_numpy(sampler.labels[batch]).to(device)
-        fns = {"ours": partial(ours, it, batch), "stock": partial(baseline.step, batch, target)}
+        fns = {"ours": partial(b.as_stages(ours), it, batch), "stock": partial(baseline.step, batch, target)}
         if warmup and it == 0:  # the first batch warms both sides up, untimed
             for fn in fns.values():
                 timed(fn, device)

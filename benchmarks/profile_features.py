@@ -4,9 +4,10 @@ Runs a pipeline's features as its detector computes them (R-CNN: every region wa
 whole CNN; SPP-net: the conv trunk once per scale, pyramid pooling, the fc layers) on the first images of a
 split, on the boxes the features stage would compute (ground truth and the proposals `rcnn proposals` wrote
 into the runs folder), and writes each image's cached layers to record files as the features stage does;
-all under torch.profiler. Prints, per image, each phase's host time (and device time on a GPU, where kernels
-run after the host has queued them), the wall time and the operators that take longest; --trace writes a
-Chrome trace (gzipped when the name ends in .gz) to open in https://ui.perfetto.dev.
+all under torch.profiler. Prints, per image, each phase's host time (and on a GPU, where kernels run after the
+host has queued them, the device time of its kernels and its span on the device), the wall time and the
+operators that take longest; --trace writes a Chrome trace (gzipped when the name ends in .gz) to open in
+https://ui.perfetto.dev.
 
 The phases are the ``record_function`` ranges of the library's feature code: ``rcnn.decode``, ``rcnn.to_rgb``,
 ``rcnn.upload``, ``rcnn.warp``, ``rcnn.resize``, ``rcnn.conv``, ``rcnn.pool``, ``rcnn.cnn`` / ``rcnn.fc``,
@@ -37,6 +38,7 @@ from rcnn.config.loading import default_pipelines_file
 from rcnn.data.datasets import load_image
 from rcnn.errors import UserError
 from rcnn.modeling.models import device_for
+from rcnn.runtime import strict_float32
 from rcnn.stages import features, proposals
 from rcnn.stages.context import Context
 from rcnn.stages.methods import build_method
@@ -95,7 +97,8 @@ def run(args) -> int:
                 writer.add(image_id, arrays)
             boxes_per_image.append(len(regions.boxes))
 
-        with torch.no_grad():
+        # float32 means float32 on a GPU too, not TF32, as stages/runner.py runs the features stage
+        with torch.no_grad(), strict_float32(cfg.model.precision == "float32"):
             for image_id in ids[: args.warmup]:
                 one(image_id)
             with record_function("rcnn.write"):
@@ -134,16 +137,24 @@ def _device_us(event) -> float:
 
 
 def phase_table(prof, images: int, device: torch.device) -> str:
-    """Milliseconds per image of each ``rcnn.*`` range: host time, and device time on a GPU."""
-    rows = [e for e in prof.key_averages() if e.key.startswith("rcnn.")]
+    """Milliseconds per image of each ``rcnn.*`` range: host time and, on a GPU, the device time of the kernels
+    it queued and the range's span on the device (from its first kernel's start to its last one's end)."""
+    phases = [e for e in prof.key_averages() if e.key.startswith("rcnn.")]
+    # With ProfilerActivity.CUDA each range is there twice: its CPU row (host time, and the device time of the
+    # kernels it queued) and a gpu_user_annotation row of device type CUDA (its span on the device, no host time).
+    rows = [e for e in phases if e.device_type == torch.autograd.DeviceType.CPU]
+    span = {e.key: _device_us(e) for e in phases if e.device_type != torch.autograd.DeviceType.CPU}
     rows.sort(key=lambda e: -e.cpu_time_total)
     gpu = device.type == "cuda"
-    head = f"{'phase':<16} {'host ms/img':>12}" + (f" {'device ms/img':>14}" if gpu else "") + f" {'calls/img':>10}"
+    head = f"{'phase':<16} {'host ms/img':>12}"
+    if gpu:
+        head += f" {'device ms/img':>14} {'device span ms/img':>19}"
+    head += f" {'calls/img':>10}"
     lines = [head, "-" * len(head)]
     for e in rows:
         line = f"{e.key:<16} {e.cpu_time_total / 1000 / images:>12.2f}"
         if gpu:
-            line += f" {_device_us(e) / 1000 / images:>14.2f}"
+            line += f" {_device_us(e) / 1000 / images:>14.2f} {span.get(e.key, 0.0) / 1000 / images:>19.2f}"
         lines.append(line + f" {e.count / images:>10.1f}")
     return "\n".join(lines)
 

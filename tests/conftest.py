@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -9,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from rcnn.data.synth import generate_dataset
+
+#: The device of the test pipelines' networks: ``RCNN_TEST_DEVICE=cuda python -m pytest`` runs the stage tests on a GPU.
+TEST_DEVICE = os.environ.get("RCNN_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +49,7 @@ def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
                   backbone: tiny
                   weights: scratch
                   input_size: 32
-                  device: cpu
+                  device: {TEST_DEVICE}
                 finetune:
                   context_pad: 3
                   optimizer: adam

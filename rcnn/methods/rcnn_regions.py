@@ -75,7 +75,7 @@ def region_features_later(
             # Every box's geometry goes to the device now, in one copy, and no chunk copies anything: on a
             # GPU a copy from the host waits for the device's queue to drain.
             sizes, index = np.array([image.shape[2:]]), np.zeros(len(boxes), np.int64)
-            plan = warp_plan(sizes, index, boxes, spec.input_size, context_pad, normalised_fill(spec), device, image.dtype)
+            plan = warp_plan(sizes, index, boxes, spec.input_size, context_pad, normalised_fill(spec), device)
     # Each chunk's outputs stay on the device, in float16, and go to the host once per image: no wait for
     # the device per chunk, during which it would idle.
     out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}

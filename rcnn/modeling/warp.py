@@ -209,7 +209,7 @@ def warp_many_torch(
     """
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"images must be a float [K, 3, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
-    plan = warp_plan(sizes, image_index, boxes, crop_size, context_pad, fill, images.device, images.dtype)
+    plan = warp_plan(sizes, image_index, boxes, crop_size, context_pad, fill, images.device)
     return warp_planned(images, plan)
 
 
@@ -217,11 +217,11 @@ def warp_many_torch(
 class WarpPlan:
     """Where the crops of a set of boxes sample their images, on the images' device (:func:`warp_plan`)."""
 
-    rois: object  # Tensor [N, 5]: image index and dilated box, for roi_align, in the images' dtype
+    rois: object  # Tensor [N, 5] float32: image index and dilated box, for roi_align
     xs: object  # Tensor [N, S] float64: the x of each crop column's centre in its image
     ys: object  # Tensor [N, S] float64: the y of each crop row's centre
     limits: object  # Tensor [N, 2] float64: height and width of each box's image
-    fill: object  # Tensor [1, 3, 1, 1]: the mean pixel, where a crop pixel's centre leaves its image
+    fill: object  # Tensor [1, 3, 1, 1] float32: the mean pixel, where a crop pixel's centre leaves its image
     crop_size: int
 
 
@@ -233,12 +233,12 @@ def warp_plan(
     context_pad: int,
     fill: tuple[float, float, float],
     device,
-    dtype,
 ) -> WarpPlan:
     """The geometry of :func:`warp_many_torch` for every box, sent to ``device`` once.
 
     Warping a long list of boxes in chunks with one plan copies nothing from the host per chunk, and the
-    plan's own copy does not wait for the device (:mod:`rcnn.modeling.transfer`).
+    plan's own copy does not wait for the device (:mod:`rcnn.modeling.transfer`). The RoIs are float32
+    whatever the images' dtype: in bfloat16 a box corner would round to 2 px above 256 and 4 px above 512.
     """
     import torch
 
@@ -254,23 +254,29 @@ def warp_plan(
     host = np.concatenate([dilated, sizes[image_index], image_index[:, None].astype(np.float64)], axis=1)
     geometry = to_device(host, torch.device(device))  # [N, 7]: one copy
     dilated_d, limits, index_d = geometry[:, :4], geometry[:, 4:6], geometry[:, 6:]
-    rois = torch.cat([index_d, dilated_d], dim=1).to(dtype)
+    rois = torch.cat([index_d, dilated_d], dim=1).float()
     # Centres of the crop's pixels in image coordinates, per box: [N, S] for x and for y.
     steps = (torch.arange(crop_size, device=device, dtype=torch.float64) + 0.5) / crop_size
     xs = dilated_d[:, 0:1] + steps * (dilated_d[:, 2:3] - dilated_d[:, 0:1])
     ys = dilated_d[:, 1:2] + steps * (dilated_d[:, 3:4] - dilated_d[:, 1:2])
-    fill_t = to_device(np.asarray(fill, np.float64), torch.device(device)).to(dtype).reshape(1, 3, 1, 1)
+    fill_t = to_device(np.asarray(fill, np.float32), torch.device(device)).reshape(1, 3, 1, 1)
     return WarpPlan(rois, xs, ys, limits, fill_t, crop_size)
 
 
 def warp_planned(images, plan: WarpPlan, rows: slice = slice(None)):
     """The crops ``[n, 3, S, S]`` of the boxes ``rows`` of ``plan`` from ``images [K, 3, H, W]`` (laid out as
-    :func:`warp_many_torch` says), with no copy from the host."""
+    :func:`warp_many_torch` says), with no copy from the host, in ``images``' dtype.
+
+    ``roi_align`` samples in float32 (a copy of ``images`` when they are not float32, as torchvision's
+    autocast runs it on a GPU), so the sample positions are those of float32 images whatever the dtype.
+    """
     import torch
     import torchvision
 
     size = plan.crop_size
-    crops = torchvision.ops.roi_align(images, plan.rois[rows], size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    source = images if images.dtype == torch.float32 else images.float()
+    crops = torchvision.ops.roi_align(source, plan.rois[rows], size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
     xs, ys, limits = plan.xs[rows], plan.ys[rows], plan.limits[rows]
     inside = ((ys >= 0) & (ys <= limits[:, 0:1]))[:, :, None] & ((xs >= 0) & (xs <= limits[:, 1:2]))[:, None, :]
-    return torch.where(inside[:, None], crops, plan.fill, out=crops)  # in place: one pass over the crops, not two
+    crops = torch.where(inside[:, None], crops, plan.fill, out=crops)  # in place: one pass over the crops, not two
+    return crops.to(images.dtype)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -147,6 +148,55 @@ def test_precision_sets_the_library_side(bench_modules, monkeypatch, tmp_path):
     assert json.loads(out.read_text())["precision"]["ours"] == "model.precision auto: float32"
 
 
+def tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def test_the_library_side_is_timed_without_tf32_under_float32_as_the_stages_run_it(bench_modules, monkeypatch, tmp_path):
+    # The stages run in strict_float32(precision == "float32"); the benchmarks timed the library with TF32 allowed.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import measures
+    import run_all as suite
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default for convolutions
+    seen = []
+
+    def look(*_):
+        seen.append(tf32_flags())
+        return SimpleNamespace(arrays=dict)  # what _stream's start gives: a HostCopy
+
+    images, boxes = [np.zeros((8, 8, 3), np.uint8)], [np.zeros((1, 4), np.float32)]
+    for precision, ours in (("float32", (False, False)), ("auto", tf32_flags()), ("bfloat16", tf32_flags())):
+        bench = measures.Bench(torch.device("cpu"), suite.TINY, tmp_path, [], images, boxes, (), tmp_path, precision=precision)
+        seen.clear()
+        measures._per_image(bench, look, look)
+        measures._stream(bench, look, look)
+        assert seen == [ours, tf32_flags(), ours, tf32_flags()], precision  # ours and stock, in turn
+    assert tf32_flags() == (True, torch.backends.cuda.matmul.allow_tf32)
+
+
+def test_bench_overlap_runs_the_stage_without_tf32_under_float32(bench_modules, monkeypatch, pipelines_file, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_overlap as script
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    seen = []
+
+    def compute(ctx, split, work):
+        work.mkdir(parents=True)
+        seen.append(tf32_flags())
+        return None, {"images_computed": 1}
+
+    stage = SimpleNamespace(splits=lambda ctx: ("trainval", "test"), compute=compute)
+    monkeypatch.setitem(script.STAGES, "convmaps", stage)
+    argv = ["tiny", "--stage", "convmaps", "--repeats", "1", "--runs-dir", str(tmp_path), "--pipelines-file", str(pipelines_file)]
+    assert script.main([*argv, "--set", "model.precision=float32"]) == 0
+    assert seen == [(False, False)] * 2 and tf32_flags()[0]
+    seen.clear()
+    assert script.main(argv) == 0
+    assert seen == [tf32_flags()] * 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_without_a_gpu_is_one_line():
     done = run_all("--tiny", "--device", "cuda")
@@ -244,7 +294,7 @@ def test_profile_features_times_each_phase_of_the_stage(pipeline, phases, pipeli
     table = {}
     for line in done.stdout.splitlines():
         if line.startswith("rcnn."):
-            name, host, calls = line.split()
+            name, host, *_, calls = line.split()  # on a GPU, device times between them
             table[name] = (float(host), float(calls))
     assert phases <= set(table), done.stdout
     # One image: one decode and one record; the CNN ran at least once.
@@ -255,6 +305,33 @@ def test_profile_features_times_each_phase_of_the_stage(pipeline, phases, pipeli
 
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     assert {e.get("name") for e in events} >= phases
+
+
+def test_phase_table_lists_each_range_once_from_its_cpu_row(bench_modules, monkeypatch):
+    # On a GPU each record_function range has a second row, of device type CUDA: it was listed as another phase.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_features
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(key, device_type, host_us, device_us, count):
+        return SimpleNamespace(key=key, device_type=device_type, cpu_time_total=host_us, device_time_total=device_us, count=count)
+
+    events = [
+        event("rcnn.cnn", cpu, 4000, 6000, 2),
+        event("rcnn.cnn", cuda, 0, 8000, 2),
+        event("rcnn.warp", cpu, 1000, 500, 4),
+        event("aten::conv2d", cpu, 3000, 5000, 2),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    lines = profile_features.phase_table(prof, 2, torch.device("cuda", 0)).splitlines()
+    assert lines[0].split() == ["phase", "host", "ms/img", "device", "ms/img", "device", "span", "ms/img", "calls/img"]
+    assert [line.split() for line in lines[2:]] == [
+        ["rcnn.cnn", "2.00", "3.00", "4.00", "1.0"],
+        ["rcnn.warp", "0.50", "0.25", "0.00", "2.0"],
+    ]
+    lines = profile_features.phase_table(prof, 2, torch.device("cpu")).splitlines()
+    assert [line.split() for line in lines[2:]] == [["rcnn.cnn", "2.00", "1.0"], ["rcnn.warp", "0.50", "2.0"]]
 
 
 def test_profile_features_without_proposals_is_one_line(pipelines_file, tmp_path):
@@ -270,7 +347,9 @@ def bench_overlap(*args) -> subprocess.CompletedProcess:
 
 
 def test_bench_overlap_times_a_stage_both_ways_and_checks_the_bytes(pipelines_file, tmp_path, capsys):
-    from conftest import run_cli
+    from conftest import TEST_DEVICE, run_cli
+
+    from rcnn.modeling.models import device_for
 
     runs = tmp_path / "runs"
     argv = ["run", "tiny", "--until", "finetune", "--runs-dir", str(runs), "--pipelines-file", str(pipelines_file), "--quiet"]
@@ -280,7 +359,7 @@ def test_bench_overlap_times_a_stage_both_ways_and_checks_the_bytes(pipelines_fi
     done = bench_overlap("tiny", "--split", "trainval", "--repeats", "2", "--runs-dir", runs, "--pipelines-file", pipelines_file)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("tiny (rcnn), stage features, split trainval: 4 images, device cpu")
+    assert lines[0].startswith(f"tiny (rcnn), stage features, split trainval: 4 images, device {device_for(TEST_DEVICE)}")
     for way in ("in turn", "overlapped"):
         (line,) = [x for x in lines if x.split(":")[0].strip() == way]
         assert len(line.split("rounds: ")[1].split(", ")) == 2  # one figure per round

@@ -11,7 +11,7 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import TEST_DEVICE, run_cli
 
 from rcnn.config import PipelineFile
 from rcnn.data.datasets import VOCDataset
@@ -53,7 +53,7 @@ SMALL = [
     "model.backbone=tiny",
     "model.weights=scratch",
     "model.input_size=32",
-    "model.device=cpu",
+    f"model.device={TEST_DEVICE}",
     "finetune.context_pad=3",
     "finetune.optimizer=adam",
     "finetune.batch_size=32",
@@ -184,7 +184,8 @@ def test_imagenet_weights_offline_is_one_line_naming_the_file(devkit, tmp_path, 
     assert "\n" not in str(e.value) and str(expected) in str(e.value) and "https://download.pytorch.org/models/" in str(e.value)
 
     # The same through a stage that loads them: SPP-net's conv maps, before any image is read.
-    argv = ["convmaps", "voc07-spp", "--set", f"data.root={devkit}", "--set", "data.classes=null", "--set", "model.device=cpu"]
+    device = f"model.device={TEST_DEVICE}"
+    argv = ["convmaps", "voc07-spp", "--set", f"data.root={devkit}", "--set", "data.classes=null", "--set", device]
     code, _, err = run_cli([*argv, "--runs-dir", str(tmp_path / "runs"), "--pipelines-file", str(PIPELINES), "--quiet"], capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "Traceback" not in err

@@ -178,7 +178,7 @@ def test_warping_many_images_at_once_equals_warping_each():
     assert many.shape == each.shape == (60, 3, 40, 40)
     assert (many - each).abs().max() < 1e-3  # on the 0-255 scale
     # One plan, sent to the device once, warped in chunks as the features are: the same crops, exactly.
-    plan = warp_plan(np.array(sizes), index, np.concatenate(boxes), 40, 4, IMAGENET_MEAN_RGB, batch.device, batch.dtype)
+    plan = warp_plan(np.array(sizes), index, np.concatenate(boxes), 40, 4, IMAGENET_MEAN_RGB, batch.device)
     chunks = torch.cat([warp_planned(batch, plan, slice(start, start + 16)) for start in range(0, 60, 16)])
     assert torch.equal(chunks, many)
 

@@ -240,3 +240,18 @@ def test_accepts_a_flipped_view():
     boxes = np.array([[5, 5, 40, 50]], np.float32)
     flipped = image[:, :, ::-1]
     np.testing.assert_array_equal(warp_regions(flipped, boxes), warp_regions(flipped.copy(), boxes))
+
+
+def test_bfloat16_images_sample_at_float32_box_corners():
+    # The RoIs were cast to the images' dtype: in bfloat16 a corner above 256 px rounds to a multiple of 2 px.
+    from rcnn.modeling.warp import warp_many_torch, warp_plan
+
+    image = torch.from_numpy(smooth_image(400, 600, seed=7)).permute(2, 0, 1).float()  # integers: exact in bfloat16
+    boxes = np.array([[301.3, 257.7, 377.9, 333.1], [513.4, 1.6, 599.0, 99.2]], np.float32)
+    sizes, index = np.array([[400, 600]]), np.zeros(2, np.int64)
+    plan = warp_plan(sizes, index, boxes, 32, 4, FILL, image.device)
+    src, _ = warp_geometry(boxes[0], 600, 400, 32, 4)  # the first box's dilated box lies inside the image
+    assert plan.rois.dtype == torch.float32 and torch.equal(plan.rois[0, 1:], torch.from_numpy(src))
+    crops32 = warp_many_torch(image[None], sizes, index, boxes, 32, 4, FILL)
+    crops16 = warp_many_torch(image[None].bfloat16(), sizes, index, boxes, 32, 4, FILL)
+    assert crops16.dtype == torch.bfloat16 and torch.equal(crops16, crops32.bfloat16())
