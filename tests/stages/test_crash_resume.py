@@ -196,6 +196,20 @@ def test_ctrl_c_outside_the_wait_for_workers_still_stops_them(pipelines_file, tm
     assert err.strip().endswith("rcnn: interrupted; completed work is kept and a rerun resumes it")
 
 
+def _interrupted_at_checkpoint(fine_tune, iteration: int):
+    """``fine_tune`` stopped by Ctrl-C right after its first checkpoint at ``iteration`` or later is written."""
+
+    def stopped(*args, checkpoint, **kwargs):
+        def counted(state):
+            checkpoint(state)
+            if state.iteration >= iteration:
+                raise KeyboardInterrupt
+
+        return fine_tune(*args, checkpoint=counted, **kwargs)
+
+    return stopped
+
+
 def test_ctrl_c_in_finetune_says_where_the_rerun_resumes(pipelines_file, tmp_path, monkeypatch, capsys):
     # It said only "completed work is kept", not that the work since the last checkpoint is lost.
     from conftest import run_cli
@@ -203,16 +217,7 @@ def test_ctrl_c_in_finetune_says_where_the_rerun_resumes(pipelines_file, tmp_pat
     from rcnn.stages import finetune
 
     real = finetune.fine_tune
-
-    def stopped_after_two_checkpoints(*args, checkpoint, **kwargs):
-        def counted(state):
-            checkpoint(state)
-            if state.iteration >= 4:
-                raise KeyboardInterrupt
-
-        return real(*args, checkpoint=counted, **kwargs)
-
-    monkeypatch.setattr(finetune, "fine_tune", stopped_after_two_checkpoints)
+    monkeypatch.setattr(finetune, "fine_tune", _interrupted_at_checkpoint(real, 4))
     argv = ["finetune", "tiny", "--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
     argv += ["--set", "finetune.max_iter=8", "--set", "finetune.eval_every=2"]
     assert run_cli(["proposals", *argv[1:]], capsys)[0] == 0
@@ -243,14 +248,7 @@ def test_a_training_state_made_on_another_device_resumes_with_a_note(pipelines_f
     from rcnn.training.finetune import TrainState
 
     real = finetune.fine_tune
-
-    def stopped(*args, checkpoint, **kwargs):
-        def counted(state):
-            checkpoint(state)
-            raise KeyboardInterrupt
-
-        return real(*args, checkpoint=counted, **kwargs)
-
+    stopped = _interrupted_at_checkpoint(real, 1)
     monkeypatch.setattr(finetune, "fine_tune", stopped)
     argv = ["finetune", "tiny", "--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
     argv += ["--set", "finetune.max_iter=6", "--set", "finetune.eval_every=3"]
