@@ -112,6 +112,16 @@ def quiet_matplotlib():
             fonts.setLevel(level)
 
 
+def tf32_off() -> tuple[bool, bool]:
+    """Turn TF32 off for cuDNN's convolutions and for matrix products (float32 stays float32 on NVIDIA cards);
+    returns the two flags as they were."""
+    import torch
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    return flags
+
+
 @contextlib.contextmanager
 def strict_float32(enabled: bool = True):
     """With ``enabled``, float32 convolutions and matrix products in float32 on NVIDIA cards too: PyTorch lets cuDNN
@@ -121,8 +131,7 @@ def strict_float32(enabled: bool = True):
     if not enabled:
         yield
         return
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    flags = tf32_off()
     try:
         yield
     finally:

@@ -31,7 +31,7 @@ from rcnn.training.regions import image_regions, regression_rows
 from . import finetune, proposals
 from .context import Context
 from .image_records import images_ahead, one_ahead, write_image_records
-from .methods import build_method, caches_regression_rows, made_as
+from .methods import build_method, caches_regression_rows
 from .provenance import cached_mb, upstream_check, upstream_digest
 
 NAME = "features"
@@ -216,9 +216,7 @@ def layer_reader(ctx: Context, split: str, layer: str):
     method = build_method(ctx.cfg)
     if layer == method.regression_layer(ctx.cfg):
         check_recomputable(ctx, split)
-    precision = made_as(ctx, split).get("precision")
-    model = lambda: inference_model(ctx, precision)  # noqa: E731 -- loaded only if a row is computed again
-    return method.layer_reader(ctx, split, layer, lambda: finetune.window_offset(ctx), model)
+    return method.layer_reader(ctx, split, layer, lambda: finetune.window_offset(ctx), lambda p: inference_model(ctx, p))
 
 
 def inference_model(ctx: Context, precision: str | None = None):

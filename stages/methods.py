@@ -121,11 +121,12 @@ class Method:
         return {}
 
     def layer_reader(
-        self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float], model: Callable[[], object]
+        self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float], model: Callable[[str | None], object]
     ) -> LayerReader:
         """A reader of one feature layer of chosen windows of ``split``'s images (a context manager);
         ``window_offset()`` gives the fine-tuned model's receptive-field offset, asked only if windows are pooled,
-        and ``model()`` the fine-tuned model ready for inference, asked only if a window is computed again."""
+        and ``model(precision)`` the fine-tuned model ready for inference in ``precision`` (None: ``model.precision``),
+        asked only if a window is computed again."""
         if layer == self.regression_layer(ctx.cfg):
             return WarpedReader(ctx, split, layer, model)
         return LayerReader(ctx, split, layer)
@@ -191,7 +192,7 @@ class SPPNet(Method):
         return {f"convmaps/{split}": upstream_digest(ctx, "convmaps", split)}
 
     def layer_reader(
-        self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float], model: Callable[[], object]
+        self, ctx: Context, split: str, layer: str, window_offset: Callable[[], float], model: Callable[[str | None], object]
     ) -> LayerReader:
         if layer in self.cached_layers(ctx.cfg.features.layers) or layer != "pool5":
             return LayerReader(ctx, split, layer)
@@ -330,13 +331,14 @@ class WarpedReader(LayerReader):
     again as that stage computed it, its box warped from the image through the fine-tuned model (float16, the
     numbers a cache would hold). ``compute_seconds`` is the last call's decoding, warping and CNN time."""
 
-    def __init__(self, ctx: Context, split: str, layer: str, model: Callable[[], object]):
+    def __init__(self, ctx: Context, split: str, layer: str, model: Callable[[str | None], object]):
         super().__init__(ctx, split, layer)
         self.ctx, self.split, self.load_model, self.model = ctx, split, model, None
         self.cached = caches_regression_rows(ctx.cfg, split)
         self.recomputed = 0  # rows computed again, over every call
-        # warped as the features stage warped them, on whichever device it ran (model.warp: auto differs)
-        self.warp = made_as(ctx, split).get("warp")
+        # computed as the features stage computed its rows, on whichever device it ran (model.precision and
+        # model.warp auto differ)
+        self.made = made_as(ctx, split)
 
     def rows(self, rs, image_id: str, rows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)
@@ -360,9 +362,9 @@ class WarpedReader(LayerReader):
 
     def _compute(self, image_id: str, boxes: np.ndarray) -> np.ndarray:
         if self.model is None:  # loaded on the first row not cached: a reader of cached rows never needs it
-            self.model = self.load_model()
+            self.model = self.load_model(self.made.get("precision"))
         ann = self.ctx.dataset(self.split).annotation(image_id)
-        warped = _Warped(self.ctx, self.warp)
+        warped = _Warped(self.ctx, self.made.get("warp"))
         feats, self.compute_seconds = warped(self.model, warped.load(ann), boxes, (self.layer,))
         self.recomputed += len(boxes)
         return feats[self.layer].astype(np.float32)

@@ -15,9 +15,9 @@ def run_shard(ctx, stage: str, split: str, parts: str, shard: list, kind: str, p
     from rcnn.store import records
 
     if ctx.cfg.model.precision == "float32":  # float32 on a GPU, not TF32; left so (a worker's tasks share the flags)
-        import torch
+        from rcnn.runtime import tf32_off
 
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        tf32_off()
     logs: list[str] = []
     ctx = copy.copy(ctx)  # a worker's threads share the context it was sent; each shard collects its own lines
     ctx.log = logs.append

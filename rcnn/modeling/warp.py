@@ -274,8 +274,7 @@ def warp_planned(images, plan: WarpPlan, rows: slice = slice(None)):
     import torchvision
 
     size = plan.crop_size
-    source = images if images.dtype == torch.float32 else images.float()
-    crops = torchvision.ops.roi_align(source, plan.rois[rows], size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    crops = torchvision.ops.roi_align(images.float(), plan.rois[rows], size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
     xs, ys, limits = plan.xs[rows], plan.ys[rows], plan.limits[rows]
     inside = ((ys >= 0) & (ys <= limits[:, 0:1]))[:, :, None] & ((xs >= 0) & (xs <= limits[:, 1:2]))[:, None, :]
     crops = torch.where(inside[:, None], crops, plan.fill, out=crops)  # in place: one pass over the crops, not two
