@@ -137,7 +137,7 @@ def _spp_net(b: Bench):
 def _rcnn(b: Bench, backbone: str, crop: int, weights: str | None, layers=("pool5", "fc7")) -> dict:
     pad = context_pad(crop)
     net = _rcnn_net(b, backbone, crop, weights)
-    baseline = stock.RCNNFeatures(backbone, crop, pad, b.device, weights)
+    baseline = partial(stock.RCNNFeatures(backbone, crop, pad, b.device, weights), pool5="pool5" in layers)
     ours, base = _per_image(b, lambda im, bx: rcnn_image_features(net, im, bx, pad, layers), baseline)
     return _figures(ours, base, "ms/image", backbone=backbone, crop=crop, context_pad=pad, boxes=b.sizes.boxes,
                     layers=list(layers))  # fmt: skip
@@ -145,8 +145,8 @@ def _rcnn(b: Bench, backbone: str, crop: int, weights: str | None, layers=("pool
 
 def rcnn_features(b: Bench) -> dict:
     """R-CNN's pool5 and fc7 of every box of a decoded image: AlexNet at 227 px, SqueezeNet; and AlexNet's fc7
-    alone, what the features stage computes for a test image under ``features.bbox_rows: regression`` (the
-    papers' pipelines), against the same stock pool5 and fc7."""
+    alone on both sides, what the features stage copies out for a test image under ``features.bbox_rows:
+    regression`` (the papers' pipelines)."""
     return {
         "rcnn_alexnet": _rcnn(b, "alexnet", 227, None),
         "rcnn_squeezenet": _rcnn(b, "squeezenet1_0", b.sizes.squeezenet_crop, b.squeezenet_weights),
@@ -155,18 +155,21 @@ def rcnn_features(b: Bench) -> dict:
 
 
 def spp_features(b: Bench) -> dict:
-    """SPP-net's pyramids and fc7 of every box of a decoded image, at one scale and at five."""
+    """SPP-net's pyramids and fc7 of every box of a decoded image, at one scale and at five; and fc7 alone at one
+    scale on both sides, what the features stage copies out (the pyramid is pooled again where box regression
+    reads it)."""
     net = _spp_net(b)
     baseline = stock.SPPFeatures(MAX_SIDE, PYRAMID_LEVELS, TARGET_SIZE, b.device)
-    out = {}
-    for name, scales in (("spp_1_scale", (b.sizes.scale,)), ("spp_5_scales", b.sizes.scales)):
+    out, one, both = {}, (b.sizes.scale,), ("pool5", "fc7")
+    variants = {"spp_1_scale": (one, both), "spp_5_scales": (b.sizes.scales, both), "spp_1_scale_fc7": (one, ("fc7",))}
+    for name, (scales, layers) in variants.items():
         ours, base = _per_image(
             b,
-            lambda im, bx, scales=scales: spp_image_features(net, im, bx, scales, MAX_SIDE, TARGET_SIZE),
-            lambda im, bx, scales=scales: baseline(im, bx, scales),
+            lambda im, bx, s=scales, k=layers: spp_image_features(net, im, bx, s, MAX_SIDE, TARGET_SIZE, k),
+            lambda im, bx, s=scales, k=layers: baseline(im, bx, s, pool5="pool5" in k),
         )
         out[name] = _figures(ours, base, "ms/image", backbone="alexnet", scales=list(scales), levels=list(PYRAMID_LEVELS),
-                             boxes=b.sizes.boxes)  # fmt: skip
+                             boxes=b.sizes.boxes, layers=list(layers))  # fmt: skip
     return out
 
 
@@ -203,10 +206,10 @@ def streamed_features(b: Bench) -> dict:
     def spp_start(image, boxes):
         factors = image_scales(image.shape[0], image.shape[1], scales, MAX_SIDE)
         maps = image_maps(spp_net, image, factors, to_host=False)
-        return spp_region_features_later(spp_net, maps, factors, boxes, ("pool5", "fc7"), TARGET_SIZE)
+        return spp_region_features_later(spp_net, maps, factors, boxes, ("fc7",), TARGET_SIZE)  # as the stage: fc7
 
     ours, base = _stream(b, rcnn_start, rcnn_stock)
-    spp_ours, spp_base = _stream(b, spp_start, lambda image, boxes: spp_stock(image, boxes, scales))
+    spp_ours, spp_base = _stream(b, spp_start, lambda image, boxes: spp_stock(image, boxes, scales, pool5=False))
     return {
         "rcnn_alexnet_stream": _figures(
             ours, base, "ms/image", backbone="alexnet", crop=227, context_pad=pad, boxes=b.sizes.boxes, images=len(b.images)

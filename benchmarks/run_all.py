@@ -56,6 +56,7 @@ TITLES = {
     "rcnn_alexnet_fc7": "R-CNN features, AlexNet, fc7 only",
     "spp_1_scale": "SPP-net features, 1 scale",
     "spp_5_scales": "SPP-net features, 5 scales",
+    "spp_1_scale_fc7": "SPP-net features, 1 scale, fc7 only",
     "rcnn_alexnet_stream": "R-CNN features, AlexNet, images in a row",
     "spp_1_scale_stream": "SPP-net features, 1 scale, images in a row",
     "cache_rcnn": "feature cache, R-CNN",

@@ -85,18 +85,20 @@ class RCNNFeatures:
         self.crop, self.context_pad, self.device, self.batch_size = crop, context_pad, device, batch_size
 
     @torch.inference_mode()
-    def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, pool5: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """pool5 (None unless ``pool5``) and fc7, each float16 ``[N, D]`` on the host."""
         image = image_tensor(image_bgr, self.device)[None]
         regions = rois(with_context(boxes, self.crop, self.context_pad), self.device)
-        pool5, fc7 = [], []
+        kept, fc7 = [], []
         for start in range(0, len(regions), self.batch_size):
             crops = roi_align(image, regions[start : start + self.batch_size], self.crop, 1.0, 1, aligned=True)
             with autocast(self.device):
                 p5 = torch.flatten(self.trunk(crops.contiguous(memory_format=torch.channels_last)), 1)
                 f7 = self.head(p5)
-            pool5.append(p5.half().cpu())
+            if pool5:
+                kept.append(p5.half().cpu())
             fc7.append(f7.half().cpu())
-        return torch.cat(pool5), torch.cat(fc7)
+        return torch.cat(kept) if pool5 else None, torch.cat(fc7)
 
 
 def factors_of(height: int, width: int, scales, max_side: float | None) -> list[float]:
@@ -128,8 +130,11 @@ class SPPFeatures:
         self.max_side, self.levels, self.target, self.device = max_side, levels, target, device
 
     @torch.inference_mode()
-    def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, scales) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pyramids and fc7 of ``boxes`` of one BGR image whose shorter side is resized to each of ``scales``."""
+    def __call__(
+        self, image_bgr: np.ndarray, boxes: np.ndarray, scales, pool5: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Pyramids (None unless ``pool5``) and fc7 of ``boxes`` of one BGR image whose shorter side is resized to
+        each of ``scales``, float16 on the host."""
         h, w = image_bgr.shape[:2]
         image = image_tensor(image_bgr, self.device)[None]
         factors = factors_of(h, w, scales, self.max_side)
@@ -147,7 +152,7 @@ class SPPFeatures:
             pooled[index] = spp_levels(fmap, rois(boxes[sel] * f, self.device), self.levels, 1 / STRIDE)
         with autocast(self.device):
             fc7 = self.head(pooled)
-        return pooled.half().cpu(), fc7.half().cpu()
+        return pooled.half().cpu() if pool5 else None, fc7.half().cpu()
 
 
 class _Trainer:

@@ -85,17 +85,14 @@ def inputs(ctx: Context, split: str) -> dict[str, str]:
 
 def layer_plan(ctx: Context, split: str) -> tuple[tuple[str, ...], str | None, bool, tuple[str, ...]]:
     """What this stage computes and caches for ``split``: ``(cached layers, the layer cached for box regression's
-    rows only or None, whether this split caches those rows, the layers computed)``."""
+    rows only or None, whether this split caches those rows, the layers brought to the host)``."""
     cfg, method = ctx.cfg, build_method(ctx.cfg)
     layers = cached_layers(ctx)
     sparse = method.regression_layer(cfg)
     keep_rows = sparse is not None and caches_regression_rows(cfg, split)
-    # Timed as a detector computes them: SPP-net's detector keeps the pyramid it pooled for fc6 and
-    # hands it to box regression; this stage computes it too but does not cache it (layer_reader pools
-    # it again when a later stage needs it, timed apart).
-    computed = method.computed_layers(layers, cfg.bbox.layer)
-    if sparse is not None and not keep_rows:
-        computed = tuple(k for k in computed if k != sparse)
+    # Only what is written leaves the device: pool5 (R-CNN's, or SPP-net's pyramid) is computed on the way to
+    # fc7 in any case, and where it is not cached a later stage computes the rows it reads again, timed apart.
+    computed = tuple(k for k in layers if k != sparse or keep_rows)
     return layers, sparse, keep_rows, computed
 
 

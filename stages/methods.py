@@ -82,10 +82,6 @@ class Method:
         """Which of the configured feature layers stage `features` writes."""
         return layers
 
-    def computed_layers(self, layers: tuple[str, ...], bbox_layer: str) -> tuple[str, ...]:
-        """The layers a detector computes per image (what stage `features` times): the cached ones."""
-        return layers
-
     def upstream_inputs(self, ctx: Context, split: str) -> dict[str, str]:
         """Digests of the method's own artifacts that fine-tuning and features read, beyond the common ones."""
         return {}
@@ -155,10 +151,6 @@ class SPPNet(Method):
     def cached_layers(self, layers: tuple[str, ...]) -> tuple[str, ...]:
         # The pooled pyramid (up to 25,600-d) is cheap to pool again from the cached maps.
         return tuple(x for x in layers if x != "pool5")
-
-    def computed_layers(self, layers: tuple[str, ...], bbox_layer: str) -> tuple[str, ...]:
-        # The detector keeps the pyramid it pooled for fc6 and hands it to box regression.
-        return layers + (("pool5",) if bbox_layer == "pool5" else ())
 
     def upstream_inputs(self, ctx: Context, split: str) -> dict[str, str]:
         return {f"convmaps/{split}": upstream_digest(ctx, "convmaps", split)}

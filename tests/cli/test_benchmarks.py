@@ -25,6 +25,7 @@ MEASUREMENTS = {
     "rcnn_alexnet_fc7": "ms/image",
     "spp_1_scale": "ms/image",
     "spp_5_scales": "ms/image",
+    "spp_1_scale_fc7": "ms/image",
     "rcnn_alexnet_stream": "ms/image",
     "spp_1_scale_stream": "ms/image",
     "cache_rcnn": "MB/image",
