@@ -242,10 +242,12 @@ def spp_region_features_later(
         pooled, inverse = pool_windows(maps, factors, boxes, spec.stride, spec.spp_levels, target, dtype=None, offset=spec.offset)
     with record_function("rcnn.fc"), inference_autocast(model):
         out = model.head(pooled, layers)
-    out["pool5"] = pooled
-    # Each box's row of the distinct windows' outputs, or only the chosen boxes' rows.
-    picks = {k: inverse[rows[k]] if rows and k in rows else inverse for k in layers}
-    return HostCopy({k: out[k] for k in layers}, then=lambda arrays: {k: a[picks[k]] for k, a in arrays.items()})
+        out["pool5"] = pooled
+        # Each box's row of the distinct windows' outputs, or only the chosen boxes' rows, gathered where they
+        # were computed: the host receives its rows with no indexing of its own (16 MB of fc7 at 2000 boxes).
+        picks = {k: inverse[rows[k]] if rows and k in rows else inverse for k in layers}
+        picked = {k: out[k][to_device(picks[k].astype(np.int64), out[k].device)] for k in layers}
+    return HostCopy(picked)
 
 
 @dataclass

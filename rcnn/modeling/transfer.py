@@ -32,10 +32,10 @@ class HostCopy:
     On a GPU the copies are queued behind the work that makes them, into page-locked memory, with an event
     after them, and the host goes on at once: it can queue the next image's work before it waits, in
     :meth:`arrays`, for this one's, so the GPU does not idle while the host prepares each image. Elsewhere
-    the copies are made at once. ``then`` (optional) maps the arrays once they are there.
+    the copies are made at once.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], then=None):
+    def __init__(self, tensors: dict[str, torch.Tensor]):
         half = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
         devices = {t.device for t in half.values() if t.device.type == "cuda"}
         self._event = None
@@ -45,12 +45,10 @@ class HostCopy:
             self._event.record(torch.cuda.current_stream(devices.pop()))
         else:
             self._host = {k: t.cpu() for k, t in half.items()}
-        self._then = then
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays, once the copies are done (on a GPU, the wait for this image's work)."""
         with record_function("rcnn.to_host"):
             if self._event is not None:
                 self._event.synchronize()
-            out = {k: t.numpy() for k, t in self._host.items()}
-        return self._then(out) if self._then is not None else out
+            return {k: t.numpy() for k, t in self._host.items()}
