@@ -76,7 +76,7 @@ def run(args) -> int:
         raise UserError("--device cuda, but no CUDA GPU is available")
     method = build_method(cfg)
     detector = method.test_features(cfg, network(ctx, device))
-    layers, sparse, _, computed = features.layer_plan(ctx, split)  # what the features stage copies out and caches
+    layers, sparse, _, copied = features.layer_plan(ctx, split)  # what the features stage copies out and caches
     dataset = ctx.dataset(split)
     ids = dataset.ids[: args.warmup + args.images]
     if len(ids) <= args.warmup:
@@ -91,7 +91,7 @@ def run(args) -> int:
             with record_function("rcnn.decode"):
                 image = load_image(ann)
             regions = image_regions(ann, props.array(image_id, "boxes", np.float32, 2), ctx.classes, cfg.data.use_difficult)
-            feats = detector(image, regions.boxes, computed)
+            feats = detector(image, regions.boxes, copied)
             arrays = {"boxes": regions.boxes, "overlaps": regions.overlaps, **{k: feats[k] for k in layers if k != sparse}}
             with record_function("rcnn.write"):
                 writer.add(image_id, arrays)
@@ -116,7 +116,7 @@ def run(args) -> int:
                 wall = time.perf_counter() - tick
     n = len(measured)
     print(f"{args.pipeline} ({method.name}), split {split}, device {device}: {n} images after {args.warmup} untimed, "
-          f"{np.mean(boxes_per_image[args.warmup:]):.0f} boxes per image, layers copied out {', '.join(computed)}")  # fmt: skip
+          f"{np.mean(boxes_per_image[args.warmup:]):.0f} boxes per image, layers copied out {', '.join(copied)}")  # fmt: skip
     print(phase_table(prof, n, device))
     print(f"wall time: {1000 * wall / n:.1f} ms per image (profiler running)")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -92,8 +92,8 @@ def layer_plan(ctx: Context, split: str) -> tuple[tuple[str, ...], str | None, b
     keep_rows = sparse is not None and caches_regression_rows(cfg, split)
     # Only what is written leaves the device: pool5 (R-CNN's, or SPP-net's pyramid) is computed on the way to
     # fc7 in any case, and where it is not cached a later stage computes the rows it reads again, timed apart.
-    computed = tuple(k for k in layers if k != sparse or keep_rows)
-    return layers, sparse, keep_rows, computed
+    copied = tuple(k for k in layers if k != sparse or keep_rows)
+    return layers, sparse, keep_rows, copied
 
 
 def image_records(ctx: Context, split: str, ids: list[str]):
@@ -107,7 +107,7 @@ def image_records(ctx: Context, split: str, ids: list[str]):
     model = inference_model(ctx)
     device = device_label(next(model.parameters()).device)
     done_as = computed_as(ctx, model)
-    layers, sparse, keep_rows, computed = layer_plan(ctx, split)
+    layers, sparse, keep_rows, copied = layer_plan(ctx, split)
     with proposals.load(ctx, split) as props, method.region_features(ctx, split) as region_features:
 
         def read(image_id: str):  # the host's part, run ahead; nothing here touches the model
@@ -146,7 +146,7 @@ def image_records(ctx: Context, split: str, ids: list[str]):
 
         def start(item):
             image_id, (regions, chosen, loaded) = item
-            return image_id, regions, chosen, region_features.start(model, loaded, regions.boxes, computed, chosen)
+            return image_id, regions, chosen, region_features.start(model, loaded, regions.boxes, copied, chosen)
 
         # Under model.overlap_io one image is in flight: its work is queued on the device before the previous
         # image's is waited for, so a GPU computes while the host takes the results and prepares the next image.
