@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,6 +122,13 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _suptitle(fig: Figure, text: str, points: float = 11) -> None:
+    """The figure's title, on as many lines as its width needs: one run's detection column or one class's
+    curves are narrower than a one-line title."""
+    chars = max(16, int(fig.get_figwidth() * 72 / (0.6 * points)))  # a character is about 0.6 em wide
+    fig.suptitle(textwrap.fill(text, chars), fontsize=points)
+
+
 @quiet_matplotlib()
 def _save(fig: Figure, path: Path) -> Path:
     # A reader of the report folder must never see half a PNG: write beside it, then rename.
@@ -173,7 +181,7 @@ def ap_bars(
         ax.set_axisbelow(True)
     axes[-1].set_xticks(x, groups, rotation=45 if len(groups) > 8 else 0, ha="right" if len(groups) > 8 else "center")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(n, 4), fontsize=9)
-    fig.suptitle("Average precision per class", fontsize=11)
+    _suptitle(fig, "Average precision per class")
     return _save(fig, path)
 
 
@@ -210,7 +218,7 @@ def pr_grid(
             ax.text(0.5, 0.5, "no curve", ha="center", va="center", transform=ax.transAxes, color="grey")
     for ax in axes[len(classes) :]:
         ax.set_visible(False)
-    fig.suptitle("Precision-recall per class (with box regression)", fontsize=11)
+    _suptitle(fig, "Precision-recall per class (with box regression)")
     return _save(fig, path)
 
 
@@ -304,7 +312,7 @@ def detection_grid(
                 ax.set_title(labels[r], fontsize=10)
             if r == 0:
                 ax.set_ylabel(f"{ann.image_id} ({len(ann.boxes)} objects)", fontsize=9)
-    fig.suptitle("Top detections with box regression (ground truth dotted white)", fontsize=11)
+    _suptitle(fig, "Top detections with box regression (ground truth dotted white)")
     return _save(fig, path)
 
 

@@ -332,6 +332,28 @@ def test_figures_keep_font_and_legend_warnings_off_stderr(tmp_path):
     assert _warnings_of(lambda: figs.pr_grid(tmp_path / "pr.png", ["run"], names, curves)) == []
 
 
+def test_a_figure_title_wider_than_its_figure_is_wrapped_to_fit():
+    from rcnn.report import figures as figs
+
+    # One run's column of detections is 3.5 inches wide; its title on one line was cut at both ends.
+    title = "Top detections with box regression (ground truth dotted white)"
+
+    def extent(set_title) -> tuple[float, float, float]:
+        fig = figs._figure(figs.CELL_INCHES + 0.3, 3.0)
+        set_title(fig)
+        fig.canvas.draw()
+        box = fig._suptitle.get_window_extent()
+        return box.x0, box.x1, fig.bbox.width
+
+    x0, x1, width = extent(lambda fig: fig.suptitle(title, fontsize=11))
+    assert x0 < 0 and x1 > width  # the plain title overflows
+    x0, x1, width = extent(lambda fig: figs._suptitle(fig, title))
+    assert x0 >= 0 and x1 <= width
+    wide = figs._figure(8.0, 3.0)
+    figs._suptitle(wide, title)
+    assert wide.get_suptitle() == title  # one line where it fits
+
+
 def test_pr_plots_refuse_a_class_name_that_leaves_their_folder(tmp_path):
     from rcnn.stages.evaluate import plot_pr_curves
 
