@@ -12,7 +12,7 @@ from rcnn.data.splitfile import read_split_file
 from rcnn.errors import UserError
 from rcnn.evaluation.detfiles import devkit_filename
 from rcnn.store.artifacts import output_damage, read_manifest, rerun_hint
-from rcnn.store.machine import machine_text
+from rcnn.store.machine import machine_text, others_load
 
 # Stages that train or score rather than cache features; every other stage (R-CNN's
 # features, SPP-net's convmaps and features) counts towards the feature cache.
@@ -31,7 +31,7 @@ class UnitSummary:
     wall_s: float | None = None
     started: float | None = None
     cpu_s: float | None = None  # processor seconds of the stage's own process
-    load_1m: float | None = None  # others' load: the 1-minute load average at its end less its own busy cores
+    load_1m: float | None = None  # others' load over the unit, in cores (rcnn.store.machine.others_load)
     output_bytes: int = 0
     metrics: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # the stage's settings, as its fingerprint recorded them
@@ -118,17 +118,16 @@ class RunSummary:
         per_class = self.results.get("per_class")
         return frozenset(per_class if isinstance(per_class, dict) else self.classes)
 
-    def test_load(self) -> tuple[float, str, int | None] | None:
-        """The highest 1-minute load average the units on the test split recorded (those the test time is taken
-        from; a shared unit's, when it was computed), the unit (``features/test``) and that machine's cores; None
-        where none recorded it (older manifests, work on a cluster)."""
-        loads = [
-            u
-            for u in self.units
-            if u.split == self.test_split and u.state == "complete" and u.load_1m is not None and u.stage != "proposals"
-        ]  # proposals' worker processes are not its own process's: its estimate would count them as others
+    def test_load(self) -> tuple[float | None, str, int | None] | None:
+        """The highest load of others over a unit on the test split (those the test time is taken from; a shared
+        unit's, when it was computed), the unit (``features/test``) and that machine's cores; None where none
+        recorded the figures (older manifests, work on a cluster); ``(None, "", None)`` where every such unit
+        took too short a time to tell (:func:`rcnn.store.machine.others_load`)."""
+        timed = [u for u in self.units if u.split == self.test_split and u.state == "complete" and u.stage != "proposals"]
+        # proposals' worker processes are not its own process's: its estimate would count them as others
+        loads = [u for u in timed if u.load_1m is not None]
         if not loads:
-            return None
+            return (None, "", None) if any(u.cpu_s is not None for u in timed) else None
         top = max(loads, key=lambda u: u.load_1m)
         cores = top.machine.get("cores")
         return top.load_1m, f"{top.stage}/{top.split}", cores if isinstance(cores, int) else None
@@ -236,11 +235,9 @@ def _read_unit(unit_dir: Path, pipeline: str) -> UnitSummary:
     timings = m.get("timings") or {}
     reused = m.get("reused_from")
     # This process's processor time: workers a stage keeps for the next (joblib's) are counted only when they exit,
-    # perhaps during another stage, so children_cpu_s is left out. The others' load: the 1-minute load average at
-    # the stage's end less the cores the stage's own process kept busy (its load at the start may be its own
-    # previous stage's).
-    cpu_s, wall_s, load_end = (number(timings.get(k)) for k in ("cpu_s", "wall_s", "load_1m_end"))
-    others = max(0.0, load_end - cpu_s / wall_s) if None not in (cpu_s, wall_s, load_end) and wall_s > 0 else None
+    # perhaps during another stage, so children_cpu_s is left out.
+    cpu_s, wall_s, start, end = (number(timings.get(k)) for k in ("cpu_s", "wall_s", "load_1m_start", "load_1m_end"))
+    others = others_load(cpu_s, wall_s, start, end)
     return UnitSummary(
         stage,
         split,

@@ -12,6 +12,7 @@ from pathlib import Path
 from rcnn.report import figures as figs
 from rcnn.report.render import Table, human_size
 from rcnn.report.runs import RunSummary, fmt, number, resumed_note
+from rcnn.store.machine import LOAD_MIN_WALL_S
 
 SAME_WITHIN = 0.05  # a ratio this close to 1 is said to be about the same: one measurement each is no finer
 
@@ -59,10 +60,11 @@ def section_stages(labels: list[str], runs: list[RunSummary]) -> list:
         "Wall time of every stage and split as recorded in its manifest. A unit *shared with* another pipeline reused "
         "that pipeline's outputs (same inputs and parameters); its time is the other pipeline's and is left out of the "
         "total. CPU s: the processor seconds of the stage's own process (more than the wall time where it kept several "
-        "cores busy; the worker processes of proposals are not counted). Load: what else kept the machine busy, "
-        "estimated as the 1-minute load average (processes running or waiting for a core) at the stage's end less the "
-        "cores its own process kept busy (CPU s over wall s); for proposals it counts its workers too. Blank where the "
-        "manifest does not record them."
+        "cores busy; the worker processes of proposals are not counted). Load: what else kept the machine busy, in "
+        "cores: the mean number of processes running or waiting for a core over the stage, recovered from the 1-minute "
+        "load average (an exponential average over about a minute) at its start and end, less the cores its own "
+        "process kept busy (CPU s over wall s); for proposals it counts its workers too. Blank where the manifest does "
+        f"not record them, or for a stage under {LOAD_MIN_WALL_S:.0f} s, too short for that average to tell."
     )
     return [("h2", "Stages: wall time and throughput"), ("p", text), ("table", Table(headers, rows))]
 
@@ -72,13 +74,14 @@ def load_warning(labels: list[str], runs: list[RunSummary]) -> list:
     where it reached half the machine's cores (at least one) or differed between the runs by as much: the ratios
     then measure the load as well as the methods. Nothing where no run recorded it."""
     loads = [run.test_load() for run in runs]
-    known = [x for x in loads if x is not None]
-    if not known:
+    if all(x is None for x in loads):
         return []
+    known = [x for x in loads if x is not None and x[0] is not None]
     said, reasons = [], []
     for label, x in zip(labels, loads):
-        if x is None:
-            said.append(f"{label}: not recorded")
+        if x is None or x[0] is None:
+            short = f"not known (every such stage took under {LOAD_MIN_WALL_S:.0f} s)"
+            said.append(f"{label}: {'not recorded' if x is None else short}")
             continue
         load, unit, cores = x
         said.append(f"{label}: {load:.2f} (in {unit}" + (f", on {cores} cores)" if cores else ")"))
@@ -86,12 +89,11 @@ def load_warning(labels: list[str], runs: list[RunSummary]) -> list:
             of = f" of the machine's {cores}" if cores else ""
             reasons.append(f"other work kept about {load:.1f} cores{of} busy while {label}'s test split was timed")
     text = (
-        "What else kept the machine busy while the test split was timed, in cores: the 1-minute load average at a "
-        "stage's end less the cores the stage itself kept busy, the highest over the test-split stages after the "
-        "proposals: " + "; ".join(said) + "."
+        "What else kept the machine busy while the test split was timed, in cores (the stages table's load), the "
+        "highest over the test-split stages after the proposals: " + "; ".join(said) + "."
     )
-    cores = max(x[2] or 1 for x in known)
-    low, high = min(x[0] for x in known), max(x[0] for x in known)
+    cores = max((x[2] or 1 for x in known), default=1)
+    low, high = min((x[0] for x in known), default=0.0), max((x[0] for x in known), default=0.0)
     if len(known) > 1 and high - low >= max(1.0, cores / 2):
         reasons.append(f"what else ran differs between the runs ({low:.1f} against {high:.1f} cores)")
     blocks: list = [("p", text)]

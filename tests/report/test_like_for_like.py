@@ -32,7 +32,7 @@ def _manifest(unit: Path, data_digest: str | None, classes, metrics: dict, timin
             "params": {},
             "inputs": {f"data/{split}": data_digest} if data_digest else {},
             "machine": {"cpu": "Xeon", "cores": cores, "gpu": None},
-            "timings": {"started": 1.0, "wall_s": 10.0, **timings},
+            "timings": {"started": 1.0, "wall_s": 60.0, **timings},
             "metrics": metrics,
             "outputs": {name: {"digest": file_digest(unit / name), "bytes": (unit / name).stat().st_size} for name in outputs},
         },
@@ -47,7 +47,7 @@ def make_run(runs: Path, name: str, aps: dict[str, float], *, data: str = "D", p
     split_file = runs.parent / "data" / "ImageSets" / "Main" / "test.txt"
     split_file.parent.mkdir(parents=True, exist_ok=True)
     split_file.write_text("".join(f"{k:06d}\n" for k in range(split_ids)))
-    timings = {} if load is None else {"cpu_s": 4.0, "children_cpu_s": 1.0, "load_1m_start": load, "load_1m_end": load}
+    timings = {} if load is None else {"cpu_s": 24.0, "children_cpu_s": 1.0, "load_1m_start": load, "load_1m_end": load}
     run = runs / name
     props = {"images": 9, "seconds_per_image_worker": 0.1}
     _manifest(run / "proposals" / "test", proposals_data or data, aps, props, timings)
@@ -157,10 +157,10 @@ def test_ratios_taken_under_different_loads_are_warned_about(tmp_path):
     busy = make_run(runs, "busy", CELLS, load=9.8, features_s=9.8, cache=978)
     md = _report(tmp_path, quiet, busy)
     assert (
-        "What else kept the machine busy while the test split was timed, in cores: the 1-minute load average at a "
-        "stage's end less the cores the stage itself kept busy, the highest over the test-split stages after the "
-        "proposals: quiet: 0.00 (in features/test, on 2 cores); busy: 9.40 (in features/test, on 2 cores)."
-    ) in md  # each stage kept 0.4 cores busy itself (4 s of processor time in 10 s)
+        "What else kept the machine busy while the test split was timed, in cores (the stages table's load), the "
+        "highest over the test-split stages after the proposals: quiet: 0.00 (in features/test, on 2 cores); busy: "
+        "9.40 (in features/test, on 2 cores)."
+    ) in md  # each stage kept 0.4 cores busy itself (24 s of processor time in 60 s)
     assert (
         "**The speed ratios measure the machine's load too: other work kept about 9.4 cores of the machine's 2 busy "
         "while busy's test split was timed; what else ran differs between the runs (0.0 against 9.4 cores). Time the "
@@ -168,11 +168,31 @@ def test_ratios_taken_under_different_loads_are_warned_about(tmp_path):
     ) in md
     assert "- busy's feature cache is about the same size as quiet's (within ±5%)." in md
     stage = _row(md, "busy", "## Stages: wall time and throughput")
-    assert stage[1:6] == ["proposals", "test", "10.0", "4.0", "9.40"]  # wall, CPU (its own process), others' load
+    assert stage[1:6] == ["proposals", "test", "60.0", "24.0", "9.40"]  # wall, CPU (its own process), others' load
     # Others' load under half the cores: no warning; features within 5%: about as fast.
     again = make_run(runs, "again", CELLS, load=0.9, features_s=0.92)
     md = _report(tmp_path, quiet, again)
     assert "**The speed ratios measure" not in md and "- again features about as fast as quiet (within ±5%)." in md
+
+
+def test_stages_too_short_for_the_load_average_warn_of_nothing(tmp_path):
+    # The demo's test split: features 10 s and evaluation 1.9 s, just after stages that kept both cores busy. The
+    # load average at their end still held those stages: 1.08 cores of "others" and a bold warning, on a quiet
+    # machine.
+    runs = tmp_path / "runs"
+    run = make_run(runs, "demo", CELLS, load=2.09, features_s=0.1)
+    for unit in (run / "features" / "test", run / "evaluate" / "test"):
+        manifest = json.loads((unit / "manifest.json").read_text())
+        manifest["timings"].update(wall_s=1.9, cpu_s=1.9)
+        write_json_atomic(unit / "manifest.json", manifest)
+    other = make_run(runs, "quiet", CELLS, load=0.4, features_s=0.1)
+    md = _report(tmp_path, run, other)
+    assert "demo: not known (every such stage took under 30 s); quiet: 0.00 (in features/test, on 2 cores)." in md
+    assert "**The speed ratios measure" not in md
+    assert _row(md, "demo", "## Stages: wall time and throughput")[1:6] == ["proposals", "test", "60.0", "24.0", "1.69"]
+    stages = md.split("## Stages: wall time and throughput", 1)[1]
+    features = next(line for line in stages.splitlines() if line.startswith("| demo | features | test |"))
+    assert [c.strip() for c in features.split("|")[4:7]] == ["1.9", "1.9", ""]  # wall, CPU, no load to tell
 
 
 def test_manifests_without_the_load_still_report_without_a_warning(tmp_path):
