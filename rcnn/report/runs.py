@@ -12,13 +12,34 @@ from rcnn.data.splitfile import read_split_file
 from rcnn.errors import UserError
 from rcnn.evaluation.detfiles import devkit_filename
 from rcnn.store.artifacts import output_damage, read_manifest, rerun_hint
-from rcnn.store.machine import machine_text, others_load
+from rcnn.store.machine import machine_text
 
 # Stages that train or score rather than cache features; every other stage (R-CNN's
 # features, SPP-net's convmaps and features) counts towards the feature cache.
 NOT_FEATURE_CACHE = frozenset({"proposals", "finetune", "train-svm", "train-bbox", "evaluate"})
 MAX_PR_CLASSES = 20
 _DETECTION_FOLDERS = {"plain": "detections", "bbox": "detections-bbox"}
+
+
+# Linux's 1-minute load average is an exponential average of the run queue, updated every 5 s: over ``t`` seconds
+# the value it had keeps the weight exp(-t / 60). Under half a minute it has hardly moved, and its 5 s steps
+# and two decimals say little of what ran in between.
+LOAD_TIME_CONSTANT_S = 60.0
+LOAD_MIN_WALL_S = 30.0
+
+
+def others_load(cpu_s: float | None, wall_s: float | None, start: float | None, end: float | None) -> float | None:
+    """What else kept the machine busy during a unit, in cores: the run queue's mean over the unit, recovered from
+    the 1-minute load average at its ``start`` and ``end``, as :class:`rcnn.store.machine.Stopwatch` records them
+    (``end = start * d + mean * (1 - d)``, ``d`` the weight left to ``start``), less the cores the unit's own
+    process kept busy (``cpu_s / wall_s``). None where a figure is missing or the unit took under
+    :data:`LOAD_MIN_WALL_S`: a stage of a few seconds after a busy one read as another user's load, since the
+    average still held the stage before."""
+    if None in (cpu_s, wall_s, start, end) or wall_s < LOAD_MIN_WALL_S:
+        return None
+    kept = math.exp(-wall_s / LOAD_TIME_CONSTANT_S)
+    mean = (end - start * kept) / (1 - kept)
+    return max(0.0, mean - cpu_s / wall_s)
 
 
 @dataclass(frozen=True)
@@ -31,7 +52,7 @@ class UnitSummary:
     wall_s: float | None = None
     started: float | None = None
     cpu_s: float | None = None  # processor seconds of the stage's own process
-    load_1m: float | None = None  # others' load over the unit, in cores (rcnn.store.machine.others_load)
+    load_1m: float | None = None  # others' load over the unit, in cores (others_load)
     output_bytes: int = 0
     metrics: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # the stage's settings, as its fingerprint recorded them
@@ -122,7 +143,7 @@ class RunSummary:
         """The highest load of others over a unit on the test split (those the test time is taken from; a shared
         unit's, when it was computed), the unit (``features/test``) and that machine's cores; None where none
         recorded the figures (older manifests, work on a cluster); ``(None, "", None)`` where every such unit
-        took too short a time to tell (:func:`rcnn.store.machine.others_load`)."""
+        took too short a time to tell (:func:`others_load`)."""
         timed = [u for u in self.units if u.split == self.test_split and u.state == "complete" and u.stage != "proposals"]
         # proposals' worker processes are not its own process's: its estimate would count them as others
         loads = [u for u in timed if u.load_1m is not None]

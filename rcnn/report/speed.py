@@ -11,8 +11,7 @@ from pathlib import Path
 
 from rcnn.report import figures as figs
 from rcnn.report.render import Table, human_size
-from rcnn.report.runs import RunSummary, fmt, number, resumed_note
-from rcnn.store.machine import LOAD_MIN_WALL_S
+from rcnn.report.runs import LOAD_MIN_WALL_S, RunSummary, fmt, number, resumed_note
 
 SAME_WITHIN = 0.05  # a ratio this close to 1 is said to be about the same: one measurement each is no finer
 

@@ -4,7 +4,6 @@ under a similar load."""
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
@@ -53,26 +52,6 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
-
-
-# Linux's 1-minute load average is an exponential average of the run queue, updated every 5 s: over ``t`` seconds
-# the value it had keeps the weight exp(-t / 60). Under half a minute it has hardly moved, and its 5 s steps
-# and two decimals say little of what ran in between.
-LOAD_TIME_CONSTANT_S = 60.0
-LOAD_MIN_WALL_S = 30.0
-
-
-def others_load(cpu_s: float | None, wall_s: float | None, start: float | None, end: float | None) -> float | None:
-    """What else kept the machine busy during a unit, in cores: the run queue's mean over the unit, recovered from
-    the 1-minute load average at its ``start`` and ``end`` (``end = start * d + mean * (1 - d)``, ``d`` the weight
-    left to ``start``), less the cores the unit's own process kept busy (``cpu_s / wall_s``). None where a figure
-    is missing or the unit took under :data:`LOAD_MIN_WALL_S`: a stage of a few seconds after a busy one read as
-    another user's load, since the average still held the stage before."""
-    if None in (cpu_s, wall_s, start, end) or wall_s < LOAD_MIN_WALL_S:
-        return None
-    kept = math.exp(-wall_s / LOAD_TIME_CONSTANT_S)
-    mean = (end - start * kept) / (1 - kept)
-    return max(0.0, mean - cpu_s / wall_s)
 
 
 def cpu_seconds() -> tuple[float, float]:

@@ -4,12 +4,13 @@ speed ratios taken under a similar load on the machine. Runs are written as mani
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from rcnn.report import seeds as report_seeds
-from rcnn.report.runs import load_run
+from rcnn.report.runs import load_run, others_load
 from rcnn.report.speed import ratio
 from rcnn.report.study import write_report
 from rcnn.store.artifacts import file_digest, write_json_atomic
@@ -206,3 +207,18 @@ def test_manifests_without_the_load_still_report_without_a_warning(tmp_path):
     assert _row(md, "old", "## Stages: wall time and throughput")[4:6] == ["", ""]
     md = _report(tmp_path, old, make_run(runs, "old2", CELLS, features_s=0.9))
     assert "load average" not in md.split("## Test time per image", 1)[1]
+
+
+def test_others_load_is_the_run_queue_over_the_unit_less_its_own_cores():
+    assert others_load(60.0, 60.0, 3.0, 3.0) == pytest.approx(2.0)  # steady: 3 processes, one of them its own
+    # An idle machine after a busy minute: a one-core stage of 60 s, the average falling from 2 towards 1. Its
+    # end value alone less its own core read as 0.37 cores of others.
+    kept = math.exp(-1.0)
+    assert others_load(60.0, 60.0, 2.0, 2.0 * kept + 1.0 * (1 - kept)) == pytest.approx(0.0, abs=1e-9)
+    # Another user's two cores over a 90 s stage of one core, on a machine that was idle before.
+    kept = math.exp(-1.5)
+    assert others_load(90.0, 90.0, 0.0, 3.0 * (1 - kept)) == pytest.approx(2.0)
+    # The demo's evaluation: 1.9 s of one core just after its features kept both cores busy (load 2.09 at both
+    # ends) read as 1.08 cores of others, and the report warned of a loaded machine. Too short to tell.
+    assert others_load(1.9, 1.9, 2.09, 2.09) is None
+    assert others_load(None, 60.0, 1.0, 1.0) is None and others_load(60.0, 60.0, None, 1.0) is None

@@ -4,14 +4,12 @@ timings come from."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
-import pytest
 from conftest import run_cli
 
-from rcnn.store.machine import Stopwatch, cpu_model, load_average, machine_record, machine_text, others_load
+from rcnn.store.machine import Stopwatch, cpu_model, load_average, machine_record, machine_text
 
 
 def test_the_record_names_the_processor_and_a_card_only_for_a_gpu_stage():
@@ -72,18 +70,3 @@ def test_the_stopwatch_times_the_processor_and_the_load_where_the_system_has_one
     assert load_average() is None and Stopwatch().timings()["load_1m_end"] is None
     monkeypatch.delattr(os, "getloadavg")  # Windows has none
     assert load_average() is None
-
-
-def test_others_load_is_the_run_queue_over_the_unit_less_its_own_cores():
-    assert others_load(60.0, 60.0, 3.0, 3.0) == pytest.approx(2.0)  # steady: 3 processes, one of them its own
-    # An idle machine after a busy minute: a one-core stage of 60 s, the average falling from 2 towards 1. Its
-    # end value alone less its own core read as 0.37 cores of others.
-    kept = math.exp(-1.0)
-    assert others_load(60.0, 60.0, 2.0, 2.0 * kept + 1.0 * (1 - kept)) == pytest.approx(0.0, abs=1e-9)
-    # Another user's two cores over a 90 s stage of one core, on a machine that was idle before.
-    kept = math.exp(-1.5)
-    assert others_load(90.0, 90.0, 0.0, 3.0 * (1 - kept)) == pytest.approx(2.0)
-    # The demo's evaluation: 1.9 s of one core just after its features kept both cores busy (load 2.09 at both
-    # ends) read as 1.08 cores of others, and the report warned of a loaded machine. Too short to tell.
-    assert others_load(1.9, 1.9, 2.09, 2.09) is None
-    assert others_load(None, 60.0, 1.0, 1.0) is None and others_load(60.0, 60.0, None, 1.0) is None
