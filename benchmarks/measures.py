@@ -55,8 +55,9 @@ class Sizes:
     scales: tuple[int, ...]  # SPP-net's five scales
     image_size: int  # side of the synthetic images
     finetune_batch: int  # regions per fine-tuning step
-    finetune_steps: int  # timed steps per method
+    finetune_steps: int  # timed steps per method, the median kept
     svm_images: int  # images the SVMs train on (the stock fit on every negative grows with them)
+    svm_repeats: int  # timed fits per side, taking turns, the median kept
     svm_dim: int  # feature width the SVMs read (AlexNet's fc7: 4096)
     repeats: int  # timed runs per image
     warmup: bool = True  # one untimed run of each side first
@@ -350,9 +351,8 @@ def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBg
             continue
         for name, seconds in alternate(fns, 1, device).items():
             times[name].append(seconds)
-    n = ft.batch_size
-    ours_rate, stock_rate = n / statistics.median(times["ours"]), n / statistics.median(times["stock"])
-    return _figures(ours_rate, stock_rate, "regions/s", lower=False, batch=n, steps=steps, regions=len(sampler.labels))
+    rates = [ft.batch_size / statistics.median(times[k]) for k in ("ours", "stock")]
+    return _figures(*rates, "regions/s", lower=False, batch=ft.batch_size, steps=steps, regions=len(sampler.labels))
 
 
 def finetune_rcnn(b: Bench) -> dict:
@@ -400,12 +400,12 @@ def svm_training(b: Bench) -> dict:
         overlaps = r.overlaps[:, kept]
         x = rng.standard_normal((len(r.boxes), b.sizes.svm_dim), dtype=np.float32) + 2 * np.square(overlaps) @ signal
         images.append(ImageFeatures(np.maximum(x, 0), remap[r.gt_classes], overlaps))
-    cpu = torch.device("cpu")
-    ours = timed(lambda: train_class_svms(images, len(kept), SVMParams(), n_jobs=1), cpu)
-    base = timed(lambda: stock.train_svms([i.features for i in images], [i.gt_classes for i in images],
-                                          [i.overlaps for i in images], len(kept)), cpu)  # fmt: skip
-    rows = sum(len(i.features) for i in images)
-    return {"svm": _figures(ours, base, "s", classes=len(kept), images=n, rows=rows, dim=b.sizes.svm_dim)}
+    fns = {"ours": lambda: train_class_svms(images, len(kept), SVMParams(), n_jobs=1),
+           "stock": lambda: stock.train_svms([i.features for i in images], [i.gt_classes for i in images],
+                                             [i.overlaps for i in images], len(kept))}  # fmt: skip
+    t, rows = alternate(fns, b.sizes.svm_repeats, torch.device("cpu")), sum(len(i.features) for i in images)
+    details = dict(classes=len(kept), images=n, rows=rows, dim=b.sizes.svm_dim, fits=b.sizes.svm_repeats)
+    return {"svm": _figures(t["ours"], t["stock"], "s", **details)}
 
 
 #: In the order they run; ``run_all.py --only`` takes these names.

@@ -43,12 +43,12 @@ from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
 
 FULL = Sizes(images=20, boxes=2000, squeezenet_crop=227, scale=688, scales=(480, 576, 688, 864, 1200), image_size=500,
-             finetune_batch=128, finetune_steps=20, svm_images=10, svm_dim=4096, repeats=3)  # fmt: skip
+             finetune_batch=128, finetune_steps=20, svm_images=10, svm_repeats=1, svm_dim=4096, repeats=3)  # fmt: skip
 QUICK = Sizes(images=3, boxes=200, squeezenet_crop=128, scale=384, scales=(192, 256, 320, 384, 448), image_size=256,
-              finetune_batch=32, finetune_steps=2, svm_images=3, svm_dim=4096, repeats=1)  # fmt: skip
+              finetune_batch=32, finetune_steps=8, svm_images=3, svm_repeats=3, svm_dim=4096, repeats=1)  # fmt: skip
 # For the test of this script: every measurement, each doing almost nothing.
 TINY = Sizes(images=1, boxes=8, squeezenet_crop=64, scale=128, scales=(96, 112, 128, 144, 160), image_size=128,
-             finetune_batch=4, finetune_steps=1, svm_images=1, svm_dim=64, repeats=1, warmup=False)  # fmt: skip
+             finetune_batch=4, finetune_steps=1, svm_images=1, svm_repeats=1, svm_dim=64, repeats=1, warmup=False)  # fmt: skip
 
 TITLES = {
     "rcnn_alexnet": "R-CNN features, AlexNet",
@@ -108,6 +108,10 @@ def table(results: dict[str, dict]) -> str:
         figures = f"{fig['unit']:>10} {fig['ours']:>10.4g} {fig['stock']:>10.4g} {fig['ratio']:>6.2f}x"
         lines.append(f"{fig['title']:<{width}} {figures}  {details}")
     return "\n".join(lines)
+
+
+def timed(n: int, unit: str) -> str:
+    return f"one timed {unit}" if n == 1 else f"the median of {n} timed {unit}s"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -232,8 +236,10 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
     print(machine_line(info))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"allocator: {allocator}; peak resident memory {peak:.0f} MB; whole run {wall:.0f} s")
-    rounds = "one timed round" if sizes.repeats == 1 else f"the median of {sizes.repeats} timed rounds"
-    print(f"started {when}, load average {load:.2f} on {os.cpu_count()} cores; each figure is {rounds}")
+    rounds = "; ".join(f"{what}: {timed(n, unit)}" for what, n, unit in (
+        ("per-image figures", sizes.repeats, "round"), ("fine-tuning", sizes.finetune_steps, "step"),
+        ("SVMs", sizes.svm_repeats, "fit")))  # fmt: skip
+    print(f"started {when}, load average {load:.2f} on {os.cpu_count()} cores; {rounds}")
     if args.json:
         write_json(args, report(True))
     return 1 if failed else 0

@@ -85,7 +85,8 @@ def test_run_all_measures_everything_and_writes_json(tmp_path):
     # When and how busy: other work on the machine moves the figures; the precision of each side before the table.
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", report["date"]) and report["load_average_at_start"] >= 0
     assert "precision: ours float32, stock bfloat16 autocast (--precision bfloat16: both in bfloat16)" in done.stdout
-    assert f"started {report['date']}, load average " in done.stdout and "each figure is one timed round" in done.stdout
+    assert f"started {report['date']}, load average " in done.stdout
+    assert "per-image figures: one timed round; fine-tuning: one timed step; SVMs: one timed fit" in done.stdout
 
 
 def test_a_failing_measurement_keeps_the_others_and_fails_the_run(bench_modules, monkeypatch, tmp_path, capsys):
