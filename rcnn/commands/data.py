@@ -1,4 +1,4 @@
-"""`rcnn data`: create a synthetic dataset in VOC layout, or print a dataset's statistics."""
+"""`rcnn data`: create a synthetic dataset in VOC layout, copy a sample of one, or print a dataset's statistics."""
 
 from __future__ import annotations
 
@@ -31,6 +31,49 @@ def data_synth(directory, images, seed, size, quiet):
 
     summary = generate_dataset(Path(directory), n_images=images, seed=seed, size=size, progress=not quiet)
     click.echo(f"wrote {directory}: {summary}")
+
+
+@data_group.command("subset")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    default=("trainval=100", "test=50"),
+    show_default=True,
+    metavar="NAME=N",
+    help="N random images of split NAME; repeat for each split to copy.",
+)
+@click.option("--seed", default=0, show_default=True, help="Random seed; the same seed draws the same images.")
+def data_subset(source, directory, splits, seed):
+    """Copy a random sample of a VOC dataset's splits to a new folder DIRECTORY.
+
+    The sampled images, their annotations and a split file per split are copied, so the
+    sample is a dataset of its own: try a pipeline on it at full settings before the whole
+    dataset (`rcnn run voc07-mini --set data.root=DIRECTORY`), or take it to another machine.
+    Its stages are computed for it, not shared with the whole dataset's. Examples:
+
+    \b
+      rcnn data subset ../shared/data/voc07-mini mini-100
+      rcnn data subset /data/cells cells-small --split train=200 --split val=40 --seed 1
+    """
+    from rcnn.data.datasets import ROOT_LAYOUT
+    from rcnn.data.subset import folder_bytes, write_subset
+
+    counts = {}
+    for text in splits:
+        name, sep, n = text.partition("=")
+        if not sep or not name or not n.strip().isdigit():
+            raise click.BadParameter(f"{text!r} is not NAME=N, e.g. trainval=100", param_hint="--split")
+        if name in counts:
+            raise click.BadParameter(f"split '{name}' is given twice", param_hint="--split")
+        counts[name] = int(n)
+    if not Path(source).is_dir():
+        raise UserError(f"dataset root '{source}' does not exist; give `rcnn data subset` {ROOT_LAYOUT}")
+    samples = write_subset(source, directory, counts, seed)
+    parts = [f"{s.split} {len(s.ids)} of {s.of} images" for s in samples]
+    click.echo(f"wrote {directory}: {', '.join(parts)} (seed {seed}), {folder_bytes(Path(directory)) / 2**20:.1f} MB")
 
 
 @data_group.command("stats")

@@ -29,6 +29,7 @@ def test_help_everywhere(capsys):
         ["status", "--help"],
         ["run", "--help"],
         ["data", "stats", "--help"],
+        ["data", "subset", "--help"],
         ["pipelines", "--help"],
     ):
         code, out, _ = run(argv, capsys)
