@@ -29,7 +29,6 @@ from rcnn.store.artifacts import write_json_atomic
 from . import features, train_bbox, train_svm
 from .context import Context
 from .image_records import write_image_records
-from .methods import build_method
 from .provenance import upstream_digest
 
 NAME = "evaluate"
@@ -257,26 +256,3 @@ def check_trained(ctx: Context, bbox: bool = True) -> None:
     upstream_digest(ctx, "train-svm", ctx.cfg.data.trainval)
     if bbox:
         upstream_digest(ctx, "train-bbox", ctx.cfg.data.trainval)
-
-
-def build_detector(ctx: Context, model, classes: tuple[str, ...], bbox: bool = True):
-    """The trained pipeline as a :class:`rcnn.detection.detector.Detector` for new images (``rcnn detect``)."""
-    from rcnn.detection.detector import Detector
-
-    cfg = ctx.cfg
-    return Detector(
-        features=build_method(cfg).test_features(cfg, model),
-        svm=train_svm.load(ctx),
-        bbox=train_bbox.load(ctx) if bbox else None,
-        classes=classes,
-        svm_layer=cfg.svm.layer,
-        bbox_layer=cfg.bbox.layer,
-        proposal_mode=cfg.proposals.mode,
-        resize_width=cfg.proposals.resize_width,
-        max_pixels=cfg.proposals.max_pixels,
-        min_size=cfg.proposals.min_size,
-        max_proposals=cfg.proposals.max_proposals,
-        nms_threshold=cfg.evaluate.nms_threshold,
-        max_per_image=cfg.evaluate.max_per_image,
-        top_per_image=cfg.evaluate.top_per_image,
-    )

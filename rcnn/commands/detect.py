@@ -63,9 +63,10 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
             err=True,
         )
     model, meta = finetune.load(ctx)
-    detector = evaluate.build_detector(ctx, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
+    cfg = as_trained(ctx)
+    detector = build_detector(ctx, cfg, model, tuple(meta["classes"]), bbox=not no_bbox_reg)
     failed = 0
-    with strict_float32(ctx.cfg.model.precision == "float32"):  # float32 on a GPU, not TF32
+    with strict_float32(cfg.model.precision == "float32"):  # float32 on a GPU, not TF32
         for r in detect_files(detector, images, out, threshold, ctx.cfg.proposals.seed):
             if r.error is not None:
                 failed += 1
@@ -83,6 +84,43 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     if failed:
         raise UserError(f"{failed} of {len(images)} image(s) could not be read (each named above); wrote the other {written}")
     click.echo(f"wrote {written}")
+
+
+def as_trained(ctx):
+    """The pipeline's configuration with ``model.precision`` and ``model.warp`` as features/<trainval> recorded them
+    (``auto`` resolves per device), so that a new image's features are computed as those the SVMs and box regressors
+    were trained on: a pipeline trained on a GPU detects in bfloat16 with the torch warp on a CPU too, and one
+    trained on a CPU in float32 with OpenCV's warp on a GPU."""
+    from dataclasses import replace
+
+    from rcnn.stages.methods import made_as
+
+    return replace(ctx.cfg, model=replace(ctx.cfg.model, **made_as(ctx, ctx.cfg.data.trainval)))
+
+
+def build_detector(ctx, cfg, model, classes: tuple[str, ...], bbox: bool = True):
+    """The trained pipeline of ``ctx`` as a :class:`rcnn.detection.detector.Detector` for new images, its features
+    computed by ``model`` as ``cfg`` says (:func:`as_trained`)."""
+    from rcnn.detection.detector import Detector
+    from rcnn.stages import train_bbox, train_svm
+    from rcnn.stages.methods import build_method
+
+    return Detector(
+        features=build_method(cfg).test_features(cfg, model),
+        svm=train_svm.load(ctx),
+        bbox=train_bbox.load(ctx) if bbox else None,
+        classes=classes,
+        svm_layer=cfg.svm.layer,
+        bbox_layer=cfg.bbox.layer,
+        proposal_mode=cfg.proposals.mode,
+        resize_width=cfg.proposals.resize_width,
+        max_pixels=cfg.proposals.max_pixels,
+        min_size=cfg.proposals.min_size,
+        max_proposals=cfg.proposals.max_proposals,
+        nms_threshold=cfg.evaluate.nms_threshold,
+        max_per_image=cfg.evaluate.max_per_image,
+        top_per_image=cfg.evaluate.top_per_image,
+    )
 
 
 def untrained(ctx, last: str) -> None:

@@ -95,7 +95,7 @@ def _fake_pipeline(monkeypatch):
     monkeypatch.setattr(detect, "untrained", lambda ctx, last: None)
     monkeypatch.setattr(evaluate, "check_trained", lambda ctx, bbox=True: None)
     monkeypatch.setattr(finetune, "load", lambda ctx: (None, {"classes": list(WholeImageDetector.classes)}))
-    monkeypatch.setattr(evaluate, "build_detector", lambda ctx, model, classes, bbox=True: WholeImageDetector())
+    monkeypatch.setattr(detect, "build_detector", lambda ctx, cfg, model, classes, bbox=True: WholeImageDetector())
 
 
 def test_an_empty_file_is_skipped_like_any_undecodable_image(tmp_path, capsys, monkeypatch, pipelines_file):

@@ -75,13 +75,14 @@ def test_default_limit_applies_to_a_6000_px_image(tiny_voc, monkeypatch, search_
 
 
 def test_detect_searches_under_the_pipelines_limit(pipelines_file, tmp_path, monkeypatch, search_sizes):
+    from rcnn.commands.detect import build_detector
     from rcnn.modeling.models import build_model
-    from rcnn.stages import evaluate
+    from rcnn.stages import train_svm
     from rcnn.stages.context import Context
 
     cfg = PipelineFile(pipelines_file).load("tiny", ["proposals.max_pixels=2304"])
-    monkeypatch.setattr(evaluate.train_svm, "load", lambda ctx: None)
-    detector = evaluate.build_detector(Context(cfg=cfg, runs_dir=tmp_path), build_model("tiny", 2, 32), ("a",), bbox=False)
+    monkeypatch.setattr(train_svm, "load", lambda ctx: None)
+    detector = build_detector(Context(cfg=cfg, runs_dir=tmp_path), cfg, build_model("tiny", 2, 32), ("a",), bbox=False)
     with pytest.raises(SearchStarted):
         detector(np.zeros((96, 96, 3), np.uint8))
     assert search_sizes == [(48, 48)]

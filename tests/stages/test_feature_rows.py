@@ -249,3 +249,45 @@ def test_rows_computed_again_are_made_as_the_features_stage_made_them(runs, tmp_
     # The same boxes through the same model: close, not equal (bfloat16 keeps 8 bits of mantissa).
     assert here.shape == as_gpu.shape and not np.array_equal(here, as_gpu)
     assert np.abs(here - as_gpu).max() <= 0.1 * np.abs(here).max()
+
+
+def test_detect_computes_features_as_the_svms_were_trained_on(runs, tiny_voc, tmp_path, monkeypatch, capsys):
+    # `rcnn detect` on another kind of machine than the one that trained the pipeline: model.precision and
+    # model.warp `auto` resolve per device, and the SVMs were trained on features made the recorded way.
+    import shutil
+
+    import torch
+
+    from rcnn.commands.detect import as_trained
+    from rcnn.methods import rcnn_regions
+
+    shutil.copytree(runs[1], tmp_path / "runs")
+    ctx = context((runs[0], tmp_path / "runs"), "tiny")
+    assert (ctx.cfg.model.precision, ctx.cfg.model.warp) == ("auto", "auto")
+    assert (as_trained(ctx).model.precision, as_trained(ctx).model.warp) == ("float32", "opencv")  # as this CPU made them
+    made, real = [], rcnn_regions.region_features
+
+    def spy(model, image, boxes, layers, pad, batch, warp):
+        made.append((next(model.parameters()).dtype, warp))
+        return real(model, image, boxes, layers, pad, batch, warp)
+
+    monkeypatch.setattr(rcnn_regions, "region_features", spy)
+    image = sorted((tiny_voc / "JPEGImages").glob("*.jpg"))[0]
+    argv = ["detect", "tiny", str(image), "--out", str(tmp_path / "det"), "--runs-dir", str(tmp_path / "runs")]
+
+    def detect() -> dict:
+        code, _, err = run_cli([*argv, "--threshold", "-9", "--pipelines-file", str(runs[0])], capsys)
+        assert code == 0, err
+        return json.loads((tmp_path / "det" / f"{image.stem}.json").read_text())
+
+    here = detect()
+    assert made == [(torch.float32, "opencv")]
+    path = ctx.unit_dir("features", "trainval") / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["metrics"].update(precision="bfloat16", warp="torch")  # as a GPU records them
+    path.write_text(json.dumps(manifest))
+    as_gpu = detect()
+    assert made[-1] == (torch.bfloat16, "torch")  # it was float32 and OpenCV: this machine's `auto`
+    # The same proposals scored from features of the two precisions: close, not equal.
+    top = [max(d["score"] for d in r["detections"]) for r in (here, as_gpu)]
+    assert top[0] != top[1] and abs(top[0] - top[1]) < 0.1 * max(1.0, abs(top[0]))
