@@ -110,7 +110,7 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def timed(n: int, unit: str) -> str:
+def counted(n: int, unit: str) -> str:
     return f"one timed {unit}" if n == 1 else f"the median of {n} timed {unit}s"
 
 
@@ -236,7 +236,7 @@ def run(args, device: torch.device, sizes: Sizes, mode: str, allocator: str, sta
     print(machine_line(info))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"allocator: {allocator}; peak resident memory {peak:.0f} MB; whole run {wall:.0f} s")
-    rounds = "; ".join(f"{what}: {timed(n, unit)}" for what, n, unit in (
+    rounds = "; ".join(f"{what}: {counted(n, unit)}" for what, n, unit in (
         ("per-image figures", sizes.repeats, "round"), ("fine-tuning", sizes.finetune_steps, "step"),
         ("SVMs", sizes.svm_repeats, "fit")))  # fmt: skip
     print(f"started {when}, load average {load:.2f} on {os.cpu_count()} cores; {rounds}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +54,9 @@ def write_subset(source: str | Path, destination: str | Path, counts: dict[str, 
                 files[path.relative_to(source)] = path
         samples.append(sample)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    work = destination.parent / f".{destination.name}.partial-{os.getpid()}"  # made with the umask's permissions
+    shutil.rmtree(work, ignore_errors=True)  # left by a process of the same id that was killed
+    work.mkdir()
     try:
         for relative, path in files.items():
             (work / relative).parent.mkdir(parents=True, exist_ok=True)
