@@ -21,6 +21,7 @@ from common import alternate, rcnn_image_features, spp_image_features, timed
 
 from rcnn.config import DataConfig, FinetuneConfig, ModelConfig, PipelineConfig, SPPConfig
 from rcnn.data.datasets import ImageAnnotation
+from rcnn.data.subset import folder_bytes
 from rcnn.learners.svm import ImageFeatures, SVMParams, train_class_svms
 from rcnn.methods.rcnn_regions import region_features_later
 from rcnn.methods.spp_regions import image_maps, spp_region_features_later
@@ -228,17 +229,13 @@ def streamed_features(b: Bench) -> dict:
     }
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def _write_records(folder: Path, kind: str, items: list[tuple[str, dict]]) -> int:
     """Bytes of ``items`` written as the stages write them: record parts and their index."""
     with records.RecordWriter(folder / "parts", kind, chunk_size=16) as writer:
         for image_id, arrays in items:
             writer.add(image_id, arrays)
     records.write_index(folder / "parts", folder / "index.json", [i for i, _ in items], kind)
-    size = _folder_bytes(folder)
+    size = folder_bytes(folder)
     shutil.rmtree(folder)
     return size
 

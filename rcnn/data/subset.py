@@ -74,4 +74,5 @@ def write_subset(source: str | Path, destination: str | Path, counts: dict[str, 
 
 
 def folder_bytes(folder: Path) -> int:
+    """The bytes of every file under ``folder``."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
