@@ -21,7 +21,7 @@ from common import alternate, rcnn_image_features, spp_image_features, timed
 
 from rcnn.config import DataConfig, FinetuneConfig, ModelConfig, PipelineConfig, SPPConfig
 from rcnn.data.datasets import ImageAnnotation
-from rcnn.data.subset import folder_bytes
+from rcnn.data.folders import folder_bytes
 from rcnn.learners.svm import ImageFeatures, SVMParams, train_class_svms
 from rcnn.methods.rcnn_regions import region_features_later
 from rcnn.methods.spp_regions import image_maps, spp_region_features_later

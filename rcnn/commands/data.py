@@ -1,4 +1,5 @@
-"""`rcnn data`: create a synthetic dataset in VOC layout, copy a sample of one, or print a dataset's statistics."""
+"""`rcnn data`: create a synthetic dataset in VOC layout, copy a sample of one, convert COCO annotations to one, or
+print a dataset's statistics."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def data_subset(source, directory, splits, seed):
       rcnn data subset /data/cells cells-small --split train=200 --split val=40 --seed 1
     """
     from rcnn.data.datasets import ROOT_LAYOUT
-    from rcnn.data.subset import folder_bytes, write_subset
+    from rcnn.data.folders import folder_bytes
+    from rcnn.data.subset import write_subset
 
     counts = {}
     for text in splits:
@@ -74,6 +76,97 @@ def data_subset(source, directory, splits, seed):
     samples = write_subset(source, directory, counts, seed)
     parts = [f"{s.split} {len(s.ids)} of {s.of} images" for s in samples]
     click.echo(f"wrote {directory}: {', '.join(parts)} (seed {seed}), {folder_bytes(Path(directory)) / 2**20:.1f} MB")
+
+
+def _pairs(texts, option: str, metavar: str, example: str) -> dict[str, str]:
+    """``NAME=VALUE`` option values as a dict, each name once."""
+    pairs: dict[str, str] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise click.BadParameter(f"{text!r} is not {metavar}, e.g. {example}", param_hint=option)
+        if name in pairs:
+            raise click.BadParameter(f"split '{name}' is given twice", param_hint=option)
+        pairs[name] = value
+    return pairs
+
+
+@data_group.command("from-coco")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    required=True,
+    metavar="NAME=JSON",
+    help="Split NAME's COCO annotation file; repeat per split.",
+)
+@click.option(
+    "--images",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="The folder split NAME's file_name entries are relative to [default: the JSON file's folder].",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_from_coco(directory, splits, images, quiet):
+    """Write COCO-format box annotations as a VOC-layout dataset in the new folder DIRECTORY.
+
+    Each --split names one COCO JSON (images, annotations, categories; as COCO, CVAT, Label
+    Studio and Roboflow export them) and the split file it becomes: ImageSets/Main/NAME.txt,
+    listing each image by its file name without extension. Images are hard-linked into
+    JPEGImages/ where the filesystem allows (no extra space; the same file, so editing
+    one edits both), else copied. Boxes are kept exactly
+    (COCO's [x, y, width, height] becomes VOC's 1-based xmin = x + 1, xmax = x + width); crowd
+    regions become objects marked difficult (both evaluations ignore them); boxes reaching past
+    the image are clipped to it, and those under 1 pixel wide or tall are left out (VOC cannot
+    hold them), each counted in the summary. Masks and keypoints are not read. Examples:
+
+    \b
+      rcnn data from-coco cells --split trainval=export/train/_annotations.coco.json \\
+          --split test=export/valid/_annotations.coco.json
+      rcnn data from-coco coco-voc --split trainval=annotations/instances_train2017.json \\
+          --images trainval=train2017 --split test=annotations/instances_val2017.json --images test=val2017
+    """
+    from rcnn.data.coco import read_coco_split, write_coco_as_voc
+    from rcnn.data.folders import refuse_used
+
+    files = _pairs(splits, "--split", "NAME=JSON", "trainval=train.json")
+    folders = _pairs(images, "--images", "NAME=DIR", "trainval=images/train")
+    unknown = [name for name in folders if name not in files]
+    if unknown:
+        raise click.BadParameter(f"split '{unknown[0]}' has no --split {unknown[0]}=JSON", param_hint="--images")
+    refuse_used(Path(directory))
+    read = [read_coco_split(name, path, folders.get(name)) for name, path in files.items()]
+    ways = write_coco_as_voc(directory, read, progress=not quiet)
+    parts = [f"{s.split} {len(s.images)} images, {s.objects} objects" for s in read]
+    click.echo(f"wrote {directory}: {'; '.join(parts)} ({ways['linked']} images hard-linked, {ways['copied']} copied)")
+    for s in read:
+        notes = [
+            f"{n} {what}"
+            for n, what in (
+                (s.crowd, "crowd regions marked difficult"),
+                (s.clipped, "boxes clipped to their image"),
+                (s.dropped, "boxes under 1 pixel left out"),
+                (s.empty, "images without objects (background only)"),
+            )
+            if n
+        ]
+        if notes:
+            click.echo(f"  {s.split}: {', '.join(notes)}")
+    used = {name for s in read for image in s.images for name in image.names}
+    classes = [name for name in dict.fromkeys(name for s in read for name in s.categories) if name in used]
+    unused = [name for s in read for name in s.categories if name not in used]
+    click.echo(f"  classes ({len(classes)}): {', '.join(classes)}")
+    if unused:
+        click.echo(f"  categories without objects (not classes a pipeline learns): {', '.join(dict.fromkeys(unused))}")
+    names = list(files)
+    train = "trainval" if "trainval" in files else names[0]
+    test = "test" if "test" in files else next((n for n in reversed(names) if n != train), "NAME")
+    keys = "".join(f", {key}: {name}" for key, name in (("trainval", train), ("test", test)) if name != key)
+    click.echo(
+        f"check each split's images with `rcnn data stats {directory} --check --split {names[0]}`; a pipeline reads it with"
+    )
+    click.echo(f"  data: {{root: {directory}{keys}}}")
 
 
 @data_group.command("stats")

@@ -3,7 +3,6 @@ files, to try a pipeline on before the whole dataset, or to take the data of a r
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnn.data.datasets import VOCDataset
+from rcnn.data.folders import new_folder, refuse_used
 from rcnn.errors import UserError
 
 
@@ -37,8 +37,7 @@ def write_subset(source: str | Path, destination: str | Path, counts: dict[str, 
     folder is written under a temporary name and renamed when complete, so a failure leaves no half-made dataset.
     """
     source, destination = Path(source), Path(destination)
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise UserError(f"'{destination}' already exists and is not an empty folder; name a new one")
+    refuse_used(destination)
     rng = np.random.default_rng(seed)
     samples, files = [], {}
     for split, n in counts.items():
@@ -53,26 +52,11 @@ def write_subset(source: str | Path, destination: str | Path, counts: dict[str, 
                     raise UserError(f"'{path}' is listed in {dataset.split_file} but missing; nothing was written")
                 files[path.relative_to(source)] = path
         samples.append(sample)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    work = destination.parent / f".{destination.name}.partial-{os.getpid()}"  # made with the umask's permissions
-    shutil.rmtree(work, ignore_errors=True)  # left by a process of the same id that was killed
-    work.mkdir()
-    try:
+    with new_folder(destination) as work:
         for relative, path in files.items():
             (work / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, work / relative)
         (work / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
         for sample in samples:
             (work / "ImageSets" / "Main" / f"{sample.split}.txt").write_text("".join(f"{i}\n" for i in sample.ids))
-        if destination.exists():
-            destination.rmdir()  # empty, checked above
-        os.replace(work, destination)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return samples
-
-
-def folder_bytes(folder: Path) -> int:
-    """The bytes of every file under ``folder``."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
