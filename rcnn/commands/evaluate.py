@@ -25,10 +25,11 @@ from rcnn.errors import ConfigError, UserError
 )
 @click.option(
     "--metric",
-    type=click.Choice(["voc07", "voc10"]),
+    type=click.Choice(["voc07", "voc10", "coco"]),
     default=None,
     help="voc07: 11-point interpolated AP (VOC2007 devkit) [default: the pipeline's evaluate.metric, else voc07]; "
-    "voc10: all-point AP (VOC2010+).",
+    "voc10: all-point AP (VOC2010+); coco: COCO's AP over IoU 0.50:0.95 with AP50, AP75 and AP by box size "
+    "(pycocotools' evaluation; needs pycocotools).",
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
 @stage_options
@@ -98,7 +99,7 @@ def evaluate_cmd(
         raise ConfigError("give a PIPELINE, or --data VOCDIR and --detections PATH to score devkit files")
     from rcnn.data.datasets import ROOT_LAYOUT
     from rcnn.evaluation.detfiles import detection_file_classes
-    from rcnn.evaluation.scoring import format_ap_table, score_devkit_detections
+    from rcnn.evaluation.scoring import devkit_inputs, format_ap_table, score_devkit_detections
 
     if not Path(data_dir).is_dir():
         raise UserError(f"dataset root '{data_dir}' does not exist; --data names {ROOT_LAYOUT}")
@@ -106,11 +107,21 @@ def evaluate_cmd(
     wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes is not None else None
     if wanted is not None and not wanted:
         raise ConfigError("--classes: give at least one class name")
-    result = score_devkit_detections(Path(data_dir), split, Path(detections), metric or "voc07", classes=wanted)
-    click.echo(format_ap_table(result, f"{data_dir} [{split}], detections from {detections}"))
+    title = f"{data_dir} [{split}], detections from {detections}"
+    if metric == "coco":
+        from rcnn.evaluation.coco_metric import coco_evaluate, format_coco_table
+
+        annotations, names, dets = devkit_inputs(Path(data_dir), split, Path(detections), wanted)
+        result = coco_evaluate(dets, annotations, names)
+        click.echo(format_coco_table(result, title))
+        objects = result.objects
+    else:
+        result = score_devkit_detections(Path(data_dir), split, Path(detections), metric or "voc07", classes=wanted)
+        click.echo(format_ap_table(result, title))
+        objects = {name: r.npos for name, r in result.per_class.items()}
     if wanted is None and Path(detections).is_dir():  # e.g. the files of a run on a subset of the data's classes
         named = set(detection_file_classes(detections, split))
-        fileless = [name for name, r in result.per_class.items() if name not in named and r.npos > 0]
+        fileless = [name for name, n in objects.items() if name not in named and n > 0]
         if fileless:
             click.echo(
                 f"  note: no result file for {', '.join(fileless)} in {detections}: scored 0 and counted in the mAP; "
@@ -135,6 +146,10 @@ def _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipeline
             f"({manifest['metrics']['metric']}, the pipeline's evaluate.metric) is kept"
         )
     click.echo(evaluate.table(ctx, {"metrics": metrics}))
+    if metric == "coco":
+        for variant, stats in (("", metrics["stats"]), (" with box regression", metrics["stats_bbox"])):
+            figures = ", ".join(f"{key} {stats[key]:.4f}" for key in ("AP50", "AP75", "APs", "APm", "APl"))
+            click.echo(f"  COCO{variant}: {figures} (APs/m/l by box area; -1: no objects of that size)")
     if json_out:
         write_json(json_out, metrics)
 
@@ -147,16 +162,25 @@ def rescore(ctx, split: str, metric: str) -> dict:
     from rcnn.evaluation.voc import evaluate
     from rcnn.stages.evaluate import NAME, VARIANTS
 
-    gt = ground_truth_by_class(ctx.dataset(split).annotations(), ctx.classes)
-    scored = {
-        variant: evaluate(read_detections(ctx.unit_dir(NAME, split) / folder, split, ctx.classes), gt, metric=metric)
-        for variant, folder in VARIANTS.items()
+    annotations = ctx.dataset(split).annotations()
+    found = {
+        variant: read_detections(ctx.unit_dir(NAME, split) / folder, split, ctx.classes) for variant, folder in VARIANTS.items()
     }
-    plain, bbox = scored["plain"], scored["bbox"]
-    return {
+    if metric == "coco":
+        from rcnn.evaluation.coco_metric import coco_evaluate
+
+        scored = {variant: coco_evaluate(dets, annotations, ctx.classes) for variant, dets in found.items()}
+    else:
+        gt = ground_truth_by_class(annotations, ctx.classes)
+        scored = {variant: evaluate(dets, gt, metric=metric) for variant, dets in found.items()}
+    plain, bbox = scored["plain"].to_json(), scored["bbox"].to_json()
+    out = {
         "metric": metric,
-        "mAP": plain.mAP,
-        "mAP_bbox": bbox.mAP,
-        "per_class": plain.to_json()["per_class"],
-        "per_class_bbox": bbox.to_json()["per_class"],
+        "mAP": scored["plain"].mAP,
+        "mAP_bbox": scored["bbox"].mAP,
+        "per_class": plain["per_class"],
+        "per_class_bbox": bbox["per_class"],
     }
+    if metric == "coco":
+        out.update(stats=plain["stats"], stats_bbox=bbox["stats"])
+    return out

@@ -9,7 +9,7 @@ import numpy as np
 from rcnn.data.datasets import ImageAnnotation, VOCDataset, close_class
 from rcnn.errors import ConfigError, UserError
 from rcnn.evaluation.detfiles import detection_file_classes, read_detections
-from rcnn.evaluation.voc import ClassGroundTruth, EvalResult, evaluate
+from rcnn.evaluation.voc import ClassGroundTruth, Detections, EvalResult, evaluate
 
 
 def ground_truth_by_class(annotations: list[ImageAnnotation], classes: tuple[str, ...]) -> dict[str, ClassGroundTruth]:
@@ -32,7 +32,18 @@ def score_devkit_detections(
 
     ``classes`` None scores the classes of the split's objects and those the files name; a class
     without objects in the split has AP nan (the devkit's n/a) and stays out of the mean. Given
-    ``classes``, the files of other classes in a folder are left out.
+    ``classes``, the files of other classes in a folder are left out (:func:`devkit_inputs`).
+    """
+    annotations, classes, dets = devkit_inputs(data_root, split, detections, classes)
+    gt = ground_truth_by_class(annotations, classes)
+    return evaluate(dets, {name: gt[name] for name in dets}, metric=metric)
+
+
+def devkit_inputs(
+    data_root: Path, split: str, detections: Path, classes: tuple[str, ...] | None = None
+) -> tuple[list[ImageAnnotation], tuple[str, ...], dict[str, Detections]]:
+    """The annotations of ``split`` of ``data_root``, the classes to score and their detections read from the devkit
+    files in ``detections``: the classes asked for, else those of the split's objects and of the files.
 
     Raises:
         ConfigError: a class of ``classes`` is neither an object of the split nor named by a file (a typo
@@ -57,9 +68,7 @@ def score_devkit_detections(
             f"{which} to be scored but neither an object of split '{split}' of {data_root} nor named by a file in {detections} "
             f"(known: {', '.join(known)}){hint}"
         )
-    gt = ground_truth_by_class(dataset.annotations(), classes)
-    dets = read_detections(detections, split, classes)
-    return evaluate(dets, {name: gt[name] for name in dets}, metric=metric)
+    return dataset.annotations(), classes, read_detections(detections, split, classes)
 
 
 def format_ap_table(result: EvalResult, title: str = "") -> str:

@@ -89,7 +89,10 @@ def test_boxes_are_kept_exactly_clipped_or_left_out_and_counted(tmp_path, capsys
     code, out, err = run_cli(argv, capsys)
     assert code == 0 and err == "", err
     assert "train: 1 crowd regions marked difficult, 1 boxes clipped to their image, 2 boxes under 1 pixel left out, " in out
-    assert "1 images without objects (background only)" in out and "classes (1): blood cell\n  categories without objects (not classes a pipeline learns): unused" in out
+    assert (
+        "1 images without objects (background only)" in out
+        and "classes (1): blood cell\n  categories without objects (not classes a pipeline learns): unused" in out
+    )
     dataset = VOCDataset(tmp_path / "voc", "train")
     assert dataset.ids == ["a", "b"]  # the file order; ids are file names without extension
     a, b = dataset.annotations()

@@ -49,6 +49,16 @@ def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_pat
     assert voc10["metric"] == "voc10" and (unit / "results.json").read_bytes() == stored
     for key, folder in (("mAP", "detections"), ("mAP_bbox", "detections-bbox")):
         assert voc10[key] == pytest.approx(score_devkit_detections(tiny_voc, "test", unit / folder, "voc10").mAP)
+    # COCO's AP of both variants from the same files, as `rcnn evaluate --data ... --metric coco` scores them.
+    code, out, err = run(["evaluate", "tiny", "--metric", "coco", "--json", str(tmp_path / "coco.json"), *common], capsys)
+    assert code == 0 and "scored again" in out and "(coco)" in out and "COCO with box regression: AP50 " in out, err
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert coco["metric"] == "coco" and (unit / "results.json").read_bytes() == stored
+    for key, folder in (("mAP", "detections"), ("mAP_bbox", "detections-bbox")):
+        code, _, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(unit / folder), "--metric", "coco",
+                            "--json", str(tmp_path / f"{folder}.json")], capsys)  # fmt: skip
+        assert code == 0 and coco[key] == json.loads((tmp_path / f"{folder}.json").read_text())["mAP"], err
+    assert coco["stats"]["AP50"] >= coco["mAP"] > 0  # the stricter IoU thresholds only lower the mean
     code, out, _ = run(["status", "tiny", *common[:-1]], capsys)
     assert out.count(" done ") == 8 and "stale" not in out
     # The pipeline's own metric is the stored table; voc07 files rescored give the same numbers.
