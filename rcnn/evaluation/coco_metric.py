@@ -49,7 +49,7 @@ class CocoResult:
         return out
 
 
-def _coco_api():
+def coco_api():
     try:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -78,7 +78,7 @@ def coco_evaluate(
 
     A class without objects (not marked difficult) scores nan and stays out of the means, as in COCO.
     """
-    COCO, COCOeval = _coco_api()
+    COCO, COCOeval = coco_api()
     number = {ann.image_id: k + 1 for k, ann in enumerate(annotations)}
     images = [{"id": number[ann.image_id], "width": ann.width, "height": ann.height} for ann in annotations]
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rcnn.report import figures as figs
 from rcnn.report import seeds as report_seeds
+from rcnn.report.localisation import section_coco
 from rcnn.report.render import Table, html_page, markdown, write_text
 from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, fmt, number
 from rcnn.report.speed import section_cache, section_stages, section_test_time
@@ -370,6 +371,7 @@ def write_report(
     ap_sections = (_section_map_seeds, _section_per_class_seeds) if seed_runs else (_section_map, _section_per_class)
     for section in (*ap_sections, _section_pr):
         blocks += section(s)
+    blocks += section_coco(s.labels, s.runs, s.data, s.seed_runs)
     blocks += section_stages(s.labels, s.runs)
     blocks += section_test_time(s.labels, s.runs, s.figure_dir, s.figures)
     blocks += section_cache(s.labels, s.runs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,10 @@ import pytest
 from rcnn.data.datasets import VOCDataset
 from rcnn.data.synth import SYNTH_CLASSES, generate_dataset
 from rcnn.errors import UserError
-from rcnn.evaluation.detfiles import devkit_filename, write_devkit_file
+from rcnn.evaluation.coco_metric import INSTALL, coco_evaluate
+from rcnn.evaluation.detfiles import devkit_filename, read_devkit_file, write_devkit_file
+from rcnn.report import figures
+from rcnn.report.localisation import section_coco
 from rcnn.report.runs import load_run
 from rcnn.report.study import write_report
 from rcnn.store.artifacts import file_digest, write_json_atomic
@@ -421,3 +425,27 @@ def test_a_difference_is_not_computed_between_runs_scored_differently(tmp_path, 
     row = _table_row(md, "Mean average precision", "spp")
     assert row[1] == "voc10" and row[3] == "n/a" and row[5] == "n/a"
     assert "**The runs use different AP metrics (voc07 / voc10): their mAPs are not comparable.**" in md
+
+
+def test_coco_table_holds_pycocotools_numbers_of_the_box_regressed_files(report, data_root, monkeypatch):
+    runs, paths = report
+    md = paths["markdown"].read_text()
+    truth = VOCDataset(data_root, "test", clip=True).annotations()
+    stats = {}
+    for run in runs:
+        dets = {name: read_devkit_file(path) for name, path in run.detections_bbox.items()}
+        stats[run.name] = s = coco_evaluate(dets, truth, run.classes).stats
+        row = _table_row(md, "Localisation: COCO AP", run.name)
+        assert row[1] == f"{s['AP']:.4f}" and row[3] == f"{s['AP50']:.4f}" and row[4] == f"{s['AP75']:.4f}", row
+        assert row[6:] == [f"{s[k]:.4f}" if s[k] >= 0 else "n/a" for k in ("APs", "APm", "APl")]
+    assert 0 < stats["rcnn"]["AP"] < stats["rcnn"]["AP50"]  # boxes jittered by 1.5 px miss the strictest thresholds
+    spp = _table_row(md, "Localisation: COCO AP", "spp")
+    assert (
+        spp[2] == f"{stats['spp']['AP'] - stats['rcnn']['AP']:+.4f}"
+        and spp[5] == f"{stats['spp']['AP75'] - stats['rcnn']['AP75']:+.4f}"
+    )
+    # Without pycocotools the section says how to get it, and the rest of the report is written as before.
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
+    blocks = section_coco(["rcnn", "spp"], runs, figures.TestData(runs, ["rcnn", "spp"]))
+    assert blocks[1] == ("p", f"Not computed: {INSTALL}.")

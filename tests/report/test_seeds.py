@@ -142,6 +142,15 @@ def test_run_seeds_then_status_and_compare(pipelines_file, tmp_path, capsys):
     assert f"| {s.text()} | {s.range_text()} | +0.0000 |" in twin_row
     assert f"| tiny | seed 1 | `{runs / 'tiny@seed1'}` | {maps[1]:.4f} |" in md
     assert f"| **mAP** | **{s.text()}** |" in md and (report / "figures" / "ap_per_class.png").stat().st_size > 1000
+    # COCO's AP over the seeds: the mean ± spread of each seed run's own, as `rcnn evaluate --metric coco` scores it.
+    coco = []
+    for k in (0, 1):
+        argv = ["evaluate", f"tiny@seed{k}", "--metric", "coco", "--json", str(tmp_path / f"coco{k}.json"), *common]
+        code, _, err = run_cli([*argv, "--quiet"], capsys)
+        assert code == 0, err
+        coco.append(json.loads((tmp_path / f"coco{k}.json").read_text())["mAP_bbox"])
+    localisation = md.split("## Localisation: COCO AP")[1].split("\n## ")[0]
+    assert f"| tiny | {spread(coco).text()} | baseline |" in localisation and "| tiny-twin | " in localisation
 
     # A seed run scored with another metric is left out of the mean, and the report says so (it was pooled).
     code, _, err = run_cli(["evaluate", "tiny@seed1", "--set", "evaluate.metric=voc10", *common, "--quiet"], capsys)
