@@ -90,8 +90,10 @@ STAGE_HELP = {
     """,
     "features": """Cache the fine-tuned CNN's features of every box of both splits (HDF5, float16).
 
-    pool5 (for box regression) and fc7 (for the SVMs) by default (features.layers),
-    with each box's class overlaps; resumable per image.
+    R-CNN: fc7 (for the SVMs) and pool5 (for box regression; with features.bbox_rows:
+    regression, only for the trainval boxes box regression trains on), with each box's
+    class overlaps (features.layers). SPP-net: fc7 from the cached conv maps; its box
+    regression pools pool5 again from them. Resumable per image.
     """,
     "train-svm": """Train one linear SVM per class on cached features, mining hard negatives.
 
@@ -99,7 +101,10 @@ STAGE_HELP = {
     features scaled to mean norm 20, C = 0.001, positive weight 2, bias multiplier 10;
     one pass of hard-negative mining (keep > -1.0001, evict < -1.2).
     """,
-    "train-bbox": """Train class-specific ridge box regressors from cached pool5 features.
+    "train-bbox": """Train class-specific ridge box regressors on pool5 features.
+
+    R-CNN reads the pool5 cached by `rcnn features`; SPP-net pools it again from
+    the cached conv maps.
 
     As R-CNN (appendix C): proposals with IoU >= 0.6 to an object, targets (tx, ty,
     tw, th) centred and whitened, ridge lambda 1000.

@@ -9,10 +9,10 @@ host has queued them, the device time of its kernels and its span on the device)
 operators that take longest; --trace writes a Chrome trace (gzipped when the name ends in .gz) to open in
 https://ui.perfetto.dev.
 
-The phases are the ``record_function`` ranges of the library's feature code: ``rcnn.decode``, ``rcnn.to_rgb``,
-``rcnn.upload``, ``rcnn.warp``, ``rcnn.resize``, ``rcnn.conv``, ``rcnn.pool``, ``rcnn.cnn`` / ``rcnn.fc``,
-``rcnn.to_host`` (which waits for the device's queued work) and ``rcnn.write``. The network has the
-pipeline's starting weights (random where it names another pipeline's), which changes no timing.
+The phases are the ``record_function`` ranges of the library's feature code: ``rcnn.to_rgb``,
+``rcnn.upload``, ``rcnn.warp``, ``rcnn.resize``, ``rcnn.conv``, ``rcnn.pool``, ``rcnn.cnn`` / ``rcnn.fc`` and
+``rcnn.to_host`` (which waits for the device's queued work), and this script's ``rcnn.decode`` and ``rcnn.write``.
+The network has the pipeline's starting weights (random where it names another pipeline's), which changes no timing.
 
     rcnn proposals demo && python benchmarks/profile_features.py demo --images 10
     python benchmarks/profile_features.py voc07-mini --images 20 --device cuda --trace trace.json.gz

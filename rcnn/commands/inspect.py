@@ -81,7 +81,8 @@ def config_cmd(pipeline, overrides, pipelines_file):
 
     \b
     Origins: default (rcnn/config/schema.py), pipeline (its own section of the pipelines
-    file), parent NAME (inherited through `extends`), --set (this command line).
+    file), parent NAME (inherited through `extends`), name @seed<k> (a seed run's
+    seeds, from its name), --set (this command line).
     Relative paths are shown resolved. Example:
       rcnn config voc07-mini-spp --set finetune.lr=0.0005
     """

@@ -69,7 +69,8 @@ SKIP_BAD_HELP = (
 CLUSTER_HELP = (
     "Run the per-image and per-class work on a Dask cluster: local:N (N worker processes here), tcp://HOST:PORT "
     "(a running `dask scheduler` whose workers share the runs folder and the data) or slurm (the pipeline's cluster "
-    "section) [default: $RCNN_CLUSTER, else cluster.address; none: this process]. Needs the dask extra; see docs/cluster.md."
+    "section) [default: $RCNN_CLUSTER, else cluster.address; neither set: this process]. Needs the dask extra; "
+    "see docs/cluster.md."
 )
 
 
