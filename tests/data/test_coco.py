@@ -7,7 +7,7 @@ import os
 
 import cv2
 import numpy as np
-from conftest import run_cli
+from conftest import run_cli, write_pipelines
 
 from rcnn.data.datasets import VOCDataset
 
@@ -152,3 +152,22 @@ def test_bad_coco_input_is_refused_in_one_line_and_nothing_is_written(tiny_voc, 
     code, _, err = run_cli(["data", "from-coco", str(dst), "--split", f"trainval={tmp_path / 'test.json'}"], capsys)
     assert code == 1 and one_error_line(err) == f"rcnn: error: '{dst}' already exists and is not an empty folder; name a new one"
     assert [p.name for p in dst.iterdir()] == ["mine.txt"]
+
+
+def test_a_dataset_converted_from_coco_trains_the_same_detector_as_its_voc_original(tiny_voc, tmp_path, capsys):
+    classes = sorted({name for split in ("trainval", "test") for name in VOCDataset(tiny_voc, split).classes()})
+    argv = ["data", "from-coco", str(tmp_path / "converted")]
+    for split in ("trainval", "test"):
+        (tmp_path / f"{split}.json").write_text(json.dumps(coco_of(tiny_voc, split, classes)))
+        argv += ["--split", f"{split}={tmp_path / f'{split}.json'}", "--images", f"{split}={tiny_voc / 'JPEGImages'}"]
+    assert run_cli(argv, capsys)[0] == 0
+    results = []
+    for name, root in (("voc", tiny_voc), ("coco", tmp_path / "converted")):
+        pipelines = write_pipelines(tmp_path / f"{name}.yaml", root)
+        code, _, err = run_cli(
+            ["run", "tiny", "--pipelines-file", str(pipelines), "--runs-dir", str(tmp_path / name), "--quiet"], capsys
+        )
+        assert code == 0, err
+        results.append(json.loads((tmp_path / name / "tiny" / "evaluate" / "test" / "results.json").read_text()))
+    for key in ("mAP", "mAP_bbox", "per_class", "per_class_bbox"):
+        assert results[1][key] == results[0][key], key  # the same boxes and pixels: the same numbers, to the bit
