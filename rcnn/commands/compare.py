@@ -36,7 +36,8 @@ def compare_cmd(runs, out_dir, labels, grid_images, seeds, runs_dir, overrides, 
     also reads the test split's annotations (in the data folder the manifests name) and
     each run's box-regressed devkit detection files, re-scores those as the devkit does
     to draw precision-recall curves and with COCO's AP (IoU 0.50:0.95, AP50, AP75, by
-    box area; needs pycocotools), and decodes the first --images test images with
+    box area; needs pycocotools), sorts their false positives by type (localisation,
+    another class, background), and decodes the first --images test images with
     objects for a grid of detections. Writes report.md, a self-contained report.html
     and figures/*.png. A run whose results are stale under today's pipelines file and
     code (as `rcnn status` judges them, with the same --pipelines-file and --set: give

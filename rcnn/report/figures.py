@@ -116,7 +116,7 @@ def grid_contents(data: TestData, n_images: int) -> tuple[list, list] | None:
     return images, top
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -130,7 +130,7 @@ def _suptitle(fig: Figure, text: str, points: float = 11) -> None:
 
 
 @quiet_matplotlib()
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     # A reader of the report folder must never see half a PNG: write beside it, then rename.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
@@ -155,7 +155,7 @@ def ap_bars(
     groups = [*classes, "mAP"]
     n = len(labels)
     width = 0.8 / n
-    fig = _figure(max(6.0, 0.35 * n * len(groups) + 2.5), 6.2)
+    fig = new_figure(max(6.0, 0.35 * n * len(groups) + 2.5), 6.2)
     axes = fig.subplots(2, 1, sharex=True)
     x = np.arange(len(groups), dtype=float)
     # The mAP group stands apart from the classes.
@@ -182,7 +182,7 @@ def ap_bars(
     axes[-1].set_xticks(x, groups, rotation=45 if len(groups) > 8 else 0, ha="right" if len(groups) > 8 else "center")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(n, 4), fontsize=9)
     _suptitle(fig, "Average precision per class")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pr_grid(
@@ -194,7 +194,7 @@ def pr_grid(
     """One subplot per class with every run's precision-recall curve (runs without curves are skipped)."""
     cols = min(len(classes), 5)
     rows = math.ceil(len(classes) / cols)
-    fig = _figure(3.0 * cols + 0.4, 2.9 * rows + 0.6)
+    fig = new_figure(3.0 * cols + 0.4, 2.9 * rows + 0.6)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, name in zip(axes, classes):
         npos = None
@@ -219,13 +219,13 @@ def pr_grid(
     for ax in axes[len(classes) :]:
         ax.set_visible(False)
     _suptitle(fig, "Precision-recall per class (with box regression)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def time_bars(path: Path, labels: Sequence[str], parts: Sequence[Mapping[str, float | None]]) -> Path:
     """Stacked horizontal bars of test seconds per image: proposals, features, classification."""
     n = len(labels)
-    fig = _figure(8.0, 1.5 + 0.65 * n)
+    fig = new_figure(8.0, 1.5 + 0.65 * n)
     ax = fig.subplots()
     y = np.arange(n)
     totals = [sum(p.get(k) or 0.0 for k in TIME_PARTS) for p in parts]
@@ -250,7 +250,7 @@ def time_bars(path: Path, labels: Sequence[str], parts: Sequence[Mapping[str, fl
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=8, ncols=3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def top_detections(dets: Mapping[str, Detections], image_ids: Sequence[str], k: Mapping[str, int]) -> dict[str, list]:
@@ -281,7 +281,7 @@ def detection_grid(
     """
     rows, cols = len(images), len(labels)
     colour = {name: class_colour(i, len(classes)) for i, name in enumerate(classes)}
-    fig = _figure(CELL_INCHES * cols + 0.3, CELL_INCHES * rows + 0.4)
+    fig = new_figure(CELL_INCHES * cols + 0.3, CELL_INCHES * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, (ann, rgb) in enumerate(images):
         for r in range(cols):
@@ -313,7 +313,7 @@ def detection_grid(
             if r == 0:
                 ax.set_ylabel(f"{ann.image_id} ({len(ann.boxes)} objects)", fontsize=9)
     _suptitle(fig, "Top detections with box regression (ground truth dotted white)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _rect(box: np.ndarray, colour, lw: float, style: str) -> Rectangle:

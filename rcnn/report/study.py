@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rcnn.report import figures as figs
 from rcnn.report import seeds as report_seeds
+from rcnn.report.false_positives import section_false_positives
 from rcnn.report.localisation import section_coco
 from rcnn.report.render import Table, html_page, markdown, write_text
 from rcnn.report.runs import MAX_PR_CLASSES, RunSummary, fmt, number
@@ -372,6 +373,7 @@ def write_report(
     for section in (*ap_sections, _section_pr):
         blocks += section(s)
     blocks += section_coco(s.labels, s.runs, s.data, s.seed_runs)
+    blocks += section_false_positives(s.labels, s.runs, s.data, s.figure_dir, s.figures, first_seed=bool(seed_runs))
     blocks += section_stages(s.labels, s.runs)
     blocks += section_test_time(s.labels, s.runs, s.figure_dir, s.figures)
     blocks += section_cache(s.labels, s.runs)

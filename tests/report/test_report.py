@@ -15,6 +15,7 @@ from rcnn.data.synth import SYNTH_CLASSES, generate_dataset
 from rcnn.errors import UserError
 from rcnn.evaluation.coco_metric import INSTALL, coco_evaluate
 from rcnn.evaluation.detfiles import devkit_filename, read_devkit_file, write_devkit_file
+from rcnn.evaluation.errors import false_positive_types, type_shares
 from rcnn.report import figures
 from rcnn.report.localisation import section_coco
 from rcnn.report.runs import load_run
@@ -167,13 +168,13 @@ def test_load_run_reads_stages_in_pipeline_order(report):
 
 def test_report_files_exist_and_html_is_self_contained(report):
     _, paths = report
-    for key in ("markdown", "html", "ap_per_class", "pr_curves", "test_time", "detections"):
+    for key in ("markdown", "html", "ap_per_class", "pr_curves", "test_time", "detections", "false_positives"):
         assert paths[key].is_file() and paths[key].stat().st_size > 0, key
     assert paths["pr_curves"].parent.name == "figures"
     page = paths["html"].read_text()
     assert 'src="http' not in page and "<script" not in page and "<link" not in page
     sources = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
-    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)
 
 
 def test_map_table_holds_the_results(report):
@@ -343,7 +344,7 @@ def test_a_figure_title_wider_than_its_figure_is_wrapped_to_fit():
     title = "Top detections with box regression (ground truth dotted white)"
 
     def extent(set_title) -> tuple[float, float, float]:
-        fig = figs._figure(figs.CELL_INCHES + 0.3, 3.0)
+        fig = figs.new_figure(figs.CELL_INCHES + 0.3, 3.0)
         set_title(fig)
         fig.canvas.draw()
         box = fig._suptitle.get_window_extent()
@@ -353,7 +354,7 @@ def test_a_figure_title_wider_than_its_figure_is_wrapped_to_fit():
     assert x0 < 0 and x1 > width  # the plain title overflows
     x0, x1, width = extent(lambda fig: figs._suptitle(fig, title))
     assert x0 >= 0 and x1 <= width
-    wide = figs._figure(8.0, 3.0)
+    wide = figs.new_figure(8.0, 3.0)
     figs._suptitle(wide, title)
     assert wide.get_suptitle() == title  # one line where it fits
 
@@ -449,3 +450,17 @@ def test_coco_table_holds_pycocotools_numbers_of_the_box_regressed_files(report,
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
     blocks = section_coco(["rcnn", "spp"], runs, figures.TestData(runs, ["rcnn", "spp"]))
     assert blocks[1] == ("p", f"Not computed: {INSTALL}.")
+
+
+def test_false_positive_table_holds_the_shares_of_each_variant(report, data_root):
+    runs, paths = report
+    md = paths["markdown"].read_text()
+    truth = VOCDataset(data_root, "test", clip=True).annotations()
+    section = md.split("## False positives by type")[1].split("\n## ")[0]
+    for run in runs:
+        for variant, files in (("without box regression", run.detections), ("with box regression", run.detections_bbox)):
+            dets = {name: read_devkit_file(path) for name, path in files.items()}
+            shares = type_shares(false_positive_types(dets, truth, run.classes), 1)
+            cells = " | ".join(f"{100 * v:.1f} %" for v in shares)
+            assert f"| {run.name} | {variant} | {cells} |" in section, (run.name, variant)
+    assert "![false_positives](figures/false_positives.png)" in section
