@@ -31,6 +31,12 @@ from rcnn.errors import ConfigError, UserError
     "voc10: all-point AP (VOC2010+); coco: COCO's AP over IoU 0.50:0.95 with AP50, AP75 and AP by box size "
     "(pycocotools' evaluation; needs pycocotools).",
 )
+@click.option(
+    "--errors",
+    is_flag=True,
+    help="Also sort the false positives by type: localisation, confusion with another class, background "
+    "(Hoiem et al. 2012, as in R-CNN's Figure 4).",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
 @stage_options
 def evaluate_cmd(
@@ -40,6 +46,7 @@ def evaluate_cmd(
     detections,
     classes,
     metric,
+    errors,
     json_out,
     runs_dir,
     overrides,
@@ -80,7 +87,9 @@ def evaluate_cmd(
                 f"{', '.join(extra)} score devkit files without a pipeline; with PIPELINE the data and split are the "
                 "pipeline's (see `rcnn config PIPELINE`)"
             )
-        _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster)
+        _evaluate_pipeline(
+            pipeline, metric, errors, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster
+        )
         return
     given = {
         "--set": overrides,
@@ -127,11 +136,30 @@ def evaluate_cmd(
                 f"  note: no result file for {', '.join(fileless)} in {detections}: scored 0 and counted in the mAP; "
                 "--classes names the classes to score"
             )
+    payload = result.to_json()
+    if errors:
+        annotations, names, dets = devkit_inputs(Path(data_dir), split, Path(detections), wanted)
+        payload["false_positives"] = _errors_line(dets, annotations, names, "")
     if json_out:
-        write_json(json_out, result.to_json())
+        write_json(json_out, payload)
 
 
-def _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster):
+def _errors_line(dets, annotations, classes, variant: str) -> dict[str, float] | None:
+    """Print the share of each false-positive type among the top-ranked ones; return the shares."""
+    from rcnn.evaluation.errors import TYPES, false_positive_types, type_shares
+
+    shares = type_shares(false_positive_types(dets, annotations, classes), 1)
+    if shares is None:
+        click.echo(f"  false positives{variant}: none")
+        return None
+    parts = ", ".join(f"{name} {100 * v:.1f} %" for name, v in zip(TYPES, shares))
+    click.echo(f"  false positives{variant} by type (top-ranked, as many per class as it has objects): {parts}")
+    return {name: float(v) for name, v in zip(TYPES, shares)}
+
+
+def _evaluate_pipeline(
+    pipeline, metric, errors, json_out, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster
+):
     from rcnn.stages import evaluate
 
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, force, wait, quiet, skip_bad, cluster)
@@ -150,6 +178,15 @@ def _evaluate_pipeline(pipeline, metric, json_out, runs_dir, overrides, pipeline
         for variant, stats in (("", metrics["stats"]), (" with box regression", metrics["stats_bbox"])):
             figures = ", ".join(f"{key} {stats[key]:.4f}" for key in ("AP50", "AP75", "APs", "APm", "APl"))
             click.echo(f"  COCO{variant}: {figures} (APs/m/l by box area; -1: no objects of that size)")
+    if errors:
+        from rcnn.evaluation.detfiles import read_detections
+        from rcnn.stages.evaluate import NAME, VARIANTS
+
+        annotations, split = ctx.dataset(manifest["split"]).annotations(), manifest["split"]
+        metrics = dict(metrics)
+        for (variant, folder), key in zip(VARIANTS.items(), ("false_positives", "false_positives_bbox")):
+            dets = read_detections(ctx.unit_dir(NAME, split) / folder, split, ctx.classes)
+            metrics[key] = _errors_line(dets, annotations, ctx.classes, "" if variant == "plain" else " with box regression")
     if json_out:
         write_json(json_out, metrics)
 

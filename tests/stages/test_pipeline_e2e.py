@@ -9,6 +9,8 @@ import pytest
 from conftest import run_cli
 
 from rcnn.data.datasets import VOCDataset
+from rcnn.evaluation.detfiles import read_detections
+from rcnn.evaluation.errors import TYPES, false_positive_types, type_shares
 from rcnn.evaluation.scoring import score_devkit_detections
 
 run = run_cli
@@ -59,6 +61,17 @@ def test_run_every_stage_then_skip_then_detect(pipelines_file, tiny_voc, tmp_pat
                             "--json", str(tmp_path / f"{folder}.json")], capsys)  # fmt: skip
         assert code == 0 and coco[key] == json.loads((tmp_path / f"{folder}.json").read_text())["mAP"], err
     assert coco["stats"]["AP50"] >= coco["mAP"] > 0  # the stricter IoU thresholds only lower the mean
+    # --errors: the false positives of both variants by type, as rcnn.evaluation.errors sorts the stage's files.
+    code, out, err = run(["evaluate", "tiny", "--errors", "--json", str(tmp_path / "errors.json"), *common], capsys)
+    assert code == 0 and "false positives with box regression by type (top-ranked" in out, err
+    errors = json.loads((tmp_path / "errors.json").read_text())
+    truth = VOCDataset(tiny_voc, "test").annotations()
+    classes = tuple(sorted({name for split in ("trainval", "test") for name in VOCDataset(tiny_voc, split).classes()}))
+    for key, folder in (("false_positives", "detections"), ("false_positives_bbox", "detections-bbox")):
+        shares = type_shares(false_positive_types(read_detections(unit / folder, "test", classes), truth, classes), 1)
+        assert [errors[key][name] for name in TYPES] == pytest.approx(shares.tolist()) and sum(shares) == pytest.approx(1)
+    code, out, err = run(["evaluate", "--data", str(tiny_voc), "--detections", str(unit / "detections"), "--errors"], capsys)
+    assert code == 0 and "  false positives by type (top-ranked, as many per class as it has objects): localisation " in out
     code, out, _ = run(["status", "tiny", *common[:-1]], capsys)
     assert out.count(" done ") == 8 and "stale" not in out
     # The pipeline's own metric is the stored table; voc07 files rescored give the same numbers.
