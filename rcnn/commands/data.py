@@ -79,7 +79,9 @@ def data_subset(source, directory, splits, seed):
 
 
 def _pairs(texts, option: str, metavar: str, example: str) -> dict[str, str]:
-    """``NAME=VALUE`` option values as a dict, each name once."""
+    """``NAME=VALUE`` option values as a dict, each name once and a plain file name."""
+    from rcnn.data.filenames import name_problem
+
     pairs: dict[str, str] = {}
     for text in texts:
         name, sep, value = text.partition("=")
@@ -87,6 +89,9 @@ def _pairs(texts, option: str, metavar: str, example: str) -> dict[str, str]:
             raise click.BadParameter(f"{text!r} is not {metavar}, e.g. {example}", param_hint=option)
         if name in pairs:
             raise click.BadParameter(f"split '{name}' is given twice", param_hint=option)
+        problem = name_problem(name) or ("it starts with '.'" if name.startswith(".") else None)
+        if problem is not None:  # it becomes ImageSets/Main/NAME.txt
+            raise click.BadParameter(f"split name {name!r} cannot be a file name ({problem})", param_hint=option)
         pairs[name] = value
     return pairs
 
@@ -160,13 +165,14 @@ def data_from_coco(directory, splits, images, quiet):
     if unused:
         click.echo(f"  categories without objects (not classes a pipeline learns): {', '.join(dict.fromkeys(unused))}")
     names = list(files)
+    click.echo(f"check each split's images with `rcnn data stats {directory} --check --split {names[0]}`")
+    if len(names) < 2:
+        click.echo("  one split only: a pipeline needs a split to learn from and another to score (data.trainval, data.test)")
+        return
     train = "trainval" if "trainval" in files else names[0]
-    test = "test" if "test" in files else next((n for n in reversed(names) if n != train), "NAME")
+    test = "test" if "test" in files else next(n for n in reversed(names) if n != train)
     keys = "".join(f", {key}: {name}" for key, name in (("trainval", train), ("test", test)) if name != key)
-    click.echo(
-        f"check each split's images with `rcnn data stats {directory} --check --split {names[0]}`; a pipeline reads it with"
-    )
-    click.echo(f"  data: {{root: {directory}{keys}}}")
+    click.echo(f"a pipeline reads it with\n  data: {{root: {directory}{keys}}}")
 
 
 @data_group.command("stats")

@@ -77,7 +77,9 @@ def evaluate_cmd(
 
     Either way scoring is the PASCAL VOC devkit's: IoU >= 0.5 is a hit; each object is
     matched once (duplicates are false positives); `difficult` objects count neither
-    way; a class without test objects scores n/a and stays out of the mean.
+    way; a class without test objects scores n/a and stays out of the mean. --metric
+    coco is COCO's instead (pycocotools: IoU 0.50 to 0.95, difficult objects as crowd
+    regions).
     """
     if pipeline is not None:
         given = {"--data": data_dir, "--split": split, "--detections": detections, "--classes": classes}
@@ -108,7 +110,7 @@ def evaluate_cmd(
         raise ConfigError("give a PIPELINE, or --data VOCDIR and --detections PATH to score devkit files")
     from rcnn.data.datasets import ROOT_LAYOUT
     from rcnn.evaluation.detfiles import detection_file_classes
-    from rcnn.evaluation.scoring import devkit_inputs, format_ap_table, score_devkit_detections
+    from rcnn.evaluation.scoring import devkit_inputs, format_ap_table, score_detections
 
     if not Path(data_dir).is_dir():
         raise UserError(f"dataset root '{data_dir}' does not exist; --data names {ROOT_LAYOUT}")
@@ -117,15 +119,15 @@ def evaluate_cmd(
     if wanted is not None and not wanted:
         raise ConfigError("--classes: give at least one class name")
     title = f"{data_dir} [{split}], detections from {detections}"
+    annotations, names, dets = devkit_inputs(Path(data_dir), split, Path(detections), wanted)
     if metric == "coco":
         from rcnn.evaluation.coco_metric import coco_evaluate, format_coco_table
 
-        annotations, names, dets = devkit_inputs(Path(data_dir), split, Path(detections), wanted)
         result = coco_evaluate(dets, annotations, names)
         click.echo(format_coco_table(result, title))
         objects = result.objects
     else:
-        result = score_devkit_detections(Path(data_dir), split, Path(detections), metric or "voc07", classes=wanted)
+        result = score_detections(dets, annotations, names, metric or "voc07")
         click.echo(format_ap_table(result, title))
         objects = {name: r.npos for name, r in result.per_class.items()}
     if wanted is None and Path(detections).is_dir():  # e.g. the files of a run on a subset of the data's classes
@@ -138,7 +140,6 @@ def evaluate_cmd(
             )
     payload = result.to_json()
     if errors:
-        annotations, names, dets = devkit_inputs(Path(data_dir), split, Path(detections), wanted)
         payload["false_positives"] = _errors_line(dets, annotations, names, "")
     if json_out:
         write_json(json_out, payload)
@@ -176,8 +177,10 @@ def _evaluate_pipeline(
     click.echo(evaluate.table(ctx, {"metrics": metrics}))
     if metric == "coco":
         for variant, stats in (("", metrics["stats"]), (" with box regression", metrics["stats_bbox"])):
-            figures = ", ".join(f"{key} {stats[key]:.4f}" for key in ("AP50", "AP75", "APs", "APm", "APl"))
-            click.echo(f"  COCO{variant}: {figures} (APs/m/l by box area; -1: no objects of that size)")
+            figures = ", ".join(
+                f"{key} {'n/a' if stats[key] < 0 else f'{stats[key]:.4f}'}" for key in ("AP50", "AP75", "APs", "APm", "APl")
+            )
+            click.echo(f"  COCO{variant}: {figures} (APs/m/l by box area; n/a: no objects of that size)")
     if errors:
         from rcnn.evaluation.detfiles import read_detections
         from rcnn.stages.evaluate import NAME, VARIANTS

@@ -112,10 +112,18 @@ def _image(path: Path, k: int, entry, folder: Path) -> CocoImage:
     image_id, suffix = os.path.splitext(name)
     if suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"{path}: image {file_name!r} is not one of the image types read ({', '.join(IMAGE_SUFFIXES)})")
-    problem = name_problem(image_id) or ("it starts with '.'" if image_id.startswith(".") else None)
+    problem = (
+        name_problem(image_id)
+        or ("it starts with '.'" if image_id.startswith(".") else None)
+        or (
+            "it contains whitespace, which split and devkit files separate fields by"
+            if any(c.isspace() for c in image_id)
+            else None
+        )
+    )
     if problem is not None:
         raise UserError(f"{path}: image {file_name!r} has a name that cannot be an image id ({problem}); rename the file")
-    source = folder / file_name
+    source = folder / file_name.replace("\\", "/")  # exported on Windows: images\x.jpg
     if not source.is_file() and (folder / name).is_file():  # a file_name with the export's own folder in it
         source = folder / name
     return CocoImage(image_id, source, width, height)
@@ -153,6 +161,9 @@ def read_coco_split(split: str, annotation_file: str | Path, images: str | Path 
         )
         if not ok or not all(math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
             raise UserError(f"{path}: annotation {ann.get('id', k)} has no valid 'bbox' [x, y, width, height] (got {bbox!r})")
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1):  # True and False are 1 and 0; "0" is not
+            raise UserError(f"{path}: annotation {ann.get('id', k)} has 'iscrowd' {crowd!r}; COCO's is 0 or 1")
         image = by_id[key]
         x, y, w, h = (float(v) for v in bbox)
         box = (max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height))
@@ -162,7 +173,7 @@ def read_coco_split(split: str, annotation_file: str | Path, images: str | Path 
         out.clipped += box != (x, y, x + w, y + h)
         image.names.append(names[cat])
         image.boxes.append(box)
-        image.crowd.append(bool(ann.get("iscrowd", 0)))
+        image.crowd.append(bool(crowd))
     return out
 
 

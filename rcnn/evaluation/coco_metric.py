@@ -1,10 +1,11 @@
 """COCO's box AP of detections on a VOC-layout split, computed by the COCO API's own evaluation (``pycocotools``'
 ``COCOeval``; Lin et al., "Microsoft COCO: Common Objects in Context", ECCV 2014), so the numbers are COCO's.
 
-AP is averaged over IoU thresholds 0.50:0.05:0.95 and 101 recall points, at most 100 detections per image (the
-highest scored). Objects marked difficult are given to COCO as crowd regions: detections on them count neither way,
-as in VOC (COCO matches a crowd region by the share of the detection inside it, VOC a difficult object by IoU). Area
-ranges (small < 32², large ≥ 96² pixels) use box areas; COCO's own annotations use mask areas there.
+AP is averaged over IoU thresholds 0.50:0.05:0.95 and 101 recall points, at most 100 detections per image and class
+(the highest scored; the pipelines keep as many, ``evaluate.top_per_image``). Objects marked difficult are given to
+COCO as crowd regions: detections on them count neither way, as in VOC (COCO matches a crowd region by the share of
+the detection inside it, VOC a difficult object by IoU). Area ranges (small up to 32², medium 32² to 96², large from
+96² pixels, bounds included as pycocotools has them) use box areas; COCO's own annotations use mask areas there.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class CocoResult:
 
     @property
     def mAP(self) -> float:
-        return self.stats["AP"]
+        """AP over the classes; nan where no class has an object to score (COCO's -1)."""
+        return self.stats["AP"] if self.stats["AP"] >= 0 else float("nan")
 
     def to_json(self) -> dict:
         """``{"metric": "coco", "mAP", "stats", "per_class": {class: AP}, "per_class_AP50", "per_class_AP75"}``,
@@ -130,9 +132,9 @@ def format_coco_table(result: CocoResult, title: str = "") -> str:
             f"  {name:<16}{fmt(ap['AP']):>8}{fmt(ap['AP50']):>8}{fmt(ap['AP75']):>8}"
             f"{result.objects[name]:>9}{result.detections[name]:>12}"
         )
-    s = result.stats
-    lines.append(f"  {'mAP':<16}{s['AP']:>8.4f}{s['AP50']:>8.4f}{s['AP75']:>8.4f}   (COCO AP, IoU 0.50:0.05:0.95)")
+    s = {key: float("nan") if value < 0 else value for key, value in result.stats.items()}  # COCO's -1: nothing to score
+    lines.append(f"  {'mAP':<16}{fmt(s['AP']):>8}{fmt(s['AP50']):>8}{fmt(s['AP75']):>8}   (COCO AP, IoU 0.50:0.05:0.95)")
     lines.append(
-        f"  by box area: small {s['APs']:.4f}, medium {s['APm']:.4f}, large {s['APl']:.4f} (-1: no objects of that size)"
+        f"  by box area: small {fmt(s['APs'])}, medium {fmt(s['APm'])}, large {fmt(s['APl'])} (n/a: no objects of that size)"
     )
     return "\n".join(lines)

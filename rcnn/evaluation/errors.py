@@ -52,17 +52,21 @@ def false_positive_types(
             continue
         result = evaluate_class(dets, gt[name])
         rows = result.order[result.fp]  # the false positives, best score first
-        types = np.empty(len(rows), np.int8)
-        for k, row in enumerate(rows):
-            ann = truth[dets.image_ids[row]]
-            iou = box_iou(dets.boxes[row : row + 1].astype(np.float64), ann.boxes.astype(np.float64))[0]
+        types = np.full(len(rows), 2, np.int8)  # background unless on an object
+        images = np.array([dets.image_ids[row] for row in rows], dtype=str)
+        _, inverse = np.unique(images, return_inverse=True)
+        by_image = np.argsort(inverse, kind="stable")
+        for k in np.split(by_image, np.flatnonzero(np.diff(inverse[by_image])) + 1):  # one IoU matrix per image
+            if not len(k):
+                continue
+            ann = truth[str(images[k[0]])]
+            if not len(ann.boxes):
+                continue
+            near = box_iou(dets.boxes[rows[k]].astype(np.float64), ann.boxes.astype(np.float64)) >= NEAR
             same = np.array([label == name for label in ann.labels], bool)
-            if (iou[same] >= NEAR).any():  # a duplicate overlaps its object by 0.5 or more, the rest by at least 0.1
-                types[k] = 0
-            elif (iou[~same] >= NEAR).any():
-                types[k] = 1
-            else:
-                types[k] = 2
+            # a duplicate overlaps its object by 0.5 or more, a badly placed box by 0.1 to 0.5
+            types[k[near[:, ~same].any(axis=1)]] = 1
+            types[k[near[:, same].any(axis=1)]] = 0
         out[name] = ClassErrors(types, gt[name].npos)
     return out
 

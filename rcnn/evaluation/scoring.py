@@ -35,6 +35,13 @@ def score_devkit_detections(
     ``classes``, the files of other classes in a folder are left out (:func:`devkit_inputs`).
     """
     annotations, classes, dets = devkit_inputs(data_root, split, detections, classes)
+    return score_detections(dets, annotations, classes, metric)
+
+
+def score_detections(
+    dets: dict[str, Detections], annotations: list[ImageAnnotation], classes: tuple[str, ...], metric: str = "voc07"
+) -> EvalResult:
+    """The VOC scores of ``dets`` (per class) against ``annotations``, the classes that have detections."""
     gt = ground_truth_by_class(annotations, classes)
     return evaluate(dets, {name: gt[name] for name in dets}, metric=metric)
 

@@ -66,7 +66,8 @@ def section_coco(
     text = (
         "COCO's AP of each run's box-regressed detections, computed by pycocotools' COCOeval from the devkit files and "
         "the test data: AP averaged over IoU 0.50:0.05:0.95, AP50 and AP75 at one threshold each, and AP by box area "
-        "(small < 32², large ≥ 96² pixels; n/a: no objects of that size), at most 100 detections per image. Objects "
+        "(small up to 32², large from 96² pixels; n/a: no objects of that size), at most 100 detections per image and "
+        "class. Objects "
         "marked difficult count neither way. An AP75 close to AP50 means boxes that fit tightly."
     )
     if seed_runs:

@@ -56,8 +56,8 @@ def test_voc_to_coco_and_back_gives_the_same_annotations_and_images(tiny_voc, tm
 
 def test_boxes_are_kept_exactly_clipped_or_left_out_and_counted(tmp_path, capsys):
     export = tmp_path / "export"
-    (export / "imgs").mkdir(parents=True)
-    for name in ("a.png", "b.png"):
+    (export / "imgs" / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
         cv2.imwrite(str(export / "imgs" / name), np.full((30, 40, 3), 128, np.uint8))
     boxes = {
         1: ([2.5, 3.25, 10, 5], 0),  # kept as it is
@@ -69,7 +69,7 @@ def test_boxes_are_kept_exactly_clipped_or_left_out_and_counted(tmp_path, capsys
     coco = {
         "images": [
             {"id": 7, "file_name": "imgs/a.png", "width": 40, "height": 30},
-            {"id": 8, "file_name": "b.png", "width": 40.0, "height": 30},
+            {"id": "8", "file_name": "sub\\b.png", "width": 40.0, "height": 30},  # a string id; a path written on Windows
         ],
         "annotations": [
             {"id": k, "image_id": 7, "category_id": 3, "bbox": bbox, "iscrowd": crowd} for k, (bbox, crowd) in boxes.items()
@@ -147,6 +147,15 @@ def test_bad_coco_input_is_refused_in_one_line_and_nothing_is_written(tiny_voc, 
     # Arguments, and a destination in use.
     assert "'trainval' is not NAME=JSON, e.g. trainval=train.json" in refused(good, "--split", "trainval")
     assert "split 'test' has no --split test=JSON" in refused(good, "--images", "test=somewhere")
+    # Split names become ImageSets/Main/NAME.txt: one file there, nowhere else.
+    for name, problem in (("a/b", "it contains '/'"), ("..", "'..' means a folder"), (".hidden", "it starts with '.'")):
+        line = refused(good, "--split", f"{name}={tmp_path / 'test.json'}")
+        assert f"split name {name!r} cannot be a file name ({problem}" in line, line
+    # Ids with whitespace, which split files cannot hold; iscrowd other than 0 or 1.
+    spaced = dict(good, images=[dict(good["images"][0], file_name="photo 1.jpg"), *good["images"][1:]])
+    assert "image 'photo 1.jpg' has a name that cannot be an image id (it contains whitespace" in refused(spaced)
+    text = dict(good, annotations=[dict(good["annotations"][0], iscrowd="0")])
+    assert "has 'iscrowd' '0'; COCO's is 0 or 1" in refused(text)
     dst.mkdir()
     (dst / "mine.txt").write_text("mine")
     code, _, err = run_cli(["data", "from-coco", str(dst), "--split", f"trainval={tmp_path / 'test.json'}"], capsys)

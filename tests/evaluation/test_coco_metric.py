@@ -82,3 +82,10 @@ def test_evaluate_devkit_files_with_the_coco_metric(tiny_voc, tmp_path, capsys):
     assert "  mAP               1.0000  1.0000  1.0000   (COCO AP, IoU 0.50:0.05:0.95)" in out
     payload = json.loads((tmp_path / "coco.json").read_text())
     assert payload["mAP"] == 1.0 and set(payload["per_class"]) == set(lines)
+
+
+def test_with_no_object_to_score_the_mean_is_nan_not_cocos_minus_one():
+    gt = [annotation("a", [[0, 0, 10, 10]], ["cat"], difficult=[True])]  # a crowd region only
+    result = coco_evaluate({"cat": dets(("a", 0.9, 0, 0, 10, 10))}, gt, ("cat",))
+    assert result.stats["AP"] == -1 and np.isnan(result.mAP) and result.to_json()["mAP"] is None
+    assert "  mAP                  n/a     n/a     n/a" in format_coco_table(result)
