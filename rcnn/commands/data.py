@@ -12,7 +12,7 @@ from rcnn.errors import UserError
 
 @click.group("data")
 def data_group():
-    """Create or inspect datasets in PASCAL VOC layout."""
+    """Create, copy, convert (from COCO) or inspect datasets in PASCAL VOC layout."""
 
 
 @data_group.command("synth")
