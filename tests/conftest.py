@@ -31,6 +31,13 @@ def voc_copy(tiny_voc, tmp_path) -> Path:
     return dst
 
 
+def one_error_line(err: str) -> str:
+    """The one line a refused command printed on stderr (asserting it is one line and no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def write_pipelines(path: Path, data_root: Path, extra: str = "") -> Path:
     path.write_text(
         textwrap.dedent(

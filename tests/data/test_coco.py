@@ -7,15 +7,9 @@ import os
 
 import cv2
 import numpy as np
-from conftest import run_cli, write_pipelines
+from conftest import one_error_line, run_cli, write_pipelines
 
 from rcnn.data.datasets import VOCDataset
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def coco_of(root, split: str, classes: list[str]) -> dict:
@@ -31,13 +25,19 @@ def coco_of(root, split: str, classes: list[str]) -> dict:
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def test_voc_to_coco_and_back_gives_the_same_annotations_and_images(tiny_voc, tmp_path, capsys):
-    classes = sorted({name for split in ("trainval", "test") for name in VOCDataset(tiny_voc, split).classes()})
-    argv = ["data", "from-coco", str(tmp_path / "back")]
+def round_trip(tiny_voc, tmp_path, name: str, capsys) -> tuple[list[str], int, str, str]:
+    """Both splits of the tiny dataset as COCO files, converted back into ``tmp_path / name``: the classes, and
+    the command's exit status, stdout and stderr."""
+    classes = sorted({c for split in ("trainval", "test") for c in VOCDataset(tiny_voc, split).classes()})
+    argv = ["data", "from-coco", str(tmp_path / name)]
     for split in ("trainval", "test"):
         (tmp_path / f"{split}.json").write_text(json.dumps(coco_of(tiny_voc, split, classes)))
         argv += ["--split", f"{split}={tmp_path / f'{split}.json'}", "--images", f"{split}={tiny_voc / 'JPEGImages'}"]
-    code, out, err = run_cli(argv, capsys)
+    return classes, *run_cli(argv, capsys)
+
+
+def test_voc_to_coco_and_back_gives_the_same_annotations_and_images(tiny_voc, tmp_path, capsys):
+    classes, code, out, err = round_trip(tiny_voc, tmp_path, "back", capsys)
     assert code == 0 and err == "", err
     n = {split: len(VOCDataset(tiny_voc, split)) for split in ("trainval", "test")}
     assert f"trainval {n['trainval']} images" in out and f"test {n['test']} images" in out
@@ -164,12 +164,7 @@ def test_bad_coco_input_is_refused_in_one_line_and_nothing_is_written(tiny_voc, 
 
 
 def test_a_dataset_converted_from_coco_trains_the_same_detector_as_its_voc_original(tiny_voc, tmp_path, capsys):
-    classes = sorted({name for split in ("trainval", "test") for name in VOCDataset(tiny_voc, split).classes()})
-    argv = ["data", "from-coco", str(tmp_path / "converted")]
-    for split in ("trainval", "test"):
-        (tmp_path / f"{split}.json").write_text(json.dumps(coco_of(tiny_voc, split, classes)))
-        argv += ["--split", f"{split}={tmp_path / f'{split}.json'}", "--images", f"{split}={tiny_voc / 'JPEGImages'}"]
-    assert run_cli(argv, capsys)[0] == 0
+    assert round_trip(tiny_voc, tmp_path, "converted", capsys)[1] == 0
     results = []
     for name, root in (("voc", tiny_voc), ("coco", tmp_path / "converted")):
         pipelines = write_pipelines(tmp_path / f"{name}.yaml", root)

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 
 from rcnn.data.datasets import VOCDataset
 from rcnn.data.subset import sample_ids
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_sample_ids_draws_without_replacement_in_split_order():
