@@ -168,8 +168,10 @@ def _evaluate_pipeline(
     manifests = run_one("evaluate", ctx)
     manifest = next(iter(manifests.values()))
     metrics = manifest["metrics"]
-    if metric is not None and metric != metrics["metric"]:
-        metrics = rescore(ctx, manifest["split"], metric)
+    rescored = metric is not None and metric != metrics["metric"]
+    loaded = stage_detections(ctx, manifest["split"]) if rescored or errors else None  # read once for both
+    if rescored:
+        metrics = rescore(ctx, loaded, metric)
         click.echo(
             f"{metric}: scored again from the stage's devkit result files; the stored evaluation "
             f"({manifest['metrics']['metric']}, the pipeline's evaluate.metric) is kept"
@@ -182,30 +184,33 @@ def _evaluate_pipeline(
             )
             click.echo(f"  COCO{variant}: {figures} (APs/m/l by box area; n/a: no objects of that size)")
     if errors:
-        from rcnn.evaluation.detfiles import read_detections
-        from rcnn.stages.evaluate import NAME, VARIANTS
-
-        annotations, split = ctx.dataset(manifest["split"]).annotations(), manifest["split"]
+        annotations, found = loaded
         metrics = dict(metrics)
-        for (variant, folder), key in zip(VARIANTS.items(), ("false_positives", "false_positives_bbox")):
-            dets = read_detections(ctx.unit_dir(NAME, split) / folder, split, ctx.classes)
+        for (variant, dets), key in zip(found.items(), ("false_positives", "false_positives_bbox")):
             metrics[key] = _errors_line(dets, annotations, ctx.classes, "" if variant == "plain" else " with box regression")
     if json_out:
         write_json(json_out, metrics)
 
 
-def rescore(ctx, split: str, metric: str) -> dict:
-    """The evaluate stage's results scored again with ``metric`` from the devkit files it wrote, both variants,
-    in the shape of its ``results.json`` metrics (without its timings). Reads only."""
+def stage_detections(ctx, split: str) -> tuple[list, dict]:
+    """The test annotations and the evaluate stage's devkit detections of both variants."""
     from rcnn.evaluation.detfiles import read_detections
-    from rcnn.evaluation.scoring import ground_truth_by_class
-    from rcnn.evaluation.voc import evaluate
     from rcnn.stages.evaluate import NAME, VARIANTS
 
-    annotations = ctx.dataset(split).annotations()
     found = {
         variant: read_detections(ctx.unit_dir(NAME, split) / folder, split, ctx.classes) for variant, folder in VARIANTS.items()
     }
+    return ctx.dataset(split).annotations(), found
+
+
+def rescore(ctx, loaded: tuple[list, dict], metric: str) -> dict:
+    """The evaluate stage's results scored again with ``metric`` from the devkit files it wrote (``loaded``, as
+    :func:`stage_detections` reads them), both variants, in the shape of its ``results.json`` metrics (without its
+    timings). Reads only."""
+    from rcnn.evaluation.scoring import ground_truth_by_class
+    from rcnn.evaluation.voc import evaluate
+
+    annotations, found = loaded
     if metric == "coco":
         from rcnn.evaluation.coco_metric import coco_evaluate
 
