@@ -81,6 +81,11 @@ STAGE_HELP = {
     from the flipped image's maps, at the mirrored place; spp.random_scale pools them at
     a random scale instead of the closest (both from SPP-net's released code).
 
+    Fast R-CNN pipelines (method: fast) train the whole network but its first conv
+    layers (fast.frozen_convs) on regions RoI-pooled from whole images resized to
+    fast.scale (600, longer side at most 1000), two images and 64 regions each per
+    mini-batch, with a smooth L1 box loss beside the class loss (Girshick 2015).
+
     Regions are proposals plus ground-truth boxes, warped with finetune.context_pad
     pixels of context (R-CNN: 16); IoU >= 0.5 with an object is that class, the rest
     background; 128-region mini-batches with 32 foreground; SGD (lr 0.001, momentum
@@ -93,15 +98,17 @@ STAGE_HELP = {
     R-CNN: fc7 (for the SVMs) and pool5 (for box regression; with features.bbox_rows:
     regression, only for the trainval boxes box regression trains on), with each box's
     class overlaps (features.layers). SPP-net: fc7 from the cached conv maps; its box
-    regression pools pool5 again from them. Resumable per image.
+    regression pools pool5 again from them. Fast R-CNN: the network's class
+    log-probabilities and box deltas, which evaluate reads in place of SVMs and
+    regressors. Resumable per image.
     """,
-    "train-svm": """Train one linear SVM per class on cached features, mining hard negatives.
+    "train-svm": """Train one linear SVM per class on cached features, mining hard negatives (not Fast R-CNN).
 
     As R-CNN: ground-truth boxes are positives, proposals under IoU 0.3 negatives,
     features scaled to mean norm 20, C = 0.001, positive weight 2, bias multiplier 10;
     one pass of hard-negative mining (keep > -1.0001, evict < -1.2).
     """,
-    "train-bbox": """Train class-specific ridge box regressors on pool5 features.
+    "train-bbox": """Train class-specific ridge box regressors on pool5 features (not Fast R-CNN).
 
     R-CNN reads the pool5 cached by `rcnn features`; SPP-net pools it again from
     the cached conv maps.
@@ -144,8 +151,8 @@ for _command in (
 # Written out rather than read from rcnn.stages, which would load every stage's code for --help
 # (tests/cli/test_cli.py checks it names every stage).
 UNTIL_HELP = (
-    "Stop after this stage: proposals, convmaps (SPP-net pipelines only), finetune, features, train-svm, "
-    "train-bbox or evaluate (the last, and the default)."
+    "Stop after this stage: proposals, convmaps (SPP-net pipelines only), finetune, features, train-svm and "
+    "train-bbox (neither in Fast R-CNN pipelines) or evaluate (the last, and the default)."
 )
 
 

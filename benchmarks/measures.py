@@ -304,14 +304,14 @@ def _context(b: Bench, method: str, pad: int, bg_low: float) -> Context:
     return Context(cfg=cfg, runs_dir=b.tmp / "runs", progress=False, log=lambda _: None)
 
 
-def _regions(b: Bench, ctx: Context) -> tuple[list[np.ndarray], FgBgSampler]:
+def _regions(b: Bench, ctx: Context) -> tuple[list[np.ndarray], list[np.ndarray], FgBgSampler]:
     ft = ctx.cfg.finetune
     boxes, labels = [], []
     for ann, proposals in zip(b.anns, b.boxes):
         regions = image_regions(ann, proposals, b.classes)
         boxes.append(regions.boxes)
         labels.append(finetune_labels(regions, ft.fg_threshold, ft.bg_low))
-    return boxes, FgBgSampler.from_image_labels(labels, batch_size=ft.batch_size, fg_fraction=ft.fg_fraction)
+    return boxes, labels, FgBgSampler.from_image_labels(labels, batch_size=ft.batch_size, fg_fraction=ft.fg_fraction)
 
 
 def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBgSampler) -> dict:
@@ -355,9 +355,9 @@ def _train_steps(b: Bench, ctx: Context, regions, model, baseline, sampler: FgBg
 def finetune_rcnn(b: Bench) -> dict:
     """R-CNN fine-tuning of all of AlexNet on 227 px warped regions (R-CNN section 2.3), regions per second."""
     ctx = _context(b, "rcnn", context_pad(227), bg_low=0.0)
-    boxes, sampler = _regions(b, ctx)
+    boxes, labels, sampler = _regions(b, ctx)
     model = to_training_device(build_method(ctx.cfg).untrained_model(ctx), b.device)  # as stages/finetune.py
-    regions = build_method(ctx.cfg).training_regions(ctx, b.anns, boxes, model)
+    regions = build_method(ctx.cfg).training_regions(ctx, b.anns, boxes, model, labels)
     for i in range(len(b.anns)):  # decoded once, as the stock side uploads every image first
         regions.images[i]
     baseline = stock.RCNNFinetune(b.images, sampler.image_index, np.concatenate(boxes), len(b.classes) + 1, 227,
@@ -370,9 +370,9 @@ def finetune_spp(b: Bench) -> dict:
     (one scale), regions per second; the maps are computed first by the convmaps stage (not timed)."""
     ctx = _context(b, "spp", context_pad(227), bg_low=0.1)  # SPP-net: background IoU in [0.1, 0.5)
     run_stage(ctx, convmaps)  # as a run writes them: manifest and digests, which the reader checks
-    boxes, sampler = _regions(b, ctx)
+    boxes, labels, sampler = _regions(b, ctx)
     model = to_training_device(build_method(ctx.cfg).untrained_model(ctx), b.device)  # as stages/finetune.py
-    regions = build_method(ctx.cfg).training_regions(ctx, b.anns, boxes, model)
+    regions = build_method(ctx.cfg).training_regions(ctx, b.anns, boxes, model, labels)
     regions.pooled(np.arange(len(b.anns)), np.zeros(len(b.anns), np.int64))  # every image's maps loaded once
     model.fc6_input_scale.fill_(regions.input_scale(sampler, ctx.cfg.finetune.seed + 1, ctx.cfg.spp.fc6_input_rms))
     baseline = stock.SPPFinetune(b.images, sampler.image_index, np.concatenate(boxes), len(b.classes) + 1, b.sizes.scale,

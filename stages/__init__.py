@@ -3,7 +3,8 @@
 from . import convmaps, evaluate, features, finetune, proposals, train_bbox, train_svm
 from .methods import method_named
 
-# Every stage in run order; `convmaps` belongs to SPP-net pipelines only (its method's extra stage).
+# Every stage in run order; `convmaps` belongs to SPP-net pipelines only (its method's extra stage), and Fast R-CNN
+# pipelines run neither train-svm nor train-bbox (its network scores and moves the boxes itself).
 STAGES = {
     "proposals": proposals,
     "convmaps": convmaps,
@@ -17,6 +18,10 @@ METHOD_STAGES = ("convmaps",)  # run only by the methods naming them in their `e
 
 
 def pipeline_stages(method: str) -> dict:
-    """The stages a pipeline of ``method`` ("rcnn" or "spp") runs, in order."""
-    extra = method_named(method).extra_stages
-    return {name: stage for name, stage in STAGES.items() if name not in METHOD_STAGES or name in extra}
+    """The stages a pipeline of ``method`` ("rcnn", "spp" or "fast") runs, in order."""
+    m = method_named(method)
+    return {
+        name: stage
+        for name, stage in STAGES.items()
+        if (name not in METHOD_STAGES or name in m.extra_stages) and name not in m.skipped_stages
+    }

@@ -1,6 +1,7 @@
 """Stage `evaluate`: detect on the test split and score it as the VOC devkit does.
 
-Test proposals are scored by the class SVMs; for each class the ``top_per_image`` best
+Test proposals are scored by the class SVMs (Fast R-CNN: by the network's softmax, its boxes moved by
+the network's own deltas); for each class the ``top_per_image`` best
 (R-CNN: 100) go through greedy NMS at IoU 0.3, once as proposed and once after box
 regression, and over the whole split only the ``top_per_set`` best per image on average
 are kept (R-CNN's ``rcnn_test.m``). Both sets are written as devkit result files and
@@ -9,6 +10,7 @@ scored (per-class AP and mAP); precision-recall curves are drawn per class.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from rcnn.evaluation.scoring import ground_truth_by_class
 from rcnn.evaluation.voc import Detections, EvalResult, evaluate
 from rcnn.learners.bbox_regression import BBoxRegressor
 from rcnn.learners.svm import SVMModel
+from rcnn.methods.fast_regions import OUTPUTS, scored_boxes
 from rcnn.runtime import one_blas_thread, quiet_matplotlib
 from rcnn.store import records
 from rcnn.store.artifacts import write_json_atomic
@@ -29,6 +32,7 @@ from rcnn.store.artifacts import write_json_atomic
 from . import features, train_bbox, train_svm
 from .context import Context
 from .image_records import write_image_records
+from .methods import Method, build_method
 from .provenance import upstream_digest
 
 NAME = "evaluate"
@@ -59,13 +63,21 @@ def params(ctx: Context) -> dict:
 
 def inputs(ctx: Context, split: str) -> dict[str, str]:
     trainval = ctx.cfg.data.trainval
+    common = {f"data/{split}": ctx.dataset(split).fingerprint, f"features/{split}": upstream_digest(ctx, "features", split)}
+    if not uses_svms(ctx):
+        return common
     return {
-        f"data/{split}": ctx.dataset(split).fingerprint,
-        f"features/{split}": upstream_digest(ctx, "features", split),
+        **common,
         "train-svm": upstream_digest(ctx, "train-svm", trainval),
         "train-bbox": upstream_digest(ctx, "train-bbox", trainval),
         **features.layer_inputs(ctx, split, ctx.cfg.bbox.layer),
     }
+
+
+def uses_svms(ctx: Context) -> bool:
+    """Whether the pipeline's test boxes are scored by SVMs and moved by ridge regressors (R-CNN, SPP-net), or
+    by the network's own outputs, cached by stage `features` (Fast R-CNN)."""
+    return "train-svm" not in build_method(ctx.cfg).skipped_stages
 
 
 def detections_by_class(per_image: dict[str, ClassDetections], classes: tuple[str, ...]) -> dict[str, Detections]:
@@ -80,36 +92,14 @@ def image_records(ctx: Context, split: str, ids: list[str]):
     regression, NMS) and of feature work done here (what this process or a cluster worker runs)."""
     e = ctx.cfg.evaluate
     dataset = ctx.dataset(split)
-    svm: SVMModel = train_svm.load(ctx)
-    reg: BBoxRegressor = train_bbox.load(ctx)
-    with (
-        features.load(ctx, split) as rs,
-        features.layer_reader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer,
-        one_blas_thread(),
-    ):
+    with features.load(ctx, split) as rs, scorer(ctx, split) as score, one_blas_thread():
         for image_id in ids:
             ann = dataset.annotation(image_id)
-            # Reading cached features is not timed: a detector has them in memory. What box regression reads
-            # and the features stage did not cache is computed here: SPP-net's pyramid pooled again from the
-            # conv maps, R-CNN's pool5 under features.bbox_rows: regression warped again through the CNN.
-            # That is feature work, timed apart. Then what `rcnn detect` does next: SVM scores, box
-            # regression and NMS.
             proposal = rs.array(image_id, "gt_classes", np.int64, 1) < 0
             boxes = rs.array(image_id, "boxes", np.float32, 2)[proposal]
-            fc7 = rs.array(image_id, ctx.cfg.svm.layer, np.float16, 2)[proposal]
-            pool5 = bbox_layer.rows(rs, image_id, proposal, boxes)
-            pooling = bbox_layer.compute_seconds
-            start = time.perf_counter()
-            scores = svm.scores(fc7)
+            scores, refine, pooling, start = score(rs, image_id, proposal, boxes)
             refined = per_class_nms(
-                scores,
-                boxes,
-                ann.width,
-                ann.height,
-                e.nms_threshold,
-                e.max_per_image,
-                refine=lambda c, f=pool5, b=boxes: reg.predict(f, b, c),
-                top=e.top_per_image,
+                scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image, refine=refine, top=e.top_per_image
             )
             seconds = time.perf_counter() - start
             plain = per_class_nms(scores, boxes, ann.width, ann.height, e.nms_threshold, e.max_per_image, top=e.top_per_image)
@@ -117,6 +107,40 @@ def image_records(ctx: Context, split: str, ids: list[str]):
             if e.top_per_set is not None:  # the scores that entered NMS, class by class: the cap over the split reads them
                 arrays["candidates"] = np.stack(plain.candidates)
             yield image_id, arrays, {"images": 1, "classify": seconds, "features": pooling}
+
+
+@contextlib.contextmanager
+def scorer(ctx: Context, split: str):
+    """``score(rs, image_id, proposal, boxes)``: the class scores ``[N, C]`` of an image's proposals ``boxes``
+    (rows ``proposal`` of its features record), ``refine(c)`` giving them moved for class ``c``, the seconds of
+    feature work that took, and the time the classifying began (what `rcnn detect` does next: scores, box
+    regression and NMS, timed from there)."""
+    if not uses_svms(ctx):  # Fast R-CNN: the network's log-probabilities and deltas, cached by stage features
+
+        def network(rs, image_id, proposal, boxes):
+            outputs = {k: rs.array(image_id, k, np.float16, 2)[proposal] for k in OUTPUTS}
+            start = time.perf_counter()
+            return *scored_boxes(outputs, boxes), 0.0, start
+
+        yield network
+        return
+    svm: SVMModel = train_svm.load(ctx)
+    reg: BBoxRegressor = train_bbox.load(ctx)
+    with features.layer_reader(ctx, split, ctx.cfg.bbox.layer) as bbox_layer:
+
+        def svms(rs, image_id, proposal, boxes):
+            # Reading cached features is not timed: a detector has them in memory. What box regression reads
+            # and the features stage did not cache is computed here: SPP-net's pyramid pooled again from the
+            # conv maps, R-CNN's pool5 under features.bbox_rows: regression warped again through the CNN.
+            # That is feature work, timed apart. Then what `rcnn detect` does next: SVM scores, box
+            # regression and NMS.
+            fc7 = rs.array(image_id, ctx.cfg.svm.layer, np.float16, 2)[proposal]
+            pool5 = bbox_layer.rows(rs, image_id, proposal, boxes)
+            pooling = bbox_layer.compute_seconds
+            start = time.perf_counter()
+            return svm.scores(fc7), lambda c, f=pool5, b=boxes: reg.predict(f, b, c), pooling, start
+
+        yield svms
 
 
 def pack(found: ClassDetections, variant: str) -> dict[str, np.ndarray]:
@@ -183,16 +207,17 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     }
     write_json_atomic(work / RESULTS, summary)
     outputs[RESULTS] = work / RESULTS
-    outputs.update(plot_pr_curves(evals, work / "pr"))
+    outputs.update(plot_pr_curves(evals, work / "pr", build_method(ctx.cfg).variant_labels))
     return outputs, summary
 
 
 @quiet_matplotlib()
-def plot_pr_curves(evals: dict[str, EvalResult], folder: Path) -> dict[str, Path]:
-    """One PNG per class with the precision-recall curves of both variants, plus an AP bar chart."""
+def plot_pr_curves(evals: dict[str, EvalResult], folder: Path, labels: dict[str, str] | None = None) -> dict[str, Path]:
+    """One PNG per class with the precision-recall curves of both variants (named by ``labels``; by default the
+    SVM methods' names), plus an AP bar chart."""
     folder.mkdir(parents=True, exist_ok=True)
+    labels = labels or Method.variant_labels
     out = {}
-    labels = {"plain": "SVM scores", "bbox": "SVM + box regression"}
     for name in evals["plain"].per_class:
         fig, ax = _axes(4.5, 4)
         for variant, ev in evals.items():
@@ -253,6 +278,9 @@ def table(ctx: Context, manifest: dict) -> str:
 def check_trained(ctx: Context, bbox: bool = True) -> None:
     """Refuse, in one line, a trained pipeline that is not current up the whole chain (what ``rcnn detect`` runs):
     never SVMs or box regressors trained on the features of another network, other proposals or other code."""
+    if not uses_svms(ctx):  # Fast R-CNN: the fine-tuned network is the whole detector
+        upstream_digest(ctx, "finetune", ctx.cfg.data.trainval)
+        return
     upstream_digest(ctx, "train-svm", ctx.cfg.data.trainval)
     if bbox:
         upstream_digest(ctx, "train-bbox", ctx.cfg.data.trainval)

@@ -1,10 +1,12 @@
-"""Stage `finetune`: train the CNN as an N+1-way classifier of regions (R-CNN section 2.3; SPP-net).
+"""Stage `finetune`: train the CNN as an N+1-way classifier of regions (R-CNN section 2.3; SPP-net; Fast R-CNN).
 
 Regions are the trainval proposals plus ground-truth boxes; a region is its best
 ground truth's class at IoU >= ``fg_threshold``, background at IoU in
 ``[bg_low, fg_threshold)``. Mini-batches of 128 hold 32 foreground regions. R-CNN
 trains the whole network on warped crops; SPP-net trains only fc6, fc7 and the
-classifier, on windows pooled from the cached conv maps (the trunk stays fixed).
+classifier, on windows pooled from the cached conv maps (the trunk stays fixed);
+Fast R-CNN trains the network (bar its first conv layers) on regions pooled from whole
+images, two images per mini-batch, with a box-regression loss beside the class loss.
 A share of the trainval images is held out to report validation accuracy every
 ``eval_every`` iterations, when a checkpoint is also written: a killed run resumes
 from its last checkpoint.
@@ -24,7 +26,6 @@ from rcnn.modeling.models import device_for, device_label, to_training_device
 from rcnn.store.artifacts import write_json_atomic
 from rcnn.training.finetune import Schedule, TrainState, accuracy, fine_tune, split_validation, validation_set
 from rcnn.training.regions import finetune_labels, image_regions
-from rcnn.training.sampling import FgBgSampler
 
 from . import proposals
 from .context import Context
@@ -81,12 +82,12 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
     train_idx, val_idx = split_validation(len(dataset.ids), ft.val_fraction, ft.seed)
     train_set = set(train_idx)
     masked = [lab if i in train_set else np.full_like(lab, -1) for i, lab in enumerate(labels)]
-    sampler = FgBgSampler.from_image_labels(masked, batch_size=ft.batch_size, fg_fraction=ft.fg_fraction)
+    method = build_method(cfg)
+    sampler = method.sampler(ctx, masked)
     if len(sampler.fg_indices) == 0:
         raise UserError(f"no foreground regions in '{split}': no proposal reaches IoU {ft.fg_threshold} with an object")
     val = validation_set(labels, val_idx, ft.seed)
 
-    method = build_method(cfg)
     model = method.untrained_model(ctx)
     state_path = work / "train_state.pt"
     history_path = work / "history.json"
@@ -117,7 +118,7 @@ def compute(ctx: Context, split: str, work: Path) -> tuple[dict[str, Path], dict
         )
     # The model moves first: loading optimizer state then puts its buffers on the same device.
     to_training_device(model, device)
-    regions = method.training_regions(ctx, anns, boxes, model)
+    regions = method.training_regions(ctx, anns, boxes, model, labels)
     if state is None:
         method.prepare_training(ctx, regions, sampler)
 

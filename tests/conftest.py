@@ -110,3 +110,17 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def pipelines_file(tmp_path, tiny_voc) -> Path:
     return write_pipelines(tmp_path / "pipelines.yaml", tiny_voc)
+
+
+def interrupted_at_checkpoint(fine_tune, iteration: int):
+    """``fine_tune`` stopped by Ctrl-C right after its first checkpoint at ``iteration`` or later is written."""
+
+    def stopped(*args, checkpoint, **kwargs):
+        def counted(state):
+            checkpoint(state)
+            if state.iteration >= iteration:
+                raise KeyboardInterrupt
+
+        return fine_tune(*args, checkpoint=counted, **kwargs)
+
+    return stopped

@@ -51,7 +51,8 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     out = output_folder(out_dir)
     images = image_arguments(images)
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
-    last = "train-svm" if no_bbox_reg else "train-bbox"
+    # Fast R-CNN's fine-tuned network is the whole detector; the others' SVMs and regressors come after it.
+    last = ("train-svm" if no_bbox_reg else "train-bbox") if evaluate.uses_svms(ctx) else "finetune"
     untrained(ctx, last)
     if ctx.data_root.is_dir():
         evaluate.check_trained(ctx, bbox=not no_bbox_reg)
@@ -101,14 +102,20 @@ def as_trained(ctx):
 def build_detector(ctx, cfg, model, classes: tuple[str, ...], bbox: bool = True):
     """The trained pipeline of ``ctx`` as a :class:`rcnn.detection.detector.Detector` for new images, its features
     computed by ``model`` as ``cfg`` says (:func:`as_trained`)."""
+    from functools import partial
+
     from rcnn.detection.detector import Detector
-    from rcnn.stages import train_bbox, train_svm
+    from rcnn.methods.fast_regions import OUTPUTS, scored_boxes
+    from rcnn.stages import evaluate, train_bbox, train_svm
     from rcnn.stages.methods import build_method
 
+    svms = evaluate.uses_svms(ctx)
     return Detector(
         features=build_method(cfg).test_features(cfg, model),
-        svm=train_svm.load(ctx),
-        bbox=train_bbox.load(ctx) if bbox else None,
+        svm=train_svm.load(ctx) if svms else None,
+        bbox=train_bbox.load(ctx) if bbox and svms else None,
+        scored=None if svms else partial(scored_boxes, regress=bbox),
+        scored_layers=() if svms else OUTPUTS,
         classes=classes,
         svm_layer=cfg.svm.layer,
         bbox_layer=cfg.bbox.layer,

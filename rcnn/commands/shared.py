@@ -144,17 +144,21 @@ def seeded_names(pipeline: str, seeds: str | None) -> list[str]:
 
 
 def check_stage(stage_name: str, cfg, option: str = "") -> None:
-    """Refuse a stage that ``cfg``'s method does not run (SPP-net's convmaps on an R-CNN pipeline), naming those it does."""
+    """Refuse a stage that ``cfg``'s method does not run (SPP-net's convmaps on an R-CNN pipeline, the SVMs on a
+    Fast R-CNN one), naming the methods that run it and the stages this one does."""
     from rcnn.stages import STAGES, pipeline_stages
+    from rcnn.stages.methods import METHODS
 
     stages = pipeline_stages(cfg.method)
     if stage_name in stages:
         return
     if stage_name not in STAGES:
         raise ConfigError(f"{option}unknown stage '{stage_name}' (stages: {', '.join(STAGES)})")
+    owners = " and ".join(m.title for name, m in METHODS.items() if stage_name in pipeline_stages(name))
+    method = METHODS[cfg.method]
     raise ConfigError(
-        f"{option}stage '{stage_name}' belongs to SPP-net pipelines; '{cfg.name}' is an R-CNN pipeline "
-        f"(its stages: {', '.join(stages)})"
+        f"{option}stage '{stage_name}' belongs to {owners} pipelines; '{cfg.name}' is {method.article} {method.title} "
+        f"pipeline (its stages: {', '.join(stages)})"
     )
 
 

@@ -252,6 +252,24 @@ class SPPConfig:
 
 
 @dataclass(frozen=True)
+class FastConfig:
+    """Fast R-CNN (Girshick, ICCV 2015): the whole network trained on RoIs pooled from whole images."""
+
+    scale: int = setting(600, "shorter image side, in training and at test time (Fast R-CNN: 600)", ge=16)
+    max_side: int | None = setting(1000, "cap on the longer side after resizing (Fast R-CNN: 1000); null: none", ge=16)
+    images_per_batch: int = setting(
+        2, "images per mini-batch, finetune.batch_size regions shared among them (Fast R-CNN: 2, 64 RoIs each)", ge=1
+    )
+    box_loss_weight: float = setting(1.0, "weight of the smooth L1 box loss beside the log loss (Fast R-CNN: lambda 1)", ge=0)
+    frozen_convs: int | None = setting(
+        None,
+        "leading conv layers kept fixed; null: the paper's for the backbone (conv1 of AlexNet and SqueezeNet, "
+        "conv1_1 to conv2_2 of VGG16, none of tiny)",
+        ge=0,
+    )
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """Where per-image and per-class work runs (a Dask cluster; docs/cluster.md). Never part of a fingerprint."""
 
@@ -285,8 +303,10 @@ class PipelineConfig:
         "cpu (a CPU is enough); null: not stated. A statement, not a check",
         fingerprint=False,
     )
-    method: Literal["rcnn", "spp"] = setting(
-        "rcnn", "rcnn: warp every region through the whole CNN; spp: conv maps once per image, pyramid-pool each window"
+    method: Literal["rcnn", "spp", "fast"] = setting(
+        "rcnn",
+        "rcnn: warp every region through the whole CNN; spp: conv maps once per image, pyramid-pool each window; "
+        "fast: Fast R-CNN, RoI-pool each region from the image's conv map, classes and boxes learnt with the network",
     )
     data: DataConfig = setting(DataConfig(), "the dataset")
     proposals: ProposalsConfig = setting(ProposalsConfig(), "selective search")
@@ -297,6 +317,7 @@ class PipelineConfig:
     bbox: BBoxConfig = setting(BBoxConfig(), "box regression")
     evaluate: EvaluateConfig = setting(EvaluateConfig(), "detection and scoring")
     spp: SPPConfig = setting(SPPConfig(), "SPP-net (method: spp)")
+    fast: FastConfig = setting(FastConfig(), "Fast R-CNN (method: fast)")
     cluster: ClusterConfig = setting(ClusterConfig(), "where the work runs (Dask)", fingerprint=False)
 
 

@@ -1,4 +1,5 @@
-"""The trained detector at test time: proposals -> the method's region features -> SVM scores -> box regression -> NMS."""
+"""The trained detector at test time: proposals -> the method's region features -> SVM scores -> box regression -> NMS
+(Fast R-CNN: the network's own scores and box deltas in place of the SVMs and regressors)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class Detector:
     features, the SVMs, the optional box regressors and NMS."""
 
     features: RegionFeatures
-    svm: SVMModel
+    svm: SVMModel | None  # None where the network scores the boxes itself (``scored``)
     bbox: BBoxRegressor | None
     classes: tuple[str, ...]
     svm_layer: str = "fc7"
@@ -113,6 +114,10 @@ class Detector:
     nms_threshold: float = 0.3
     max_per_image: int = 100
     top_per_image: int | None = 100  # R-CNN's rcnn_test.m
+    # Fast R-CNN: the network scores and moves the boxes itself, ``scored(features, boxes) -> (scores [N, C],
+    # refine(c) or None)`` from the feature layers ``scored_layers``, in place of the SVMs and box regressors.
+    scored: Callable[[dict[str, np.ndarray], np.ndarray], tuple] | None = None
+    scored_layers: tuple[str, ...] = ()
 
     def __call__(self, image_bgr: np.ndarray, seed: int = 0) -> ClassDetections:
         """Detections of one BGR image ``[H, W, 3]``."""
@@ -120,6 +125,9 @@ class Detector:
         proposals = selective_search(
             image_bgr, self.proposal_mode, self.resize_width, self.min_size, self.max_proposals, seed, self.max_pixels
         )
+        if self.scored is not None:
+            scores, refine = self.scored(self.features(image_bgr, proposals, self.scored_layers), proposals)
+            return per_class_nms(scores, proposals, w, h, self.nms_threshold, self.max_per_image, refine, self.top_per_image)
         layers = tuple(dict.fromkeys([self.svm_layer] + ([self.bbox_layer] if self.bbox else [])))
         feats = self.features(image_bgr, proposals, layers)
         scores = self.svm.scores(feats[self.svm_layer])

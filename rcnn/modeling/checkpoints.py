@@ -14,7 +14,7 @@ from pickle import UnpicklingError
 import torch
 
 from rcnn.errors import UserError
-from rcnn.modeling.models import PYRAMID_LAYOUT, BackboneSpec, DetectorNet, build_model, fc6_for_bins
+from rcnn.modeling.models import PYRAMID_LAYOUT, BackboneSpec, DetectorNet, add_box_head, build_model, fc6_for_bins
 
 
 def imagenet_weights_file(backbone: str) -> tuple[str, Path]:
@@ -182,6 +182,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[Det
     model = build_model(spec.name, int(meta["num_classes"]), spec.input_size, spec.fc_dim, spp_levels=levels)
     model.spec = replace(model.spec, offset=spec.offset)  # the one its windows were mapped with in training
     state = load_weights_file(path)
+    if "bbox_pred.weight" in state:  # Fast R-CNN's sibling box layer
+        add_box_head(model)
     state.setdefault("fc6_input_scale", torch.ones(()))  # checkpoints written before the scale existed
     weight = state.get("fc6.weight")
     old_layout = levels and meta.get("pyramid_layout", "channels") == "channels"

@@ -248,6 +248,19 @@ def build_model(
     return model
 
 
+def add_box_head(model: DetectorNet) -> DetectorNet:
+    """``model`` with Fast R-CNN's ``bbox_pred`` layer, ``4 (C + 1)`` deltas from fc7 (initialised as in the
+    paper: zero-mean Gaussian, standard deviation 0.001, biases 0), and buffers holding the targets' per-output
+    mean and standard deviation (0 and 1 until :meth:`rcnn.methods.fast_regions.FastRegions.normalise_targets` sets them)."""
+    outputs = 4 * model.classifier.out_features
+    model.bbox_pred = nn.Linear(model.classifier.in_features, outputs)
+    nn.init.normal_(model.bbox_pred.weight, std=0.001)
+    nn.init.zeros_(model.bbox_pred.bias)
+    model.register_buffer("bbox_mean", torch.zeros(outputs))
+    model.register_buffer("bbox_std", torch.ones(outputs))
+    return model
+
+
 def fc6_for_bins(weight: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
     """SPP-net fc6 weights for channel-major pyramids, rearranged for :data:`PYRAMID_LAYOUT` (``W x`` unchanged)."""
     return weight[:, bins_order(spec.trunk_channels, spec.spp_levels)].contiguous()

@@ -7,10 +7,13 @@ What a region *is* belongs to the method: :func:`fine_tune` trains any ``regions
 - ``trainable()``: the parameters that learn (R-CNN: all; SPP-net: fc6, fc7 and the classifier);
 - ``train_mode()``: the model's modules put in training mode before each step;
 - ``logits(img_idx, reg_idx, iteration)``: class scores ``[B, C + 1]`` of regions ``reg_idx`` of images
-  ``img_idx``; ``iteration`` keys the random flips (None at validation: no augmentation).
+  ``img_idx``; ``iteration`` keys the random flips (None at validation: no augmentation);
+- optionally ``loss(logits, labels)``: the step's loss from the regions ``logits`` last ran (Fast R-CNN's
+  multi-task loss); without it, the cross-entropy of the logits.
 
-It is :class:`rcnn.methods.rcnn_regions.WarpedRegions` for R-CNN and
-:class:`rcnn.methods.spp_regions.PooledRegions` for SPP-net.
+It is :class:`rcnn.methods.rcnn_regions.WarpedRegions` for R-CNN,
+:class:`rcnn.methods.spp_regions.PooledRegions` for SPP-net and :class:`rcnn.methods.fast_regions.FastRegions`
+for Fast R-CNN.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ def accuracy(
 
 def fine_tune(
     regions,
-    sampler: FgBgSampler,
+    sampler: FgBgSampler,  # or its image-centric kind, ImageBatchSampler
     schedule: Schedule,
     device: torch.device,
     validate: Callable[[], float | None],
@@ -208,7 +211,7 @@ def fine_tune(
             torch.cuda.set_rng_state(resume.cuda_rng, device)
         start_iter, history = resume.iteration, list(resume.history)
     with deterministic_cudnn(device):  # the process's settings are restored afterwards
-        loss_fn = nn.CrossEntropyLoss()
+        loss_fn = getattr(regions, "loss", None) or (lambda logits, target: nn.functional.cross_entropy(logits.float(), target))
         flush = device.type == "cpu" and FLUSH_EVERY > 0  # a GPU computes with subnormal numbers at full speed
         batches = sampler.epoch_batches(schedule.seed, n_batches=schedule.max_iter)
         for _ in range(start_iter):
@@ -229,7 +232,7 @@ def fine_tune(
             target = to_device(sampler.labels[batch], device)
             with training_autocast(device, precision):
                 logits = regions.logits(img_idx, reg_idx, it)
-                loss = loss_fn(logits.float(), target)
+                loss = loss_fn(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

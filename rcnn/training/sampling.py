@@ -74,6 +74,7 @@ class FgBgSampler:
             raise ValueError(f"fg_fraction must be in (0, 1], got {fg_fraction}")
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.batch_size = int(batch_size)
+        self.fg_fraction = float(fg_fraction)
         # Half up, not Python's half-to-even, and at least one so that an epoch over the fg ends.
         self.fg_per_batch = max(1, int(np.floor(fg_fraction * batch_size + 0.5)))
         self.fg_indices = np.flatnonzero(self.labels > 0)
@@ -144,3 +145,43 @@ class FgBgSampler:
             bg_seen += n_bg
             done += 1
             yield np.concatenate([fg.take(n_fg), bg.take(n_bg)]).astype(np.int64)
+
+
+class ImageBatchSampler(FgBgSampler):
+    """Fast R-CNN's mini-batches (Girshick, ICCV 2015, section 2.3): ``images_per_batch`` images (2), then
+    ``batch_size / images_per_batch`` regions from each (64 of 128), a ``fg_fraction`` (0.25) of them foreground
+    where the image has that many, the rest background, each drawn without replacement; an image short of
+    background gives fewer regions, as Fast R-CNN's minibatch code does. Images are drawn in shuffled passes over
+    those with a usable region. Batches are flat indices, as :class:`FgBgSampler`'s, foreground first per image.
+    """
+
+    def __init__(self, labels: np.ndarray, images_per_batch: int = 2, **kwargs):
+        super().__init__(labels, **kwargs)
+        if images_per_batch < 1:
+            raise ValueError(f"images_per_batch must be >= 1, got {images_per_batch}")
+        if self.image_index is None:
+            raise ValueError("an image-centric sampler needs image_index and region_index")
+        self.images_per_batch = int(images_per_batch)
+        self.per_image = max(1, self.batch_size // self.images_per_batch)
+        self.fg_per_image = max(1, int(np.floor(self.fg_fraction * self.per_image + 0.5)))
+        usable = self.labels >= 0
+        self.usable_images = np.unique(self.image_index[usable])
+        self._fg = {int(i): np.flatnonzero((self.image_index == i) & (self.labels > 0)) for i in self.usable_images}
+        self._bg = {int(i): np.flatnonzero((self.image_index == i) & (self.labels == 0)) for i in self.usable_images}
+
+    def epoch_batches(self, rng: np.random.Generator | int, n_batches: int | None = None) -> Iterator[np.ndarray]:
+        """Yield ``n_batches`` batches (None: one pass over the usable images); the same seed, the same batches."""
+        rng = np.random.default_rng(rng)
+        if len(self.usable_images) == 0:
+            return
+        images = _Cycle(self.usable_images, rng)
+        n_passes = -(-len(self.usable_images) // self.images_per_batch)
+        for _ in range(n_passes if n_batches is None else n_batches):
+            parts = []
+            for i in images.take(min(self.images_per_batch, len(self.usable_images))).tolist():
+                fg, bg = self._fg[i], self._bg[i]
+                n_fg = min(self.fg_per_image, len(fg))
+                n_bg = min(self.per_image - n_fg, len(bg))
+                parts.append(rng.choice(fg, n_fg, replace=False))
+                parts.append(rng.choice(bg, n_bg, replace=False))
+            yield np.concatenate(parts).astype(np.int64)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from rcnn.stages import pipeline_stages
-from rcnn.stages.methods import RCNN, SPPNet, method_named
+from rcnn.stages.methods import RCNN, FastRCNN, SPPNet, method_named
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,10 +18,17 @@ def test_each_method_owns_its_stages_and_cached_layers():
     # SPP-net pools pool5 again from the conv maps when box regression needs it, so it never caches it.
     assert method_named("rcnn").cached_layers(("pool5", "fc7")) == ("pool5", "fc7")
     assert method_named("spp").cached_layers(("pool5", "fc7")) == ("fc7",)
+    # Fast R-CNN's network scores and moves the boxes itself: no SVMs, no ridge regressors, its outputs cached.
+    assert isinstance(method_named("fast"), FastRCNN)
+    assert list(pipeline_stages("fast")) == ["proposals", "finetune", "features", "evaluate"]
+    assert method_named("fast").cached_layers(("pool5", "fc7")) == ("cls_logprob", "bbox_deltas")
 
 
 def test_only_the_method_builder_tests_the_methods_name():
-    pattern = re.compile(r"""\bmethod\s*[!=]=|[!=]=\s*["'](spp|rcnn)["']|["'](spp|rcnn)["']\s*[!=]=""")
+    # "fast" is also selective search's mode (proposals.mode), compared where it is read.
+    pattern = re.compile(
+        r"""\bmethod\s*[!=]=|[!=]=\s*["'](spp|rcnn)["']|(?<!mode )[!=]=\s*["']fast["']|["'](spp|rcnn|fast)["']\s*[!=]="""
+    )
     hits = []
     for folder in ("rcnn", "stages", "benchmarks"):
         for path in sorted((REPO / folder).rglob("*.py")):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_pipelines
+from conftest import interrupted_at_checkpoint, write_pipelines
 
 from rcnn.data.synth import generate_dataset
 
@@ -196,20 +196,6 @@ def test_ctrl_c_outside_the_wait_for_workers_still_stops_them(pipelines_file, tm
     assert err.strip().endswith("rcnn: interrupted; completed work is kept and a rerun resumes it")
 
 
-def _interrupted_at_checkpoint(fine_tune, iteration: int):
-    """``fine_tune`` stopped by Ctrl-C right after its first checkpoint at ``iteration`` or later is written."""
-
-    def stopped(*args, checkpoint, **kwargs):
-        def counted(state):
-            checkpoint(state)
-            if state.iteration >= iteration:
-                raise KeyboardInterrupt
-
-        return fine_tune(*args, checkpoint=counted, **kwargs)
-
-    return stopped
-
-
 def test_ctrl_c_in_finetune_says_where_the_rerun_resumes(pipelines_file, tmp_path, monkeypatch, capsys):
     # It said only "completed work is kept", not that the work since the last checkpoint is lost.
     from conftest import run_cli
@@ -217,7 +203,7 @@ def test_ctrl_c_in_finetune_says_where_the_rerun_resumes(pipelines_file, tmp_pat
     from rcnn.stages import finetune
 
     real = finetune.fine_tune
-    monkeypatch.setattr(finetune, "fine_tune", _interrupted_at_checkpoint(real, 4))
+    monkeypatch.setattr(finetune, "fine_tune", interrupted_at_checkpoint(real, 4))
     argv = ["finetune", "tiny", "--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
     argv += ["--set", "finetune.max_iter=8", "--set", "finetune.eval_every=2"]
     assert run_cli(["proposals", *argv[1:]], capsys)[0] == 0
@@ -248,7 +234,7 @@ def test_a_training_state_made_on_another_device_resumes_with_a_note(pipelines_f
     from rcnn.training.finetune import TrainState
 
     real = finetune.fine_tune
-    stopped = _interrupted_at_checkpoint(real, 1)
+    stopped = interrupted_at_checkpoint(real, 1)
     monkeypatch.setattr(finetune, "fine_tune", stopped)
     argv = ["finetune", "tiny", "--pipelines-file", str(pipelines_file), "--runs-dir", str(tmp_path), "--quiet"]
     argv += ["--set", "finetune.max_iter=6", "--set", "finetune.eval_every=3"]

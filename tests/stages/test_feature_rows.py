@@ -219,20 +219,20 @@ def test_rows_computed_again_are_made_as_the_features_stage_made_them(runs, tmp_
 
     import torch
 
-    from rcnn.stages import features, methods
+    from rcnn.stages import features, region_features
 
     shutil.copytree(runs[1], tmp_path / "runs")
     ctx = context((runs[0], tmp_path / "runs"), "tiny-rows")
     path = ctx.unit_dir("features", "test") / "manifest.json"
     manifest = json.loads(path.read_text())
     assert (manifest["metrics"]["precision"], manifest["metrics"]["warp"]) == ("float32", "opencv")
-    made, real = [], methods.region_features_later
+    made, real = [], region_features.region_features_later
 
     def spy(model, image, boxes, layers, pad, batch, warp, rows):
         made.append((next(model.parameters()).dtype, warp))
         return real(model, image, boxes, layers, pad, batch, warp, rows)
 
-    monkeypatch.setattr(methods, "region_features_later", spy)
+    monkeypatch.setattr(region_features, "region_features_later", spy)
 
     def pool5_again() -> np.ndarray:
         with features.load(ctx, "test") as rs, features.layer_reader(ctx, "test", "pool5") as reader:

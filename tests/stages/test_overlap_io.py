@@ -64,29 +64,28 @@ def test_overlapped_and_in_turn_write_the_same_bytes(runs, pipeline, stage, caps
 
 
 def test_an_image_failing_in_the_reading_thread_stops_with_one_line_and_the_rerun_resumes(runs, capsys, monkeypatch):
-    from rcnn.stages import features
-    from rcnn.stages import methods as stage_methods
+    from rcnn.stages import features, region_features
 
     monkeypatch.setattr(features, "PART_SIZE", 1)
     pipelines, folder = runs
     common = ["tiny", "--pipelines-file", str(pipelines), "--runs-dir", str(folder), "--quiet"]
     order = features_order(pipelines, folder)
     assert len(order) >= 3
-    real, bad = stage_methods.load_image, order[2]
+    real, bad = region_features.load_image, order[2]
 
     def broken(ann):
         if ann.image_id == bad:
             raise UserError(f"image '{ann.path}' cannot be decoded")
         return real(ann)
 
-    monkeypatch.setattr(stage_methods, "load_image", broken)
+    monkeypatch.setattr(region_features, "load_image", broken)
     code, _, err = run_cli(["features", *common, "--force"], capsys)
     assert code != 0
     assert "cannot be decoded" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     work = folder / "tiny" / "features" / "trainval" / store.WORK / "parts"
     assert set(records.completed_parts(work)) == set(order[: order.index(bad)])  # everything before it was kept
 
-    monkeypatch.setattr(stage_methods, "load_image", real)
+    monkeypatch.setattr(region_features, "load_image", real)
     code, out, err = run_cli(["features", *common[:-1], "--force"], capsys)  # not quiet: the resume is logged
     assert code == 0, err
     assert f"features/trainval: resuming, {order.index(bad)} of {len(order)} images already done" in out

@@ -41,7 +41,8 @@ def regions(pipelines_file, tmp_path, monkeypatch):
         monkeypatch.setattr(convmaps, "image_record", lambda rs, i, mirror=False: (maps[i, mirror], np.float32(FACTORS)))
         boxes = [random_boxes(rng, 60, SIZE) for _ in ids]
         anns = [SimpleNamespace(image_id=i, width=SIZE) for i in ids]
-        return build_method(cfg).training_regions(ctx, anns, boxes, untrained_model(ctx, spp=True)), maps, boxes
+        labels = [np.zeros(len(b), np.int64) for b in boxes]  # SPP-net reads none of them
+        return build_method(cfg).training_regions(ctx, anns, boxes, untrained_model(ctx, spp=True), labels), maps, boxes
 
     return make
 
