@@ -16,9 +16,10 @@ from rcnn.errors import UserError
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for the drawn images and JSON.")
 @click.option(
     "--threshold",
-    default=0.0,
-    show_default=True,
-    help="Draw and list detections with an SVM score at least this (0 is the SVM margin).",
+    type=float,
+    default=None,
+    help="Draw and list detections scoring at least this [default: 0, the SVM margin; Fast R-CNN pipelines: a "
+    "softmax probability of 0.8, as its demo.py draws].",
 )
 @click.option("--no-bbox-reg", is_flag=True, help="Skip box regression.")
 @pipeline_options
@@ -53,6 +54,8 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
     # Fast R-CNN's fine-tuned network is the whole detector; the others' SVMs and regressors come after it.
     last = ("train-svm" if no_bbox_reg else "train-bbox") if evaluate.uses_svms(ctx) else "finetune"
+    if threshold is None:
+        threshold = 0.0 if evaluate.uses_svms(ctx) else 0.8
     untrained(ctx, last)
     if ctx.data_root.is_dir():
         evaluate.check_trained(ctx, bbox=not no_bbox_reg)

@@ -61,7 +61,8 @@ def evaluate_cmd(
 
     \b
     With PIPELINE: run the evaluate stage (test proposals scored by the class SVMs,
-    per-class NMS, with and without box regression), write devkit result files and
+    or by Fast R-CNN's softmax; per-class NMS, with and without box regression; Fast
+    R-CNN moves the boxes by its network's deltas), write devkit result files and
     precision-recall plots to the runs folder, and print the AP table. Like every
     stage it is skipped when up to date; --force recomputes it. A --metric other than
     the pipeline's evaluate.metric scores the stage's devkit files again with it and

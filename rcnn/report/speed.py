@@ -133,7 +133,8 @@ def section_test_time(labels: list[str], runs: list[RunSummary], figure_dir: Pat
     text = (
         "Seconds per test image: proposals (one worker), features (every feature stage on the test split: image "
         "decoding, warping or the conv trunk, pooling and fc layers, as a detector computes them, including what box "
-        "regression reads), and classification (SVM scoring, box regression and NMS). Caching is what the feature "
+        "regression reads), and classification (SVM scoring, or Fast R-CNN's softmax read from its outputs; box "
+        "regression and NMS). Caching is what the feature "
         "stages spent on top writing their features to disk. Computed again is what box regression reads and the "
         "pipeline does not cache, so computes a second time while evaluating: SPP-net's pyramid, pooled again from "
         "the conv maps, or R-CNN's pool5 under features.bbox_rows: regression, the test boxes warped through the "

@@ -339,7 +339,8 @@ def _section_grid(s: _Study, grid_images: int) -> list:
     s.figures["detections"] = figs.detection_grid(s.figure_dir / "detections.png", s.labels, images, top, _all_classes(s))
     caption = (
         f"The first {len(images)} test images with objects; each run's top detections (box-regressed, the best "
-        "objects + 2 per image over all classes, labelled with class and SVM score, 0 being the SVM's boundary); "
+        "objects + 2 per image over all classes, labelled with class and score: an SVM's, 0 being its boundary, or "
+        "Fast R-CNN's softmax probability); "
         "ground truth dotted white."
     )
     return blocks + [("figure", "detections", caption)]

@@ -171,6 +171,9 @@ def accuracy(
     img_idx, reg_idx = val
     if len(img_idx) == 0:
         return None
+    # Image by image: a chunk then spans few images, and Fast R-CNN runs its trunk once per image in a chunk.
+    order = np.lexsort((reg_idx, img_idx))
+    img_idx, reg_idx = np.asarray(img_idx)[order], np.asarray(reg_idx)[order]
     regions.model.eval()
     correct = 0
     for start in range(0, len(img_idx), 256):

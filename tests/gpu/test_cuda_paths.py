@@ -1,6 +1,6 @@
 """The CUDA-only code paths the CPU tests cannot reach: pinned copies and their order, the GPU's random state
 through a training checkpoint, the float32 and determinism flags around a backward pass, R-CNN's and SPP-net's
-features on the GPU against the CPU's float32 ones, and training steps repeatable bit for bit under
+features and Fast R-CNN's outputs on the GPU against the CPU's float32 ones, and training steps repeatable bit for bit under
 deterministic cuDNN with channels-last weights and bfloat16 autocast. Skipped without a CUDA device."""
 
 from __future__ import annotations
@@ -194,3 +194,25 @@ def test_training_steps_repeat_bit_for_bit_under_deterministic_cudnn(dev, backbo
     first, second = three_steps(), three_steps()
     assert all(torch.isfinite(p).all() for p in first)
     assert all(torch.equal(p, q) for p, q in zip(first, second)), "two identical runs differ: a non-deterministic kernel"
+
+
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_fast_rcnn_outputs_on_the_gpu_match_the_cpus(dev, image_and_boxes, precision):
+    from rcnn.methods.fast_regions import FastRegionOutputs
+    from rcnn.modeling.models import add_box_head
+
+    image, boxes = image_and_boxes
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    torch.manual_seed(0)
+    model = add_box_head(build_model("tiny", 6, 32))
+    with torch.no_grad():  # deltas of every size, and the statistics evaluate un-normalises with
+        model.bbox_pred.weight.normal_(std=0.01)
+        model.bbox_mean.uniform_(-0.1, 0.1)
+        model.bbox_std.uniform_(0.1, 0.3)
+    ours = FastRegionOutputs(copy.deepcopy(model).to(dev), 320, None, precision)(bgr, boxes)
+    with strict_float32(True):
+        ref = FastRegionOutputs(model, 320, None, "float32")(bgr, boxes)
+    tol = tolerance(dev, precision)
+    probs = {k: np.exp(v["cls_logprob"].astype(np.float32)) for k, v in (("ours", ours), ("ref", ref))}
+    assert row_distance(probs["ours"], probs["ref"]).max() < tol
+    assert row_distance(ours["bbox_deltas"], ref["bbox_deltas"]).max() < tol

@@ -57,7 +57,12 @@ def test_fast_rcnn_runs_without_svms_and_detect_gives_evaluates_detections(tiny_
 
     # rcnn detect: the network's own scores and boxes, as evaluate computed them from the cache.
     image = tiny_voc / "JPEGImages" / f"{test_ids[0]}.jpg"
-    code, _, err = run_cli(["detect", "tiny-fast", str(image), "--out", str(tmp_path / "det"), *common[:-1]], capsys)
+    code, _, err = run_cli(["detect", "tiny-fast", str(image), "--out", str(tmp_path / "det0"), *common[:-1]], capsys)
+    assert code == 0, err
+    # By default Fast R-CNN's boxes are drawn from a softmax probability of 0.8 (its demo.py), not the SVMs' 0.
+    assert json.loads((tmp_path / "det0" / f"{image.stem}.json").read_text())["threshold"] == 0.8
+    argv = ["detect", "tiny-fast", str(image), "--out", str(tmp_path / "det"), "--threshold", "0", *common[:-1]]
+    code, _, err = run_cli(argv, capsys)
     assert code == 0, err
     found = json.loads((tmp_path / "det" / f"{image.stem}.json").read_text())["detections"]
     lines = [
