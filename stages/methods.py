@@ -223,6 +223,9 @@ class FastRCNN(Method):
         sizes = [len(t) for t in regions.targets]
         labels = np.split(sampler.labels, np.cumsum(sizes)[:-1]) if sizes else []
         regions.normalise_targets(labels)
+        rms = ctx.cfg.fast.fc6_input_rms
+        if rms is not None:
+            regions.model.fc6_input_scale.fill_(regions.input_scale(sampler, ctx.cfg.finetune.seed + 1, rms))
 
     def region_features(self, ctx: Context, split: str) -> AbstractContextManager[RegionFeatures]:
         return FastOutputs(ctx)

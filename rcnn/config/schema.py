@@ -267,6 +267,12 @@ class FastConfig:
         "conv1_1 to conv2_2 of VGG16, none of tiny)",
         ge=0,
     )
+    fc6_input_rms: float | None = setting(
+        None,
+        "not from the paper: fc6's input scaled to this RMS, measured on training RoIs, where fc6 is new (SqueezeNet's "
+        "RoI-pooled vectors are large, as its pyramids are for spp.fc6_input_rms); null: unscaled, as fc6 pretrained",
+        gt=0,
+    )
 
 
 @dataclass(frozen=True)

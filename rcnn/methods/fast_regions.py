@@ -155,6 +155,23 @@ class FastRegions:
         self.model.bbox_mean.copy_(torch.from_numpy(mean))
         self.model.bbox_std.copy_(torch.from_numpy(std))
 
+    @torch.no_grad()
+    def input_scale(self, sampler, seed: int, rms: float, n_batches: int = 4) -> float:
+        """The factor giving fc6's input (the RoI-pooled vectors) a root-mean-square value of ``rms`` over a sample
+        of training batches, as :meth:`rcnn.methods.spp_regions.PooledRegions.input_scale` does for SPP-net."""
+        grid, norms = self.model.spec.pool5_grid, []
+        self.model.eval()
+        for batch in sampler.epoch_batches(seed, n_batches=n_batches):
+            img_idx, reg_idx = sampler.locate(batch)
+            for i in np.unique(img_idx):
+                factor = self._factor(int(i))
+                conv = self.model.trunk(image_input(self.model, self.images[int(i)], factor))
+                rois = to_device(rois_at(self.boxes[i][reg_idx[img_idx == i]], factor), self.device)
+                pooled = roi_pool(conv, rois.to(conv.dtype), (grid, grid), 1.0 / self.model.spec.stride)
+                norms.append(torch.flatten(pooled, 1).norm(dim=1))
+        mean_norm = float(torch.cat(norms).mean()) if norms else 0.0
+        return rms * self.model.spec.pool5_dim**0.5 / mean_norm if mean_norm > 0 else 1.0
+
     def _factor(self, i: int) -> float:
         return image_scales(self.anns[i].height, self.anns[i].width, (self.scale,), self.max_side)[0]
 
