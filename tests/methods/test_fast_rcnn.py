@@ -224,3 +224,21 @@ def test_bad_fast_settings_are_refused(bad, pipelines_file):
 
     with pytest.raises(ConfigError, match=bad.split("=")[0].split(".")[1]):
         PipelineFile(pipelines_file).load("tiny", overrides=[bad, "method=fast"])
+
+
+def test_the_input_scale_brings_fc6s_input_to_the_asked_rms():
+    model = small_model()
+    regions, labels = regions_for(model)
+    sampler = ImageBatchSampler.from_image_labels(labels, batch_size=4, fg_fraction=0.5, images_per_batch=1)
+    scale = regions.input_scale(sampler, seed=0, rms=2.0, n_batches=1)
+    # By hand: the mean norm of the RoI-pooled vectors of the batch drawn with the same seed.
+    from rcnn.methods.fast_regions import image_input
+
+    batch = next(iter(sampler.epoch_batches(0, n_batches=1)))
+    _, reg = sampler.locate(batch)
+    with torch.no_grad():
+        conv = model.trunk(image_input(model, regions.images[0], 1.0))
+        grid = model.spec.pool5_grid
+        pooled = roi_pool(conv, torch.from_numpy(rois_at(regions.boxes[0][reg], 1.0)), (grid, grid), 1 / model.spec.stride)
+    mean_norm = float(torch.flatten(pooled, 1).norm(dim=1).mean())
+    assert scale == pytest.approx(2.0 * model.spec.pool5_dim**0.5 / mean_norm, rel=1e-5)
