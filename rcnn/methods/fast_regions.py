@@ -52,13 +52,17 @@ def rois_at(boxes: np.ndarray, factor: float) -> np.ndarray:
     return np.concatenate([np.zeros((len(b), 1), np.float32), inclusive * np.float32(factor)], 1).astype(np.float32)
 
 
+def pool_rois(model: DetectorNet, conv: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+    """``rois`` ``[K, 5]`` max-pooled from the conv maps ``conv`` ``[B, C, H, W]`` to pool5's grid, ``[K, C, g, g]``:
+    ``torchvision.ops.roi_pool``, Fast R-CNN's RoI pooling layer, at the trunk's stride."""
+    grid = model.spec.pool5_grid
+    return roi_pool(conv, rois.to(conv.dtype), (grid, grid), 1.0 / model.spec.stride)
+
+
 def roi_outputs(model: DetectorNet, conv: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Class logits ``[K, C + 1]`` and normalised box deltas ``[K, 4 (C + 1)]`` of ``rois`` ``[K, 5]`` on the
-    conv maps ``conv`` ``[B, C, H, W]``: RoI max pooling to pool5's grid (``torchvision.ops.roi_pool``, Fast
-    R-CNN's layer), fc6, fc7, dropout, then the two sibling layers."""
-    grid = model.spec.pool5_grid
-    pooled = roi_pool(conv, rois.to(conv.dtype), (grid, grid), 1.0 / model.spec.stride)
-    fc7 = model.dropout(model.head(pooled)["fc7"])
+    conv maps ``conv`` ``[B, C, H, W]``: :func:`pool_rois`, fc6, fc7, dropout, then the two sibling layers."""
+    fc7 = model.dropout(model.head(pool_rois(model, conv, rois))["fc7"])
     return model.classifier(fc7), model.bbox_pred(fc7)
 
 
@@ -159,7 +163,7 @@ class FastRegions:
     def input_scale(self, sampler, seed: int, rms: float, n_batches: int = 4) -> float:
         """The factor giving fc6's input (the RoI-pooled vectors) a root-mean-square value of ``rms`` over a sample
         of training batches, as :meth:`rcnn.methods.spp_regions.PooledRegions.input_scale` does for SPP-net."""
-        grid, norms = self.model.spec.pool5_grid, []
+        norms = []
         self.model.eval()
         for batch in sampler.epoch_batches(seed, n_batches=n_batches):
             img_idx, reg_idx = sampler.locate(batch)
@@ -167,8 +171,7 @@ class FastRegions:
                 factor = self._factor(int(i))
                 conv = self.model.trunk(image_input(self.model, self.images[int(i)], factor))
                 rois = to_device(rois_at(self.boxes[i][reg_idx[img_idx == i]], factor), self.device)
-                pooled = roi_pool(conv, rois.to(conv.dtype), (grid, grid), 1.0 / self.model.spec.stride)
-                norms.append(torch.flatten(pooled, 1).norm(dim=1))
+                norms.append(torch.flatten(pool_rois(self.model, conv, rois), 1).norm(dim=1))
         mean_norm = float(torch.cat(norms).mean()) if norms else 0.0
         return rms * self.model.spec.pool5_dim**0.5 / mean_norm if mean_norm > 0 else 1.0
 
