@@ -53,9 +53,10 @@ def detect_cmd(pipeline, images, out_dir, threshold, no_bbox_reg, runs_dir, over
     images = image_arguments(images)
     ctx = make_context(pipeline, runs_dir, overrides, pipelines_file, quiet=True)
     # Fast R-CNN's fine-tuned network is the whole detector; the others' SVMs and regressors come after it.
-    last = ("train-svm" if no_bbox_reg else "train-bbox") if evaluate.uses_svms(ctx) else "finetune"
+    svms = evaluate.uses_svms(ctx)
+    last = ("train-svm" if no_bbox_reg else "train-bbox") if svms else "finetune"
     if threshold is None:
-        threshold = 0.0 if evaluate.uses_svms(ctx) else 0.8
+        threshold = 0.0 if svms else 0.8
     untrained(ctx, last)
     if ctx.data_root.is_dir():
         evaluate.check_trained(ctx, bbox=not no_bbox_reg)

@@ -22,8 +22,9 @@ from torchvision.ops import roi_pool
 
 from rcnn.data.datasets import ImageAnnotation
 from rcnn.methods.rcnn_regions import RegionImages
+from rcnn.methods.spp_regions import image_input
 from rcnn.modeling.inference import for_inference, inference_autocast
-from rcnn.modeling.models import DetectorNet, pixel_affine
+from rcnn.modeling.models import DetectorNet
 from rcnn.modeling.spp_geometry import image_scales
 from rcnn.modeling.transfer import HostCopy, to_device
 from rcnn.structures.box_coding import decode, encode
@@ -64,20 +65,6 @@ def roi_outputs(model: DetectorNet, conv: torch.Tensor, rois: torch.Tensor) -> t
     conv maps ``conv`` ``[B, C, H, W]``: :func:`pool_rois`, fc6, fc7, dropout, then the two sibling layers."""
     fc7 = model.dropout(model.head(pool_rois(model, conv, rois))["fc7"])
     return model.classifier(fc7), model.bbox_pred(fc7)
-
-
-def image_input(model: DetectorNet, image_rgb: np.ndarray, factor: float, flip: bool = False) -> torch.Tensor:
-    """The normalised ``[1, 3, h, w]`` input of an RGB image resized by ``factor`` (flipped left to right with
-    ``flip``), on the model's device."""
-    h, w = image_rgb.shape[:2]
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    resized = cv2.resize(image_rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else image_rgb
-    if flip:
-        resized = resized[:, ::-1]
-    device = next(model.parameters()).device
-    x = to_device(np.ascontiguousarray(resized), device).permute(2, 0, 1)[None].float()
-    scale, shift = pixel_affine(model.spec, device)
-    return x.mul_(scale).sub_(shift)
 
 
 def regression_targets(regions_boxes: np.ndarray, gt_boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -226,7 +213,7 @@ def fast_outputs_later(model: DetectorNet, image_rgb: np.ndarray, boxes: np.ndar
     with record_function("rcnn.fc"), inference_autocast(model):
         logits, deltas = roi_outputs(model, conv, to_device(rois_at(boxes, factor), device))
         logprob = torch.log_softmax(logits.float(), 1)
-        deltas = deltas.float() * model.bbox_std + model.bbox_mean
+        deltas = deltas.float() * model.bbox_std.float() + model.bbox_mean.float()
     return HostCopy({"cls_logprob": logprob, "bbox_deltas": deltas})
 
 

@@ -47,23 +47,30 @@ def image_maps_later(model: DetectorNet, image_bgr: np.ndarray, factors: Sequenc
     return HostCopy(dict(enumerate(_image_maps(model, image_bgr, factors))))
 
 
+def image_input(model: DetectorNet, image_rgb: np.ndarray, factor: float, flip: bool = False) -> torch.Tensor:
+    """The trunk's normalised ``[1, 3, h, w]`` input of an RGB image resized by ``factor`` (flipped left to right
+    with ``flip``), on the model's device: what SPP-net's conv maps and Fast R-CNN's RoIs are computed from."""
+    h, w = image_rgb.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    with record_function("rcnn.resize"):
+        resized = cv2.resize(image_rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else image_rgb
+    if flip:
+        resized = resized[:, ::-1]  # to_device makes it contiguous
+    device = next(model.parameters()).device
+    scale, shift = pixel_affine(model.spec, device)
+    with record_function("rcnn.upload"):
+        return to_device(resized, device).permute(2, 0, 1)[None].float().mul_(scale).sub_(shift)
+
+
 @torch.no_grad()
 def _image_maps(model: DetectorNet, image_bgr: np.ndarray, factors: Sequence[float]) -> list[torch.Tensor]:
-    spec = model.spec
-    device = next(model.parameters()).device
     with record_function("rcnn.to_rgb"):
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-    scale, shift = pixel_affine(spec, device)
-    h, w = rgb.shape[:2]
     maps = []
     for f in factors:
-        size = (max(1, round(w * f)), max(1, round(h * f)))
-        with record_function("rcnn.resize"):
-            resized = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR) if size != (w, h) else rgb
-        with record_function("rcnn.upload"):
-            x = to_device(resized, device).permute(2, 0, 1).float().mul_(scale).sub_(shift)
+        x = image_input(model, rgb, f)
         with record_function("rcnn.conv"), inference_autocast(model):
-            fmap = model.trunk(x[None])[0]
+            fmap = model.trunk(x)[0]
         maps.append(fmap.permute(1, 2, 0).to(torch.float16).contiguous())
     return maps
 

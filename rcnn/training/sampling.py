@@ -164,10 +164,12 @@ class ImageBatchSampler(FgBgSampler):
         self.images_per_batch = int(images_per_batch)
         self.per_image = max(1, self.batch_size // self.images_per_batch)
         self.fg_per_image = max(1, int(np.floor(self.fg_fraction * self.per_image + 0.5)))
-        usable = self.labels >= 0
-        self.usable_images = np.unique(self.image_index[usable])
-        self._fg = {int(i): np.flatnonzero((self.image_index == i) & (self.labels > 0)) for i in self.usable_images}
-        self._bg = {int(i): np.flatnonzero((self.image_index == i) & (self.labels == 0)) for i in self.usable_images}
+        self.usable_images = np.unique(self.image_index[self.labels >= 0])
+        # Each image's foreground and background, ascending, from one grouping of the regions by image (a scan of
+        # every region per image would be 5,000 scans of 10 million regions on VOC2007 at 2000 boxes).
+        fg, bg = self.fg_indices, self.bg_indices
+        self._fg = _by_image(fg, self.image_index[fg], self.usable_images)
+        self._bg = _by_image(bg, self.image_index[bg], self.usable_images)
 
     def epoch_batches(self, rng: np.random.Generator | int, n_batches: int | None = None) -> Iterator[np.ndarray]:
         """Yield ``n_batches`` batches (None: one pass over the usable images); the same seed, the same batches."""
@@ -185,3 +187,11 @@ class ImageBatchSampler(FgBgSampler):
                 parts.append(rng.choice(fg, n_fg, replace=False))
                 parts.append(rng.choice(bg, n_bg, replace=False))
             yield np.concatenate(parts).astype(np.int64)
+
+
+def _by_image(indices: np.ndarray, images: np.ndarray, wanted: np.ndarray) -> dict[int, np.ndarray]:
+    """``{image: its entries of indices}`` for each image in ``wanted``; ``indices`` ascending, ``images`` theirs."""
+    order = np.argsort(images, kind="stable")  # stable: each image's indices stay ascending
+    sorted_images = images[order]
+    lo, hi = np.searchsorted(sorted_images, wanted, "left"), np.searchsorted(sorted_images, wanted, "right")
+    return {int(i): indices[order[a:b]] for i, a, b in zip(wanted, lo, hi)}
