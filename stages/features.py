@@ -43,7 +43,7 @@ PART_SIZE = 16  # images per part file
 
 
 def splits(ctx: Context) -> tuple[str, ...]:
-    return ctx.splits
+    return build_method(ctx.cfg).feature_splits(ctx)
 
 
 def cached_layers(ctx: Context) -> tuple[str, ...]:
@@ -60,6 +60,8 @@ def params(ctx: Context) -> dict:
     sparse = method.regression_layer(ctx.cfg)
     # Where a layer holds box regression's rows only, its row rule's threshold decides what is cached.
     rows = {"regression_layer": sparse, "bbox_min_overlap": ctx.cfg.bbox.min_overlap} if sparse else {}
+    ranks = method.svd_ranks(ctx.cfg)
+    svd = {"svd_fc6": ranks[0], "svd_fc7": ranks[1]} if any(r is not None for r in ranks) else {}
     return {
         "method": method.name,
         "layers": list(cached_layers(ctx)),
@@ -70,6 +72,7 @@ def params(ctx: Context) -> dict:
         "use_difficult": ctx.cfg.data.use_difficult,
         "bbox_rows": f.bbox_rows,
         **rows,
+        **svd,
     }
 
 
@@ -220,7 +223,9 @@ def inference_model(ctx: Context, precision: str | None = None):
     """The fine-tuned model, ready for inference as this stage runs it (in ``precision``; default
     ``model.precision``)."""
     model, _ = finetune.load(ctx)
-    return for_inference(model, whole_images=build_method(ctx.cfg).whole_images, dtype=precision or ctx.cfg.model.precision)
+    method = build_method(ctx.cfg)
+    dtype = precision or ctx.cfg.model.precision
+    return for_inference(model, whole_images=method.whole_images, dtype=dtype, svd=method.svd_ranks(ctx.cfg))
 
 
 def computed_as(ctx: Context, model) -> dict[str, str]:

@@ -68,6 +68,14 @@ class Method:
         """The method's own parameters of fine-tuning, beyond the common ones."""
         return {}
 
+    def feature_splits(self, ctx: Context) -> tuple[str, ...]:
+        """The splits stage `features` computes: both, the training split's for the SVMs and box regressors."""
+        return ctx.splits
+
+    def svd_ranks(self, cfg) -> tuple[int | None, int | None]:
+        """Ranks of fc6 and fc7's truncated SVDs at test time (None: as trained); features computes with them."""
+        return None, None
+
     def training_regions(self, ctx: Context, anns, boxes: list[np.ndarray], model, labels: list[np.ndarray]):
         """Fine-tuning's inputs: the ``regions`` :func:`rcnn.training.finetune.fine_tune` trains (``labels``: each
         image's region labels, as :func:`rcnn.training.regions.finetune_labels` gives them)."""
@@ -200,7 +208,16 @@ class FastRCNN(Method):
     def finetune_params(self, ctx: Context) -> dict:
         from rcnn.config import fingerprint_params
 
-        return {"fast": fingerprint_params(ctx.cfg.fast)}
+        params = fingerprint_params(ctx.cfg.fast)
+        for key in ("svd_fc6", "svd_fc7"):  # test time only: stage features records them
+            params.pop(key)
+        return {"fast": params}
+
+    def feature_splits(self, ctx: Context) -> tuple[str, ...]:
+        return (ctx.cfg.data.test,)  # nothing is trained on features: only evaluate reads them
+
+    def svd_ranks(self, cfg) -> tuple[int | None, int | None]:
+        return cfg.fast.svd_fc6, cfg.fast.svd_fc7
 
     def frozen_convs(self, cfg) -> int:
         """The leading conv layers fine-tuning keeps fixed (``fast.frozen_convs``, or the paper's for the backbone)."""
@@ -234,7 +251,7 @@ class FastRCNN(Method):
         return None
 
     def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
-        return FastRegionOutputs(model, cfg.fast.scale, cfg.fast.max_side, cfg.model.precision)
+        return FastRegionOutputs(model, cfg.fast.scale, cfg.fast.max_side, cfg.model.precision, self.svd_ranks(cfg))
 
 
 METHODS = {m.name: m for m in (RCNN, SPPNet, FastRCNN)}

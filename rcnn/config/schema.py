@@ -273,6 +273,18 @@ class FastConfig:
         "RoI-pooled vectors are large, as its pyramids are for spp.fc6_input_rms); null: unscaled, as fc6 pretrained",
         gt=0,
     )
+    svd_fc6: int | None = setting(
+        None,
+        "test time only: fc6 replaced by its truncated SVD of this rank, two smaller layers, for faster detection "
+        "(Fast R-CNN section 3.1: 1024 of VGG16's 4096; a rank that would not save work keeps the layer); null: fc6 as "
+        "trained. Changes stage features, not fine-tuning",
+        ge=1,
+    )
+    svd_fc7: int | None = setting(
+        None,
+        "test time only: fc7's truncated SVD rank (Fast R-CNN: 256 of VGG16's 4096); null: fc7 as trained",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)

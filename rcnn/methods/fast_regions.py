@@ -235,15 +235,17 @@ def scored_boxes(outputs: dict[str, np.ndarray], boxes: np.ndarray, regress: boo
 class FastRegionOutputs:
     """Fast R-CNN at test time: ``features(image_bgr, boxes, layers)`` gives :data:`OUTPUTS` for the boxes
     ``[N, 4]`` of one BGR image, resized so its shorter side is ``scale`` (longer at most ``max_side``); the
-    model is made ready for inference on whole images once, here."""
+    model is made ready for inference on whole images once, here, with fc6 and fc7 replaced by truncated SVDs of
+    ranks ``svd`` where given (section 3.1)."""
 
     model: DetectorNet
     scale: int = 600
     max_side: int | None = 1000
     precision: str = "auto"  # model.precision
+    svd: tuple[int | None, int | None] = (None, None)
 
     def __post_init__(self) -> None:
-        for_inference(self.model, whole_images=True, dtype=self.precision)
+        for_inference(self.model, whole_images=True, dtype=self.precision, svd=self.svd)
 
     def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...] = OUTPUTS) -> dict[str, np.ndarray]:
         h, w = image_bgr.shape[:2]

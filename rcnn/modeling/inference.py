@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rcnn.modeling.models import DetectorNet, channels_last
+from rcnn.modeling.svd import TruncatedLinear, compress_fc
 
 
 def to_float16(x: torch.Tensor) -> np.ndarray:
@@ -86,10 +87,17 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     return PRECISIONS[precision]
 
 
-def for_inference(model: DetectorNet, whole_images: bool = False, dtype: torch.dtype | str | None = None) -> DetectorNet:
+def for_inference(
+    model: DetectorNet,
+    whole_images: bool = False,
+    dtype: torch.dtype | str | None = None,
+    svd: tuple[int | None, int | None] = (None, None),
+) -> DetectorNet:
     """``model`` ready to extract features, in place: eval mode, batch norms folded into the convs,
     fc6's input scale folded into its weights, the weights in ``dtype`` (or a ``model.precision`` name; default
-    :func:`inference_dtype`'s ``auto``).
+    :func:`inference_dtype`'s ``auto``). ``svd`` gives ranks for fc6 and fc7's truncated SVDs
+    (:func:`rcnn.modeling.svd.compress_fc`; Fast R-CNN's test-time compression), the only option here that
+    changes what the network computes beyond rounding.
 
     The weights go channels-last where :func:`rcnn.modeling.models.channels_last` says (on a GPU, and on a
     CPU for ``whole_images``: SPP-net's trunk sees each image once, at full size). Numbers agree with the
@@ -113,14 +121,23 @@ def for_inference(model: DetectorNet, whole_images: bool = False, dtype: torch.d
             model.fc6.weight.mul_(model.fc6_input_scale)
             model.fc6_input_scale.fill_(1.0)
     model.input_scale_folded = True
+    compress_fc(model, *svd)  # after folding: the factors approximate the weights fc6 computes with
     flush_denormals(model.parameters())  # after folding, which can make more
     if dtype != torch.float32:
         model.to(dtype)
     elif onednn_linear_helps(device):
         # Each fc layer takes over its ReLU (an identity from then on).
-        model.fc6, model.relu6 = OneDNNLinear.of(model.fc6, relu=True), nn.Identity()
-        model.fc7, model.relu7 = OneDNNLinear.of(model.fc7, relu=True), nn.Identity()
+        model.fc6, model.relu6 = _onednn(model.fc6), nn.Identity()
+        model.fc7, model.relu7 = _onednn(model.fc7), nn.Identity()
     return model.to(memory_format=torch.channels_last) if channels_last(device, whole_images) else model
+
+
+def _onednn(layer: nn.Module) -> nn.Module:
+    """An fc layer and its ReLU as :class:`OneDNNLinear`; a truncated SVD's two factors each, the ReLU with the
+    second."""
+    if isinstance(layer, TruncatedLinear):
+        return TruncatedLinear(OneDNNLinear.of(layer.first), OneDNNLinear.of(layer.second, relu=True))
+    return OneDNNLinear.of(layer, relu=True)
 
 
 #: Set to 0 to keep fc layers on ``nn.Linear`` (MKL's sgemm) at inference on a CPU.

@@ -101,8 +101,9 @@ class DetectorNet(nn.Module):
         """
         out = {}
         # Dropout after fc6 and fc7, where R-CNN's (Caffe's) AlexNet has drop6 and drop7.
-        # In fc6's precision: float32, or for inference on a GPU bfloat16 straight from SPP-net's float16.
-        x = torch.flatten(pool5, 1).to(self.fc6.weight.dtype)
+        # In the fc layers' precision: float32, or for inference on a GPU bfloat16 straight from SPP-net's float16.
+        # Read from the classifier, an nn.Linear always: fc6 may be oneDNN's or a truncated SVD's two factors.
+        x = torch.flatten(pool5, 1).to(self.classifier.weight.dtype)
         if not self.input_scale_folded:
             # Multiplied, never read: reading the factor on a GPU would wait for the device at every call,
             # and times 1 is exact.

@@ -223,6 +223,8 @@ def test_data_without_the_split_is_one_line(tmp_path):
         ("bench_spp_pool.py", ["--data", "{tiny_voc}", "--weights", "{missing}"], 1, "does not exist"),
         ("bench_overlap.py", ["nope"], 2, "unknown pipeline 'nope'"),
         ("profile_features.py", ["demo", "--set", "foo"], 2, "--set foo: expected key=value"),
+        ("bench_fast_svd.py", ["demo"], 1, "'demo' is an R-CNN pipeline; truncated SVD is Fast R-CNN's"),
+        ("bench_fast_svd.py", ["demo-fast", "--runs-dir", "{missing}"], 1, "no proposals of 'demo-fast'"),
     ],
 )
 def test_bad_input_to_a_benchmark_is_one_line(script, args, code, needle, tiny_voc, tmp_path):
@@ -383,3 +385,26 @@ def test_bench_spp_pool_checks_both_algorithms_agree_and_times_them(tiny_voc):
     assert done.returncode == 0, done.stderr
     lines = [x for x in done.stdout.splitlines() if x.startswith("up to ")]
     assert len(lines) == 2 and all("roi_pool" in x and "table on float16 maps" in x for x in lines), done.stdout
+
+
+def test_bench_fast_svd_times_both_networks_and_compares_their_outputs(tiny_voc, tmp_path, capsys):
+    from conftest import run_cli, write_pipelines
+
+    fast = "  tiny-fast:\n    extends: tiny\n    method: fast\n    fast: {scale: 96, max_side: null}\n    finetune: {max_iter: 4}"
+    pipelines = write_pipelines(tmp_path / "pipelines.yaml", tiny_voc, fast)
+    common = ["--runs-dir", str(tmp_path / "runs"), "--pipelines-file", str(pipelines)]
+    code, _, err = run_cli(["run", "tiny-fast", "--until", "finetune", *common, "--quiet"], capsys)
+    assert code == 0, err
+    script = BENCHMARKS / "bench_fast_svd.py"
+    argv = [sys.executable, str(script), "tiny-fast", "--images", "2", "--repeats", "1", *common]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    # by default a quarter and a sixteenth of the fc layers' widths, as the paper's 1024 and 256 of VGG16's 4096
+    layers = re.search(r"fc6 (\d+)x(\d+) at rank (\d+), fc7 (\d+)x(\d+) at rank (\d+)", done.stdout)
+    assert layers, done.stdout
+    _, fc6_out, fc6_rank, _, fc7_out, fc7_rank = map(int, layers.groups())
+    assert (fc6_rank, fc7_rank) == (fc6_out // 4, fc7_out // 16)
+    ratio = re.search(r"as trained / compressed: ([0-9.]+)x whole network", done.stdout)
+    moved = re.search(r"moved by at most ([0-9.]+); best class unchanged for ([0-9.]+)% of (\d+) regions", done.stdout)
+    assert ratio and moved, done.stdout
+    assert 0 < float(moved.group(1)) <= 1 and 0 <= float(moved.group(2)) <= 100 and int(moved.group(3)) > 0
