@@ -83,8 +83,9 @@ STAGE_HELP = {
 
     Fast R-CNN pipelines (method: fast) train the whole network but its first conv
     layers (fast.frozen_convs) on regions RoI-pooled from whole images resized to
-    fast.scale (600, longer side at most 1000), two images and 64 regions each per
-    mini-batch, with a smooth L1 box loss beside the class loss (Girshick 2015).
+    fast.scales (600, longer side at most 1000; of several, one at random per image
+    and step), two images and 64 regions each per mini-batch, with a smooth L1 box
+    loss beside the class loss (Girshick 2015).
 
     Regions are proposals plus ground-truth boxes, warped with finetune.context_pad
     pixels of context (R-CNN: 16); IoU >= 0.5 with an object is that class, the rest

@@ -2,7 +2,7 @@
 ``fast.svd_fc6`` / ``fast.svd_fc7``), in one process, on a pipeline's fine-tuned network and stored proposals.
 
 For each of the first test images (decoded beforehand; decoding is not timed), three things take turns, each
-repeated and the median kept: the trunk alone (resize, upload, conv layers), the whole test-time network as
+repeated and the median kept: the trunk alone (resize, upload, conv layers, at every scale), the whole test-time network as
 trained, and the whole network compressed. The fc layers' share is the whole minus the trunk. Printed: the
 milliseconds per image, the ratio as trained / compressed, and how far the compressed network's outputs move:
 the largest change of a softmax probability and the share of regions whose best class stays the same.
@@ -87,14 +87,14 @@ def run(args) -> int:
             ann = dataset.annotation(image_id)
             rgb = cv2.cvtColor(load_image(ann), cv2.COLOR_BGR2RGB)
             boxes = props.array(image_id, "boxes", np.float32, 2)
-            factor = image_scales(ann.height, ann.width, (cfg.fast.scale,), cfg.fast.max_side)[0]
+            factors = image_scales(ann.height, ann.width, cfg.fast.scales, cfg.fast.max_side)
 
-            def trunk(rgb=rgb, factor=factor):
+            def trunk(rgb=rgb, factors=factors):
                 with inference_autocast(plain):
-                    return plain.trunk(image_input(plain, rgb, factor)).cpu()
+                    return [plain.trunk(image_input(plain, rgb, f)).cpu() for f in factors]
 
-            def outputs(model, rgb=rgb, boxes=boxes, factor=factor):
-                return fast_outputs_later(model, rgb, boxes, factor).arrays()
+            def outputs(model, rgb=rgb, boxes=boxes, factors=factors):
+                return fast_outputs_later(model, rgb, boxes, factors).arrays()
 
             medians = alternate(
                 {"trunk": trunk, "as trained": lambda: outputs(plain), "compressed": lambda: outputs(compressed)},
@@ -117,7 +117,7 @@ def run(args) -> int:
     cap = f"longer side at most {cfg.fast.max_side}" if cfg.fast.max_side else "longer side uncapped"
     print(
         f"{args.pipeline}: {len(ids)} {split} images, {rows / len(ids):.0f} proposals per image, images at "
-        f"{cfg.fast.scale} px ({cap}), device {device}, {cfg.model.backbone}"
+        f"{', '.join(map(str, cfg.fast.scales))} px ({cap}), device {device}, {cfg.model.backbone}"
     )
     print(
         f"fc6 {fc6.in_features}x{fc6.out_features} at rank {ranks[0]}, fc7 {fc7.in_features}x{fc7.out_features} "

@@ -233,7 +233,7 @@ class FastRCNN(Method):
         ft, fast = ctx.cfg.finetune, ctx.cfg.fast
         frozen = self.frozen_convs(ctx.cfg)
         return FastRegions(
-            anns, boxes, labels, model, fast.scale, fast.max_side, ft.mirror, ft.seed, frozen, fast.box_loss_weight
+            anns, boxes, labels, model, fast.scales, fast.max_side, ft.mirror, ft.seed, frozen, fast.box_loss_weight
         )
 
     def prepare_training(self, ctx: Context, regions, sampler) -> None:
@@ -251,7 +251,7 @@ class FastRCNN(Method):
         return None
 
     def test_features(self, cfg, model) -> Callable[[np.ndarray, np.ndarray, tuple[str, ...]], dict[str, np.ndarray]]:
-        return FastRegionOutputs(model, cfg.fast.scale, cfg.fast.max_side, cfg.model.precision, self.svd_ranks(cfg))
+        return FastRegionOutputs(model, cfg.fast.scales, cfg.fast.max_side, cfg.model.precision, self.svd_ranks(cfg))
 
 
 METHODS = {m.name: m for m in (RCNN, SPPNet, FastRCNN)}

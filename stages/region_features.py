@@ -257,7 +257,7 @@ class PyramidReader(LayerReader):
 
 
 class FastOutputs(Warped):
-    """Fast R-CNN's outputs (:data:`rcnn.methods.fast_regions.OUTPUTS`): the image resized to ``fast.scale``
+    """Fast R-CNN's outputs (:data:`rcnn.methods.fast_regions.OUTPUTS`): the image resized to each of ``fast.scales``
     through the trunk once, every region RoI-pooled from its map, then the fc layers and the two sibling layers.
 
     ``load(ann)`` decodes the image (timed, as for R-CNN), safe to run in a thread ahead of the model."""
@@ -266,6 +266,6 @@ class FastOutputs(Warped):
         image, decoding = loaded
         tick = time.perf_counter()
         fast = self.ctx.cfg.fast
-        factor = image_scales(image.shape[0], image.shape[1], (fast.scale,), fast.max_side)[0]
-        copy = fast_outputs_later(model, image, boxes, factor)
+        factors = image_scales(image.shape[0], image.shape[1], fast.scales, fast.max_side)
+        copy = fast_outputs_later(model, image, boxes, factors)
         return Pending(copy, decoding + time.perf_counter() - tick)

@@ -50,6 +50,9 @@ def check_together(cfg: PipelineConfig, where: str) -> None:
             f"{where}: 'data.classes' is an empty list; give at least one class, or null for the classes of the "
             "trainval split's objects"
         )
+    for key, value in (("spp.scales", cfg.spp.scales), ("spp.levels", cfg.spp.levels), ("fast.scales", cfg.fast.scales)):
+        if not value:  # an image needs a size and a window a bin
+            raise ConfigError(f"{where}: '{key}' is an empty list; give at least one")
     repeated = sorted({c for c in cfg.data.classes or () if cfg.data.classes.count(c) > 1})
     if repeated:
         raise ConfigError(f"{where}: 'data.classes' lists {', '.join(map(repr, repeated))} more than once")

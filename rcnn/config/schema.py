@@ -255,7 +255,13 @@ class SPPConfig:
 class FastConfig:
     """Fast R-CNN (Girshick, ICCV 2015): the whole network trained on RoIs pooled from whole images."""
 
-    scale: int = setting(600, "shorter image side, in training and at test time (Fast R-CNN: 600)", ge=16)
+    scales: tuple[int, ...] = setting(
+        (600,),
+        "shorter image side(s) (Fast R-CNN: 600). Several: training resizes each image to one drawn at random per step, "
+        "testing runs every scale and pools each region at the one where it is closest to 224 x 224 (section 5.2: "
+        "480, 576, 688, 864, 1200, longer side at most 2000)",
+        ge=16,
+    )
     max_side: int | None = setting(1000, "cap on the longer side after resizing (Fast R-CNN: 1000); null: none", ge=16)
     images_per_batch: int = setting(
         2, "images per mini-batch, finetune.batch_size regions shared among them (Fast R-CNN: 2, 64 RoIs each)", ge=1

@@ -25,7 +25,7 @@ from rcnn.methods.rcnn_regions import RegionImages
 from rcnn.methods.spp_regions import image_input
 from rcnn.modeling.inference import for_inference, inference_autocast
 from rcnn.modeling.models import DetectorNet
-from rcnn.modeling.spp_geometry import image_scales
+from rcnn.modeling.spp_geometry import TARGET_SIZE, image_scales, select_scale
 from rcnn.modeling.transfer import HostCopy, to_device
 from rcnn.structures.box_coding import decode, encode
 from rcnn.structures.boxes import box_iou, mirror_boxes
@@ -60,10 +60,29 @@ def pool_rois(model: DetectorNet, conv: torch.Tensor, rois: torch.Tensor) -> tor
     return roi_pool(conv, rois.to(conv.dtype), (grid, grid), 1.0 / model.spec.stride)
 
 
-def roi_outputs(model: DetectorNet, conv: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class logits ``[K, C + 1]`` and normalised box deltas ``[K, 4 (C + 1)]`` of ``rois`` ``[K, 5]`` on the
-    conv maps ``conv`` ``[B, C, H, W]``: :func:`pool_rois`, fc6, fc7, dropout, then the two sibling layers."""
-    fc7 = model.dropout(model.head(pool_rois(model, conv, rois))["fc7"])
+def pooled_regions(model: DetectorNet, image_rgb: np.ndarray, boxes: np.ndarray, factors: Sequence[float], flip: bool = False):
+    """The RoI-pooled grids ``[N, C, g, g]`` of ``boxes`` ``[N, 4]`` (continuous ``x1, y1, x2, y2`` in the image as
+    given, mirrored already where ``flip``) of one RGB image: the trunk once per scale in use, each box pooled at
+    ``factors[k]``, the one where its area is closest to 224 x 224 (section 5.2, ``_project_im_rois`` of the
+    released test code; :func:`rcnn.modeling.spp_geometry.select_scale`), or at the only one."""
+    levels = select_scale(boxes, factors, TARGET_SIZE) if len(factors) > 1 else np.zeros(len(boxes), np.int64)
+    device = next(model.parameters()).device
+    parts, order = [], []
+    for level in np.unique(levels) if len(boxes) else [0]:
+        rows = np.flatnonzero(levels == level)
+        with record_function("rcnn.trunk"):
+            conv = model.trunk(image_input(model, image_rgb, factors[level], flip))
+        parts.append(pool_rois(model, conv, to_device(rois_at(boxes[rows], factors[level]), device)))
+        order.append(rows)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts)[to_device(np.argsort(np.concatenate(order)), device)]
+
+
+def head_outputs(model: DetectorNet, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits ``[K, C + 1]`` and normalised box deltas ``[K, 4 (C + 1)]`` of RoI-pooled grids ``pooled``
+    ``[K, C, g, g]``: fc6, fc7, dropout, then the two sibling layers."""
+    fc7 = model.dropout(model.head(pooled)["fc7"])
     return model.classifier(fc7), model.bbox_pred(fc7)
 
 
@@ -99,9 +118,12 @@ def target_statistics(
 class FastRegions:
     """Fast R-CNN's training inputs (see :mod:`rcnn.training.finetune`): regions ``boxes[i]`` (float32
     ``[N_i, 4]``, ground truth first) of image ``anns[i]``, RoI-pooled from the conv map of the whole image,
-    resized so its shorter side is ``scale`` (longer at most ``max_side``) and, with ``mirror``, flipped with
-    probability 1/2 per image and step. Mini-batches come from :class:`rcnn.training.sampling.ImageBatchSampler`:
-    a few images, many regions each, so that each trunk pass serves 64 regions (section 2.3).
+    resized so its shorter side is one of ``scales`` (longer at most ``max_side``), drawn at random per image and
+    step where there are several (section 2.3's image pyramids, as a data augmentation), and, with ``mirror``,
+    flipped with probability 1/2 per image and step. Held-out regions (:meth:`logits` without an iteration) are
+    pooled as at test time, each at the scale where it is closest to 224 x 224. Mini-batches come from
+    :class:`rcnn.training.sampling.ImageBatchSampler`: a few images, many regions each, so that each trunk pass
+    serves 64 regions (section 2.3).
 
     :meth:`logits` runs the network; :meth:`loss` is the multi-task loss of the regions it last ran:
     cross-entropy plus ``box_weight`` times smooth L1 (Huber, beta 1) of the true class's deltas against the
@@ -115,7 +137,7 @@ class FastRegions:
         boxes: list[np.ndarray],
         labels: list[np.ndarray],
         model: DetectorNet,
-        scale: int,
+        scales: Sequence[int],
         max_side: int | None,
         mirror: bool,
         seed: int,
@@ -124,7 +146,7 @@ class FastRegions:
     ):
         self.images = RegionImages(anns, capacity=256)
         self.anns, self.boxes, self.model = anns, boxes, model
-        self.scale, self.max_side, self.mirror, self.seed, self.box_weight = scale, max_side, mirror, seed, box_weight
+        self.scales, self.max_side, self.mirror, self.seed, self.box_weight = tuple(scales), max_side, mirror, seed, box_weight
         self.targets = [regression_targets(b, a.boxes, lab) for a, b, lab in zip(anns, boxes, labels)]
         self.device = next(model.parameters()).device
         convs = [m for m in model.trunk.modules() if isinstance(m, nn.Conv2d)]
@@ -155,15 +177,23 @@ class FastRegions:
         for batch in sampler.epoch_batches(seed, n_batches=n_batches):
             img_idx, reg_idx = sampler.locate(batch)
             for i in np.unique(img_idx):
-                factor = self._factor(int(i))
-                conv = self.model.trunk(image_input(self.model, self.images[int(i)], factor))
-                rois = to_device(rois_at(self.boxes[i][reg_idx[img_idx == i]], factor), self.device)
-                norms.append(torch.flatten(pool_rois(self.model, conv, rois), 1).norm(dim=1))
+                boxes = self.boxes[i][reg_idx[img_idx == i]]
+                pooled = pooled_regions(self.model, self.images[int(i)], boxes, self._factors(int(i)))
+                norms.append(torch.flatten(pooled, 1).norm(dim=1))
         mean_norm = float(torch.cat(norms).mean()) if norms else 0.0
         return rms * self.model.spec.pool5_dim**0.5 / mean_norm if mean_norm > 0 else 1.0
 
-    def _factor(self, i: int) -> float:
-        return image_scales(self.anns[i].height, self.anns[i].width, (self.scale,), self.max_side)[0]
+    def _factors(self, i: int) -> list[float]:
+        return image_scales(self.anns[i].height, self.anns[i].width, self.scales, self.max_side)
+
+    def _drawn(self, images: np.ndarray, iteration: int | None) -> list[list[float]]:
+        """Per image, the factors its regions are pooled at: all of them without an iteration (the test rule picks
+        per region), else one, drawn per image keyed by the iteration so that a resumed run draws the same."""
+        factors = [self._factors(int(i)) for i in images]
+        if iteration is None or len(self.scales) == 1:
+            return factors
+        picks = np.random.default_rng([self.seed, iteration, 1]).integers(len(self.scales), size=len(images))
+        return [[f[k]] for f, k in zip(factors, picks)]
 
     def logits(self, img_idx: np.ndarray, reg_idx: np.ndarray, iteration: int | None) -> torch.Tensor:
         img_idx, reg_idx = np.asarray(img_idx, np.int64), np.asarray(reg_idx, np.int64)
@@ -172,16 +202,15 @@ class FastRegions:
         if self.mirror and iteration is not None:  # keyed by the iteration: a resumed run flips the same images
             flips = np.random.default_rng([self.seed, iteration]).random(len(images)) < 0.5
         order, logits, deltas, targets = [], [], [], []
-        for i, flip in zip(images, flips):
+        for i, flip, factors in zip(images, flips, self._drawn(images, iteration)):
             rows = np.flatnonzero(img_idx == i)
-            factor = self._factor(int(i))
             boxes = self.boxes[i][reg_idx[rows]]
             target = self.targets[i][reg_idx[rows]].copy()
             if flip:
                 boxes = mirror_boxes(boxes, self.anns[i].width)
                 target[:, 0] = -target[:, 0]  # the centre's shift mirrors; sizes do not change
-            conv = self.model.trunk(image_input(self.model, self.images[int(i)], factor, bool(flip)))
-            cls, box = roi_outputs(self.model, conv, to_device(rois_at(boxes, factor), self.device))
+            pooled = pooled_regions(self.model, self.images[int(i)], boxes, factors, bool(flip))
+            cls, box = head_outputs(self.model, pooled)
             order.append(rows)
             logits.append(cls)
             deltas.append(box)
@@ -204,14 +233,14 @@ class FastRegions:
 
 
 @torch.no_grad()
-def fast_outputs_later(model: DetectorNet, image_rgb: np.ndarray, boxes: np.ndarray, factor: float) -> HostCopy:
-    """:data:`OUTPUTS` of ``boxes`` ``[N, 4]`` of one RGB image resized by ``factor``: the trunk once, every box
-    RoI-pooled from its map, on their way to the host as float16 ``[N, D]`` (:meth:`HostCopy.arrays` waits)."""
-    device = next(model.parameters()).device
-    with record_function("rcnn.trunk"), inference_autocast(model):
-        conv = model.trunk(image_input(model, image_rgb, factor))
+def fast_outputs_later(model: DetectorNet, image_rgb: np.ndarray, boxes: np.ndarray, factors: Sequence[float]) -> HostCopy:
+    """:data:`OUTPUTS` of ``boxes`` ``[N, 4]`` of one RGB image resized by each of ``factors``: the trunk once per
+    scale, every box RoI-pooled from one map (:func:`pooled_regions`), on their way to the host as float16
+    ``[N, D]`` (:meth:`HostCopy.arrays` waits)."""
+    with inference_autocast(model):
+        pooled = pooled_regions(model, image_rgb, boxes, factors)
     with record_function("rcnn.fc"), inference_autocast(model):
-        logits, deltas = roi_outputs(model, conv, to_device(rois_at(boxes, factor), device))
+        logits, deltas = head_outputs(model, pooled)
         logprob = torch.log_softmax(logits.float(), 1)
         deltas = deltas.float() * model.bbox_std.float() + model.bbox_mean.float()
     return HostCopy({"cls_logprob": logprob, "bbox_deltas": deltas})
@@ -234,12 +263,13 @@ def scored_boxes(outputs: dict[str, np.ndarray], boxes: np.ndarray, regress: boo
 @dataclass
 class FastRegionOutputs:
     """Fast R-CNN at test time: ``features(image_bgr, boxes, layers)`` gives :data:`OUTPUTS` for the boxes
-    ``[N, 4]`` of one BGR image, resized so its shorter side is ``scale`` (longer at most ``max_side``); the
+    ``[N, 4]`` of one BGR image, resized so its shorter side is each of ``scales`` (longer at most ``max_side``),
+    each box pooled at one (:func:`pooled_regions`); the
     model is made ready for inference on whole images once, here, with fc6 and fc7 replaced by truncated SVDs of
     ranks ``svd`` where given (section 3.1)."""
 
     model: DetectorNet
-    scale: int = 600
+    scales: tuple[int, ...] = (600,)
     max_side: int | None = 1000
     precision: str = "auto"  # model.precision
     svd: tuple[int | None, int | None] = (None, None)
@@ -249,6 +279,6 @@ class FastRegionOutputs:
 
     def __call__(self, image_bgr: np.ndarray, boxes: np.ndarray, layers: tuple[str, ...] = OUTPUTS) -> dict[str, np.ndarray]:
         h, w = image_bgr.shape[:2]
-        factor = image_scales(h, w, (self.scale,), self.max_side)[0]
+        factors = image_scales(h, w, self.scales, self.max_side)
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        return fast_outputs_later(self.model, rgb, boxes, factor).arrays()
+        return fast_outputs_later(self.model, rgb, boxes, factors).arrays()

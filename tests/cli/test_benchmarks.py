@@ -390,7 +390,8 @@ def test_bench_spp_pool_checks_both_algorithms_agree_and_times_them(tiny_voc):
 def test_bench_fast_svd_times_both_networks_and_compares_their_outputs(tiny_voc, tmp_path, capsys):
     from conftest import run_cli, write_pipelines
 
-    fast = "  tiny-fast:\n    extends: tiny\n    method: fast\n    fast: {scale: 96, max_side: null}\n    finetune: {max_iter: 4}"
+    fast = "  tiny-fast:\n    extends: tiny\n    method: fast\n    fast: {scales: [96], max_side: null}\n"
+    fast += "    finetune: {max_iter: 4}"
     pipelines = write_pipelines(tmp_path / "pipelines.yaml", tiny_voc, fast)
     common = ["--runs-dir", str(tmp_path / "runs"), "--pipelines-file", str(pipelines)]
     code, _, err = run_cli(["run", "tiny-fast", "--until", "finetune", *common, "--quiet"], capsys)

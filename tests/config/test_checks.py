@@ -81,3 +81,10 @@ def test_an_empty_class_list_is_refused_when_loaded(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set on pipeline 'demo': " + needle):
         PipelineFile(REPO / "pipelines.yaml").load("demo", ["data.classes=[]"])
     assert PipelineFile(REPO / "pipelines.yaml").load("demo", ["data.classes=null"]).data.classes is None
+
+
+@pytest.mark.parametrize("key", ["spp.scales", "spp.levels", "fast.scales"])
+def test_an_empty_list_of_scales_or_levels_is_refused_when_loaded(key):
+    # It loaded, and the first image then stopped the stage with a traceback from the scale arithmetic.
+    with pytest.raises(ConfigError, match=rf"^--set on pipeline 'demo': '{key}' is an empty list; give at least one$"):
+        PipelineFile(REPO / "pipelines.yaml").load("demo", [f"{key}=[]"])

@@ -186,7 +186,7 @@ def test_out_of_range_settings_are_refused_with_key_value_and_range(key, allowed
     pf = PipelineFile(REPO / "pipelines.yaml")
     for value in _outside(allowed):
         value = int(value) if float(value).is_integer() else value
-        text = f"[{value}]" if key in ("spp.levels", "spp.scales") else str(value)
+        text = f"[{value}]" if key in ("spp.levels", "spp.scales", "fast.scales") else str(value)
         with pytest.raises(ConfigError) as e:
             pf.load("demo", [f"{key}={text}"])
         message = str(e.value)

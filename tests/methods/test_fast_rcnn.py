@@ -14,6 +14,8 @@ from rcnn.methods.fast_regions import (
     FALLBACK_STDS,
     FastRegions,
     fast_outputs_later,
+    image_input,
+    pooled_regions,
     regression_targets,
     rois_at,
     scored_boxes,
@@ -111,11 +113,11 @@ class Images:
         return self.image
 
 
-def regions_for(model, mirror=False, frozen=0):
+def regions_for(model, mirror=False, frozen=0, scales=(48,)):
     ann = annotation()
     boxes = [np.array([[8, 8, 40, 40], [10, 6, 44, 38], [0, 20, 30, 47], [30, 0, 63, 30]], np.float32)]
     labels = [np.array([1, 1, 0, 0])]
-    regions = FastRegions([ann], boxes, labels, model, scale=48, max_side=None, mirror=mirror, seed=0, frozen_convs=frozen)
+    regions = FastRegions([ann], boxes, labels, model, scales=scales, max_side=None, mirror=mirror, seed=0, frozen_convs=frozen)
     regions.images = Images(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     return regions, labels
 
@@ -190,12 +192,10 @@ def test_test_outputs_are_log_probabilities_and_un_normalised_deltas_of_each_roi
     model.eval()
     image = np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     boxes = np.array([[8, 8, 40, 40], [0, 0, 64, 48]], np.float32)
-    out = fast_outputs_later(model, image, boxes, 1.0).arrays()
+    out = fast_outputs_later(model, image, boxes, [1.0]).arrays()
     assert np.allclose(np.exp(out["cls_logprob"].astype(np.float32)).sum(1), 1, atol=2e-3)
     assert np.allclose(out["bbox_deltas"], np.linspace(-1, 1, 12) * 0.2 + 0.05, atol=1e-3)
     # fc6 reads Fast R-CNN's RoI max pooling of the trunk's map, as torchvision's roi_pool computes it.
-    from rcnn.methods.fast_regions import image_input
-
     conv = model.trunk(image_input(model, image, 1.0))
     grid = model.spec.pool5_grid
     pooled = roi_pool(conv, torch.from_numpy(rois_at(boxes, 1.0)), (grid, grid), 1 / model.spec.stride)
@@ -217,7 +217,7 @@ def test_checkpoints_keep_the_box_layer_and_its_target_statistics(tmp_path):
     assert not hasattr(load_checkpoint(tmp_path / "plain.pt")[0], "bbox_pred")
 
 
-@pytest.mark.parametrize("bad", ["fast.images_per_batch=0", "fast.scale=8", "fast.box_loss_weight=-1"])
+@pytest.mark.parametrize("bad", ["fast.images_per_batch=0", "fast.scales=[8]", "fast.box_loss_weight=-1"])
 def test_bad_fast_settings_are_refused(bad, pipelines_file):
     from rcnn.config import PipelineFile
     from rcnn.errors import ConfigError
@@ -242,3 +242,50 @@ def test_the_input_scale_brings_fc6s_input_to_the_asked_rms():
         pooled = roi_pool(conv, torch.from_numpy(rois_at(regions.boxes[0][reg], 1.0)), (grid, grid), 1 / model.spec.stride)
     mean_norm = float(torch.flatten(pooled, 1).norm(dim=1).mean())
     assert scale == pytest.approx(2.0 * model.spec.pool5_dim**0.5 / mean_norm, rel=1e-5)
+
+
+def test_with_several_scales_each_region_is_pooled_at_the_scale_closest_to_224_pixels():
+    model = small_model().eval()
+    image = np.random.default_rng(3).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    # At factors 2 and 8 (images 120 x 160 and 480 x 640), against 224 x 224 = 50,176: a 20 x 30 box has area
+    # 2,400 at 2 and 38,400 at 8, so 8; the whole image, 80 x 60, has 19,200 at 2 and 307,200 at 8, so 2.
+    boxes = np.array([[0, 0, 20, 30], [0, 0, 80, 60], [10, 10, 30, 40]], np.float32)
+    factors = [2.0, 8.0]
+    expected_level = [1, 0, 1]
+    grid = model.spec.pool5_grid
+    with torch.no_grad():
+        got = pooled_regions(model, image, boxes, factors)
+        for row, level in enumerate(expected_level):
+            conv = model.trunk(image_input(model, image, factors[level]))
+            rois = torch.from_numpy(rois_at(boxes[row : row + 1], factors[level]))
+            torch.testing.assert_close(got[row : row + 1], roi_pool(conv, rois, (grid, grid), 1 / model.spec.stride))
+        # one scale: every region from that scale's map, as before there were several
+        conv = model.trunk(image_input(model, image, 2.0))
+        one = roi_pool(conv, torch.from_numpy(rois_at(boxes, 2.0)), (grid, grid), 1 / model.spec.stride)
+        torch.testing.assert_close(pooled_regions(model, image, boxes, [2.0]), one)
+        # test-time outputs read the same pooled grids
+        out = fast_outputs_later(model, image, boxes, factors).arrays()
+        logits = model.classifier(model.head(got)["fc7"])
+    assert np.allclose(out["cls_logprob"], torch.log_softmax(logits, 1).numpy(), atol=2e-3)
+
+
+def test_training_draws_one_scale_per_image_and_step_and_a_resumed_run_draws_the_same():
+    model = small_model()
+    regions, _ = regions_for(model, scales=(24, 48, 96))
+    images = np.array([0])
+    draws = [regions._drawn(images, it) for it in range(60)]
+    assert all(len(d) == 1 and len(d[0]) == 1 for d in draws)
+    assert sorted({d[0][0] for d in draws}) == [0.5, 1.0, 2.0]  # each of the three scales, of a 48 px tall image
+    assert draws == [regions._drawn(images, it) for it in range(60)]  # keyed by the iteration: the same again
+    assert regions._drawn(images, None) == [[0.5, 1.0, 2.0]]  # held out: every scale, the test rule picks
+    single, _ = regions_for(model)
+    assert single._drawn(images, 5) == [[1.0]]
+
+
+def test_held_out_regions_are_scored_as_at_test_time():
+    model = small_model().eval()
+    regions, _ = regions_for(model, scales=(24, 96))
+    with torch.no_grad():
+        logits = regions.logits(np.zeros(4, np.int64), np.arange(4), iteration=None)
+        out = fast_outputs_later(model, regions.images[0], regions.boxes[0], [0.5, 2.0]).arrays()
+    assert np.allclose(out["cls_logprob"], torch.log_softmax(logits, 1).numpy(), atol=2e-3)
