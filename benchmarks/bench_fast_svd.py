@@ -2,8 +2,8 @@
 ``fast.svd_fc6`` / ``fast.svd_fc7``), in one process, on a pipeline's fine-tuned network and stored proposals.
 
 For each of the first test images (decoded beforehand; decoding is not timed), three things take turns, each
-repeated and the median kept: the trunk alone (resize, upload, conv layers, at every scale), the whole test-time network as
-trained, and the whole network compressed. The fc layers' share is the whole minus the trunk. Printed: the
+repeated and the median kept: the trunk alone (resize, upload, conv layers, at every scale), the whole test-time
+network as trained, and the whole network compressed. The fc layers' share is the whole minus the trunk. Printed: the
 milliseconds per image, the ratio as trained / compressed, and how far the compressed network's outputs move:
 the largest change of a softmax probability and the share of regions whose best class stays the same.
 

@@ -264,9 +264,8 @@ def scored_boxes(outputs: dict[str, np.ndarray], boxes: np.ndarray, regress: boo
 class FastRegionOutputs:
     """Fast R-CNN at test time: ``features(image_bgr, boxes, layers)`` gives :data:`OUTPUTS` for the boxes
     ``[N, 4]`` of one BGR image, resized so its shorter side is each of ``scales`` (longer at most ``max_side``),
-    each box pooled at one (:func:`pooled_regions`); the
-    model is made ready for inference on whole images once, here, with fc6 and fc7 replaced by truncated SVDs of
-    ranks ``svd`` where given (section 3.1)."""
+    each box pooled at one (:func:`pooled_regions`); the model is made ready for inference on whole images once,
+    here, with fc6 and fc7 replaced by truncated SVDs of ranks ``svd`` where given (section 3.1)."""
 
     model: DetectorNet
     scales: tuple[int, ...] = (600,)

@@ -59,6 +59,9 @@ def test_a_rank_that_would_not_save_work_leaves_the_layer_as_it_is():
     fc7 = model.fc7
     compress_fc(model, 4, None)
     assert isinstance(model.fc6, TruncatedLinear) and model.fc7 is fc7
+    fc6 = model.fc6
+    compress_fc(model, 2, None)  # compressed already: left as it is
+    assert model.fc6 is fc6 and fc6.rank == 4
 
 
 def _low_rank_tiny(rank: int) -> nn.Module:
@@ -86,6 +89,8 @@ def test_for_inference_with_svd_computes_the_heads_outputs(onednn, monkeypatch):
             assert isinstance(model.fc6.second, OneDNNLinear) and model.fc6.second.relu
             assert isinstance(model.fc6.first, OneDNNLinear) and not model.fc6.first.relu
         compressed = model.head(pooled, ("fc6", "fc7"))
+        for_inference(model, svd=(4, 4))  # a second call changes nothing
+        torch.testing.assert_close(model.head(pooled, ("fc7",))["fc7"], compressed["fc7"])
     for layer in ("fc6", "fc7"):
         torch.testing.assert_close(compressed[layer], plain[layer], rtol=1e-3, atol=1e-3)
     assert (compressed["fc7"] >= 0).all() and (compressed["fc7"] == 0).any()  # the ReLU after the second factor
