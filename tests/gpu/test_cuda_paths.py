@@ -196,8 +196,9 @@ def test_training_steps_repeat_bit_for_bit_under_deterministic_cudnn(dev, backbo
     assert all(torch.equal(p, q) for p, q in zip(first, second)), "two identical runs differ: a non-deterministic kernel"
 
 
+@pytest.mark.parametrize("scales, svd", [((320,), (None, None)), ((256, 384), (16, 8))])
 @pytest.mark.parametrize("precision", ["float32", "auto"])
-def test_fast_rcnn_outputs_on_the_gpu_match_the_cpus(dev, image_and_boxes, precision):
+def test_fast_rcnn_outputs_on_the_gpu_match_the_cpus(dev, image_and_boxes, precision, scales, svd):
     from rcnn.methods.fast_regions import FastRegionOutputs
     from rcnn.modeling.models import add_box_head
 
@@ -209,9 +210,10 @@ def test_fast_rcnn_outputs_on_the_gpu_match_the_cpus(dev, image_and_boxes, preci
         model.bbox_pred.weight.normal_(std=0.01)
         model.bbox_mean.uniform_(-0.1, 0.1)
         model.bbox_std.uniform_(0.1, 0.3)
-    ours = FastRegionOutputs(copy.deepcopy(model).to(dev), 320, None, precision)(bgr, boxes)
+    # one scale, and two with the fc layers' truncated SVDs (computed on each device from the same weights)
+    ours = FastRegionOutputs(copy.deepcopy(model).to(dev), scales, None, precision, svd)(bgr, boxes)
     with strict_float32(True):
-        ref = FastRegionOutputs(model, 320, None, "float32")(bgr, boxes)
+        ref = FastRegionOutputs(model, scales, None, "float32", svd)(bgr, boxes)
     tol = tolerance(dev, precision)
     probs = {k: np.exp(v["cls_logprob"].astype(np.float32)) for k, v in (("ours", ours), ("ref", ref))}
     assert row_distance(probs["ours"], probs["ref"]).max() < tol
