@@ -161,6 +161,30 @@ def test_the_mini_pipelines_differ_from_the_full_ones_only_where_they_say(mini, 
     assert small["model.backbone"] == "squeezenet1_0" and small["model.weights"].endswith("squeezenet1_0-imagenet.pth")
 
 
+@pytest.mark.parametrize(
+    "bccd, voc, scaled",
+    [
+        ("bccd-cpu", "voc07-mini-cpu", False),
+        ("bccd-spp-cpu", "voc07-mini-spp-cpu", False),
+        ("bccd-fast-cpu", "voc07-mini-fast-cpu", False),
+        ("bccd-fast", "voc07-mini-fast", True),
+    ],
+)
+def test_the_bccd_twins_are_the_voc07_mini_ones_on_other_data(bccd, voc, scaled):
+    pf = PipelineFile(PIPELINES)
+    ours, theirs = _flat(pf.load(bccd)), _flat(pf.load(voc))
+    differ = {k for k in ours if ours[k] != theirs[k]}
+    schedule = {"finetune.max_iter", "finetune.step_size"} if scaled else set()
+    assert differ == {"name", "description", "data.root", "data.classes"} | schedule
+    assert ours["data.classes"] == ("Platelets", "RBC", "WBC") and ours["data.root"].endswith("bccd")
+    # Fast R-CNN's 40k and 30k steps of VOC2007's 5011 trainval images, scaled to bccd's 292 as voc07-mini's to 775.
+    for key in schedule:
+        assert ours[key] == pytest.approx(_flat(pf.load("voc07-fast"))[key] * 292 / 5011, rel=0.01)
+    # Every twin finds its R-CNN twin's proposals: the same data and proposal settings.
+    rcnn = pf.load("bccd-cpu" if bccd.endswith("-cpu") else "bccd")
+    assert (pf.load(bccd).data, pf.load(bccd).proposals) == (rcnn.data, rcnn.proposals)
+
+
 def test_devkit_root_from_the_environment_or_the_command_line(devkit, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RCNN_VOC2007", raising=False)
     code, out, _ = run_cli(["config", "voc07", "--set", f"data.root={devkit}", "--pipelines-file", str(PIPELINES)], capsys)
