@@ -325,7 +325,8 @@ def test_a_file_of_your_own_adds_to_the_shipped_pipelines(tmp_path, monkeypatch,
     code, out, err = run_cli(["config", "cells"], capsys)
     assert code == 0, err
     origin = {line.split(":")[0].strip(): line.rsplit("# ", 1)[1] for line in out.splitlines() if ": " in line and "# " in line}
-    assert "root: /data/cells" in out and origin["root"] == "pipeline" and origin["mode"] == "parent bccd"
+    assert "root: /data/cells" in out and origin["root"] == "pipeline" and origin["max_iter"] == "parent bccd"
+    assert origin["mode"] == "parent voc07"  # bccd extends voc07-mini, which extends voc07
     assert out.startswith(f"# pipeline cells from {tmp_path / 'pipelines.yaml'};")
     code, out, err = run_cli(["config", "bccd@seed1"], capsys)
     assert code == 0 and out.startswith(f"# pipeline bccd@seed1 from {(REPO / 'pipelines.yaml').resolve()};"), (out, err)
@@ -345,7 +346,7 @@ def test_a_file_of_your_own_adds_to_the_shipped_pipelines(tmp_path, monkeypatch,
     mine, theirs = out.split("shipped with the package")
     assert "  demo: " in mine and "  bccd: " in theirs and "  demo: " not in theirs
     # Its parent's description would describe another pipeline: it is not inherited, and the line says so.
-    assert "  cells: (no description; extends bccd)\n" in mine and "  bccd: BCCD" in theirs
+    assert "  cells: (no description; extends bccd)\n" in mine and "  bccd: voc07-mini's settings on BCCD" in theirs
     with pytest.raises(ConfigError, match="unknown pipeline 'cels' in pipelines.yaml or the shipped pipelines.yaml"):
         pf.load("cels")
 
