@@ -1,4 +1,5 @@
-"""Pyramid pooling speed: the sparse-table method against torchvision's roi_pool, on real conv maps.
+"""Pyramid pooling speed: the sparse-table method against torchvision's roi_pool, on real conv maps; and Fast
+R-CNN's RoI pooling (one 6x6 grid at the trunk's stride) both ways.
 
 Both methods pool the same windows of the same maps into SPP-net's {6x6, 3x3, 2x2, 1x1}
 pyramid and must give identical numbers (checked here as well as in the tests). The
@@ -7,6 +8,10 @@ side 688) and the windows are their selective-search proposals (the first 300 an
 first 2000), so the bin sizes are those a real run pools. The table method also runs on
 the same maps in float16, the type the conv-map cache holds. Runs alternate; the median
 of each is reported, with the ratios roi_pool / table.
+
+Fast R-CNN's part pools the same proposals from the float32 conv maps at its single scale (shorter side 600,
+longer at most 1000) to fc6's 6x6 grid: ``torchvision.ops.roi_pool`` against ``roi_pool_by_table``, which gives
+roi_pool's numbers from the tables for the RoIs inside the map (checked here too) and is what a CPU runs.
 
     python benchmarks/bench_spp_pool.py --data ../shared/data/voc07-mini \\
         --weights ../shared/weights/squeezenet1_0-imagenet.pth --images 6
@@ -20,15 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from common import REPO, exit_in_one_line, machine_info, machine_line, split_ids
+from torchvision.ops import roi_pool
 
 from rcnn.data.datasets import decode_image
-from rcnn.methods.spp_regions import as_map_tensors, image_maps
+from rcnn.methods.fast_regions import rois_at
+from rcnn.methods.spp_regions import as_map_tensors, image_input, image_maps
 from rcnn.modeling.checkpoints import initialise
 from rcnn.modeling.models import build_model
-from rcnn.modeling.spp import PYRAMID_LEVELS, spp_pool
+from rcnn.modeling.spp import PYRAMID_LEVELS, roi_pool_by_table, spp_pool
 from rcnn.modeling.spp_geometry import image_scales, map_windows
 from rcnn.proposals.selective_search import selective_search
 from rcnn.runtime import keep_freed_memory
@@ -58,7 +66,7 @@ def main() -> None:
     model = build_model("squeezenet1_0", 21, spp_levels=PYRAMID_LEVELS)
     initialise(model, args.weights)
     model.eval()
-    cases = []
+    cases, fast_cases = [], []
     for image_id in ids:
         image = decode_image(args.data / "JPEGImages" / f"{image_id}.jpg")
         h, w = image.shape[:2]
@@ -66,6 +74,10 @@ def main() -> None:
         fmap = as_map_tensors(image_maps(model, image, factors))[0].float()  # [C, H, W], channels last in memory
         boxes = selective_search(image, "fast", min_size=20, max_proposals=2000)
         cases.append((fmap, boxes * np.float32(factors[0])))
+        fast = image_scales(h, w, (600,), 1000)[0]
+        with torch.no_grad():
+            conv = model.trunk(image_input(model, cv2.cvtColor(image, cv2.COLOR_BGR2RGB), fast))
+        fast_cases.append((conv, boxes, fast))
     print(f"{len(cases)} VOC2007 test images, SqueezeNet conv maps {tuple(cases[0][0].shape)} (C, H, W) and similar")
 
     for cap in (300, 2000):
@@ -91,8 +103,37 @@ def main() -> None:
             f"table {med['table']:.1f} ({med['roi_pool'] / med['table']:.2f}x), "
             f"table on float16 maps {med['table16']:.1f} ({med['roi_pool'] / med['table16']:.2f}x)"
         )
+    fast_rcnn(model, fast_cases, args.repeats)
     print(machine_line(machine_info()))
     print(f"allocator: {'freed memory kept' if kept else 'default'}")
+
+
+def fast_rcnn(model, cases, repeats: int) -> None:
+    """Fast R-CNN's RoI pooling of the first 300 and 2000 proposals: roi_pool against the tables, medians of
+    alternating rounds, after checking that both give the same numbers."""
+    grid, scale = model.spec.pool5_grid, 1.0 / model.spec.stride
+    print(f"Fast R-CNN: conv maps at 600 px {tuple(cases[0][0].shape[1:])} (C, H, W) and similar, {grid}x{grid} RoI pooling")
+    for cap in (300, 2000):
+        work = [(conv, torch.from_numpy(rois_at(boxes[:cap], factor))) for conv, boxes, factor in cases]
+        for conv, rois in work:
+            assert torch.equal(roi_pool_by_table(conv, rois, grid, scale), roi_pool(conv, rois, (grid, grid), scale))
+        ways = {
+            "roi_pool": lambda conv, rois: roi_pool(conv, rois, (grid, grid), scale),
+            "table": lambda conv, rois: roi_pool_by_table(conv, rois, grid, scale),
+        }
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(repeats):
+            for name, pool in ways.items():
+                start = time.perf_counter()
+                for conv, rois in work:
+                    pool(conv, rois)
+                times[name].append(time.perf_counter() - start)
+        med = {m: 1000 * statistics.median(t) / len(work) for m, t in times.items()}
+        rois_per_image = sum(len(r) for _, r in work) / len(work)
+        print(
+            f"up to {cap} RoIs per image ({rois_per_image:.0f} on average): roi_pool {med['roi_pool']:.1f} ms/image, "
+            f"table {med['table']:.1f} ({med['roi_pool'] / med['table']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from rcnn.methods.rcnn_regions import RegionImages
 from rcnn.methods.spp_regions import image_input
 from rcnn.modeling.inference import for_inference, inference_autocast
 from rcnn.modeling.models import DetectorNet
+from rcnn.modeling.spp import roi_pool_by_table
 from rcnn.modeling.spp_geometry import TARGET_SIZE, image_scales, select_scale
 from rcnn.modeling.transfer import HostCopy, to_device
 from rcnn.structures.box_coding import decode, encode
@@ -55,9 +56,13 @@ def rois_at(boxes: np.ndarray, factor: float) -> np.ndarray:
 
 def pool_rois(model: DetectorNet, conv: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
     """``rois`` ``[K, 5]`` max-pooled from the conv maps ``conv`` ``[B, C, H, W]`` to pool5's grid, ``[K, C, g, g]``:
-    ``torchvision.ops.roi_pool``, Fast R-CNN's RoI pooling layer, at the trunk's stride."""
-    grid = model.spec.pool5_grid
-    return roi_pool(conv, rois.to(conv.dtype), (grid, grid), 1.0 / model.spec.stride)
+    ``torchvision.ops.roi_pool``, Fast R-CNN's RoI pooling layer, at the trunk's stride. On a CPU, without
+    gradients, the same numbers come from SPP-net's sparse tables where they can
+    (:func:`rcnn.modeling.spp.roi_pool_by_table`; ``benchmarks/bench_spp_pool.py`` times both)."""
+    grid, scale = model.spec.pool5_grid, 1.0 / model.spec.stride
+    if conv.device.type == "cpu":
+        return roi_pool_by_table(conv, rois, grid, scale)
+    return roi_pool(conv, rois.to(conv.dtype), (grid, grid), scale)
 
 
 def pooled_regions(model: DetectorNet, image_rgb: np.ndarray, boxes: np.ndarray, factors: Sequence[float], flip: bool = False):

@@ -156,6 +156,35 @@ def spp_pool(
     return out if pooled is out else out.copy_(pooled)
 
 
+def roi_pool_by_table(fmap: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
+    """``torchvision.ops.roi_pool(fmap, rois, (n, n), spatial_scale)``, ``[K, C, n, n]``, the same numbers, from
+    :func:`spp_pool`'s table where it gives them: float32 maps without gradients, at least 4 RoIs per map, and
+    RoIs whose cell rectangles (``roi_pool`` rounds ``coordinate * spatial_scale`` half away from zero, and a box
+    under one cell gets one) lie inside the map with the bin edges ``roi_pool``'s floating-point arithmetic
+    gives (every one for ``n`` up to 6). The other RoIs, whose bins ``roi_pool`` clips at the map's border, go
+    to ``roi_pool`` itself; so does everything else. ``rois``: ``[K, 5]``, map index first, as ``roi_pool``'s."""
+    n = int(output_size)
+    if fmap.dtype != torch.float32 or (fmap.requires_grad and torch.is_grad_enabled()) or len(rois) < 4 * len(fmap):
+        return roi_pool(fmap, rois.to(fmap.dtype), (n, n), spatial_scale)
+    r = rois.detach().to("cpu", torch.float32).numpy().reshape(-1, 5)
+    scaled = (r[:, 1:] * np.float32(spatial_scale)).astype(np.float64)  # the kernel's float32 product
+    cells = (np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)).astype(np.int64)  # C's round()
+    cells[:, 2:] = np.maximum(cells[:, 2:], cells[:, :2])  # roi_pool: at least one cell wide and tall
+    batch = r[:, 0].astype(np.int64)
+    height, width = fmap.shape[-2:]
+    table = (cells[:, :2] >= 0).all(1) & (cells[:, 2] < width) & (cells[:, 3] < height)
+    table &= ~_roi_pool_inexact(cells, n, torch.float32)
+    by_table, rest = np.flatnonzero(table), np.flatnonzero(~table)
+    out = fmap.new_empty((len(r), fmap.shape[1], n, n))
+    if len(by_table):
+        pooled = spp_pool(fmap, cells[by_table], (n,), batch[by_table], algorithm="table")
+        out.index_copy_(0, to_device(by_table, fmap.device), pooled.view(-1, fmap.shape[1], n, n))
+    if len(rest):
+        clipped = roi_pool(fmap, rois[to_device(rest, rois.device)].to(fmap.dtype), (n, n), spatial_scale)
+        out.index_copy_(0, to_device(rest, fmap.device), clipped)
+    return out
+
+
 def _coarser_sources(levels: tuple[int, ...]) -> dict[int, int | None]:
     """For each level, the smallest finer level it divides (its bins are unions of that level's), or None.
 

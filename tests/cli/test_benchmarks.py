@@ -384,7 +384,8 @@ def test_bench_spp_pool_checks_both_algorithms_agree_and_times_them(tiny_voc):
     done = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     lines = [x for x in done.stdout.splitlines() if x.startswith("up to ")]
-    assert len(lines) == 2 and all("roi_pool" in x and "table on float16 maps" in x for x in lines), done.stdout
+    assert len(lines) == 4 and all("roi_pool" in x and "table on float16 maps" in x for x in lines[:2]), done.stdout
+    assert all("RoIs per image" in x and "x)" in x for x in lines[2:]) and "Fast R-CNN: conv maps at 600 px" in done.stdout
 
 
 def test_bench_fast_svd_times_both_networks_and_compares_their_outputs(tiny_voc, tmp_path, capsys):
