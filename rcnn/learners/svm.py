@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from rcnn.errors import UserError
 from rcnn.store.artifacts import write_json_atomic
 
 FORMAT = "rcnn.svm/1"
+#: loky, joblib's process pool, replaces a worker whose memory grew past 300 MB once its task is done, and says so
+#: with a warning that blames a timeout or a leak (joblib issues 869 and 883). A mining worker reads every image's
+#: features, so it grows that much on real data; the results are the same. Kept from the user.
+LOKY_RECYCLED = "A worker stopped while some jobs were given to the executor"
 
 
 @dataclass(frozen=True)
@@ -398,10 +403,12 @@ def train_class_svms(
         raise UserError(f"{named}: no ground-truth box to train on")
     pos = {c: np.concatenate(p) * np.float32(scale) for c, p in enumerate(positives)}
     groups = np.array_split(np.arange(num_classes), min(joblib.effective_n_jobs(n_jobs), num_classes))
-    parts = joblib.Parallel(n_jobs=len(groups))(
-        joblib.delayed(mine_hard_negatives)(images, {int(c): pos[c] for c in g}, params, scale, progress=progress and k == 0)
-        for k, g in enumerate(groups)
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LOKY_RECYCLED, category=UserWarning)
+        parts = joblib.Parallel(n_jobs=len(groups))(
+            joblib.delayed(mine_hard_negatives)(images, {int(c): pos[c] for c in g}, params, scale, progress=progress and k == 0)
+            for k, g in enumerate(groups)
+        )
     svms = {c: svm for part in parts for c, svm in part.items()}
     weights = np.stack([svms[c].weight for c in range(num_classes)], axis=1)
     biases = np.array([svms[c].bias for c in range(num_classes)], np.float32)
