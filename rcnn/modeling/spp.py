@@ -160,9 +160,10 @@ def roi_pool_by_table(fmap: torch.Tensor, rois: torch.Tensor, output_size: int, 
     """``torchvision.ops.roi_pool(fmap, rois, (n, n), spatial_scale)``, ``[K, C, n, n]``, the same numbers, from
     :func:`spp_pool`'s table where it gives them: float32 maps without gradients, at least 4 RoIs per map, and
     RoIs whose cell rectangles (``roi_pool`` rounds ``coordinate * spatial_scale`` half away from zero, and a box
-    under one cell gets one) lie inside the map with the bin edges ``roi_pool``'s floating-point arithmetic
-    gives (every one for ``n`` up to 6). The other RoIs, whose bins ``roi_pool`` clips at the map's border, go
-    to ``roi_pool`` itself; so does everything else. ``rois``: ``[K, 5]``, map index first, as ``roi_pool``'s."""
+    under one cell gets one) have every bin at least partly on the map (bins past its far borders cut there, as
+    ``roi_pool`` cuts them) with the bin edges ``roi_pool``'s floating-point arithmetic gives (every one for ``n``
+    up to 6). The other RoIs go to ``roi_pool`` itself, and so does everything else. ``rois``: ``[K, 5]``, map
+    index first, as ``roi_pool``'s."""
     n = int(output_size)
     if fmap.dtype != torch.float32 or (fmap.requires_grad and torch.is_grad_enabled()) or len(rois) < 4 * len(fmap):
         return roi_pool(fmap, rois.to(fmap.dtype), (n, n), spatial_scale)
@@ -172,12 +173,15 @@ def roi_pool_by_table(fmap: torch.Tensor, rois: torch.Tensor, output_size: int, 
     cells[:, 2:] = np.maximum(cells[:, 2:], cells[:, :2])  # roi_pool: at least one cell wide and tall
     batch = r[:, 0].astype(np.int64)
     height, width = fmap.shape[-2:]
-    table = (cells[:, :2] >= 0).all(1) & (cells[:, 2] < width) & (cells[:, 3] < height)
-    table &= ~_roi_pool_inexact(cells, n, torch.float32)
+    # Past the far borders (a box at the image's edge, where the map was rounded down) the bins are cut there,
+    # as roi_pool cuts them; a RoI with a bin wholly outside (roi_pool: zeros) goes to roi_pool.
+    last_bin = cells[:, :2] + (n - 1) * (cells[:, 2:] - cells[:, :2] + 1) // n
+    table = (cells[:, :2] >= 0).all(1) & (last_bin[:, 0] < width) & (last_bin[:, 1] < height)
+    table &= ~_roi_pool_inexact(cells, n, torch.float32) & (batch >= 0) & (batch < len(fmap))
     by_table, rest = np.flatnonzero(table), np.flatnonzero(~table)
     out = fmap.new_empty((len(r), fmap.shape[1], n, n))
     if len(by_table):
-        pooled = spp_pool(fmap, cells[by_table], (n,), batch[by_table], algorithm="table")
+        pooled = _table_pool_levels(fmap, cells[by_table], (n,), batch[by_table], clip=True)
         out.index_copy_(0, to_device(by_table, fmap.device), pooled.view(-1, fmap.shape[1], n, n))
     if len(rest):
         clipped = roi_pool(fmap, rois[to_device(rest, rois.device)].to(fmap.dtype), (n, n), spatial_scale)
@@ -259,7 +263,10 @@ def _table_pool_levels(
     batch_index: np.ndarray,
     layout: str = "channels",
     into: torch.Tensor | None = None,
+    clip: bool = False,
 ) -> torch.Tensor:
+    """With ``clip``, rectangles may reach past the map's far borders: each bin is cut at the border, as
+    ``roi_pool`` cuts it (the caller leaves out rectangles with a bin wholly outside)."""
     batch, channels, height, width = fmap.shape
     source = _coarser_sources(levels)  # a level that divides a finer one is derived from it
     direct = sorted(m for m, n in source.items() if n is None)
@@ -269,6 +276,11 @@ def _table_pool_levels(
     x1, y1, x2, y2 = rects.T
     owner = batch_index
     edges = {n: (_bin_edges(y1, y2, n), _bin_edges(x1, x2, n)) for n in direct}
+    if clip:
+        edges = {
+            n: ((top, np.minimum(bottom, height - 1)), (left, np.minimum(right, width - 1)))
+            for n, ((top, bottom), (left, right)) in edges.items()
+        }
     log_h = {n: _floor_log2(e[0][1] - e[0][0] + 1) for n, e in edges.items()}
     log_w = {n: _floor_log2(e[1][1] - e[1][0] + 1) for n, e in edges.items()}
     rows = max(int(v.max()) for v in log_h.values()) + 1

@@ -1,5 +1,5 @@
 """Fast R-CNN's RoI pooling from SPP-net's sparse tables (``roi_pool_by_table``): torchvision's ``roi_pool`` is the
-reference, bit for bit, for RoIs inside the map, across its border, under a cell, and on rounding ties."""
+reference, bit for bit, for RoIs inside the map, across its far borders, under a cell, and on rounding ties."""
 
 from __future__ import annotations
 
@@ -49,16 +49,25 @@ def test_the_same_numbers_as_roi_pool(seed, maps, height, width, grid, stride):
     assert torch.equal(got, roi_pool(fmap, rois, (grid, grid), 1.0 / stride))
 
 
-def test_the_table_pools_the_rois_inside_and_roi_pool_the_rest(monkeypatch):
+def test_the_table_pools_the_rois_with_bins_on_the_map_and_roi_pool_the_rest(monkeypatch):
     rng = np.random.default_rng(0)
     fmap = torch.from_numpy(rng.standard_normal((1, 8, 38, 50)).astype(np.float32))
     inside = np.array([[0, 0, 0, 783, 591], [0, 16, 32, 100, 90], [0, 40, 40, 41, 41], [0, 8, 8, 24, 24]], np.float32)
-    border = np.array([[0, 700, 500, 800, 607], [0, 0, 0, 815, 615]], np.float32)  # cells 50 and 38: past the map
-    rois = torch.from_numpy(np.concatenate([inside, border, inside]))
-    seen, real = [], spp.spp_pool
-    monkeypatch.setattr(spp, "spp_pool", lambda fmap, rects, *a, **k: seen.append(len(rects)) or real(fmap, rects, *a, **k))
+    # Cells 50 and 38 are past the map: roi_pool cuts the last bins there, and so does the table.
+    border = np.array([[0, 700, 500, 800, 607], [0, 0, 0, 815, 615]], np.float32)
+    outside = np.array([[0, 784, 0, 880, 100]], np.float32)  # cells 49 to 55: its last bins lie wholly past the map
+    rois = torch.from_numpy(np.concatenate([inside, border, outside, inside]))
+    seen, real = [], spp._table_pool_levels
+
+    def spy(fmap, rects, *args, **kwargs):
+        seen.append(len(rects))
+        return real(fmap, rects, *args, **kwargs)
+
+    monkeypatch.setattr(spp, "_table_pool_levels", spy)
     got = roi_pool_by_table(fmap, rois, 6, 1 / 16)
-    assert seen == [8] and torch.equal(got, roi_pool(fmap, rois, (6, 6), 1 / 16))
+    want = roi_pool(fmap, rois, (6, 6), 1 / 16)
+    assert seen == [10] and torch.equal(got, want)
+    assert torch.equal(got[6, :, :, 5], torch.zeros(8, 6))  # roi_pool's empty bins, past the map
     # (8, 8) * 1/16 = 0.5 rounds away from zero to cell 1, as C's round(); numpy's round would give 0
     assert torch.equal(got[3, :, 0, 0], fmap[0, :, 1:2, 1:2].amax((1, 2)))
 
@@ -68,7 +77,7 @@ def test_roi_pool_itself_where_the_table_does_not_pay_or_cannot_differentiate(ca
     rng = np.random.default_rng(1)
     fmap = torch.from_numpy(rng.standard_normal((1, 4, 20, 20)).astype(np.float32))
     rois = torch.from_numpy(_rois(rng, 3 if case == "few rois" else 12, 1, 20, 20, 16))
-    monkeypatch.setattr(spp, "spp_pool", lambda *a, **k: pytest.fail("the table was used"))
+    monkeypatch.setattr(spp, "_table_pool_levels", lambda *a, **k: pytest.fail("the table was used"))
     if case == "float16":
         fmap = fmap.half()
     if case == "gradients":
