@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import REPO, exit_in_one_line, machine_info, machine_line, split_ids
+from common import REPO, alternate, exit_in_one_line, machine_info, machine_line, split_ids
 from torchvision.ops import roi_pool
 
 from rcnn.data.datasets import decode_image
@@ -118,17 +118,10 @@ def fast_rcnn(model, cases, repeats: int) -> None:
         for conv, rois in work:
             assert torch.equal(roi_pool_by_table(conv, rois, grid, scale), roi_pool(conv, rois, (grid, grid), scale))
         ways = {
-            "roi_pool": lambda conv, rois: roi_pool(conv, rois, (grid, grid), scale),
-            "table": lambda conv, rois: roi_pool_by_table(conv, rois, grid, scale),
+            "roi_pool": lambda work=work: [roi_pool(conv, rois, (grid, grid), scale) for conv, rois in work],
+            "table": lambda work=work: [roi_pool_by_table(conv, rois, grid, scale) for conv, rois in work],
         }
-        times: dict[str, list[float]] = {name: [] for name in ways}
-        for _ in range(repeats):
-            for name, pool in ways.items():
-                start = time.perf_counter()
-                for conv, rois in work:
-                    pool(conv, rois)
-                times[name].append(time.perf_counter() - start)
-        med = {m: 1000 * statistics.median(t) / len(work) for m, t in times.items()}
+        med = {name: 1000 * seconds / len(work) for name, seconds in alternate(ways, repeats, torch.device("cpu")).items()}
         rois_per_image = sum(len(r) for _, r in work) / len(work)
         print(
             f"up to {cap} RoIs per image ({rois_per_image:.0f} on average): roi_pool {med['roi_pool']:.1f} ms/image, "

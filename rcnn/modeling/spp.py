@@ -181,7 +181,7 @@ def roi_pool_by_table(fmap: torch.Tensor, rois: torch.Tensor, output_size: int, 
     by_table, rest = np.flatnonzero(table), np.flatnonzero(~table)
     out = fmap.new_empty((len(r), fmap.shape[1], n, n))
     if len(by_table):
-        pooled = _table_pool_levels(fmap, cells[by_table], (n,), batch[by_table], clip=True)
+        pooled = _table_pool_levels(fmap, cells[by_table], (n,), batch[by_table])
         out.index_copy_(0, to_device(by_table, fmap.device), pooled.view(-1, fmap.shape[1], n, n))
     if len(rest):
         clipped = roi_pool(fmap, rois[to_device(rest, rois.device)].to(fmap.dtype), (n, n), spatial_scale)
@@ -242,12 +242,13 @@ _TABLE_CHUNK_VALUES = 1 << 24
 _TABLE_MAX_VALUES = 1 << 28
 
 
-def _bin_edges(lo: np.ndarray, hi: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and last (inclusive) cell of each of ``n`` bins over ``[lo, hi]``: int64 ``[N, n]`` each."""
+def _bin_edges(lo: np.ndarray, hi: np.ndarray, n: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last (inclusive) cell of each of ``n`` bins over ``[lo, hi]``, the last cut at the map's ``cells``:
+    int64 ``[N, n]`` each."""
     size = (hi - lo + 1)[:, None]
     i = np.arange(n)
     first = lo[:, None] + i * size // n
-    last = lo[:, None] + (-(-(i + 1) * size // n)) - 1
+    last = np.minimum(lo[:, None] + (-(-(i + 1) * size // n)) - 1, cells - 1)
     return first, last
 
 
@@ -263,10 +264,9 @@ def _table_pool_levels(
     batch_index: np.ndarray,
     layout: str = "channels",
     into: torch.Tensor | None = None,
-    clip: bool = False,
 ) -> torch.Tensor:
-    """With ``clip``, rectangles may reach past the map's far borders: each bin is cut at the border, as
-    ``roi_pool`` cuts it (the caller leaves out rectangles with a bin wholly outside)."""
+    """Rectangles may reach past the map's far borders: each bin is cut at the border, as ``roi_pool`` cuts it
+    (callers leave out rectangles with a bin wholly outside; :func:`spp_pool`'s are inside the map)."""
     batch, channels, height, width = fmap.shape
     source = _coarser_sources(levels)  # a level that divides a finer one is derived from it
     direct = sorted(m for m, n in source.items() if n is None)
@@ -275,12 +275,7 @@ def _table_pool_levels(
     # stay on the map's device.
     x1, y1, x2, y2 = rects.T
     owner = batch_index
-    edges = {n: (_bin_edges(y1, y2, n), _bin_edges(x1, x2, n)) for n in direct}
-    if clip:
-        edges = {
-            n: ((top, np.minimum(bottom, height - 1)), (left, np.minimum(right, width - 1)))
-            for n, ((top, bottom), (left, right)) in edges.items()
-        }
+    edges = {n: (_bin_edges(y1, y2, n, height), _bin_edges(x1, x2, n, width)) for n in direct}
     log_h = {n: _floor_log2(e[0][1] - e[0][0] + 1) for n, e in edges.items()}
     log_w = {n: _floor_log2(e[1][1] - e[1][0] + 1) for n, e in edges.items()}
     rows = max(int(v.max()) for v in log_h.values()) + 1
